@@ -1,0 +1,57 @@
+"""The ``forkserver`` command: parse settings, then check or serve.
+
+This is the only module that prints usage or calls ``sys.exit``.  Every
+startup problem arrives here as a ``ForkserverError`` and leaves as one line
+on stderr and that error's exit code: no traceback, no half-started workers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import build_arg_parser, load_config
+from .errors import ForkserverError
+from .loader import load_app, prepare_path
+
+
+def check(config_summary: str) -> int:
+    """Report a good ``--check-config`` run."""
+    print(f"forkserver: config OK: {config_summary}")
+    return 0
+
+
+def run(argv: Sequence[str]) -> int:
+    """Do what the command line asks; raise ForkserverError on failure."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        build_arg_parser().print_help()
+        return 0
+    invocation = load_config(argv, os.environ)
+    config = invocation.config
+    if invocation.show_version:
+        print(f"forkserver {__version__}")
+        return 0
+    if invocation.check_only:
+        # Import the app as a worker would, but bind nothing and fork nothing.
+        prepare_path(config.chdir, config.pythonpath)
+        load_app(config.app)
+        return check(f"app {config.app!r} imports; {config.workers} worker(s) on {', '.join(config.bind)}")
+    from .master import Master  # deferred: --check-config and --help need none of it
+
+    master = Master(config, argv, os.environ)
+    master.start()
+    return master.run()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except ForkserverError as exc:
+        print(f"forkserver: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        code = 1
+    sys.exit(code)

@@ -1,0 +1,409 @@
+"""The settings schema, and the merge of defaults, TOML file, environment and CLI.
+
+Each setting is declared once, as a field of the frozen ``Config`` dataclass:
+its name, type, default, validation and help text.  The CLI parser, the TOML
+keys, the ``FORKSERVER_*`` environment variables, ``--help`` and the README's
+option table are all derived from these fields, so they cannot drift apart.
+This module never prints and never exits; it raises ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import tomllib
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "FORKSERVER_"
+DEFAULT_ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    flags: Sequence[str] = (),
+    minimum: float | None = None,
+    choices: Sequence[str] | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    default_factory: Callable[[], Any] | None = None,
+    default_text: str | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """Declare one setting: a dataclass field whose metadata drives every source.
+
+    ``check`` returns None for a good value or a short description of what was
+    expected.  ``flags`` adds short CLI spellings beside ``--name-with-dashes``.
+    """
+    metadata = {
+        "help": help,
+        "flags": tuple(flags),
+        "minimum": minimum,
+        "choices": tuple(choices) if choices else None,
+        "check": check,
+        "default_text": default_text,
+        "metavar": metavar,
+    }
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _check_octal(value: str) -> str | None:
+    if value == "":
+        return None
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        return "an octal number such as 022"
+    return None if 0 <= mode <= 0o777 else "an octal number between 000 and 777"
+
+
+def _check_access_format(value: str) -> str | None:
+    if value == "json":
+        return None
+    from .logs import validate_access_format  # deferred: logs imports config
+
+    return validate_access_format(value)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting forkserver has.  Field order is the order of ``--help``."""
+
+    app: str = setting(
+        "",
+        help="WSGI application: 'module:callable', 'module:factory()' or 'module' "
+        "(which looks for 'application', then 'app').",
+        metavar="APP",
+    )
+    bind: tuple[str, ...] = setting(
+        ("127.0.0.1:8000",),
+        flags=("-b",),
+        help="Address to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. "
+        "Repeat it (or give a list) to listen on several.",
+        metavar="ADDRESS",
+    )
+    workers: int = setting(
+        help="Number of worker processes.",
+        flags=("-w",),
+        minimum=1,
+        default_factory=lambda: os.cpu_count() or 1,
+        default_text="number of CPUs",
+    )
+    threads: int = setting(
+        1, minimum=1, help="Requests each worker runs at once, in threads, for I/O-bound apps."
+    )
+    timeout: float = setting(
+        30.0,
+        flags=("-t",),
+        minimum=0,
+        help="Seconds a worker may go without making progress before the master "
+        "kills and replaces it; 0 disables.",
+    )
+    graceful_timeout: float = setting(
+        30.0, minimum=0, help="Seconds workers get to finish their requests on a graceful stop."
+    )
+    keepalive: float = setting(
+        5.0,
+        minimum=0,
+        help="Seconds an idle keep-alive connection is kept open; 0 closes after each response.",
+    )
+    header_timeout: float = setting(
+        10.0, minimum=0.1, help="Seconds a new connection has to send a complete request head."
+    )
+    body_timeout: float = setting(
+        30.0,
+        minimum=0,
+        help="Seconds a request body read or response write may stall before the "
+        "connection is closed; 0 waits forever.",
+    )
+    backlog: int = setting(2048, minimum=1, help="Listen queue length of each socket.")
+    reuse_port: bool = setting(
+        False,
+        help="Give each worker its own SO_REUSEPORT socket on TCP addresses, "
+        "so the kernel spreads connections evenly.",
+    )
+    unix_socket_mode: str = setting(
+        "660", check=_check_octal, help="Permissions of UNIX socket files, in octal."
+    )
+    preload: bool = setting(
+        False,
+        help="Import the app once in the master before forking, so workers share its memory.",
+    )
+    chdir: str = setting("", help="Change to this directory before loading the app.")
+    pythonpath: tuple[str, ...] = setting(
+        (), help="Directories to put in front of sys.path, comma-separated.", metavar="DIRS"
+    )
+    limit_request_line: int = setting(
+        8190, minimum=1, help="Longest request line accepted, in bytes; longer gets 414."
+    )
+    limit_request_fields: int = setting(
+        100, minimum=1, help="Most header fields in a request; more gets 431."
+    )
+    limit_request_field_size: int = setting(
+        8190, minimum=1, help="Longest header field (name and value) in bytes; longer gets 431."
+    )
+    limit_request_body: int = setting(
+        0, minimum=0, help="Largest request body in bytes; larger gets 413. 0 means unlimited."
+    )
+    access_logfile: str = setting(
+        "", help="Where to write the access log: a path, or '-' for stdout. Empty disables it."
+    )
+    access_logformat: str = setting(
+        DEFAULT_ACCESS_LOG_FORMAT,
+        check=_check_access_format,
+        help="Access log line format with gunicorn's %(x)s atoms, or 'json' for JSON lines.",
+        metavar="FORMAT",
+    )
+    error_logfile: str = setting("-", help="Where to write the error log: a path, or '-' for stderr.")
+    log_level: str = setting("info", choices=LOG_LEVELS, help="Lowest level the error log records.")
+    name: str = setting("", help="Name shown in process titles; defaults to the app spec.")
+    pid: str = setting("", help="Write the master's PID to this file.", metavar="FILE")
+    umask: str = setting(
+        "", check=_check_octal, help="umask of the server processes, in octal; empty keeps the inherited one."
+    )
+    daemon: bool = setting(False, flags=("-D",), help="Detach from the terminal and run in the background.")
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def proc_name(self) -> str:
+        """The name in process titles and logs: ``name`` or else the app spec."""
+        return self.name or self.app or "forkserver"
+
+    def source_of(self, name: str) -> str:
+        """Say where a setting's value came from: default, a file, env or CLI."""
+        return self.origins.get(name, "default")
+
+
+def settings() -> list[dataclasses.Field[Any]]:
+    """Return the declared settings, in order (``origins`` is bookkeeping, not one)."""
+    return [f for f in dataclasses.fields(Config) if "help" in f.metadata]
+
+
+def _kinds() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def cli_flag(name: str) -> str:
+    """Return the long CLI option of a setting, e.g. ``--graceful-timeout``."""
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    """Return the environment variable of a setting, e.g. ``FORKSERVER_WORKERS``."""
+    return ENV_PREFIX + name.upper()
+
+
+def default_of(f: dataclasses.Field[Any]) -> Any:
+    """Return a setting's default value, calling its factory if it has one."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _describe(kind: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        kind, "a string or a list of strings"
+    )
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """Turn a raw value from a file (typed) or env/CLI (text) into the setting's type.
+
+    Raises:
+        ConfigError: naming ``where`` the value came from, the key and what was expected.
+    """
+    kind = _kinds()[name]
+    bad = ConfigError(f"{where}: {name} must be {_describe(kind)}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in TRUE_WORDS | FALSE_WORDS:
+            return value.lower() in TRUE_WORDS
+        raise bad
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int) or (kind is float and isinstance(value, float)):
+            return kind(value)
+        if isinstance(value, str):
+            try:
+                return kind(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    # tuple[str, ...]: a list, or one string of comma-separated items.
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise bad
+
+
+def _validate(f: dataclasses.Field[Any], value: Any, where: str) -> None:
+    meta = f.metadata
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise ConfigError(f"{where}: {f.name} must be at least {meta['minimum']:g}, got {value!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if meta["check"] is not None:
+        expected = meta["check"](value)
+        if expected:
+            raise ConfigError(f"{where}: {f.name} must be {expected}, got {value!r}")
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    names = [f.name for f in settings()]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown setting '{key}'{hint}")
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read a TOML config file into raw values, rejecting unknown keys."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    known = {f.name for f in settings()}
+    for key in data:
+        if key not in known:
+            raise _unknown(key, path)
+    return data
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Collect ``FORKSERVER_<NAME>`` variables, rejecting ones that name no setting."""
+    known = {f.name for f in settings()}
+    found = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        key = var[len(ENV_PREFIX) :].lower()
+        if key not in known:
+            raise _unknown(key, f"environment {var}")
+        found[key] = value
+    return found
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"command line: {message}")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """Build the CLI from the schema; flags left out are absent from the namespace."""
+    parser = _ArgumentParser(
+        prog="forkserver",
+        description="Serve a WSGI application from a supervised pool of pre-forked workers.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("-c", "--config", metavar="FILE", help="Read settings from this TOML file.")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="Validate the settings and import the app, then exit: 0 if all is well.",
+    )
+    parser.add_argument("--version", action="store_true", help="Print the version and exit.")
+    kinds = _kinds()
+    for f in settings():
+        meta, kind = f.metadata, kinds[f.name]
+        default = meta["default_text"] or default_of(f)
+        help_text = f"{meta['help']} (default: {default!r})".replace("%", "%%")
+        if f.name == "app":
+            parser.add_argument("app", nargs="?", metavar=meta["metavar"], help=help_text)
+            continue
+        flags = [*meta["flags"], cli_flag(f.name)]
+        if kind is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind is str or kind in (int, float):
+            parser.add_argument(*flags, dest=f.name, metavar=meta["metavar"] or f.name.upper(), help=help_text)
+        else:
+            parser.add_argument(
+                *flags, dest=f.name, action="append", metavar=meta["metavar"] or f.name.upper(), help=help_text
+            )
+    return parser
+
+
+def _cli_source(key: str) -> str:
+    return "command line" if key == "app" else f"command line {cli_flag(key)}"
+
+
+def _from_cli(namespace: argparse.Namespace) -> dict[str, Any]:
+    """Turn parsed flags into raw values; repeated list flags may also hold commas."""
+    raw = {}
+    for f in settings():
+        if hasattr(namespace, f.name):
+            value = getattr(namespace, f.name)
+            if isinstance(value, list):
+                value = ",".join(value)
+            if value is not None:
+                raw[f.name] = value
+    return raw
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What the command line asked for besides settings: the config and an action."""
+
+    config: Config
+    config_path: str
+    check_only: bool
+    show_version: bool
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Invocation:
+    """Merge default < TOML file < ``FORKSERVER_*`` env < CLI into one checked Config.
+
+    Raises:
+        ConfigError: for the first problem found, naming where it came from.
+    """
+    namespace = build_arg_parser().parse_args(list(argv))
+    config_path = getattr(namespace, "config", None) or environ.get(ENV_PREFIX + "CONFIG", "")
+    layers: list[tuple[str, Callable[[str], str], dict[str, Any]]] = []
+    if config_path:
+        layers.append((config_path, lambda key: config_path, read_toml(config_path)))
+    layers.append(("environment", lambda key: f"environment {env_name(key)}", read_env(environ)))
+    layers.append(("command line", _cli_source, _from_cli(namespace)))
+
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    fields = {f.name: f for f in settings()}
+    for _, where_of, raw in layers:
+        for key, value in raw.items():
+            where = where_of(key)
+            coerced = coerce(key, value, where)
+            _validate(fields[key], coerced, where)
+            values[key], origins[key] = coerced, where
+    for name, f in fields.items():
+        if name not in values:
+            _validate(f, default_of(f), "default")
+    config = Config(**values, origins=origins)
+    return Invocation(
+        config=config,
+        config_path=config_path,
+        check_only=bool(getattr(namespace, "check_config", False)),
+        show_version=bool(getattr(namespace, "version", False)),
+    )

@@ -1,0 +1,261 @@
+"""One accepted connection: bytes in through the parser, responses out.
+
+This is the only module that calls recv, send and sendfile.  The socket stays
+non-blocking for its whole life: the worker's event loop reads it while it is
+idle, and while a request is being served the serving thread waits for it
+with ``poll`` against a deadline, so a stalled peer costs a timeout, never a
+worker.  A connection is owned by exactly one thread at a time (the loop, or
+the thread serving it), which is why nothing here takes a lock.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .http.errors import ProtocolError
+from .http.events import END_OF_MESSAGE, BodyChunk, Request
+from .http.parser import Limits, RequestParser
+from .http.response import CONTINUE_RESPONSE, DateHeader, error_response
+from .logs import AccessLog, AccessRecord
+from .wsgi import AppError, ClientGone, Input, Response, build_environ, run_app
+
+log = logging.getLogger("forkserver")
+
+RECV_BYTES = 65536
+# Unread request body we will still read and discard to keep a connection
+# alive; a larger leftover is cheaper to close than to drain.
+DRAIN_LIMIT_BYTES = 1 << 20
+
+
+@dataclass
+class Service:
+    """What every connection of a worker serves with; shared, read-only per request."""
+
+    app: Callable[..., Any]
+    limits: Limits
+    date: DateHeader
+    access_log: AccessLog | None
+    io_timeout: float | None
+    keep_alive: Callable[[], bool]
+    progress: Callable[[], None]
+
+
+class Connection:
+    """An accepted socket, its parser, and the events not yet acted on."""
+
+    def __init__(self, sock: socket.socket, remote: tuple[str, str], base_environ: dict[str, Any],
+                 service: Service) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.remote = remote
+        self.base_environ = base_environ
+        self.service = service
+        self.parser = RequestParser(service.limits)
+        self.events: deque[Any] = deque()
+        self.requests_served = 0
+        self._body_done = True
+        self._continue_due = False
+
+    # -- loop side: non-blocking ------------------------------------------------
+
+    def receive(self) -> bool:
+        """Read what is available and parse it; False once the peer has closed."""
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        self.events.extend(self.parser.feed(data))
+        return True
+
+    def next_is_request(self) -> bool:
+        """True when a complete request head (or a protocol error) waits to be acted on."""
+        return bool(self.events) and not isinstance(self.events[0], BodyChunk)
+
+    def mid_request(self) -> bool:
+        """True if the peer has sent part of a request we have not seen the end of."""
+        return bool(self.events) or self.parser.mid_message()
+
+    def close(self) -> None:
+        """Close the socket; safe to call twice."""
+        self.sock.close()
+
+    # -- serving side: waits on deadlines ----------------------------------------
+
+    def _wait(self, event: int) -> None:
+        poller = select.poll()
+        poller.register(self.fd, event)
+        timeout = self.service.io_timeout
+        if not poller.poll(None if timeout is None else timeout * 1000):
+            raise ClientGone(f"no progress for {timeout:g}s")
+        self.service.progress()
+
+    def send(self, data: bytes) -> None:
+        """Send all of ``data``, waiting for the peer as long as it keeps up."""
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
+                continue
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+            view = view[sent:]
+
+    def sendfile(self, in_fd: int, offset: int, count: int) -> int:
+        """Send up to ``count`` bytes of a file with ``os.sendfile``; return bytes sent."""
+        while True:
+            try:
+                return os.sendfile(self.fd, in_fd, offset, count)
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+
+    def _receive_blocking(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                self._wait(select.POLLIN)
+                continue
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+            if not data:
+                raise ClientGone("peer closed while sending the body")
+            self.events.extend(self.parser.feed(data))
+            return
+
+    def pull_body(self) -> bytes:
+        """Return the next piece of the current body; ``b""`` once it is complete."""
+        if self._body_done:
+            return b""
+        if self._continue_due:
+            self._continue_due = False
+            self.send(CONTINUE_RESPONSE)
+        while not self.events:
+            self._receive_blocking()
+        event = self.events.popleft()
+        if isinstance(event, BodyChunk):
+            return event.data
+        if event is END_OF_MESSAGE:
+            self._body_done = True
+            return b""
+        raise event  # a ProtocolError in the body, e.g. a bad chunk size
+
+    def _discard_body(self) -> bool:
+        """Read and drop what the app left of the body; False if not worth it."""
+        if self._continue_due:
+            return False  # the client is still waiting to be asked for it
+        drained = 0
+        while not self._body_done:
+            drained += len(self.pull_body())
+            if drained > DRAIN_LIMIT_BYTES:
+                return False
+        return True
+
+    def serve(self) -> bool:
+        """Answer the request at the head of the queue; True if the connection may be reused."""
+        event = self.events.popleft()
+        if isinstance(event, ProtocolError):
+            self.reject(event)
+            return False
+        request: Request = event
+        service = self.service
+        self._body_done = False
+        self._continue_due = request.expect_continue and (request.chunked or bool(request.content_length))
+        response = Response(
+            self.send, self.sendfile, service.date.line,
+            head_only=request.method == "HEAD",
+            http10=request.version == "1.0",
+            keep_alive=request.keep_alive and not self.parser.upgraded and service.keep_alive(),
+        )
+        started, clock = time.time(), time.perf_counter()
+        body = io.BufferedReader(Input(self.pull_body))
+        environ = build_environ(request, self.base_environ, self.remote, body)
+        reusable = self._run(environ, response)
+        self.requests_served += 1
+        if service.access_log is not None:
+            service.access_log.log(self._access_record(request, environ, response, started,
+                                                       time.perf_counter() - clock))
+        return reusable
+
+    def _run(self, environ: dict[str, Any], response: Response) -> bool:
+        """Run the app for one request, turning every failure into the right answer."""
+        service = self.service
+        try:
+            run_app(service.app, environ, response)
+        except ClientGone as exc:
+            log.debug("client gone remote=%s: %s", self.remote[0], exc)
+            return False
+        except ProtocolError as error:
+            if not response.head_sent:
+                self.reject(error, response)
+            return False
+        except AppError as exc:
+            log.error("app broke PEP 3333 path=%s: %s", environ["PATH_INFO"], exc)
+            self._fail(response)
+            return False
+        except Exception:
+            log.exception("app raised on %s %s", environ["REQUEST_METHOD"], environ["PATH_INFO"])
+            self._fail(response)
+            return False
+        service.progress()
+        if not response.keep_alive:
+            return False
+        try:
+            return self._discard_body()
+        except (ClientGone, ProtocolError):
+            return False
+
+    def _fail(self, response: Response) -> None:
+        """Answer 500 if nothing was sent yet; otherwise the close tells the client."""
+        if response.head_sent:
+            return
+        response.status = "500 Internal Server Error"
+        try:
+            self.send(error_response(500, "Internal Server Error", self.service.date.line()))
+        except ClientGone:
+            pass
+
+    def reject(self, error: ProtocolError, response: Response | None = None) -> None:
+        """Answer a request we refuse with its status; the caller closes."""
+        log.info("bad request remote=%s status=%d: %s", self.remote[0], error.status, error.detail)
+        if response is not None:
+            response.status = f"{error.status} {error.reason}"
+        try:
+            self.sock.send(error_response(error.status, error.reason, self.service.date.line()))
+        except OSError:
+            pass
+
+    def _access_record(self, request: Request, environ: dict[str, Any], response: Response,
+                       started: float, duration: float) -> AccessRecord:
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers}
+        return AccessRecord(
+            remote_addr=self.remote[0],
+            method=request.method,
+            target=request.target.decode("latin-1"),
+            path=environ["PATH_INFO"],
+            query=environ["QUERY_STRING"],
+            protocol=environ["SERVER_PROTOCOL"],
+            status=response.status_code,
+            response_bytes=response.body_bytes,
+            request_headers=headers,
+            response_headers={k.lower(): v for k, v in response.headers},
+            started_at=started,
+            duration=duration,
+            environ=environ,
+        )

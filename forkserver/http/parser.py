@@ -1,0 +1,221 @@
+"""Turn request bytes into events, enforcing size limits and framing rules.
+
+httptools (llhttp, in its strict default mode) does the tokenising.  This
+wrapper only turns its callbacks into ``Request``/``BodyChunk``/``EndOfMessage``
+events and adds the rules llhttp leaves to the server: limits, Host, target
+form, HTTP version and the allowed transfer codings.  Every rule that decides
+how a message is framed lives in this file, so request smuggling has one place
+to be reviewed.  Errors are raised as ``ProtocolError`` subclasses carrying a
+status; after one, the parser is dead and the connection must close.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httptools
+
+from .errors import (
+    BadRequest,
+    BodyTooLarge,
+    HeaderTooLarge,
+    NotImplementedCoding,
+    ProtocolError,
+    RequestLineTooLong,
+    VersionNotSupported,
+)
+from .events import END_OF_MESSAGE, BodyChunk, Event, Request
+
+SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits, in bytes or counts; ``body_bytes`` 0 means unlimited."""
+
+    request_line_bytes: int = 8190
+    header_fields: int = 100
+    header_field_bytes: int = 8190
+    body_bytes: int = 0
+
+    @property
+    def head_bytes(self) -> int:
+        """The most bytes a whole request head may take, CRLFs included."""
+        return self.request_line_bytes + 12 + self.header_fields * (self.header_field_bytes + 4) + 2
+
+
+class RequestParser:
+    """Incremental request parser for one connection.
+
+    Call ``feed(data)`` with whatever arrived; it returns the events completed
+    by that data, possibly several requests' worth (pipelining).  Something we
+    refuse to serve ends the list with a ``ProtocolError`` instance (errors are
+    data, so the requests before it are still answered in order); the parser
+    then ignores all further input.  Any exception raised is a bug.  The
+    ``on_*`` methods are httptools' callbacks, not an API.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._parser = httptools.HttpRequestParser(self)
+        self._events: list[Event] = []
+        self._upgraded = False
+        self._failed = False
+        self._start_message()
+
+    def _start_message(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._target = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._content_length: int | None = None
+        self._chunked = False
+        self._host_seen = False
+        self._expect_continue = False
+        self._body_bytes = 0
+        self._head_done = False
+
+    def feed(self, data: bytes) -> list[Event | ProtocolError]:
+        """Parse ``data`` and return the events it completed."""
+        if self._upgraded or self._failed:
+            # After an Upgrade head the bytes are not HTTP/1.1, and after an
+            # error we cannot know where a message starts: drop them.
+            return []
+        try:
+            self._parse(data)
+        except ProtocolError as error:
+            self._failed = True
+            self._events.append(error)
+        events, self._events = self._events, []
+        return events
+
+    def _parse(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, ProtocolError):
+                raise exc.__context__ from None
+            raise
+        except httptools.HttpParserUpgrade:
+            # llhttp stops at the end of an Upgrade (or CONNECT) head.  We do
+            # not switch protocols: answer this request as plain HTTP, then close.
+            self._upgraded = True
+            if self._head_done:
+                self._events.append(END_OF_MESSAGE)
+        except httptools.HttpParserError as exc:
+            raise BadRequest(str(exc)) from None
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.head_bytes:
+                raise HeaderTooLarge(f"request head exceeds {self.limits.head_bytes} bytes")
+
+    def mid_message(self) -> bool:
+        """True between the first byte of a request and the end of its body."""
+        return self._in_head or self._head_done
+
+    @property
+    def upgraded(self) -> bool:
+        """True once an Upgrade/CONNECT head stopped the parser; the connection must close."""
+        return self._upgraded
+
+    # -- httptools callbacks ------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._start_message()
+        self._in_head = True
+
+    def on_url(self, piece: bytes) -> None:
+        self._target += piece
+        if len(self._target) > self.limits.request_line_bytes:
+            raise RequestLineTooLong(f"request target longer than {self.limits.request_line_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > self.limits.header_field_bytes:
+            raise HeaderTooLarge(f"header field longer than {self.limits.header_field_bytes} bytes")
+        if self._head_done:
+            return  # a trailer field (RFC 9112 §7.1.2): we may discard it, and do
+        if len(self._headers) >= self.limits.header_fields:
+            raise HeaderTooLarge(f"more than {self.limits.header_fields} header fields")
+        self._headers.append((name, value))
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            self._on_transfer_encoding(value)
+        elif lowered == b"content-length":
+            # llhttp already rejects signs, junk, overflow and duplicates.
+            self._content_length = int(value)
+        elif lowered == b"host":
+            if self._host_seen:
+                raise BadRequest("more than one Host header")  # RFC 9112 §3.2
+            self._host_seen = True
+        elif lowered == b"expect":
+            self._expect_continue = value.strip().lower() == b"100-continue"
+
+    def _on_transfer_encoding(self, value: bytes) -> None:
+        # RFC 9112 §6.1: chunked must be the final coding.  We decode no other
+        # coding, so "chunked" alone is the only value we can frame safely.
+        if self._chunked:
+            raise BadRequest("more than one Transfer-Encoding header")
+        codings = [c.strip().lower() for c in value.split(b",")]
+        if codings == [b"chunked"]:
+            self._chunked = True
+        elif codings[-1] == b"chunked" and all(codings):
+            raise NotImplementedCoding(f"transfer coding {value.decode('latin-1')!r} is not supported")
+        else:
+            raise BadRequest(f"invalid Transfer-Encoding {value.decode('latin-1')!r}")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in SUPPORTED_VERSIONS:
+            raise VersionNotSupported(f"HTTP/{version} is not supported")
+        target = self._target
+        if not target:
+            raise BadRequest("empty request target")
+        method = parser.get_method().decode("ascii")
+        self._check_target(method, target)
+        if version == "1.1" and not self._host_seen:
+            raise BadRequest("HTTP/1.1 request without Host header")  # RFC 9112 §3.2
+        limit = self.limits.body_bytes
+        if limit and self._content_length is not None and self._content_length > limit:
+            raise BodyTooLarge(f"Content-Length {self._content_length} exceeds {limit}")
+        self._in_head = False
+        self._head_done = True
+        self._events.append(
+            Request(
+                method=method,
+                target=target,
+                version=version,
+                headers=tuple(self._headers),
+                keep_alive=parser.should_keep_alive(),
+                expect_continue=self._expect_continue and version == "1.1",
+                chunked=self._chunked,
+                content_length=self._content_length,
+            )
+        )
+
+    @staticmethod
+    def _check_target(method: str, target: bytes) -> None:
+        # RFC 9112 §3.2: origin-form, absolute-form, or "*" for OPTIONS.  We
+        # serve no CONNECT (authority-form) and no scheme but http(s).
+        if target[:1] == b"/":
+            return
+        if target == b"*" and method == "OPTIONS":
+            return
+        lowered = target[:8].lower()
+        if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+            return
+        raise BadRequest(f"unsupported request target {target[:64]!r}")
+
+    def on_body(self, data: bytes) -> None:
+        self._body_bytes += len(data)
+        limit = self.limits.body_bytes
+        if limit and self._body_bytes > limit:
+            raise BodyTooLarge(f"request body exceeds {limit} bytes")
+        self._events.append(BodyChunk(data))
+
+    def on_message_complete(self) -> None:
+        self._events.append(END_OF_MESSAGE)
+        self._head_done = False
+
+
+__all__ = ["Limits", "ProtocolError", "RequestParser"]

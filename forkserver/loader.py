@@ -1,0 +1,97 @@
+"""Resolve an app spec such as ``pkg.mod:app`` or ``pkg.mod:create_app()`` to a WSGI callable.
+
+Failures raise ``AppImportError`` with one line naming the module or attribute
+and the underlying error, with the file and line where an import blew up, so
+an operator never has to read a traceback to know what is wrong.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import AppImportError
+
+DEFAULT_NAMES = ("application", "app")
+
+
+def prepare_path(chdir: str, pythonpath: Sequence[str]) -> None:
+    """Apply ``chdir`` and put the app's directories first on ``sys.path``."""
+    if chdir:
+        try:
+            os.chdir(chdir)
+        except OSError as exc:
+            raise AppImportError(f"chdir {chdir!r}: {exc.strerror}") from None
+    for directory in reversed([os.getcwd(), *pythonpath]):
+        absolute = os.path.abspath(directory)
+        if absolute in sys.path:
+            sys.path.remove(absolute)
+        sys.path.insert(0, absolute)
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (at {last.filename}:{last.lineno})"
+
+
+def _parse_call(expression: str, spec: str) -> tuple[str, list[Any], dict[str, Any]] | None:
+    """Split ``name(args)`` into the name and literal arguments; None if not a call."""
+    if "(" not in expression:
+        return None
+    try:
+        node = ast.parse(expression, mode="eval").body
+    except SyntaxError:
+        raise AppImportError(f"app {spec!r}: {expression!r} is not a name or a call") from None
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+        raise AppImportError(f"app {spec!r}: expected 'module:factory(...)'")
+    try:
+        args = [ast.literal_eval(arg) for arg in node.args]
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
+    except ValueError:
+        raise AppImportError(f"app {spec!r}: factory arguments must be literals") from None
+    return node.func.id, args, kwargs
+
+
+def load_app(spec: str) -> Callable[..., Any]:
+    """Import and return the WSGI callable named by ``spec``.
+
+    Raises:
+        AppImportError: with one line saying what failed.
+    """
+    if not spec:
+        raise AppImportError("no app given: pass MODULE:CALLABLE or set 'app' in the config file")
+    module_name, _, expression = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise AppImportError(f"app {spec!r}: no module named {exc.name!r} (sys.path[0] is {sys.path[0]!r})") from None
+        raise AppImportError(f"app {spec!r}: importing {module_name!r} failed: {exc}{_where(exc)}") from None
+    except Exception as exc:
+        raise AppImportError(
+            f"app {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}{_where(exc)}"
+        ) from None
+    call = _parse_call(expression, spec) if expression else None
+    names = (call[0],) if call else ((expression,) if expression else DEFAULT_NAMES)
+    for name in names:
+        if hasattr(module, name):
+            target = getattr(module, name)
+            break
+    else:
+        raise AppImportError(f"app {spec!r}: module {module_name!r} has no attribute {' or '.join(map(repr, names))}")
+    if call:
+        try:
+            target = target(*call[1], **call[2])
+        except Exception as exc:
+            raise AppImportError(f"app {spec!r}: factory raised {type(exc).__name__}: {exc}{_where(exc)}") from None
+    if not callable(target):
+        raise AppImportError(f"app {spec!r}: {type(target).__name__} object is not callable")
+    return target

@@ -1,0 +1,218 @@
+"""Listening sockets: parse addresses, bind or inherit them, and clean them up.
+
+The master binds every listener before forking, so a bad address fails the
+start in the master (one clear line) instead of in every worker.  Listeners
+are non-blocking and close-on-exec; only the upgrade path makes them
+inheritable.  This module accepts no connections; workers do that.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+
+from .errors import BindError
+
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed bind address: TCP (host, port), a UNIX path, or an inherited fd."""
+
+    text: str
+    family: int
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+
+
+def parse_address(text: str) -> Address:
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``unix:PATH`` or ``fd://N``.
+
+    Raises:
+        BindError: naming the address and what was expected.
+    """
+    if text.startswith("unix:"):
+        path = text[5:]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise BindError(f"bind {text!r}: unix: needs a path, e.g. unix:/run/app.sock")
+        return Address(text, socket.AF_UNIX, path=path)
+    if text.startswith("fd://"):
+        try:
+            fd = int(text[5:])
+        except ValueError:
+            raise BindError(f"bind {text!r}: fd:// needs a descriptor number, e.g. fd://3") from None
+        return Address(text, -1, fd=fd)
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise BindError(f"bind {text!r}: expected [IPV6]:PORT")
+        port_text = rest[1:]
+        family = socket.AF_INET6
+    else:
+        host, _, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+        family = socket.AF_INET
+    try:
+        port = int(port_text) if port_text else DEFAULT_PORT
+    except ValueError:
+        raise BindError(f"bind {text!r}: port must be a number") from None
+    if not 0 <= port <= 65535:
+        raise BindError(f"bind {text!r}: port must be between 0 and 65535")
+    if family == socket.AF_INET:
+        host = host or "0.0.0.0"
+        family = _resolve_family(text, host)
+    return Address(text, family, host=host, port=port)
+
+
+def _resolve_family(text: str, host: str) -> int:
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"bind {text!r}: cannot resolve {host!r}: {exc.strerror}") from None
+    return infos[0][0]
+
+
+@dataclass
+class Listener:
+    """A bound, listening socket and what it was bound from."""
+
+    address: Address
+    sock: socket.socket
+    owns_path: bool = False
+    reuse_port: bool = False
+    backlog: int = 2048
+    name: tuple[str, str] = field(default=("", ""))
+
+    @property
+    def is_tcp(self) -> bool:
+        """True for IPv4/IPv6 listeners, whose connections want TCP_NODELAY."""
+        return self.sock.family in (socket.AF_INET, socket.AF_INET6)
+
+    def worker_socket(self) -> socket.socket:
+        """Return the socket a worker accepts on: its own under reuse_port, else the shared one."""
+        if not self.reuse_port:
+            return self.sock
+        own = socket.socket(self.sock.family, socket.SOCK_STREAM)
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        own.bind(self.sock.getsockname())
+        own.listen(self.backlog)
+        own.setblocking(False)
+        return own
+
+    def close(self) -> None:
+        """Close the socket and remove the UNIX socket file if we created it."""
+        self.sock.close()
+        if self.owns_path:
+            try:
+                os.unlink(self.address.path)
+            except OSError:
+                pass
+
+
+def _server_name(sock: socket.socket) -> tuple[str, str]:
+    """SERVER_NAME and SERVER_PORT for environs of connections on ``sock``."""
+    bound = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return (bound if isinstance(bound, str) and bound else "localhost", "0")
+    return (bound[0], str(bound[1]))
+
+
+def _remove_stale_unix(address: Address) -> None:
+    """Unlink a leftover socket file, but never one a live server still answers on."""
+    try:
+        mode = os.stat(address.path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise BindError(f"bind {address.text!r}: {address.path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(address.path)
+    except OSError:
+        os.unlink(address.path)  # nobody answers: a crashed server's leftover
+        return
+    finally:
+        probe.close()
+    raise BindError(f"bind {address.text!r}: another server is listening on {address.path}")
+
+
+def bind(address: Address, *, backlog: int, reuse_port: bool, unix_mode: int) -> Listener:
+    """Bind and listen on one address.
+
+    With ``reuse_port`` on a TCP address the master's socket is bound but never
+    listens: it holds the port while each worker listens on its own socket, so
+    no connection is ever queued where nobody accepts.
+    """
+    if address.fd >= 0:
+        return _inherit(address, backlog)
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        if address.family == socket.AF_UNIX:
+            _remove_stale_unix(address)
+            sock.bind(address.path)
+            os.chmod(address.path, unix_mode)
+            sock.listen(backlog)
+            listener = Listener(address, sock, owns_path=True, backlog=backlog)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if address.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((address.host, address.port))
+            if not reuse_port:
+                sock.listen(backlog)
+            listener = Listener(address, sock, reuse_port=reuse_port, backlog=backlog)
+    except OSError as exc:
+        sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise BindError(f"bind {address.text!r}: {reason}") from None
+    sock.setblocking(False)
+    listener.name = _server_name(sock)
+    return listener
+
+
+def _inherit(address: Address, backlog: int) -> Listener:
+    try:
+        sock = socket.socket(fileno=address.fd)
+    except OSError as exc:
+        raise BindError(f"bind {address.text!r}: descriptor {address.fd} is not a socket ({exc.strerror})") from None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise BindError(f"bind {address.text!r}: descriptor {address.fd} is not a listening stream socket")
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    listener = Listener(address, sock, backlog=backlog)
+    listener.name = _server_name(sock)
+    return listener
+
+
+def bind_all(addresses: tuple[str, ...], *, backlog: int, reuse_port: bool, unix_mode: int) -> list[Listener]:
+    """Bind every configured address, or none: a failure closes those already bound."""
+    listeners: list[Listener] = []
+    try:
+        for text in addresses:
+            listeners.append(bind(parse_address(text), backlog=backlog, reuse_port=reuse_port, unix_mode=unix_mode))
+    except BindError:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def describe(listener: Listener) -> str:
+    """Return the address a listener actually serves, with the real port for port 0."""
+    sock, address = listener.sock, listener.address
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
+    return f"http://{shown}:{port}" if address.fd < 0 else f"fd://{address.fd} (http://{shown}:{port})"

@@ -1,0 +1,347 @@
+"""A worker process: accept connections, read requests, run the app.
+
+One epoll loop watches the listeners, every idle keep-alive connection, and
+the signal pipe at once, and hands a connection to the app only when a whole
+request head has arrived; idle and slow clients therefore cost a file
+descriptor, never the worker.  With ``threads`` > 1 complete requests go to a
+pool of threads and the loop stops accepting while all of them are busy, so
+new connections go to a worker that can serve them.  The worker leaves with
+``os._exit`` through ``run``'s return code; it never returns into the
+master's code.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import select
+import signal
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from setproctitle import setproctitle
+
+from .config import Config
+from .connection import Connection, Service
+from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
+from .heartbeat import Heartbeat
+from .http.parser import Limits
+from .http.response import DateHeader
+from .loader import load_app, prepare_path
+from .logs import LogFile, open_access_log
+from .signals import Wakeup
+from .sockets import Listener
+from .wsgi import base_environ
+
+log = logging.getLogger("forkserver")
+
+# Accepts per wakeup: enough to empty a burst, few enough that requests on
+# already-open connections are not starved by a flood of new ones.
+ACCEPT_BATCH = 64
+MAX_POLL_INTERVAL = 1.0
+WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGWINCH)
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    """INT/QUIT: a fast stop means now, even in the middle of app code."""
+    os._exit(EXIT_OK)
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker is handed at fork time by the master."""
+
+    config: Config
+    listeners: list[Listener]
+    slot: int
+    generation: int
+    cell: int
+    heartbeat: Heartbeat
+    notify_fd: int
+    master_pid: int
+    log_files: list[LogFile]
+    app: Callable[..., Any] | None
+
+
+class Worker:
+    """The event loop of one worker process."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.pid = os.getpid()
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.connections: dict[int, Connection] = {}
+        # fd -> idle deadline, oldest first: the sweep stops at the first live one.
+        self.deadlines: OrderedDict[int, float] = OrderedDict()
+        self.listening: dict[int, tuple[socket.socket, Listener]] = {}
+        self.busy = 0
+        self.accepting = False
+        self.finished: deque[tuple[Connection, bool]] = deque()
+        self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
+
+    # -- boot -----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Boot, serve until told to stop, and return the process exit code."""
+        spec = self.spec
+        signal.signal(signal.SIGINT, _exit_now)
+        signal.signal(signal.SIGQUIT, _exit_now)
+        for signum in IGNORED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.wakeup = Wakeup(WORKER_SIGNALS)
+        setproctitle(f"forkserver: worker [{self.config.proc_name}]")
+        try:
+            app = spec.app or self._load_app()
+            self.service = self._build_service(app)
+        except AppImportError as exc:
+            self._notify(f"failed {self.pid} {EXIT_APP_LOAD} {exc}")
+            return EXIT_APP_LOAD
+        except Exception as exc:
+            log.exception("worker boot failed slot=%d", spec.slot)
+            self._notify(f"failed {self.pid} {EXIT_WORKER_BOOT} worker boot failed: {type(exc).__name__}: {exc}")
+            return EXIT_WORKER_BOOT
+        self.epoll = select.epoll()
+        self.epoll.register(self.wakeup.fileno(), select.EPOLLIN)
+        self.finished_r, self.finished_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.epoll.register(self.finished_r, select.EPOLLIN)
+        for listener in spec.listeners:
+            sock = listener.worker_socket()
+            self.listening[sock.fileno()] = (sock, listener)
+        self._set_accepting(True)
+        for _ in range(self.config.threads if self.config.threads > 1 else 0):
+            threading.Thread(target=self._run_jobs, daemon=True).start()
+        log.debug("worker ready slot=%d pid=%d gen=%d", spec.slot, self.pid, spec.generation)
+        self._notify(f"ready {self.pid}")
+        self._loop()
+        return EXIT_OK
+
+    def _load_app(self) -> Callable[..., Any]:
+        prepare_path(self.config.chdir, self.config.pythonpath)
+        return load_app(self.config.app)
+
+    def _build_service(self, app: Callable[..., Any]) -> Service:
+        config = self.config
+        self.access_log = open_access_log(config.access_logfile, config.access_logformat)
+        if self.access_log is not None:
+            self.spec.log_files.append(self.access_log.target)
+        self.environs = {}
+        for listener in self.spec.listeners:
+            self.environs[id(listener)] = base_environ(*listener.name, multithread=config.threads > 1)
+        return Service(
+            app=app,
+            limits=Limits(config.limit_request_line, config.limit_request_fields,
+                          config.limit_request_field_size, config.limit_request_body),
+            date=DateHeader(),
+            access_log=self.access_log,
+            io_timeout=config.body_timeout or None,
+            keep_alive=lambda: config.keepalive > 0 and not self.stopping,
+            progress=lambda: self.spec.heartbeat.beat(self.spec.cell),
+        )
+
+    def _notify(self, message: str) -> None:
+        # One write under PIPE_BUF is atomic, so lines from workers never mix.
+        data = (message.replace("\n", " ")[:1000] + "\n").encode("utf-8", "replace")
+        try:
+            os.write(self.spec.notify_fd, data)
+        except OSError:
+            pass
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        heartbeat, cell = self.spec.heartbeat, self.spec.cell
+        interval = MAX_POLL_INTERVAL
+        if self.config.timeout:
+            interval = min(interval, self.config.timeout / 4)
+        while not self._done():
+            heartbeat.beat(cell)
+            for fd, _ in self.epoll.poll(self._poll_timeout(interval)):
+                if fd in self.listening:
+                    self._accept(*self.listening[fd])
+                elif fd == self.wakeup.fileno():
+                    self._handle_signals()
+                elif fd == self.finished_r:
+                    self._collect_finished()
+                elif fd in self.connections:
+                    self._on_readable(self.connections[fd])
+            self._sweep_idle()
+            if not self.stopping and os.getppid() != self.spec.master_pid:
+                log.warning("master died; worker exiting pid=%d", self.pid)
+                self._begin_stop()
+
+    def _poll_timeout(self, interval: float) -> float:
+        if self.deadlines:
+            first = next(iter(self.deadlines.values()))
+            return max(0.0, min(interval, first - time.monotonic()))
+        return interval
+
+    def _done(self) -> bool:
+        if not self.stopping:
+            return False
+        if time.monotonic() >= self.stop_deadline:
+            if self.connections or self.busy:
+                log.warning("graceful timeout: closing %d connection(s) pid=%d",
+                            len(self.connections) + self.busy, self.pid)
+            return True
+        return not self.connections and not self.busy
+
+    def _handle_signals(self) -> None:
+        for signum in self.wakeup.drain():
+            if signum == signal.SIGTERM:
+                self._begin_stop()
+            elif signum == signal.SIGUSR1:
+                for target in self.spec.log_files:
+                    target.reopen()
+
+    def _set_accepting(self, on: bool) -> None:
+        """Start or stop taking new connections from the listeners."""
+        if on == self.accepting:
+            return
+        self.accepting = on
+        for fd in self.listening:
+            if on:
+                # EPOLLEXCLUSIVE: a new connection wakes one waiting worker, not all.
+                self.epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            else:
+                self.epoll.unregister(fd)
+
+    def _begin_stop(self) -> None:
+        """Graceful stop: serve what the kernel already queued, then stop listening."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.config.graceful_timeout
+        for sock, listener in list(self.listening.values()):
+            self._accept(sock, listener, limit=listener.backlog)
+        self._set_accepting(False)
+        for sock, listener in self.listening.values():
+            if sock is not listener.sock:
+                sock.close()  # our own reuse_port socket: nobody else accepts on it
+        self.listening.clear()
+        for connection in list(self.connections.values()):
+            if not connection.mid_request():
+                self._close(connection)
+
+    def _accept(self, sock: socket.socket, listener: Listener, limit: int = ACCEPT_BATCH) -> None:
+        for _ in range(limit):
+            try:
+                conn_sock, peer = sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                log.error("accept failed: %s", exc.strerror)
+                return
+            conn_sock.setblocking(False)
+            if listener.is_tcp:
+                conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                remote = (peer[0], str(peer[1]))
+            else:
+                remote = ("", "")
+            connection = Connection(conn_sock, remote, self.environs[id(listener)], self.service)
+            self._watch(connection, self.config.header_timeout)
+            # The request usually arrives with the connection: read it now
+            # rather than after another trip through epoll.
+            self._on_readable(connection)
+
+    def _watch(self, connection: Connection, timeout: float) -> None:
+        """Put a connection under the loop's eye with an idle deadline."""
+        fd = connection.fd
+        self.connections[fd] = connection
+        self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self.deadlines[fd] = time.monotonic() + timeout
+
+    def _unwatch(self, connection: Connection) -> None:
+        fd = connection.fd
+        del self.connections[fd]
+        self.deadlines.pop(fd, None)
+        self.epoll.unregister(fd)
+
+    def _close(self, connection: Connection) -> None:
+        self._unwatch(connection)
+        connection.close()
+
+    def _on_readable(self, connection: Connection) -> None:
+        if not connection.receive():
+            self._close(connection)
+            return
+        if connection.next_is_request():
+            self._unwatch(connection)
+            self._dispatch(connection)
+
+    def _sweep_idle(self) -> None:
+        now = time.monotonic()
+        while self.deadlines:
+            fd, deadline = next(iter(self.deadlines.items()))
+            if deadline > now:
+                return
+            connection = self.connections[fd]
+            if connection.mid_request():
+                log.info("header timeout remote=%s: closing", connection.remote[0] or "unix")
+            else:
+                log.debug("keep-alive timeout remote=%s: closing", connection.remote[0] or "unix")
+            self._close(connection)
+
+    # -- serving -------------------------------------------------------------------
+
+    def _dispatch(self, connection: Connection) -> None:
+        if self.config.threads == 1:
+            keep = self._serve(connection)
+            if keep:
+                self._watch(connection, self.config.keepalive)
+            return
+        self.busy += 1
+        if self.busy >= self.config.threads:
+            self._set_accepting(False)
+        self.jobs.put(connection)
+
+    def _serve(self, connection: Connection) -> bool:
+        """Answer every complete request queued on ``connection``; True to keep it."""
+        while True:
+            try:
+                keep = connection.serve()
+            except Exception:
+                log.exception("unexpected error serving remote=%s", connection.remote[0])
+                keep = False
+            if not keep:
+                connection.close()
+                return False
+            if not connection.next_is_request():
+                return True
+
+    def _run_jobs(self) -> None:
+        while True:
+            connection = self.jobs.get()
+            if connection is None:
+                return
+            keep = self._serve(connection)
+            self.finished.append((connection, keep))
+            try:
+                os.write(self.finished_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the loop is already due to wake
+
+    def _collect_finished(self) -> None:
+        try:
+            os.read(self.finished_r, 4096)
+        except BlockingIOError:
+            pass
+        while self.finished:
+            connection, keep = self.finished.popleft()
+            self.busy -= 1
+            if keep:
+                self._watch(connection, self.config.keepalive)
+        if self.busy < self.config.threads and not self.stopping:
+            self._set_accepting(True)

@@ -1,0 +1,362 @@
+"""The PEP 3333 adapter: environ, wsgi.input, start_response, and response framing.
+
+This module speaks WSGI on one side and calls two plain callables on the
+other: ``send(bytes)`` and ``sendfile(fd, offset, count)``.  It never touches a
+socket; ``forkserver.connection`` owns those.  It decides the response framing
+(Content-Length, chunked, or close-delimited) because only it sees the app's
+headers.  App bugs surface as ``AppError`` (a PEP 3333 violation, logged as one
+line) or as the app's own exception (logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import stat
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .http.events import Request
+from .http.response import LAST_CHUNK, build_head, frame_chunk
+
+# RFC 9110 §7.6.1 plus the ones PEP 3333 names: an app must not set these.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "trailers", "transfer-encoding", "upgrade"}
+)
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 §5.6.2 tchar
+FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+STATUS = re.compile(r"[1-9][0-9]{2} [^\x00-\x1f\x7f]*\Z")
+
+Send = Callable[[bytes], None]
+SendFile = Callable[[int, int, int], int]
+
+
+class AppError(Exception):
+    """The app broke PEP 3333; the message names the violation."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while the response was being written."""
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: lets the server send a file with ``os.sendfile``.
+
+    Iterating it reads blocks, for servers (and middleware) that cannot use the
+    descriptor directly.
+    """
+
+    def __init__(self, filelike: Any, blksize: int = 8192) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> Iterable[bytes]:
+        read = self.filelike.read
+        while True:
+            block = read(self.blksize)
+            if not block:
+                return
+            yield block
+
+
+class Input(io.RawIOBase):
+    """The raw stream under ``wsgi.input``: pulls body bytes until the body ends.
+
+    ``pull()`` returns the next piece of body, or ``b""`` once the body is
+    complete, so reads can never run into the next pipelined request.  The
+    buffered reader on top supplies read/readline/readlines/iteration.
+    """
+
+    def __init__(self, pull: Callable[[], bytes]) -> None:
+        self._pull = pull
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._pending:
+            self._pending = memoryview(self._pull())
+            if not self._pending:
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def base_environ(server_name: str, server_port: str, multithread: bool) -> dict[str, Any]:
+    """Return the environ keys that are the same for every request on a listener."""
+    return {
+        "SCRIPT_NAME": "",
+        "SERVER_NAME": server_name,
+        "SERVER_PORT": server_port,
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": multithread,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+    }
+
+
+def build_environ(
+    request: Request, base: dict[str, Any], remote: tuple[str, str], body: io.BufferedReader
+) -> dict[str, Any]:
+    """Build the per-request environ (PEP 3333 §"environ Variables")."""
+    environ = base.copy()
+    target = request.target
+    if target[:1] != b"/" and target != b"*":
+        # absolute-form (RFC 9112 §3.2.2): the path is what follows the authority.
+        scheme_end = target.find(b"://") + 3
+        slash = target.find(b"/", scheme_end)
+        authority = target[scheme_end : slash if slash >= 0 else len(target)]
+        environ["HTTP_HOST"] = authority.decode("latin-1")
+        target = target[slash:] if slash >= 0 else b"/"
+    path, _, query = target.partition(b"?")
+    path = path.partition(b"#")[0]
+    environ["REQUEST_METHOD"] = request.method
+    environ["PATH_INFO"] = _unquote_to_latin1(path)
+    environ["QUERY_STRING"] = query.partition(b"#")[0].decode("latin-1")
+    environ["RAW_URI"] = request.target.decode("latin-1")
+    environ["SERVER_PROTOCOL"] = "HTTP/" + request.version
+    environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
+    environ["wsgi.input"] = body
+    for name, value in request.headers:
+        key = name.decode("latin-1").upper().replace("-", "_")
+        text = value.decode("latin-1").strip(" \t")
+        if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+            environ[key] = text
+            continue
+        if "_" in name.decode("latin-1"):
+            # A client could send "X_Forwarded_For" to pose as a proxy's
+            # "X-Forwarded-For" after the dash-to-underscore mapping; drop it.
+            continue
+        key = "HTTP_" + key
+        if key == "HTTP_HOST" and key in environ:
+            continue  # absolute-form authority wins over Host (RFC 9112 §3.2.2)
+        if key in environ:
+            separator = "; " if key == "HTTP_COOKIE" else ","
+            environ[key] += separator + text
+        else:
+            environ[key] = text
+    if request.chunked:
+        environ.pop("CONTENT_LENGTH", None)
+    return environ
+
+
+def _unquote_to_latin1(path: bytes) -> str:
+    """Percent-decode a path to bytes, then map them to str one-to-one (PEP 3333)."""
+    if b"%" not in path:
+        return path.decode("latin-1")
+    parts = path.split(b"%")
+    out = bytearray(parts[0])
+    for part in parts[1:]:
+        try:
+            out.append(int(part[:2], 16))
+            out += part[2:]
+        except ValueError:
+            out += b"%" + part
+    return out.decode("latin-1")
+
+
+def check_status(status: Any) -> None:
+    """Raise AppError unless ``status`` is a str like ``"200 OK"``."""
+    if not isinstance(status, str):
+        raise AppError(f"status must be str, got {type(status).__name__}")
+    if not STATUS.match(status):
+        raise AppError(f"status {status!r} is not 'NNN Reason'")
+
+
+def check_headers(headers: Any) -> None:
+    """Raise AppError unless ``headers`` is a list of (str, str) without hop-by-hop."""
+    if not isinstance(headers, list):
+        raise AppError(f"response headers must be a list, got {type(headers).__name__}")
+    for item in headers:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise AppError(f"response header {item!r} is not a (name, value) tuple")
+        name, value = item
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise AppError(f"response header {item!r} must be a pair of str")
+        if not TOKEN.match(name):
+            raise AppError(f"response header name {name!r} is not a token")
+        if FIELD_VALUE_BAD.search(value):
+            raise AppError(f"response header {name} has a control character in its value")
+        if name.lower() in HOP_BY_HOP:
+            raise AppError(f"hop-by-hop header {name!r} is the server's to set (PEP 3333)")
+
+
+class Response:
+    """One response under construction: start_response, write(), framing, close.
+
+    ``keep_alive`` goes False whenever the framing or an error means the
+    connection cannot carry another request afterwards.
+    """
+
+    def __init__(self, send: Send, sendfile: SendFile, date_line: Callable[[], bytes],
+                 *, head_only: bool, http10: bool, keep_alive: bool) -> None:
+        self._send = send
+        self._sendfile = sendfile
+        self._date_line = date_line
+        self.head_only = head_only
+        self.http10 = http10
+        self.keep_alive = keep_alive
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.head_sent = False
+        self.chunked = False
+        self.content_length: int | None = None
+        self.body_bytes = 0
+
+    @property
+    def status_code(self) -> int:
+        """The numeric status, or 0 if the app never started a response."""
+        return int(self.status[:3]) if self.status else 0
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Send:
+        """PEP 3333 ``start_response``: record status and headers, send nothing yet."""
+        if exc_info:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # break the traceback reference cycle (PEP 3333)
+        elif self.status is not None:
+            raise AppError("start_response called a second time without exc_info")
+        check_status(status)
+        check_headers(headers)
+        self.status, self.headers = status, headers
+        return self.write
+
+    def _status_without_body(self) -> bool:
+        code = self.status_code
+        return code < 200 or code in (204, 304)  # RFC 9110 §6.4.1
+
+    def _bodyless(self) -> bool:
+        return self.head_only or self._status_without_body()
+
+    def _head(self, known_length: int | None) -> bytes:
+        """Pick the framing and return the encoded head; ``known_length`` if all body is known."""
+        if self.status is None:
+            raise AppError("app returned without calling start_response")
+        headers = self.headers
+        length = None
+        for name, value in headers:
+            if name.lower() == "content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise AppError(f"Content-Length {value!r} is not a number") from None
+        if length is None and known_length is not None and not self._status_without_body():
+            headers = headers + [("Content-Length", str(known_length))]
+            length = known_length
+        self.content_length = length
+        if length is None and not self._bodyless():
+            if self.http10:
+                self.keep_alive = False  # the body ends when the connection does
+            else:
+                self.chunked = True
+        self.head_sent = True
+        return build_head(self.status, headers, self._date_line(),
+                          chunked=self.chunked, close=not self.keep_alive)
+
+    def _frame(self, data: bytes) -> bytes:
+        """Apply length accounting and chunked framing to one piece of body."""
+        if self._bodyless():
+            return b""
+        if self.content_length is not None:
+            room = self.content_length - self.body_bytes
+            if len(data) > room:
+                data = data[:room]  # never send more than the app promised
+        self.body_bytes += len(data)
+        if self.chunked and data:
+            return frame_chunk(data)
+        return data
+
+    def write(self, data: bytes) -> None:
+        """Send body bytes now, with the head first if it has not gone out yet."""
+        if not isinstance(data, bytes):
+            raise AppError(f"app wrote {type(data).__name__}, not bytes")
+        if not data:
+            return
+        out = b"" if self.head_sent else self._head(None)
+        out += self._frame(data)
+        if out:
+            self._send(out)
+
+    def send_whole(self, body: bytes) -> None:
+        """Send head and a fully known body together, in one call."""
+        self._send(self._head(len(body)) + self._frame(body))
+        self.finish()
+
+    def send_file(self, fd: int) -> bool:
+        """Send a regular file from its current offset with sendfile; False if not a regular file."""
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return False
+        offset = os.lseek(fd, 0, os.SEEK_CUR)
+        remaining = max(0, info.st_size - offset)
+        self._send(self._head(remaining))
+        if self.content_length is not None:
+            remaining = min(remaining, self.content_length)
+        if not self._bodyless():
+            while remaining:
+                sent = self._sendfile(fd, offset, remaining)
+                if sent == 0:
+                    break  # the file shrank under us; the length check below closes
+                offset += sent
+                remaining -= sent
+                self.body_bytes += sent
+        self.finish()
+        return True
+
+    def finish(self) -> None:
+        """End the body: head if still unsent, last chunk, and the length check."""
+        if not self.head_sent:
+            self._send(self._head(0))
+        if self.chunked:
+            self._send(LAST_CHUNK)
+        elif (self.content_length is not None and not self._bodyless()
+              and self.body_bytes < self.content_length):
+            # The client still waits for the bytes the app promised; only
+            # closing the connection tells it they are not coming.
+            self.keep_alive = False
+
+
+def run_app(app: Callable[..., Any], environ: dict[str, Any], response: Response) -> None:
+    """Call the app and send what it returns; always call the iterable's close().
+
+    Raises whatever the app raised, ``AppError`` for PEP 3333 violations, and
+    ``ClientGone``/``OSError`` from sending.
+    """
+    result = app(environ, response.start_response)
+    try:
+        if isinstance(result, FileWrapper) and hasattr(result.filelike, "fileno") and not response.head_sent:
+            try:
+                fd = result.filelike.fileno()
+            except (OSError, io.UnsupportedOperation):
+                fd = -1
+            if fd >= 0 and response.send_file(fd):
+                return
+        if isinstance(result, (list, tuple)) and not response.head_sent:
+            for piece in result:
+                if not isinstance(piece, bytes):
+                    raise AppError(f"app returned {type(piece).__name__}, not bytes")
+            response.send_whole(b"".join(result))
+            return
+        if isinstance(result, (str, bytes)):
+            raise AppError(f"app returned a bare {type(result).__name__}; it must return an iterable of bytes")
+        for piece in result:
+            response.write(piece)
+        response.finish()
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
