@@ -1,0 +1,30 @@
+"""Shared fixtures: a factory for real server processes, torn down even on failure."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import ServerProcess  # noqa: E402
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator:
+    """Return ``start(*args, **kw)``, which launches a ServerProcess; all are stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, wait: bool = True, workers: int | None = None, **kwargs) -> ServerProcess:
+        proc = ServerProcess(args, tmp_path, wait=False, **kwargs)
+        started.append(proc)  # registered before waiting, so a failed start is cleaned up too
+        if wait:
+            proc.wait_ready(workers)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,155 @@
+"""Start real forkserver processes for tests, and always clean them up.
+
+The test binds the listening socket itself (127.0.0.1, port 0) and hands it
+to the server as ``--bind fd://N``, so no two tests race for a port number.
+Every process is ended by the PID we started, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+READY_TIMEOUT = 15.0
+
+
+def poll(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Return the first truthy value of ``predicate()``, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def listening_socket(family: int = socket.AF_INET, host: str = "127.0.0.1") -> socket.socket:
+    """Bind a loopback socket on a free port and listen, ready to pass to the server."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def raw_request(port: int, data: bytes, host: str = "127.0.0.1", timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes, return everything it sent."""
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        conn.sendall(data)
+        return read_all(conn)
+
+
+def read_all(conn: socket.socket) -> bytes:
+    """Read until EOF (or a reset, which also ends the answer)."""
+    chunks = []
+    while True:
+        try:
+            chunk = conn.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class ServerProcess:
+    """One forkserver master started with ``python -m forkserver``."""
+
+    def __init__(self, args: Sequence[str], workdir: Path, *, sock: socket.socket | None = None,
+                 env: dict[str, str] | None = None, ready_path: str = "/", wait: bool = True,
+                 cwd: Path | None = None) -> None:
+        self.workdir = workdir
+        self.sock = sock if sock is not None else listening_socket()
+        self.port = self.sock.getsockname()[1]
+        self.ready_path = ready_path
+        self.error_log = workdir / f"error-{id(self)}.log"
+        self.stdout_path = workdir / f"stdout-{id(self)}.log"
+        full_env = dict(os.environ)
+        full_env.pop("FORKSERVER_CONFIG", None)
+        full_env.update(env or {})
+        bind = [] if any(a in ("-b", "--bind") or a.startswith("--bind=") for a in args) \
+            else ["-b", f"fd://{self.sock.fileno()}"]
+        self.command = [sys.executable, "-m", "forkserver", *bind, "--pythonpath", str(APPS), *args]
+        with open(self.stdout_path, "wb") as out, open(self.error_log, "wb") as err:
+            self.proc = subprocess.Popen(self.command, stdout=out, stderr=err, env=full_env,
+                                         cwd=str(cwd or workdir), pass_fds=(self.sock.fileno(),))
+        if wait:
+            self.wait_ready()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        """Everything the server wrote to stderr (its error log by default) so far."""
+        return self.error_log.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}: {self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(f"GET {self.ready_path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+                return read_all(conn).startswith(b"HTTP/1.1 ")
+        except OSError:
+            return False
+
+    def wait_ready(self, workers: int | None = None) -> None:
+        """Wait until the server answers and, if given, ``workers`` workers run."""
+        poll(self._answers, READY_TIMEOUT, what="server to answer")
+        if workers is not None:
+            poll(lambda: len(self.worker_pids()) == workers, READY_TIMEOUT, what=f"{workers} workers")
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the master's direct children."""
+        try:
+            return sorted(child.pid for child in psutil.Process(self.pid).children())
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """TERM, then KILL the master and any worker left, by PID."""
+        try:
+            children = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.sock.close()
