@@ -182,6 +182,7 @@ class Connection:
             head_only=request.method == "HEAD",
             http10=request.version == "1.0",
             keep_alive=request.keep_alive and not self.parser.upgraded and service.keep_alive(),
+            body_unwanted=lambda: self._continue_due,
         )
         started, clock = time.time(), time.perf_counter()
         body = io.BufferedReader(Input(self.pull_body))

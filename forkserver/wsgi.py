@@ -197,12 +197,15 @@ class Response:
     """One response under construction: start_response, write(), framing, close.
 
     ``keep_alive`` goes False whenever the framing or an error means the
-    connection cannot carry another request afterwards.
+    connection cannot carry another request afterwards; ``body_unwanted`` tells,
+    as the head goes out, whether the request body was left unrequested.
     """
 
     def __init__(self, send: Send, sendfile: SendFile, date_line: Callable[[], bytes],
-                 *, head_only: bool, http10: bool, keep_alive: bool) -> None:
+                 *, head_only: bool, http10: bool, keep_alive: bool,
+                 body_unwanted: Callable[[], bool] = lambda: False) -> None:
         self._send = send
+        self._body_unwanted = body_unwanted
         self._sendfile = sendfile
         self._date_line = date_line
         self.head_only = head_only
@@ -258,6 +261,8 @@ class Response:
             headers = headers + [("Content-Length", str(known_length))]
             length = known_length
         self.content_length = length
+        if self._body_unwanted():
+            self.keep_alive = False  # the client still holds a body we never asked for
         if length is None and not self._bodyless():
             if self.http10:
                 self.keep_alive = False  # the body ends when the connection does

@@ -1,6 +1,6 @@
 """Fixture WSGI apps for the integration tests, each small and single-purpose.
 
-With FORKSERVER_TEST_VALIDATE=1 in the server's environment every
+With FS_TEST_VALIDATE=1 in the server's environment every
 well-behaved app here is wrapped in ``wsgiref.validate.validator``, so the
 same tests also prove that forkserver drives apps exactly as PEP 3333 says.
 """
@@ -12,12 +12,22 @@ import os
 import time
 from wsgiref.validate import validator
 
-VALIDATE = os.environ.get("FORKSERVER_TEST_VALIDATE") == "1"
+VALIDATE = os.environ.get("FS_TEST_VALIDATE") == "1"
 
 
 def checked(app):
     """Wrap ``app`` in wsgiref's validator when the tests ask for it."""
     return validator(app) if VALIDATE else app
+
+
+def read_body(environ):
+    """Read the whole body in sized reads, as PEP 3333 (and the validator) require."""
+    stream, parts = environ["wsgi.input"], []
+    while True:
+        part = stream.read(65536)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
 
 
 def _json(start_response, data, status="200 OK"):
@@ -29,7 +39,7 @@ def _json(start_response, data, status="200 OK"):
 @checked
 def echo(environ, start_response):
     """Answer with the environ's plain values and the request body, as JSON."""
-    body = environ["wsgi.input"].read()
+    body = read_body(environ)
     shown = {k: v for k, v in environ.items() if isinstance(v, (str, bool, int)) and k != "wsgi.input"}
     shown["wsgi.version"] = list(environ["wsgi.version"])
     shown["body"] = body.decode("latin-1")
@@ -167,3 +177,20 @@ def headers_app(environ, start_response):
     start_response("201 Created", [("Content-Type", "text/plain"), ("Set-Cookie", "a=1"),
                                    ("Set-Cookie", "b=2"), ("Content-Length", "2")])
     return [b"ok"]
+
+
+_barriers = {}
+
+
+def barrier(environ, start_response):
+    """?N: wait until N requests are inside this app at once (proves threads overlap)."""
+    import threading
+
+    parties = int(environ["QUERY_STRING"] or 2)
+    gate = _barriers.setdefault(parties, threading.Barrier(parties))
+    try:
+        gate.wait(timeout=10)
+        met = True
+    except threading.BrokenBarrierError:
+        met = False
+    return _json(start_response, {"met": met, "pid": os.getpid()})
