@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from . import __version__
 from .config import build_arg_parser, load_config
 from .errors import ForkserverError
-from .loader import load_app, prepare_path
+from .loader import load_app, parse_spec, prepare_path
+from .sockets import parse_address
 
 
 def check(config_summary: str) -> int:
@@ -28,13 +29,16 @@ def run(argv: Sequence[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         build_arg_parser().print_help()
         return 0
-    invocation = load_config(argv, os.environ)
-    config = invocation.config
-    if invocation.show_version:
+    if "--version" in argv:  # before the settings, so a broken config cannot hide it
         print(f"forkserver {__version__}")
         return 0
+    invocation = load_config(argv, os.environ)
+    config = invocation.config
+    parse_spec(config.app)  # a missing or malformed spec fails before anything is bound
     if invocation.check_only:
-        # Import the app as a worker would, but bind nothing and fork nothing.
+        # Check the addresses and import the app as a worker would, but bind nothing and fork nothing.
+        for address in config.bind:
+            parse_address(address)
         prepare_path(config.chdir, config.pythonpath)
         load_app(config.app)
         return check(f"app {config.app!r} imports; {config.workers} worker(s) on {', '.join(config.bind)}")

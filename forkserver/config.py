@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import typing
@@ -60,13 +61,19 @@ def setting(
 
 
 def _check_octal(value: str) -> str | None:
-    if value == "":
-        return None
     try:
         mode = int(value, 8)
     except ValueError:
         return "an octal number such as 022"
     return None if 0 <= mode <= 0o777 else "an octal number between 000 and 777"
+
+
+def _check_octal_or_empty(value: str) -> str | None:
+    return None if value == "" else _check_octal(value)
+
+
+def _check_bind(value: tuple[str, ...]) -> str | None:
+    return None if value else "at least one address"
 
 
 def _check_access_format(value: str) -> str | None:
@@ -92,6 +99,7 @@ class Config:
         flags=("-b",),
         help="Address to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. "
         "Repeat it (or give a list) to listen on several.",
+        check=_check_bind,
         metavar="ADDRESS",
     )
     workers: int = setting(
@@ -171,7 +179,9 @@ class Config:
     name: str = setting("", help="Name shown in process titles; defaults to the app spec.")
     pid: str = setting("", help="Write the master's PID to this file.", metavar="FILE")
     umask: str = setting(
-        "", check=_check_octal, help="umask of the server processes, in octal; empty keeps the inherited one."
+        "",
+        check=_check_octal_or_empty,
+        help="umask of the server processes, in octal; empty keeps the inherited one.",
     )
     daemon: bool = setting(False, flags=("-D",), help="Detach from the terminal and run in the background.")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -218,31 +228,40 @@ def _describe(kind: Any) -> str:
     )
 
 
-def coerce(name: str, value: Any, where: str) -> Any:
-    """Turn a raw value from a file (typed) or env/CLI (text) into the setting's type.
+def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
+    """Turn a raw value from a file (``typed``) or env/CLI (text) into the setting's type.
+
+    A TOML file has real types, so there ``workers = "4"`` is a mistake; only
+    text sources (environment, command line) have numbers and booleans parsed
+    from strings.
 
     Raises:
         ConfigError: naming ``where`` the value came from, the key and what was expected.
     """
     kind = _kinds()[name]
     bad = ConfigError(f"{where}: {name} must be {_describe(kind)}, got {value!r}")
+    text = isinstance(value, str) and not typed
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in TRUE_WORDS | FALSE_WORDS:
-            return value.lower() in TRUE_WORDS
+        if text and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
         raise bad
     if kind in (int, float):
         if isinstance(value, bool):
             raise bad
         if isinstance(value, int) or (kind is float and isinstance(value, float)):
-            return kind(value)
-        if isinstance(value, str):
+            number = kind(value)
+        elif text:
             try:
-                return kind(value.strip())
+                number = kind(value.strip())
             except ValueError:
                 raise bad from None
-        raise bad
+        else:
+            raise bad
+        if kind is float and not math.isfinite(number):
+            raise bad
+        return number
     if kind is str:
         if isinstance(value, str):
             return value
@@ -270,7 +289,7 @@ def _validate(f: dataclasses.Field[Any], value: Any, where: str) -> None:
 def _unknown(key: str, where: str) -> ConfigError:
     names = [f.name for f in settings()]
     close = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = f" (did you mean '{close[0]}'?)" if close else " (forkserver --help lists the settings)"
     return ConfigError(f"{where}: unknown setting '{key}'{hint}")
 
 
@@ -311,6 +330,19 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(f"command line: {message}")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """Parse, naming the first unknown option with the closest known one."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            first = extras[0]
+            if not first.startswith("-"):
+                raise ConfigError(f"command line: unexpected argument {first!r} (only one APP may be given)")
+            flag = first.partition("=")[0]
+            close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"command line: unknown option {flag!r}{hint}")
+        return namespace
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -382,19 +414,20 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Invocation:
     """
     namespace = build_arg_parser().parse_args(list(argv))
     config_path = getattr(namespace, "config", None) or environ.get(ENV_PREFIX + "CONFIG", "")
-    layers: list[tuple[str, Callable[[str], str], dict[str, Any]]] = []
+    # (where a key's value came from, whether the source is typed, raw values)
+    layers: list[tuple[Callable[[str], str], bool, dict[str, Any]]] = []
     if config_path:
-        layers.append((config_path, lambda key: config_path, read_toml(config_path)))
-    layers.append(("environment", lambda key: f"environment {env_name(key)}", read_env(environ)))
-    layers.append(("command line", _cli_source, _from_cli(namespace)))
+        layers.append((lambda key: config_path, True, read_toml(config_path)))
+    layers.append((lambda key: f"environment {env_name(key)}", False, read_env(environ)))
+    layers.append((_cli_source, False, _from_cli(namespace)))
 
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     fields = {f.name: f for f in settings()}
-    for _, where_of, raw in layers:
+    for where_of, typed, raw in layers:
         for key, value in raw.items():
             where = where_of(key)
-            coerced = coerce(key, value, where)
+            coerced = coerce(key, value, where, typed=typed)
             _validate(fields[key], coerced, where)
             values[key], origins[key] = coerced, where
     for name, f in fields.items():

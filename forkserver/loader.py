@@ -53,11 +53,35 @@ def _parse_call(expression: str, spec: str) -> tuple[str, list[Any], dict[str, A
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
         raise AppImportError(f"app {spec!r}: expected 'module:factory(...)'")
     try:
+        if any(kw.arg is None for kw in node.keywords) or any(isinstance(a, ast.Starred) for a in node.args):
+            raise ValueError("* and ** are not literals")
         args = [ast.literal_eval(arg) for arg in node.args]
         kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
-    except ValueError:
+    except (ValueError, TypeError, SyntaxError, RecursionError):
         raise AppImportError(f"app {spec!r}: factory arguments must be literals") from None
     return node.func.id, args, kwargs
+
+
+def parse_spec(spec: str) -> tuple[str, tuple[str, ...], tuple[list[Any], dict[str, Any]] | None]:
+    """Check an app spec's form without importing anything.
+
+    Returns the module name, the attribute names to try, and the factory's
+    (args, kwargs) if the spec calls one.
+
+    Raises:
+        AppImportError: if the spec is empty or malformed.
+    """
+    if not spec:
+        raise AppImportError("no app given: pass MODULE:CALLABLE or set 'app' in the config file")
+    module_name, _, expression = spec.partition(":")
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise AppImportError(f"app {spec!r}: {module_name!r} is not a module name; expected MODULE:CALLABLE")
+    call = _parse_call(expression, spec) if expression else None
+    if call:
+        return module_name, (call[0],), (call[1], call[2])
+    if expression and not expression.isidentifier():
+        raise AppImportError(f"app {spec!r}: {expression!r} is not a name or a call")
+    return module_name, ((expression,) if expression else DEFAULT_NAMES), None
 
 
 def load_app(spec: str) -> Callable[..., Any]:
@@ -66,9 +90,7 @@ def load_app(spec: str) -> Callable[..., Any]:
     Raises:
         AppImportError: with one line saying what failed.
     """
-    if not spec:
-        raise AppImportError("no app given: pass MODULE:CALLABLE or set 'app' in the config file")
-    module_name, _, expression = spec.partition(":")
+    module_name, names, call = parse_spec(spec)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -79,8 +101,6 @@ def load_app(spec: str) -> Callable[..., Any]:
         raise AppImportError(
             f"app {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}{_where(exc)}"
         ) from None
-    call = _parse_call(expression, spec) if expression else None
-    names = (call[0],) if call else ((expression,) if expression else DEFAULT_NAMES)
     for name in names:
         if hasattr(module, name):
             target = getattr(module, name)
@@ -89,7 +109,7 @@ def load_app(spec: str) -> Callable[..., Any]:
         raise AppImportError(f"app {spec!r}: module {module_name!r} has no attribute {' or '.join(map(repr, names))}")
     if call:
         try:
-            target = target(*call[1], **call[2])
+            target = target(*call[0], **call[1])
         except Exception as exc:
             raise AppImportError(f"app {spec!r}: factory raised {type(exc).__name__}: {exc}{_where(exc)}") from None
     if not callable(target):

@@ -173,7 +173,12 @@ def bind(address: Address, *, backlog: int, reuse_port: bool, unix_mode: int) ->
             listener = Listener(address, sock, reuse_port=reuse_port, backlog=backlog)
     except OSError as exc:
         sock.close()
-        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        if exc.errno == errno.EADDRINUSE:
+            reason = "address already in use"
+        elif address.family == socket.AF_UNIX and exc.errno == errno.ENOENT:
+            reason = f"directory {os.path.dirname(os.path.abspath(address.path))!r} does not exist"
+        else:
+            reason = exc.strerror or str(exc)
         raise BindError(f"bind {address.text!r}: {reason}") from None
     sock.setblocking(False)
     listener.name = _server_name(sock)
