@@ -40,8 +40,13 @@ class Limits:
 
     @property
     def head_bytes(self) -> int:
-        """The most bytes a whole request head may take, CRLFs included."""
-        return self.request_line_bytes + 12 + self.header_fields * (self.header_field_bytes + 4) + 2
+        """The most bytes a whole request head may take, CRLFs included.
+
+        The request line is the target plus at most 32 bytes: the method (the
+        longest llhttp accepts, UNSUBSCRIBE, has 11), two spaces, the version
+        and CRLF.  Each field line adds ": " and CRLF to its name and value.
+        """
+        return self.request_line_bytes + 32 + self.header_fields * (self.header_field_bytes + 4) + 2
 
 
 class RequestParser:
@@ -61,6 +66,8 @@ class RequestParser:
         self._events: list[Event] = []
         self._upgraded = False
         self._failed = False
+        self._skipped_body: _SkippedBody | None = None
+        self._messages_begun = 0
         self._start_message()
 
     def _start_message(self) -> None:
@@ -73,16 +80,22 @@ class RequestParser:
         self._host_seen = False
         self._expect_continue = False
         self._body_bytes = 0
+        self._trailer_fields = 0
         self._head_done = False
+        self._body_skipped = False
 
     def feed(self, data: bytes) -> list[Event | ProtocolError]:
         """Parse ``data`` and return the events it completed."""
-        if self._upgraded or self._failed:
-            # After an Upgrade head the bytes are not HTTP/1.1, and after an
-            # error we cannot know where a message starts: drop them.
+        skipped = self._skipped_body
+        if self._failed or (self._upgraded and (skipped is None or skipped.done)):
+            # After an Upgrade request the bytes are not HTTP/1.1, and after
+            # an error we cannot know where a message starts: drop them.
             return []
         try:
-            self._parse(data)
+            if skipped is not None:
+                skipped.feed(data)
+            else:
+                self._parse(data)
         except ProtocolError as error:
             self._failed = True
             self._events.append(error)
@@ -90,22 +103,38 @@ class RequestParser:
         return events
 
     def _parse(self, data: bytes) -> None:
+        rest = None
+        begun = self._messages_begun
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, ProtocolError):
                 raise exc.__context__ from None
             raise
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             # llhttp stops at the end of an Upgrade (or CONNECT) head.  We do
             # not switch protocols: answer this request as plain HTTP, then close.
             self._upgraded = True
-            if self._head_done:
+            if self._body_skipped:
+                rest = data[upgrade.args[0]:]
+            elif self._head_done:
                 self._events.append(END_OF_MESSAGE)
         except httptools.HttpParserError as exc:
             raise BadRequest(str(exc)) from None
+        if rest is not None:
+            # httptools made llhttp skip the body, but it is the app's.  (Fed
+            # outside the except block, which would overwrite the callback
+            # error's __context__.)
+            self._skipped_body = _SkippedBody(self, self._chunked, self._content_length)
+            self._skipped_body.feed(rest)
+            return
         if self._in_head:
-            self._head_bytes += len(data)
+            if self._messages_begun == begun:
+                self._head_bytes += len(data)
+            else:
+                # The head began inside ``data``, after an unknown number of
+                # bytes of earlier messages: count only what is surely its own.
+                self._head_bytes = len(self._target) + sum(len(n) + len(v) for n, v in self._headers)
             if self._head_bytes > self.limits.head_bytes:
                 raise HeaderTooLarge(f"request head exceeds {self.limits.head_bytes} bytes")
 
@@ -121,6 +150,7 @@ class RequestParser:
     # -- httptools callbacks ------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._messages_begun += 1
         self._start_message()
         self._in_head = True
 
@@ -133,7 +163,12 @@ class RequestParser:
         if len(name) + len(value) > self.limits.header_field_bytes:
             raise HeaderTooLarge(f"header field longer than {self.limits.header_field_bytes} bytes")
         if self._head_done:
-            return  # a trailer field (RFC 9112 §7.1.2): we may discard it, and do
+            # A trailer field (RFC 9112 §7.1.2): we may discard it, and do,
+            # but count it so trailers cannot stream in without end.
+            self._trailer_fields += 1
+            if self._trailer_fields > self.limits.header_fields:
+                raise HeaderTooLarge(f"more than {self.limits.header_fields} trailer fields")
+            return
         if len(self._headers) >= self.limits.header_fields:
             raise HeaderTooLarge(f"more than {self.limits.header_fields} header fields")
         self._headers.append((name, value))
@@ -175,11 +210,16 @@ class RequestParser:
         self._check_target(method, target)
         if version == "1.1" and not self._host_seen:
             raise BadRequest("HTTP/1.1 request without Host header")  # RFC 9112 §3.2
+        if version == "1.0" and self._chunked:
+            # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
         limit = self.limits.body_bytes
         if limit and self._content_length is not None and self._content_length > limit:
             raise BodyTooLarge(f"Content-Length {self._content_length} exceeds {limit}")
         self._in_head = False
         self._head_done = True
+        # httptools makes llhttp skip the body of an Upgrade request; we read it.
+        self._body_skipped = parser.should_upgrade() and (self._chunked or bool(self._content_length))
         self._events.append(
             Request(
                 method=method,
@@ -203,6 +243,9 @@ class RequestParser:
             return
         lowered = target[:8].lower()
         if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+            authority = target.split(b"://", 1)[1].split(b"/", 1)[0].split(b"?", 1)[0]
+            if b"@" in authority:
+                raise BadRequest("userinfo in the request target")  # RFC 9110 §4.2.4
             return
         raise BadRequest(f"unsupported request target {target[:64]!r}")
 
@@ -214,8 +257,59 @@ class RequestParser:
         self._events.append(BodyChunk(data))
 
     def on_message_complete(self) -> None:
+        if self._body_skipped:
+            return  # llhttp skipped the body; _SkippedBody ends the message
         self._events.append(END_OF_MESSAGE)
         self._head_done = False
+
+    def _end_skipped_body(self) -> None:
+        self._body_skipped = False
+        self.on_message_complete()
+
+
+class _SkippedBody:
+    """Decode the body of an Upgrade request, which httptools makes llhttp skip.
+
+    A second llhttp parser, primed with a head that has the same framing,
+    decodes the body under the same strict rules; its body and trailer
+    callbacks go to the owning ``RequestParser``.  Bytes after the body are
+    dropped: the connection closes after an Upgrade request.
+    """
+
+    def __init__(self, owner: RequestParser, chunked: bool, content_length: int | None) -> None:
+        self._owner = owner
+        self._in_body = False
+        self.done = False
+        self._parser = httptools.HttpRequestParser(self)
+        framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % (content_length or 0)
+        self._parser.feed_data(b"POST / HTTP/1.1\r\nHost: body\r\nConnection: close\r\n" + framing + b"\r\n\r\n")
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, ProtocolError):
+                raise exc.__context__ from None
+            raise
+        except httptools.HttpParserError as exc:
+            if not self.done:  # after the body llhttp objects to any byte; we ignore them
+                raise BadRequest(str(exc)) from None
+
+    def on_headers_complete(self) -> None:
+        self._in_body = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_body:
+            self._owner.on_header(name, value)  # a trailer field
+
+    def on_body(self, data: bytes) -> None:
+        self._owner.on_body(data)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        self._owner._end_skipped_body()
 
 
 __all__ = ["Limits", "ProtocolError", "RequestParser"]
