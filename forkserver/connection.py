@@ -181,8 +181,10 @@ class Connection:
             self.send, self.sendfile, service.date.line,
             head_only=request.method == "HEAD",
             http10=request.version == "1.0",
-            keep_alive=request.keep_alive and not self.parser.upgraded and service.keep_alive(),
-            body_unwanted=lambda: self._continue_due,
+            keep_alive=request.keep_alive and not self.parser.upgraded,
+            # Closing is the only honest answer when the client still holds a
+            # body we never asked for, or when the worker is stopping.
+            must_close=lambda: self._continue_due or not service.keep_alive(),
         )
         started, clock = time.time(), time.perf_counter()
         body = io.BufferedReader(Input(self.pull_body))

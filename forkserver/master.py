@@ -101,9 +101,6 @@ class Master:
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup = Wakeup(MASTER_SIGNALS)
         setproctitle(f"forkserver: master [{config.proc_name}]")
-        for listener in self.listeners:
-            log.info("listening at %s", describe(listener))
-        log.info("master started pid=%d workers=%d threads=%d", self.pid, self.desired, config.threads)
 
     def preload(self) -> None:
         """Import the app in the master, remembering which modules that added."""
@@ -179,8 +176,16 @@ class Master:
         self.boot_failures.pop(handle.slot, None)
         log.info("worker ready slot=%d pid=%d gen=%d", handle.slot, handle.pid, handle.generation)
         if handle.generation == self.generation:
+            if not self.started:
+                self.announce()
             self.started = True
             self.retire_old_generations()
+
+    def announce(self) -> None:
+        """Log the start once a worker serves: a failed start then prints only its one error line."""
+        for listener in self.listeners:
+            log.info("listening at %s", describe(listener))
+        log.info("master started pid=%d workers=%d threads=%d", self.pid, self.desired, self.config.threads)
 
     def on_boot_failure(self, handle: WorkerHandle, reason: str, code: int) -> None:
         """A worker could not boot: give up at startup, else abort the reload or back off."""
@@ -217,8 +222,11 @@ class Master:
         slept = now - self.last_tick
         self.last_tick = now
         timeout = self.config.timeout
-        if not timeout or slept > timeout:
-            return  # the master itself was stopped or suspended: ages are stale
+        if not timeout or slept > 2 * TICK_INTERVAL:
+            # We were stopped (SIGSTOP, a frozen process group): workers stopped
+            # with us have stale stamps through no fault of theirs.  Give them
+            # one tick to beat again before judging.
+            return
         for handle in list(self.pool.workers.values()):
             age = self.heartbeat.age(handle.cell)
             if age > timeout and not handle.killed:
@@ -347,7 +355,7 @@ class Master:
         self.stopping = True
         grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
         self.stop_deadline = time.monotonic() + grace + (1.0 if graceful else 0.0)
-        log.info("%s stop", "graceful" if graceful else "fast")
+        log.log(logging.INFO if self.started else logging.DEBUG, "%s stop", "graceful" if graceful else "fast")
         # Closing our copies now means the sockets vanish once the workers,
         # which first serve everything already queued, close theirs.
         self.close_listeners()
@@ -381,6 +389,6 @@ class Master:
         self.close_listeners()
         if self.pidfile is not None:
             self.pidfile.remove()
-        log.info("master exiting pid=%d", self.pid)
+        log.log(logging.INFO if self.started else logging.DEBUG, "master exiting pid=%d", self.pid)
 
 

@@ -79,6 +79,7 @@ class Worker:
         self.config = spec.config
         self.pid = os.getpid()
         self.stopping = False
+        self.term_received = False
         self.stop_deadline = 0.0
         self.connections: dict[int, Connection] = {}
         # fd -> idle deadline, oldest first: the sweep stops at the first live one.
@@ -88,6 +89,9 @@ class Worker:
         self.accepting = False
         self.finished: deque[tuple[Connection, bool]] = deque()
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self.term_received = True
 
     # -- boot -----------------------------------------------------------------
 
@@ -100,6 +104,9 @@ class Worker:
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.wakeup = Wakeup(WORKER_SIGNALS)
+        # Besides waking the loop, TERM flips this flag at once, so a response
+        # that an app is producing right now already says Connection: close.
+        signal.signal(signal.SIGTERM, self._on_term)
         setproctitle(f"forkserver: worker [{self.config.proc_name}]")
         try:
             app = spec.app or self._load_app()
@@ -145,7 +152,7 @@ class Worker:
             date=DateHeader(),
             access_log=self.access_log,
             io_timeout=config.body_timeout or None,
-            keep_alive=lambda: config.keepalive > 0 and not self.stopping,
+            keep_alive=lambda: config.keepalive > 0 and not self.term_received,
             progress=lambda: self.spec.heartbeat.beat(self.spec.cell),
         )
 

@@ -17,6 +17,7 @@ import stat
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from .http.events import Request
 from .http.response import LAST_CHUNK, build_head, frame_chunk
@@ -116,10 +117,13 @@ def build_environ(
     if target[:1] != b"/" and target != b"*":
         # absolute-form (RFC 9112 §3.2.2): the path is what follows the authority.
         scheme_end = target.find(b"://") + 3
-        slash = target.find(b"/", scheme_end)
-        authority = target[scheme_end : slash if slash >= 0 else len(target)]
-        environ["HTTP_HOST"] = authority.decode("latin-1")
-        target = target[slash:] if slash >= 0 else b"/"
+        end = len(target)
+        for delimiter in b"/?#":
+            found = target.find(bytes((delimiter,)), scheme_end)
+            if found >= 0:
+                end = min(end, found)
+        environ["HTTP_HOST"] = target[scheme_end:end].decode("latin-1")
+        target = target[end:] if target[end:end + 1] == b"/" else b"/" + target[end:]
     path, _, query = target.partition(b"?")
     path = path.partition(b"#")[0]
     environ["REQUEST_METHOD"] = request.method
@@ -156,15 +160,7 @@ def _unquote_to_latin1(path: bytes) -> str:
     """Percent-decode a path to bytes, then map them to str one-to-one (PEP 3333)."""
     if b"%" not in path:
         return path.decode("latin-1")
-    parts = path.split(b"%")
-    out = bytearray(parts[0])
-    for part in parts[1:]:
-        try:
-            out.append(int(part[:2], 16))
-            out += part[2:]
-        except ValueError:
-            out += b"%" + part
-    return out.decode("latin-1")
+    return unquote_to_bytes(path).decode("latin-1")
 
 
 def check_status(status: Any) -> None:
@@ -197,15 +193,16 @@ class Response:
     """One response under construction: start_response, write(), framing, close.
 
     ``keep_alive`` goes False whenever the framing or an error means the
-    connection cannot carry another request afterwards; ``body_unwanted`` tells,
-    as the head goes out, whether the request body was left unrequested.
+    connection cannot carry another request afterwards; ``must_close`` is asked
+    as the head goes out, for what only becomes known while the app runs (the
+    worker began to stop, the body was never asked for).
     """
 
     def __init__(self, send: Send, sendfile: SendFile, date_line: Callable[[], bytes],
                  *, head_only: bool, http10: bool, keep_alive: bool,
-                 body_unwanted: Callable[[], bool] = lambda: False) -> None:
+                 must_close: Callable[[], bool] = lambda: False) -> None:
         self._send = send
-        self._body_unwanted = body_unwanted
+        self._must_close = must_close
         self._sendfile = sendfile
         self._date_line = date_line
         self.head_only = head_only
@@ -261,8 +258,8 @@ class Response:
             headers = headers + [("Content-Length", str(known_length))]
             length = known_length
         self.content_length = length
-        if self._body_unwanted():
-            self.keep_alive = False  # the client still holds a body we never asked for
+        if self._must_close():
+            self.keep_alive = False
         if length is None and not self._bodyless():
             if self.http10:
                 self.keep_alive = False  # the body ends when the connection does
