@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .proxy import check_trust_entries
 
 ENV_PREFIX = "FORKSERVER_"
 DEFAULT_ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
@@ -144,6 +145,19 @@ class Config:
     )
     unix_socket_mode: str = setting(
         "660", check=_check_octal, help="Permissions of UNIX socket files, in octal."
+    )
+    forwarded_allow_ips: tuple[str, ...] = setting(
+        ("127.0.0.1", "::1"),
+        check=check_trust_entries,
+        help="Peers trusted to say who the client is, through Forwarded and "
+        "X-Forwarded-For/-Proto/-Host or a PROXY header: IP addresses, CIDR networks, "
+        "or '*' for any. UNIX-socket peers are always trusted.",
+        metavar="ADDRESSES",
+    )
+    proxy_protocol: bool = setting(
+        False,
+        help="Require a PROXY protocol v1 or v2 header at the start of every connection "
+        "from a trusted peer, and take the client address from it.",
     )
     preload: bool = setting(
         False,

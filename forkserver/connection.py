@@ -18,7 +18,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .http.errors import ProtocolError
@@ -26,7 +26,8 @@ from .http.events import END_OF_MESSAGE, BodyChunk, Request
 from .http.parser import Limits, RequestParser
 from .http.response import CONTINUE_RESPONSE, DateHeader, error_response
 from .logs import AccessLog, AccessRecord
-from .wsgi import AppError, ClientGone, Input, Response, build_environ, run_app
+from .proxy import MalformedProxyHeader, ProxyHeaderReader, Trust, read_forwarded
+from .wsgi import AppError, ClientGone, Input, Response, Stalled, build_environ, run_app
 
 log = logging.getLogger("forkserver")
 
@@ -47,18 +48,27 @@ class Service:
     io_timeout: float | None
     keep_alive: Callable[[], bool]
     progress: Callable[[], None]
+    trust: Trust = field(default_factory=lambda: Trust(()))
+    proxy_protocol: bool = False
 
 
 class Connection:
-    """An accepted socket, its parser, and the events not yet acted on."""
+    """An accepted socket, its parser, and the events not yet acted on.
+
+    ``trusted`` says whether the peer is a proxy we believe (``forwarded_allow_ips``);
+    only then are forwarding headers read, or a PROXY header expected first.
+    """
 
     def __init__(self, sock: socket.socket, remote: tuple[str, str], base_environ: dict[str, Any],
-                 service: Service) -> None:
+                 service: Service, *, trusted: bool = False) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.remote = remote
         self.base_environ = base_environ
         self.service = service
+        self.trusted = trusted
+        # Set until the PROXY header has been read; HTTP parsing waits for it.
+        self.preamble = ProxyHeaderReader() if trusted and service.proxy_protocol else None
         self.parser = RequestParser(service.limits)
         self.events: deque[Any] = deque()
         self.requests_served = 0
@@ -77,8 +87,32 @@ class Connection:
             return False
         if not data:
             return False
+        if self.preamble is not None:
+            try:
+                data = self._take_proxy_header(self.preamble, data)
+            except MalformedProxyHeader as exc:
+                log.info("bad PROXY header remote=%s: %s", self.remote[0] or "unix", exc)
+                return False
+            if not data:
+                return True
         self.events.extend(self.parser.feed(data))
         return True
+
+    def _take_proxy_header(self, reader: ProxyHeaderReader, data: bytes) -> bytes:
+        """Feed the PROXY header reader; return the bytes after the header (``b""`` until it is complete)."""
+        done = reader.feed(data)
+        if done is None:
+            return b""
+        header, rest = done
+        self.preamble = None
+        if header.source is not None:
+            self.remote = header.source
+            # From here on the peer that wrote the HTTP bytes is the client the
+            # header names, not the proxy: an L4 proxy passes them unchanged.
+            self.trusted = header.source[0] in self.service.trust
+        if header.tls:
+            self.base_environ = {**self.base_environ, "wsgi.url_scheme": "https"}
+        return rest
 
     def next_is_request(self) -> bool:
         """True when a complete request head (or a protocol error) waits to be acted on."""
@@ -86,6 +120,8 @@ class Connection:
 
     def mid_request(self) -> bool:
         """True if the peer has sent part of a request we have not seen the end of."""
+        if self.preamble is not None:
+            return bool(self.preamble.buffer)
         return bool(self.events) or self.parser.mid_message()
 
     def close(self) -> None:
@@ -99,7 +135,8 @@ class Connection:
         poller.register(self.fd, event)
         timeout = self.service.io_timeout
         if not poller.poll(None if timeout is None else timeout * 1000):
-            raise ClientGone(f"no progress for {timeout:g}s")
+            what = "body" if event == select.POLLIN else "send"
+            raise Stalled(f"{what} timeout: no progress for {timeout:g}s")
         self.service.progress()
 
     def send(self, data: bytes) -> None:
@@ -188,11 +225,16 @@ class Connection:
         )
         started, clock = time.time(), time.perf_counter()
         body = io.BufferedReader(Input(self.pull_body))
-        environ = build_environ(request, self.base_environ, self.remote, body)
+        remote, scheme, host = self.remote, None, None
+        if self.trusted:
+            origin = read_forwarded(request.headers, service.trust)
+            if origin is not None:
+                remote, scheme, host = origin.remote or remote, origin.scheme, origin.host
+        environ = build_environ(request, self.base_environ, remote, body, scheme=scheme, host=host)
         reusable = self._run(environ, response)
         self.requests_served += 1
         if service.access_log is not None:
-            service.access_log.log(self._access_record(request, environ, response, started,
+            service.access_log.log(self._access_record(request, environ, response, remote[0], started,
                                                        time.perf_counter() - clock))
         return reusable
 
@@ -201,6 +243,9 @@ class Connection:
         service = self.service
         try:
             run_app(service.app, environ, response)
+        except Stalled as exc:
+            log.info("%s remote=%s: closing", exc, environ["REMOTE_ADDR"] or "unix")
+            return False
         except ClientGone as exc:
             log.debug("client gone remote=%s: %s", self.remote[0], exc)
             return False
@@ -245,10 +290,10 @@ class Connection:
             pass
 
     def _access_record(self, request: Request, environ: dict[str, Any], response: Response,
-                       started: float, duration: float) -> AccessRecord:
+                       remote_addr: str, started: float, duration: float) -> AccessRecord:
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers}
         return AccessRecord(
-            remote_addr=self.remote[0],
+            remote_addr=remote_addr,
             method=request.method,
             target=request.target.decode("latin-1"),
             path=environ["PATH_INFO"],

@@ -36,6 +36,7 @@ from .http.parser import Limits
 from .http.response import DateHeader
 from .loader import load_app, prepare_path
 from .logs import LogFile, open_access_log
+from .proxy import Trust
 from .signals import Wakeup
 from .sockets import Listener
 from .wsgi import base_environ
@@ -154,6 +155,8 @@ class Worker:
             io_timeout=config.body_timeout or None,
             keep_alive=lambda: config.keepalive > 0 and not self.term_received,
             progress=lambda: self.spec.heartbeat.beat(self.spec.cell),
+            trust=Trust(config.forwarded_allow_ips),
+            proxy_protocol=config.proxy_protocol,
         )
 
     def _notify(self, message: str) -> None:
@@ -255,9 +258,11 @@ class Worker:
             if listener.is_tcp:
                 conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 remote = (peer[0], str(peer[1]))
+                trusted = remote[0] in self.service.trust
             else:
                 remote = ("", "")
-            connection = Connection(conn_sock, remote, self.environs[id(listener)], self.service)
+                trusted = True  # a local process, as trusted as the socket file's mode made it
+            connection = Connection(conn_sock, remote, self.environs[id(listener)], self.service, trusted=trusted)
             self._watch(connection, self.config.header_timeout)
             # The request usually arrives with the connection: read it now
             # rather than after another trip through epoll.

@@ -40,7 +40,11 @@ class AppError(Exception):
 
 
 class ClientGone(Exception):
-    """The client disconnected while the response was being written."""
+    """The client disconnected while the request or response was in transit."""
+
+
+class Stalled(ClientGone):
+    """The client stopped sending the body, or reading the response, for too long."""
 
 
 class FileWrapper:
@@ -109,10 +113,17 @@ def base_environ(server_name: str, server_port: str, multithread: bool) -> dict[
 
 
 def build_environ(
-    request: Request, base: dict[str, Any], remote: tuple[str, str], body: io.BufferedReader
+    request: Request, base: dict[str, Any], remote: tuple[str, str], body: io.BufferedReader,
+    *, scheme: str | None = None, host: str | None = None,
 ) -> dict[str, Any]:
-    """Build the per-request environ (PEP 3333 §"environ Variables")."""
+    """Build the per-request environ (PEP 3333 §"environ Variables").
+
+    ``remote``, and ``scheme`` and ``host`` when given, are the client's as a
+    trusted proxy reported them; they override the socket's and the Host header.
+    """
     environ = base.copy()
+    if scheme is not None:
+        environ["wsgi.url_scheme"] = scheme
     target = request.target
     if target[:1] != b"/" and target != b"*":
         # absolute-form (RFC 9112 §3.2.2): the path is what follows the authority.
@@ -153,6 +164,8 @@ def build_environ(
             environ[key] = text
     if request.chunked:
         environ.pop("CONTENT_LENGTH", None)
+    if host is not None:
+        environ["HTTP_HOST"] = host
     return environ
 
 
