@@ -197,6 +197,30 @@ class Config:
         check=_check_octal_or_empty,
         help="umask of the server processes, in octal; empty keeps the inherited one.",
     )
+    user: str = setting("", help="Run workers as this user (name or uid); the master keeps its own.")
+    group: str = setting("", help="Run workers as this group (name or gid).")
+    max_requests: int = setting(
+        0, minimum=0, help="Recycle a worker gracefully after this many requests; 0 never."
+    )
+    max_requests_jitter: int = setting(
+        0, minimum=0, help="Add up to this many requests, at random per worker, so they do not all recycle at once."
+    )
+    max_worker_memory: int = setting(
+        0,
+        minimum=0,
+        help="Recycle a worker after its current request once its unique memory (USS) "
+        "exceeds this many MiB; 0 never.",
+        metavar="MIB",
+    )
+    on_starting: str = setting("", help="Hook 'module:function' called in the master before binding.")
+    when_ready: str = setting("", help="Hook called in the master once the first workers serve.")
+    pre_fork: str = setting("", help="Hook called in the master before each worker is forked.")
+    post_fork: str = setting("", help="Hook called in each worker right after fork.")
+    post_worker_init: str = setting("", help="Hook called in each worker after it loaded the app.")
+    worker_int: str = setting("", help="Hook called in a worker on INT or QUIT, before it exits.")
+    worker_exit: str = setting("", help="Hook called in a worker as it exits normally.")
+    on_reload: str = setting("", help="Hook called in the master on HUP, before the new workers start.")
+    on_exit: str = setting("", help="Hook called in the master just before it exits.")
     daemon: bool = setting(False, flags=("-D",), help="Detach from the terminal and run in the background.")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

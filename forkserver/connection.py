@@ -26,6 +26,7 @@ from .http.events import END_OF_MESSAGE, BodyChunk, Request
 from .http.parser import Limits, RequestParser
 from .http.response import CONTINUE_RESPONSE, DateHeader, error_response
 from .logs import AccessLog, AccessRecord
+from .scoreboard import Scoreboard
 from .proxy import MalformedProxyHeader, ProxyHeaderReader, Trust, read_forwarded
 from .wsgi import AppError, ClientGone, Input, Response, Stalled, build_environ, run_app
 
@@ -47,7 +48,7 @@ class Service:
     access_log: AccessLog | None
     io_timeout: float | None
     keep_alive: Callable[[], bool]
-    progress: Callable[[], None]
+    board: Scoreboard
     trust: Trust = field(default_factory=lambda: Trust(()))
     proxy_protocol: bool = False
 
@@ -74,6 +75,7 @@ class Connection:
         self.requests_served = 0
         self._body_done = True
         self._continue_due = False
+        self.thread = 0  # the scoreboard slot of the thread serving us now
 
     # -- loop side: non-blocking ------------------------------------------------
 
@@ -137,7 +139,7 @@ class Connection:
         if not poller.poll(None if timeout is None else timeout * 1000):
             what = "body" if event == select.POLLIN else "send"
             raise Stalled(f"{what} timeout: no progress for {timeout:g}s")
-        self.service.progress()
+        self.service.board.request_progressed(self.thread)
 
     def send(self, data: bytes) -> None:
         """Send all of ``data``, waiting for the peer as long as it keeps up."""
@@ -204,8 +206,12 @@ class Connection:
                 return False
         return True
 
-    def serve(self) -> bool:
-        """Answer the request at the head of the queue; True if the connection may be reused."""
+    def serve(self, thread: int) -> bool:
+        """Answer the request at the head of the queue; True if the connection may be reused.
+
+        ``thread`` names the scoreboard slot this request is shown in while it runs.
+        """
+        self.thread = thread
         event = self.events.popleft()
         if isinstance(event, ProtocolError):
             self.reject(event)
@@ -231,7 +237,12 @@ class Connection:
             if origin is not None:
                 remote, scheme, host = origin.remote or remote, origin.scheme, origin.host
         environ = build_environ(request, self.base_environ, remote, body, scheme=scheme, host=host)
-        reusable = self._run(environ, response)
+        board = service.board
+        board.request_started(thread, request.method, environ["PATH_INFO"], remote[0])
+        try:
+            reusable = self._run(environ, response)
+        finally:
+            board.request_finished(thread)
         self.requests_served += 1
         if service.access_log is not None:
             service.access_log.log(self._access_record(request, environ, response, remote[0], started,
@@ -261,7 +272,7 @@ class Connection:
             log.exception("app raised on %s %s", environ["REQUEST_METHOD"], environ["PATH_INFO"])
             self._fail(response)
             return False
-        service.progress()
+        service.board.request_progressed(self.thread)
         if not response.keep_alive:
             return False
         try:

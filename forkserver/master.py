@@ -1,9 +1,9 @@
-"""The master process: bind, fork, supervise, reload, stop.
+"""The master process: bind, fork, supervise, reload, upgrade, stop.
 
 The master is single-threaded and sleeps in ``poll`` until a signal (through
-the wakeup pipe), a worker's notice (ready / failed to boot) or the next tick.
-It never runs app code after forking; with ``preload`` it imports the app
-before forking.  Signal meanings follow gunicorn (README, "Signals").
+the wakeup pipe), a worker's notice (ready, failed to boot, recycling) or the
+next tick.  It never runs app code after forking; with ``preload`` it imports
+the app before forking.  Signal meanings follow gunicorn (README, "Signals").
 One bad event is logged and the loop goes on: the master must outlive bugs.
 """
 
@@ -15,31 +15,39 @@ import os
 import random
 import select
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import psutil
 from setproctitle import setproctitle
 
+from . import systemd
 from .config import Config, load_config
 from .errors import EXIT_APP_LOAD, EXIT_OK, AppImportError, ForkserverError, WorkerBootError
-from .heartbeat import Heartbeat
+from .hooks import HookContext, Hooks
+from .identity import resolve_group, resolve_user
 from .loader import load_app, prepare_path
 from .logs import LogFile, setup_error_log
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
+from .scoreboard import Scoreboard
 from .signals import Wakeup
-from .sockets import Listener, bind_all, describe
+from .sockets import Listener, adopt, bind_all, describe
+from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 
 log = logging.getLogger("forkserver")
 
 TICK_INTERVAL = 1.0
 FAST_STOP_GRACE = 2.0  # seconds between SIGQUIT and SIGKILL on a fast stop
+ABORT_GRACE = 1.0  # seconds a hung worker gets to dump its stacks before SIGKILL
 MAX_BOOT_BACKOFF = 30.0
+MEMORY_CHECK_INTERVAL = 5.0
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN,
-                  signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
+                  signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD)
 
 
 class Master:
@@ -51,7 +59,6 @@ class Master:
         self.environ = dict(environ)
         self.pid = os.getpid()
         self.pool = Pool()
-        self.heartbeat = Heartbeat()
         self.generation = 1
         self.desired = config.workers
         self.listeners: list[Listener] = []
@@ -59,12 +66,15 @@ class Master:
         self.app: Callable[..., Any] | None = None
         self.preloaded_modules: set[str] = set()
         self.pidfile: Pidfile | None = None
+        self.new_master = 0  # PID of the master a USR2 started, while it runs
         self.stopping = False
         self.stop_deadline = 0.0
         self.started = False  # a worker of the first generation became ready
+        self.reloading = False
         self.boot_failures: dict[int, int] = {}  # slot -> consecutive failed boots
         self.respawn_after: dict[int, float] = {}
         self.last_tick = time.monotonic()
+        self.next_memory_check = 0.0
         self.actions: dict[int, Callable[[], None]] = {
             signal.SIGHUP: self.reload,
             signal.SIGTERM: lambda: self.stop(graceful=True),
@@ -73,8 +83,13 @@ class Master:
             signal.SIGTTIN: lambda: self.scale(+1),
             signal.SIGTTOU: lambda: self.scale(-1),
             signal.SIGUSR1: self.reopen_logs,
+            signal.SIGUSR2: self.upgrade,
+            signal.SIGWINCH: self.stop_workers,
             signal.SIGCHLD: lambda: None,  # only wakes the loop; reaping follows
         }
+
+    def context(self) -> HookContext:
+        return HookContext(self.config, self.pid)
 
     # -- start ------------------------------------------------------------------
 
@@ -82,10 +97,12 @@ class Master:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
+        self.hooks = Hooks(config)
+        self.uid, self.gid = resolve_user(config.user), resolve_group(config.group)
+        self.hooks.run("on_starting", self.context(), fatal=True)
         if config.umask:
             os.umask(int(config.umask, 8))
-        self.listeners = bind_all(config.bind, backlog=config.backlog, reuse_port=config.reuse_port,
-                                  unix_mode=int(config.unix_socket_mode, 8))
+        self.listeners = self.open_listeners()
         try:
             if config.preload:
                 self.preload()
@@ -102,12 +119,25 @@ class Master:
         self.wakeup = Wakeup(MASTER_SIGNALS)
         setproctitle(f"forkserver: master [{config.proc_name}]")
 
+    def open_listeners(self) -> list[Listener]:
+        """Adopt sockets handed to us (systemd, or an upgrading master), bind the rest."""
+        config = self.config
+        inherited = systemd.inherited_fds(os.environ)
+        self.environ = {k: v for k, v in self.environ.items() if not k.startswith("LISTEN_")}
+        adopted = [adopt(fd, name, backlog=config.backlog) for fd, name in inherited]
+        names = {listener.address.text for listener in adopted}
+        # With sockets handed over, the default bind is not also wanted.
+        wanted = () if adopted and config.source_of("bind") == "default" else config.bind
+        fresh = bind_all(tuple(a for a in wanted if a not in names), backlog=config.backlog,
+                         reuse_port=config.reuse_port, unix_mode=int(config.unix_socket_mode, 8))
+        return adopted + fresh
+
     def preload(self) -> None:
         """Import the app in the master, remembering which modules that added."""
-        before = set(sys.modules)
+        self._modules_before_app = set(sys.modules)
         prepare_path(self.config.chdir, self.config.pythonpath)
         self.app = load_app(self.config.app)
-        self.preloaded_modules = set(sys.modules) - before
+        self.preloaded_modules = set(sys.modules) - self._modules_before_app
 
     def daemonize(self) -> None:
         """Detach: fork twice around setsid and point stdio at /dev/null."""
@@ -144,6 +174,7 @@ class Master:
                         self.enforce_stop_deadline()
                         continue
                     self.kill_hung()
+                    self.check_memory()
                     self.spawn_missing()
                 except ForkserverError:
                     raise
@@ -154,7 +185,7 @@ class Master:
         return EXIT_OK
 
     def read_notices(self) -> None:
-        """Act on the lines workers wrote: ``ready PID`` or ``failed PID CODE reason``."""
+        """Act on the lines workers wrote: ``ready PID``, ``failed PID CODE reason``, ``recycle PID why``."""
         try:
             data = os.read(self.notify_r, 65536)
         except BlockingIOError:
@@ -170,22 +201,37 @@ class Master:
             elif kind == "failed":
                 code, _, reason = reason.partition(" ")
                 self.on_boot_failure(handle, reason, int(code) if code.isdigit() else 1)
+            elif kind == "recycle":
+                handle.retiring = True  # it leaves on its own; a replacement starts now
+                log.info("worker recycling slot=%d pid=%d %s", handle.slot, handle.pid, reason)
 
     def on_ready(self, handle: WorkerHandle) -> None:
         handle.ready = True
         self.boot_failures.pop(handle.slot, None)
         log.info("worker ready slot=%d pid=%d gen=%d", handle.slot, handle.pid, handle.generation)
-        if handle.generation == self.generation:
-            if not self.started:
-                self.announce()
+        if handle.generation != self.generation:
+            return
+        if not self.started:
             self.started = True
-            self.retire_old_generations()
+            self.announce()
+        self.retire_old_generations()
 
     def announce(self) -> None:
-        """Log the start once a worker serves: a failed start then prints only its one error line."""
+        """The first worker serves: log the start, run when_ready, tell systemd.
+
+        Logging only now means a start that fails prints nothing but its one
+        error line.
+        """
         for listener in self.listeners:
             log.info("listening at %s", describe(listener))
         log.info("master started pid=%d workers=%d threads=%d", self.pid, self.desired, self.config.threads)
+        self.hooks.run("when_ready", self.context(), fatal=True)
+        # An upgraded master tells systemd it is the main process now.
+        systemd.notify(f"READY=1\nMAINPID={self.pid}\n{self.status_line()}")
+
+    def status_line(self) -> str:
+        ready = sum(1 for h in self.pool.of_generation(self.generation) if h.ready)
+        return f"STATUS=workers {ready}/{self.desired} ready, generation {self.generation}"
 
     def on_boot_failure(self, handle: WorkerHandle, reason: str, code: int) -> None:
         """A worker could not boot: give up at startup, else abort the reload or back off."""
@@ -193,7 +239,7 @@ class Master:
         if not self.started:
             self.stop(graceful=False)
             raise (AppImportError if code == EXIT_APP_LOAD else WorkerBootError)(reason)
-        if handle.generation == self.generation and self.generation_ready(self.generation - 1):
+        if handle.generation == self.generation and self.reloading:
             log.error("reload failed, keeping generation %d: %s", self.generation - 1, reason)
             self.abandon_generation()
             return
@@ -204,9 +250,13 @@ class Master:
         log.error("worker failed to boot slot=%d (retry in %.0fs): %s", handle.slot, delay, reason)
 
     def reap_exited(self) -> None:
-        for handle, status in self.pool.reap():
-            self.heartbeat.give_back(handle.cell)
+        for pid, status, handle in self.pool.reap():
             how = describe_exit(status)
+            if handle is None:
+                if pid == self.new_master:
+                    self.on_new_master_exit(how)
+                continue
+            handle.board.close()
             if self.stopping or handle.retiring:
                 log.info("worker exited slot=%d pid=%d gen=%d %s", handle.slot, handle.pid, handle.generation, how)
             elif not handle.ready:
@@ -217,7 +267,12 @@ class Master:
                             handle.generation, how)
 
     def kill_hung(self) -> None:
-        """SIGKILL workers whose heartbeat is older than ``timeout``."""
+        """Abort workers that made no progress for ``timeout``; kill those that ignore it.
+
+        SIGABRT makes the worker's faulthandler write every thread's stack to
+        the error log; we log the requests it had in flight from its scoreboard
+        first, since a hung worker cannot tell us itself.
+        """
         now = time.monotonic()
         slept = now - self.last_tick
         self.last_tick = now
@@ -228,12 +283,39 @@ class Master:
             # one tick to beat again before judging.
             return
         for handle in list(self.pool.workers.values()):
-            age = self.heartbeat.age(handle.cell)
-            if age > timeout and not handle.killed:
-                log.critical("worker timeout slot=%d pid=%d: no progress for %.1fs; killing",
-                             handle.slot, handle.pid, age)
-                handle.killed = True
-                self.signal_worker(handle, signal.SIGKILL)
+            if handle.aborted_at:
+                if not handle.killed and now - handle.aborted_at > ABORT_GRACE:
+                    handle.killed = True
+                    self.signal_worker(handle, signal.SIGKILL)
+                continue
+            stalled, in_flight = handle.board.stalled_for()
+            if stalled <= timeout:
+                continue
+            requests = "; ".join(request.describe() for request in in_flight) or "none"
+            log.critical("worker timeout slot=%d pid=%d: no progress for %.1fs; in flight: %s; "
+                         "dumping stacks and killing", handle.slot, handle.pid, stalled, requests)
+            handle.aborted_at = now
+            handle.retiring = True  # replaced at once, not after it is reaped
+            self.signal_worker(handle, signal.SIGABRT)
+
+    def check_memory(self) -> None:
+        """Every few seconds, retire a worker whose unique memory is over the limit."""
+        limit = self.config.max_worker_memory
+        now = time.monotonic()
+        if not limit or now < self.next_memory_check:
+            return
+        self.next_memory_check = now + MEMORY_CHECK_INTERVAL
+        for handle in list(self.pool.workers.values()):
+            if handle.retiring or not handle.ready:
+                continue
+            try:
+                uss = psutil.Process(handle.pid).memory_full_info().uss
+            except psutil.Error:
+                continue
+            if uss > limit * 1024 * 1024:
+                log.warning("worker over memory slot=%d pid=%d uss=%.1fMiB limit=%dMiB; recycling",
+                            handle.slot, handle.pid, uss / 1048576, limit)
+                self.retire(handle)
 
     def spawn_missing(self) -> None:
         occupied = {h.slot for h in self.pool.of_generation(self.generation)}
@@ -247,12 +329,13 @@ class Master:
             self.retire(by_slot[slot])
 
     def spawn(self, slot: int) -> None:
-        cell = self.heartbeat.take()
+        board = Scoreboard(self.config.threads)
         spec = WorkerSpec(
-            config=self.config, listeners=self.listeners, slot=slot, generation=self.generation, cell=cell,
-            heartbeat=self.heartbeat, notify_fd=self.notify_w, master_pid=self.pid,
-            log_files=list(self.log_files), app=self.app,
+            config=self.config, listeners=self.listeners, slot=slot, generation=self.generation, board=board,
+            notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files), app=self.app,
+            hooks=self.hooks, uid=self.uid, gid=self.gid,
         )
+        self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -265,7 +348,7 @@ class Master:
                 log.exception("worker crashed slot=%d", slot)
             finally:
                 os._exit(code)
-        self.pool.add(WorkerHandle(slot, pid, self.generation, cell, time.monotonic()))
+        self.pool.add(WorkerHandle(slot, pid, self.generation, board, time.monotonic()))
         log.debug("worker spawned slot=%d pid=%d gen=%d", slot, pid, self.generation)
 
     def signal_worker(self, handle: WorkerHandle, signum: int) -> None:
@@ -288,36 +371,49 @@ class Master:
         serving for good if the new config or app is broken.
         """
         log.info("reloading (HUP)")
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
             config = load_config(self.argv, self.environ).config
+            hooks = Hooks(config)
         except ForkserverError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
+            systemd.notify("READY=1")
             return
         if config.bind != self.config.bind:
             log.warning("bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(self.config.bind), ",".join(config.bind))
             config = dataclasses.replace(config, bind=self.config.bind)
-        if config.preload:
-            old_app, old_modules = self.app, self.preloaded_modules
-            for name in self.preloaded_modules:
-                sys.modules.pop(name, None)
-            try:
-                self.config = config
-                self.preload()
-            except ForkserverError as exc:
-                self.app, self.preloaded_modules = old_app, old_modules
-                log.error("reload failed, keeping the running app: %s", exc)
-                return
-        else:
+        if config.preload and not self.reimport(config):
+            systemd.notify("READY=1")
+            return
+        if not config.preload:
             self.app = None
-        self.config = config
+        self.config, self.hooks = config, hooks
+        self.hooks.run("on_reload", self.context())
         self.desired = config.workers
         self.generation += 1
+        self.reloading = True
         self.respawn_after.clear()
         self.spawn_missing()
 
-    def generation_ready(self, generation: int) -> bool:
-        return any(h.ready for h in self.pool.of_generation(generation))
+    def reimport(self, config: Config) -> bool:
+        """Import the app afresh in the master (preload); False, keeping the old app, if it fails."""
+        old_config, old_app = self.config, self.app
+        saved = {name: sys.modules.pop(name) for name in self.preloaded_modules if name in sys.modules}
+        try:
+            self.config = config
+            self.preload()
+        except ForkserverError as exc:
+            # Put the running app's modules back, so workers forked from now
+            # on import nothing of the broken code.
+            for name in set(sys.modules) - set(saved) - self.preloaded_modules:
+                if name not in self._modules_before_app:
+                    sys.modules.pop(name, None)
+            sys.modules.update(saved)
+            self.config, self.app, self.preloaded_modules = old_config, old_app, set(saved)
+            log.error("reload failed, keeping the running app: %s", exc)
+            return False
+        return True
 
     def retire_old_generations(self) -> None:
         """Once the whole current generation is ready, retire every older worker."""
@@ -327,18 +423,63 @@ class Master:
         for handle in list(self.pool.workers.values()):
             if handle.generation < self.generation and not handle.retiring:
                 self.retire(handle)
+        if self.reloading:
+            self.reloading = False
+            log.info("reload complete gen=%d", self.generation)
+            systemd.notify(f"READY=1\n{self.status_line()}")
 
     def abandon_generation(self) -> None:
         """Give up on a reload: stop the new workers and go back to the previous generation."""
         for handle in self.pool.of_generation(self.generation):
             self.retire(handle)
         self.generation -= 1
+        self.reloading = False
         self.desired = len(self.pool.of_generation(self.generation)) or self.desired
+        systemd.notify(f"READY=1\n{self.status_line()}")
 
     def scale(self, delta: int) -> None:
         """TTIN/TTOU: one worker more or fewer, never fewer than one."""
         self.desired = max(1, self.desired + delta)
         log.info("workers now %d", self.desired)
+        systemd.notify(self.status_line())
+
+    def stop_workers(self) -> None:
+        """WINCH (daemonized only): stop every worker gracefully, keep the master.
+
+        After a USR2 upgrade this leaves the old master idle but ready to take
+        over again (HUP or TTIN) should the new one misbehave.
+        """
+        if not self.config.daemon:
+            log.info("WINCH ignored: only a daemonized master stops its workers on WINCH")
+            return
+        log.info("stopping all workers (WINCH)")
+        self.desired = 0
+
+    def upgrade(self) -> None:
+        """USR2: start a new master on our listeners; both serve until one is stopped."""
+        if self.new_master:
+            log.warning("USR2 ignored: new master pid=%d is still running", self.new_master)
+            return
+        if self.pidfile is not None:
+            os.replace(self.pidfile.path, oldbin_path(self.config.pid))
+            self.pidfile.path = oldbin_path(self.config.pid)
+        self.new_master = start_new_master(self.listeners, self.argv, self.environ)
+        for listener in self.listeners:
+            listener.owns_path = False  # the new master serves these files now
+        log.info("upgrading: new master pid=%d", self.new_master)
+
+    def on_new_master_exit(self, how: str) -> None:
+        """The new master died: take the PID file back and carry on as before."""
+        log.error("new master pid=%d exited (%s); this master stays in charge", self.new_master, how)
+        self.new_master = 0
+        if self.pidfile is not None and self.config.pid:
+            try:
+                os.replace(self.pidfile.path, self.config.pid)
+                self.pidfile.path = self.config.pid
+            except OSError as exc:
+                log.error("cannot restore pid file %s: %s", self.config.pid, exc.strerror)
+        for listener in self.listeners:
+            listener.owns_path = listener.address.family == socket.AF_UNIX
 
     def reopen_logs(self) -> None:
         """USR1: reopen our logs and tell every worker to reopen theirs."""
@@ -356,6 +497,7 @@ class Master:
         grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
         self.stop_deadline = time.monotonic() + grace + (1.0 if graceful else 0.0)
         log.log(logging.INFO if self.started else logging.DEBUG, "%s stop", "graceful" if graceful else "fast")
+        systemd.notify("STOPPING=1")
         # Closing our copies now means the sockets vanish once the workers,
         # which first serve everything already queued, close theirs.
         self.close_listeners()
@@ -389,6 +531,6 @@ class Master:
         self.close_listeners()
         if self.pidfile is not None:
             self.pidfile.remove()
+        if self.started:
+            self.hooks.run("on_exit", self.context())
         log.log(logging.INFO if self.started else logging.DEBUG, "master exiting pid=%d", self.pid)
-
-

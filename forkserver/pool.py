@@ -12,6 +12,8 @@ import os
 import signal
 from dataclasses import dataclass, field
 
+from .scoreboard import Scoreboard
+
 
 @dataclass
 class WorkerHandle:
@@ -20,10 +22,11 @@ class WorkerHandle:
     slot: int
     pid: int
     generation: int
-    cell: int
+    board: Scoreboard
     started_at: float
     ready: bool = False
     retiring: bool = False
+    aborted_at: float = 0.0  # when a hung worker was sent SIGABRT; 0 if never
     killed: bool = False
 
 
@@ -56,8 +59,11 @@ class Pool:
         """Workers of one generation that are not on their way out."""
         return [h for h in self.workers.values() if h.generation == generation and not h.retiring]
 
-    def reap(self) -> list[tuple[WorkerHandle, int]]:
-        """Collect every exited child without blocking; return (handle, wait status) pairs."""
+    def reap(self) -> list[tuple[int, int, WorkerHandle | None]]:
+        """Collect every exited child without blocking: (pid, wait status, handle or None).
+
+        A child that is not a worker (an upgraded master) comes back with None.
+        """
         ended = []
         while True:
             try:
@@ -66,6 +72,4 @@ class Pool:
                 return ended
             if pid == 0:
                 return ended
-            handle = self.workers.pop(pid, None)
-            if handle is not None:
-                ended.append((handle, status))
+            ended.append((pid, status, self.workers.pop(pid, None)))

@@ -200,6 +200,24 @@ def _inherit(address: Address, backlog: int) -> Listener:
     return listener
 
 
+def adopt(fd: int, name: str, *, backlog: int) -> Listener:
+    """Take over a listening socket passed in at ``fd`` (socket activation, USR2).
+
+    ``name`` is the address it was bound from when an upgrading forkserver
+    passed it (so a UNIX socket file is again ours to remove at exit);
+    systemd's names are unit names, and those sockets stay systemd's.
+    """
+    listener = _inherit(Address(f"fd://{fd}", -1, fd=fd), backlog)
+    try:
+        address = parse_address(name) if name else None
+    except BindError:
+        address = None
+    if address is not None and address.fd < 0:
+        listener.address = address
+        listener.owns_path = address.family == socket.AF_UNIX
+    return listener
+
+
 def bind_all(addresses: tuple[str, ...], *, backlog: int, reuse_port: bool, unix_mode: int) -> list[Listener]:
     """Bind every configured address, or none: a failure closes those already bound."""
     listeners: list[Listener] = []

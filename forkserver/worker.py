@@ -13,9 +13,11 @@ master's code.
 from __future__ import annotations
 
 import errno
+import faulthandler
 import logging
 import os
 import queue
+import random
 import select
 import signal
 import socket
@@ -31,12 +33,14 @@ from setproctitle import setproctitle
 from .config import Config
 from .connection import Connection, Service
 from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
-from .heartbeat import Heartbeat
+from .hooks import HookContext, Hooks
+from .identity import drop_privileges
 from .http.parser import Limits
 from .http.response import DateHeader
 from .loader import load_app, prepare_path
 from .logs import LogFile, open_access_log
 from .proxy import Trust
+from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .sockets import Listener
 from .wsgi import base_environ
@@ -51,11 +55,6 @@ WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGWINCH)
 
 
-def _exit_now(signum: int, frame: object) -> None:
-    """INT/QUIT: a fast stop means now, even in the middle of app code."""
-    os._exit(EXIT_OK)
-
-
 @dataclass
 class WorkerSpec:
     """Everything a worker is handed at fork time by the master."""
@@ -64,12 +63,14 @@ class WorkerSpec:
     listeners: list[Listener]
     slot: int
     generation: int
-    cell: int
-    heartbeat: Heartbeat
+    board: Scoreboard
     notify_fd: int
     master_pid: int
     log_files: list[LogFile]
     app: Callable[..., Any] | None
+    hooks: Hooks
+    uid: int | None
+    gid: int | None
 
 
 class Worker:
@@ -90,17 +91,29 @@ class Worker:
         self.accepting = False
         self.finished: deque[tuple[Connection, bool]] = deque()
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
+        self.served = 0
+        self.max_requests = 0
+        if self.config.max_requests:
+            self.max_requests = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
+
+    def _context(self) -> HookContext:
+        return HookContext(self.config, self.pid, self.spec.slot, self.spec.generation)
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.term_received = True
+
+    def _exit_now(self, signum: int, frame: object) -> None:
+        """INT/QUIT: a fast stop means now, even in the middle of app code."""
+        self.spec.hooks.run("worker_int", self._context())
+        os._exit(EXIT_OK)
 
     # -- boot -----------------------------------------------------------------
 
     def run(self) -> int:
         """Boot, serve until told to stop, and return the process exit code."""
         spec = self.spec
-        signal.signal(signal.SIGINT, _exit_now)
-        signal.signal(signal.SIGQUIT, _exit_now)
+        signal.signal(signal.SIGINT, self._exit_now)
+        signal.signal(signal.SIGQUIT, self._exit_now)
         for signum in IGNORED_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -109,9 +122,15 @@ class Worker:
         # that an app is producing right now already says Connection: close.
         signal.signal(signal.SIGTERM, self._on_term)
         setproctitle(f"forkserver: worker [{self.config.proc_name}]")
+        # On SIGABRT (sent by the master to a hung worker) dump every thread's
+        # stack into the error log before dying: the operator sees where it hung.
+        faulthandler.enable(file=_Descriptor(spec.log_files[0].fd), all_threads=True)
+        spec.hooks.run("post_fork", self._context())
         try:
+            drop_privileges(spec.uid, spec.gid)
             app = spec.app or self._load_app()
             self.service = self._build_service(app)
+            spec.hooks.run("post_worker_init", self._context(), fatal=True)
         except AppImportError as exc:
             self._notify(f"failed {self.pid} {EXIT_APP_LOAD} {exc}")
             return EXIT_APP_LOAD
@@ -127,11 +146,12 @@ class Worker:
             sock = listener.worker_socket()
             self.listening[sock.fileno()] = (sock, listener)
         self._set_accepting(True)
-        for _ in range(self.config.threads if self.config.threads > 1 else 0):
-            threading.Thread(target=self._run_jobs, daemon=True).start()
+        for thread in range(self.config.threads if self.config.threads > 1 else 0):
+            threading.Thread(target=self._run_jobs, args=(thread,), daemon=True).start()
         log.debug("worker ready slot=%d pid=%d gen=%d", spec.slot, self.pid, spec.generation)
         self._notify(f"ready {self.pid}")
         self._loop()
+        spec.hooks.run("worker_exit", self._context())
         return EXIT_OK
 
     def _load_app(self) -> Callable[..., Any]:
@@ -154,7 +174,7 @@ class Worker:
             access_log=self.access_log,
             io_timeout=config.body_timeout or None,
             keep_alive=lambda: config.keepalive > 0 and not self.term_received,
-            progress=lambda: self.spec.heartbeat.beat(self.spec.cell),
+            board=self.spec.board,
             trust=Trust(config.forwarded_allow_ips),
             proxy_protocol=config.proxy_protocol,
         )
@@ -170,12 +190,12 @@ class Worker:
     # -- the loop ----------------------------------------------------------------
 
     def _loop(self) -> None:
-        heartbeat, cell = self.spec.heartbeat, self.spec.cell
+        board = self.spec.board
         interval = MAX_POLL_INTERVAL
         if self.config.timeout:
             interval = min(interval, self.config.timeout / 4)
         while not self._done():
-            heartbeat.beat(cell)
+            board.beat()
             for fd, _ in self.epoll.poll(self._poll_timeout(interval)):
                 if fd in self.listening:
                     self._accept(*self.listening[fd])
@@ -310,7 +330,7 @@ class Worker:
 
     def _dispatch(self, connection: Connection) -> None:
         if self.config.threads == 1:
-            keep = self._serve(connection)
+            keep = self._serve(connection, 0)
             if keep:
                 self._watch(connection, self.config.keepalive)
             return
@@ -319,26 +339,39 @@ class Worker:
             self._set_accepting(False)
         self.jobs.put(connection)
 
-    def _serve(self, connection: Connection) -> bool:
-        """Answer every complete request queued on ``connection``; True to keep it."""
+    def _serve(self, connection: Connection, thread: int) -> bool:
+        """Answer every complete request queued on ``connection``; True to keep it.
+
+        ``thread`` is the scoreboard slot of the thread doing the serving.
+        """
         while True:
             try:
-                keep = connection.serve()
+                keep = connection.serve(thread)
             except Exception:
                 log.exception("unexpected error serving remote=%s", connection.remote[0])
                 keep = False
+            self._count_request()
             if not keep:
                 connection.close()
                 return False
             if not connection.next_is_request():
                 return True
 
-    def _run_jobs(self) -> None:
+    def _count_request(self) -> None:
+        """Count a request toward ``max_requests``; past it, retire gracefully."""
+        self.served += 1
+        if self.max_requests and self.served == self.max_requests:
+            # Tell the master first, so it starts a replacement right away.
+            self._notify(f"recycle {self.pid} max_requests={self.max_requests}")
+            self.term_received = True  # the response in progress says Connection: close
+            os.write(self.wakeup.write_fd, bytes([signal.SIGTERM]))
+
+    def _run_jobs(self, thread: int) -> None:
         while True:
             connection = self.jobs.get()
             if connection is None:
                 return
-            keep = self._serve(connection)
+            keep = self._serve(connection, thread)
             self.finished.append((connection, keep))
             try:
                 os.write(self.finished_w, b"\0")
@@ -357,3 +390,13 @@ class Worker:
                 self._watch(connection, self.config.keepalive)
         if self.busy < self.config.threads and not self.stopping:
             self._set_accepting(True)
+
+
+class _Descriptor:
+    """The smallest file-like object faulthandler accepts: just a descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd

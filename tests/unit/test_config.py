@@ -207,8 +207,8 @@ def test_unknown_toml_key_with_did_you_mean(toml):
 
 
 def test_unknown_toml_key_without_a_close_match(toml):
-    path = toml('[server]\nport = 80\n')
-    assert_mentions(config_error("-c", path), path, "unknown setting 'server'", "forkserver --help lists the settings")
+    path = toml('[xyzzy]\nport = 80\n')
+    assert_mentions(config_error("-c", path), path, "unknown setting 'xyzzy'", "forkserver --help lists the settings")
 
 
 def test_unknown_env_var_with_did_you_mean():

@@ -1,0 +1,107 @@
+"""A worker's scoreboard: liveness and requests in flight, in shared memory.
+
+The master creates one small anonymous shared mapping per worker before
+forking it and drops it when the worker is gone.  The worker overwrites
+fixed-size fields in place; the master reads them whenever it likes, with no
+message passing, so it can see a hung worker's stamp go stale and name the
+request it hung on even when the worker cannot say anything itself.  There is
+no file (gunicorn's temp-file heartbeat stalls on disk-backed /tmp) and no
+queue (a wedged stats queue must never look like a hung worker).
+
+Timestamps are ``time.monotonic()``: one system-wide clock on Linux.  Reads
+may race writes; a torn path in a diagnostic line is harmless, and each
+request slot writes its start time last and clears it first.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import time
+from dataclasses import dataclass
+
+HEADER = struct.Struct("d")  # when the worker's loop last went round
+SLOT = struct.Struct("dd8s200s48s")  # started, last progress, method, path, client
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """One request a worker is serving, as read by the master."""
+
+    thread: int
+    method: str
+    path: str
+    client: str
+    elapsed: float
+    stalled: float
+
+    def describe(self) -> str:
+        """A log fragment: ``GET /path client=1.2.3.4 elapsed=31.2s``."""
+        return f"{self.method} {self.path} client={self.client or 'unix'} elapsed={self.elapsed:.1f}s"
+
+
+class Scoreboard:
+    """Shared fields of one worker, with ``threads`` request slots."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._map = mmap.mmap(-1, HEADER.size + threads * SLOT.size)
+        self.beat()
+
+    # -- worker side ---------------------------------------------------------
+
+    def beat(self) -> None:
+        """Record that the worker's loop is alive now."""
+        HEADER.pack_into(self._map, 0, time.monotonic())
+
+    def request_started(self, thread: int, method: str, path: str, client: str) -> None:
+        """Fill a request slot as a request is handed to the app."""
+        now = time.monotonic()
+        SLOT.pack_into(self._map, HEADER.size + thread * SLOT.size, now, now,
+                       method.encode("latin-1", "replace")[:8], path.encode("latin-1", "replace")[:200],
+                       client.encode("latin-1", "replace")[:48])
+
+    def request_progressed(self, thread: int) -> None:
+        """Stamp a request slot (and the worker): the request moved bytes, so it is not hung."""
+        now = time.monotonic()
+        struct.pack_into("d", self._map, HEADER.size + thread * SLOT.size + 8, now)
+        HEADER.pack_into(self._map, 0, now)
+
+    def request_finished(self, thread: int) -> None:
+        """Clear a request slot."""
+        struct.pack_into("d", self._map, HEADER.size + thread * SLOT.size, 0.0)
+
+    # -- master side ---------------------------------------------------------
+
+    def last_beat_age(self) -> float:
+        """Seconds since the worker's loop last beat."""
+        return time.monotonic() - HEADER.unpack_from(self._map, 0)[0]
+
+    def in_flight(self) -> list[InFlight]:
+        """Requests being served right now, oldest first."""
+        now = time.monotonic()
+        found = []
+        for thread in range(self.threads):
+            started, progressed, method, path, client = SLOT.unpack_from(self._map, HEADER.size + thread * SLOT.size)
+            if started:
+                found.append(InFlight(thread, method.rstrip(b"\0").decode("latin-1"),
+                                      path.rstrip(b"\0").decode("latin-1"), client.rstrip(b"\0").decode("latin-1"),
+                                      now - started, now - progressed))
+        return sorted(found, key=lambda request: -request.elapsed)
+
+    def stalled_for(self) -> tuple[float, list[InFlight]]:
+        """How long the worker has made no progress, and the requests in flight.
+
+        With requests in flight, the most stalled one decides: an app stuck
+        in one thread is hung even while other threads, and the loop, move.
+        With none, the loop's own beat decides.  (While a single-threaded
+        worker runs the app its loop cannot beat; request progress stamps it.)
+        """
+        requests = self.in_flight()
+        if requests:
+            return max(request.stalled for request in requests), requests
+        return self.last_beat_age(), requests
+
+    def close(self) -> None:
+        """Unmap (master side, once the worker is reaped)."""
+        self._map.close()
