@@ -7,6 +7,7 @@ on stderr and that error's exit code: no traceback, no half-started workers.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -24,8 +25,33 @@ def check(config_summary: str) -> int:
     return 0
 
 
+def run_viewer(argv: Sequence[str]) -> int:
+    """``forkserver stats ADDR`` or ``forkserver top ADDR``: read a running server's /stats."""
+    command = argv[0]
+    parser = argparse.ArgumentParser(
+        prog=f"forkserver {command}",
+        description=("Print one snapshot of a running server's stats." if command == "stats" else
+                     "Show a running server's workers live; q or Ctrl-C quits."))
+    parser.add_argument("address", metavar="ADDR", help="the server's --stats-bind: HOST:PORT or unix:PATH")
+    if command == "stats":
+        parser.add_argument("--json", action="store_true", help="print the raw /stats JSON document")
+    else:
+        parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                            help="seconds between refreshes (default: 1)")
+    args = parser.parse_args(argv[1:])
+    from . import top  # deferred: serving never needs the viewer
+
+    if command == "stats":
+        return top.main_stats(args.address, raw=args.json)
+    if not args.interval > 0:
+        parser.error("--interval must be greater than 0")
+    return top.main_top(args.address, interval=args.interval)
+
+
 def run(argv: Sequence[str]) -> int:
     """Do what the command line asks; raise ForkserverError on failure."""
+    if argv and argv[0] in ("stats", "top"):
+        return run_viewer(argv)
     if any(arg in ("-h", "--help") for arg in argv):
         build_arg_parser().print_help()
         return 0

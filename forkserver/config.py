@@ -179,6 +179,12 @@ class Config:
     limit_request_body: int = setting(
         0, minimum=0, help="Largest request body in bytes; larger gets 413. 0 means unlimited."
     )
+    stats_bind: str = setting(
+        "",
+        help="Serve live stats (GET /stats JSON, GET /metrics Prometheus) from the master at "
+        "unix:PATH or a loopback HOST:PORT; empty disables stats.",
+        metavar="ADDRESS",
+    )
     access_logfile: str = setting(
         "", help="Where to write the access log: a path, or '-' for stdout. Empty disables it."
     )

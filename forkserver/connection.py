@@ -27,6 +27,7 @@ from .http.parser import Limits, RequestParser
 from .http.response import CONTINUE_RESPONSE, DateHeader, error_response
 from .logs import AccessLog, AccessRecord
 from .scoreboard import Scoreboard
+from .stats import Reporter
 from .proxy import MalformedProxyHeader, ProxyHeaderReader, Trust, read_forwarded
 from .wsgi import AppError, ClientGone, Input, Response, Stalled, build_environ, run_app
 
@@ -49,6 +50,8 @@ class Service:
     io_timeout: float | None
     keep_alive: Callable[[], bool]
     board: Scoreboard
+    stats: Reporter | None
+    show: Callable[[str, str], None]
     trust: Trust = field(default_factory=lambda: Trust(()))
     proxy_protocol: bool = False
 
@@ -76,6 +79,10 @@ class Connection:
         self._body_done = True
         self._continue_due = False
         self.thread = 0  # the scoreboard slot of the thread serving us now
+        # Byte totals for stats.  A request is charged what moved since the
+        # previous one ended: its head (read before it started) included.
+        self.bytes_in = self.bytes_out = 0
+        self._charged_in = self._charged_out = 0
 
     # -- loop side: non-blocking ------------------------------------------------
 
@@ -89,6 +96,7 @@ class Connection:
             return False
         if not data:
             return False
+        self.bytes_in += len(data)
         if self.preamble is not None:
             try:
                 data = self._take_proxy_header(self.preamble, data)
@@ -152,13 +160,16 @@ class Connection:
                 continue
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
+            self.bytes_out += sent
             view = view[sent:]
 
     def sendfile(self, in_fd: int, offset: int, count: int) -> int:
         """Send up to ``count`` bytes of a file with ``os.sendfile``; return bytes sent."""
         while True:
             try:
-                return os.sendfile(self.fd, in_fd, offset, count)
+                sent = os.sendfile(self.fd, in_fd, offset, count)
+                self.bytes_out += sent
+                return sent
             except BlockingIOError:
                 self._wait(select.POLLOUT)
             except OSError as exc:
@@ -175,6 +186,7 @@ class Connection:
                 raise ClientGone(str(exc)) from None
             if not data:
                 raise ClientGone("peer closed while sending the body")
+            self.bytes_in += len(data)
             self.events.extend(self.parser.feed(data))
             return
 
@@ -239,11 +251,16 @@ class Connection:
         environ = build_environ(request, self.base_environ, remote, body, scheme=scheme, host=host)
         board = service.board
         board.request_started(thread, request.method, environ["PATH_INFO"], remote[0])
+        service.show(request.method, environ["PATH_INFO"])
         try:
             reusable = self._run(environ, response)
         finally:
             board.request_finished(thread)
         self.requests_served += 1
+        if service.stats is not None:
+            service.stats.record(response.status_code, self.bytes_in - self._charged_in,
+                                 self.bytes_out - self._charged_out, time.perf_counter() - clock)
+            self._charged_in, self._charged_out = self.bytes_in, self.bytes_out
         if service.access_log is not None:
             service.access_log.log(self._access_record(request, environ, response, remote[0], started,
                                                        time.perf_counter() - clock))

@@ -35,6 +35,8 @@ from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .scoreboard import Scoreboard
 from .signals import Wakeup
+from .stats import Aggregator, ProcessSampler, drain, listener_stats, new_queue, queue_fd
+from .status import StatusServer
 from .sockets import Listener, adopt, bind_all, describe
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
@@ -75,6 +77,11 @@ class Master:
         self.respawn_after: dict[int, float] = {}
         self.last_tick = time.monotonic()
         self.next_memory_check = 0.0
+        self.stats = Aggregator()
+        self.sampler = ProcessSampler()
+        self.status: StatusServer | None = None
+        self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
+        self.poller = select.poll()
         self.actions: dict[int, Callable[[], None]] = {
             signal.SIGHUP: self.reload,
             signal.SIGTERM: lambda: self.stop(graceful=True),
@@ -104,6 +111,8 @@ class Master:
             os.umask(int(config.umask, 8))
         self.listeners = self.open_listeners()
         try:
+            if config.stats_bind:
+                self.status = StatusServer(config.stats_bind, self.stats_snapshot)
             if config.preload:
                 self.preload()
             if config.daemon:
@@ -114,6 +123,8 @@ class Master:
                 self.pidfile.create(self.pid)
         except ForkserverError:
             self.close_listeners()
+            if self.status is not None:
+                self.status.close()
             raise
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup = Wakeup(MASTER_SIGNALS)
@@ -156,9 +167,11 @@ class Master:
 
     def run(self) -> int:
         """Supervise workers until told to stop; return the process exit code."""
-        poller = select.poll()
+        poller = self.poller
         poller.register(self.wakeup.fileno(), select.POLLIN)
         poller.register(self.notify_r, select.POLLIN)
+        if self.status is not None:
+            poller.register(self.status.fileno(), select.POLLIN)
         try:
             self.spawn_missing()
             while True:
@@ -167,7 +180,10 @@ class Master:
                     for signum in self.wakeup.drain():
                         self.actions.get(signum, lambda: None)()
                     self.read_notices()
+                    self.drain_stats()
                     self.reap_exited()
+                    if self.status is not None:
+                        self.status.handle_ready()
                     if self.stopping:
                         if not self.pool.workers:
                             break
@@ -202,11 +218,14 @@ class Master:
                 code, _, reason = reason.partition(" ")
                 self.on_boot_failure(handle, reason, int(code) if code.isdigit() else 1)
             elif kind == "recycle":
-                handle.retiring = True  # it leaves on its own; a replacement starts now
+                handle.retiring = handle.recycled = True  # it leaves on its own; a replacement starts now
+                self.stats.set_state(handle.pid, "retiring")
                 log.info("worker recycling slot=%d pid=%d %s", handle.slot, handle.pid, reason)
 
     def on_ready(self, handle: WorkerHandle) -> None:
         handle.ready = True
+        if not handle.retiring:
+            self.stats.set_state(handle.pid, "idle")
         self.boot_failures.pop(handle.slot, None)
         log.info("worker ready slot=%d pid=%d gen=%d", handle.slot, handle.pid, handle.generation)
         if handle.generation != self.generation:
@@ -257,6 +276,9 @@ class Master:
                     self.on_new_master_exit(how)
                 continue
             handle.board.close()
+            self.forget_stats(handle)
+            if not self.stopping and handle.generation == self.generation:
+                self.respawn_due.add(handle.slot)
             if self.stopping or handle.retiring:
                 log.info("worker exited slot=%d pid=%d gen=%d %s", handle.slot, handle.pid, handle.generation, how)
             elif not handle.ready:
@@ -315,6 +337,7 @@ class Master:
             if uss > limit * 1024 * 1024:
                 log.warning("worker over memory slot=%d pid=%d uss=%.1fMiB limit=%dMiB; recycling",
                             handle.slot, handle.pid, uss / 1048576, limit)
+                handle.recycled = True
                 self.retire(handle)
 
     def spawn_missing(self) -> None:
@@ -330,26 +353,47 @@ class Master:
 
     def spawn(self, slot: int) -> None:
         board = Scoreboard(self.config.threads)
+        stats_queue = new_queue() if self.status is not None else None
         spec = WorkerSpec(
             config=self.config, listeners=self.listeners, slot=slot, generation=self.generation, board=board,
             notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files), app=self.app,
-            hooks=self.hooks, uid=self.uid, gid=self.gid,
+            hooks=self.hooks, uid=self.uid, gid=self.gid, stats_queue=stats_queue,
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
-        pid = os.fork()
+        pid = self.fork()
         if pid == 0:
             code = 1
             try:
                 self.wakeup.close()
                 os.close(self.notify_r)
+                self.drop_inherited_stats()
                 random.seed()
                 code = Worker(spec).run()
             except BaseException:
                 log.exception("worker crashed slot=%d", slot)
             finally:
                 os._exit(code)
-        self.pool.add(WorkerHandle(slot, pid, self.generation, board, time.monotonic()))
+        self.pool.add(WorkerHandle(slot, pid, self.generation, board, time.monotonic(), stats_queue=stats_queue))
+        self.stats.add_worker(pid, pid=pid, slot=slot, generation=self.generation)
+        if slot in self.respawn_due:
+            self.respawn_due.discard(slot)
+            self.stats.note_respawn()
+        if stats_queue is not None:
+            self.poller.register(queue_fd(stats_queue), select.POLLIN)
         log.debug("worker spawned slot=%d pid=%d gen=%d", slot, pid, self.generation)
+
+    def fork(self) -> int:
+        """Fork with our signals blocked until the child has its own handlers.
+
+        Until the child drops our wakeup fd, a signal it received would be
+        written into *our* pipe: a TERM meant for a booting worker would stop
+        the master.  Blocked, the signal waits for the child's handlers.
+        """
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+        pid = os.fork()
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return pid
 
     def signal_worker(self, handle: WorkerHandle, signum: int) -> None:
         try:
@@ -360,7 +404,74 @@ class Master:
     def retire(self, handle: WorkerHandle) -> None:
         """Ask a worker to finish its requests and exit."""
         handle.retiring = True
+        self.stats.set_state(handle.pid, "retiring")
         self.signal_worker(handle, signal.SIGTERM)
+
+    # -- stats --------------------------------------------------------------------
+
+    def drain_stats(self) -> None:
+        """Take whatever the workers flushed, without ever waiting for more."""
+        for handle in list(self.pool.workers.values()):
+            self.take_stats(handle)
+
+    def take_stats(self, handle: WorkerHandle) -> None:
+        if handle.stats_queue is None:
+            return
+        batch = drain(handle.stats_queue)
+        for message in batch:
+            self.stats.ingest(handle.pid, message)
+        if batch.broken:
+            # Only this worker's queue is lost (one queue per worker); its last
+            # good totals still count.
+            log.warning("stats queue broken slot=%d pid=%d: %s", handle.slot, handle.pid, batch.broken)
+            self.stats.mark_broken(handle.pid, batch.broken)
+            self.close_stats_queue(handle)
+
+    def close_stats_queue(self, handle: WorkerHandle) -> None:
+        self.poller.unregister(queue_fd(handle.stats_queue))
+        handle.stats_queue.close()
+        handle.stats_queue = None
+
+    def forget_stats(self, handle: WorkerHandle) -> None:
+        """A worker was reaped: read its final flush, then fold it into the retired totals."""
+        self.take_stats(handle)
+        if handle.stats_queue is not None:
+            self.close_stats_queue(handle)
+        if handle.aborted_at:
+            cause = "killed_timeout"
+        elif handle.recycled:
+            cause = "recycled"
+        elif handle.retiring or self.stopping:
+            cause = "exited"
+        else:
+            cause = "died"
+        self.stats.worker_exited(handle.pid, cause)
+        self.sampler.forget(handle.pid)
+
+    def drop_inherited_stats(self) -> None:
+        """In a new worker: close the stats socket and other workers' queues we inherited."""
+        if self.status is not None:
+            self.status.close(unlink=False)
+        for handle in self.pool.workers.values():
+            if handle.stats_queue is not None:
+                handle.stats_queue.close()
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """The /stats document: the workers' counters plus what only the master can see."""
+        extra: dict[int, dict[str, Any]] = {}
+        for handle in self.pool.workers.values():
+            info = dict(self.sampler.read(handle.pid))
+            in_flight = handle.board.in_flight()
+            info["heartbeat_age_seconds"] = round(handle.board.last_beat_age(), 3)
+            info["current_request"] = None
+            if in_flight:
+                oldest = in_flight[0]
+                info["current_request"] = {"method": oldest.method, "path": oldest.path,
+                                           "elapsed_seconds": round(oldest.elapsed, 3)}
+            if handle.ready and not handle.retiring:
+                self.stats.set_state(handle.pid, "busy" if in_flight else "idle")
+            extra[handle.pid] = info
+        return self.stats.snapshot(extra, listener_stats(self.listeners))
 
     # -- signal actions -----------------------------------------------------------
 
@@ -393,6 +504,7 @@ class Master:
         self.desired = config.workers
         self.generation += 1
         self.reloading = True
+        self.stats.note_reload()
         self.respawn_after.clear()
         self.spawn_missing()
 
@@ -463,7 +575,11 @@ class Master:
         if self.pidfile is not None:
             os.replace(self.pidfile.path, oldbin_path(self.config.pid))
             self.pidfile.path = oldbin_path(self.config.pid)
-        self.new_master = start_new_master(self.listeners, self.argv, self.environ)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)  # see fork()
+        try:
+            self.new_master = start_new_master(self.listeners, self.argv, self.environ, previous)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         for listener in self.listeners:
             listener.owns_path = False  # the new master serves these files now
         log.info("upgrading: new master pid=%d", self.new_master)
@@ -529,6 +645,8 @@ class Master:
                 break
             self.pool.workers.pop(pid, None)
         self.close_listeners()
+        if self.status is not None:
+            self.status.close()
         if self.pidfile is not None:
             self.pidfile.remove()
         if self.started:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 from .scoreboard import Scoreboard
 
@@ -28,6 +29,8 @@ class WorkerHandle:
     retiring: bool = False
     aborted_at: float = 0.0  # when a hung worker was sent SIGABRT; 0 if never
     killed: bool = False
+    recycled: bool = False  # retired for max_requests or memory, not by an operator
+    stats_queue: Any = None  # its own multiprocessing SimpleQueue, or None with stats off
 
 
 def plan(occupied: set[int], desired: int) -> tuple[list[int], list[int]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -21,12 +22,25 @@ from .systemd import FIRST_INHERITED_FD, pass_fds_env
 EXEC_FAILED = 127
 
 
-def start_new_master(listeners: Sequence[Listener], argv: Sequence[str], environ: Mapping[str, str]) -> int:
-    """Fork and exec a new master that inherits ``listeners``; return its PID."""
+def start_new_master(listeners: Sequence[Listener], argv: Sequence[str], environ: Mapping[str, str],
+                     signal_mask: set[signal.Signals]) -> int:
+    """Fork and exec a new master that inherits ``listeners``; return its PID.
+
+    The caller forks with its signals blocked; the new program gets
+    ``signal_mask`` back, since exec keeps the mask but not the handlers.
+    """
     pid = os.fork()
     if pid:
         return pid
     try:
+        signal.set_wakeup_fd(-1)
+        for signum in range(1, signal.NSIG):
+            if signum not in (signal.SIGKILL, signal.SIGSTOP):
+                try:
+                    signal.signal(signum, signal.SIG_DFL)
+                except (OSError, ValueError):
+                    pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
         # Park each listener above the range first, so moving one to 3+i
         # never overwrites another that already sits there.
         parked = [fcntl.fcntl(listener.sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 256) for listener in listeners]

@@ -41,6 +41,7 @@ from .loader import load_app, prepare_path
 from .logs import LogFile, open_access_log
 from .proxy import Trust
 from .scoreboard import Scoreboard
+from .stats import Reporter
 from .signals import Wakeup
 from .sockets import Listener
 from .wsgi import base_environ
@@ -71,6 +72,7 @@ class WorkerSpec:
     hooks: Hooks
     uid: int | None
     gid: int | None
+    stats_queue: Any  # a multiprocessing SimpleQueue of our own, or None with stats off
 
 
 class Worker:
@@ -92,6 +94,7 @@ class Worker:
         self.finished: deque[tuple[Connection, bool]] = deque()
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self.served = 0
+        self.title_busy = True  # so the first idle moment replaces "booting"
         self.max_requests = 0
         if self.config.max_requests:
             self.max_requests = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
@@ -121,7 +124,11 @@ class Worker:
         # Besides waking the loop, TERM flips this flag at once, so a response
         # that an app is producing right now already says Connection: close.
         signal.signal(signal.SIGTERM, self._on_term)
-        setproctitle(f"forkserver: worker [{self.config.proc_name}]")
+        # The master forked us with its signals blocked; our handlers are in
+        # place now, so let them (and anything pending) through.
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        self.title = f"forkserver: worker [{self.config.proc_name}]"
+        setproctitle(self.title + " booting")
         # On SIGABRT (sent by the master to a hung worker) dump every thread's
         # stack into the error log before dying: the operator sees where it hung.
         faulthandler.enable(file=_Descriptor(spec.log_files[0].fd), all_threads=True)
@@ -151,6 +158,8 @@ class Worker:
         log.debug("worker ready slot=%d pid=%d gen=%d", spec.slot, self.pid, spec.generation)
         self._notify(f"ready {self.pid}")
         self._loop()
+        if self.reporter is not None:
+            self.reporter.flush()
         spec.hooks.run("worker_exit", self._context())
         return EXIT_OK
 
@@ -160,6 +169,10 @@ class Worker:
 
     def _build_service(self, app: Callable[..., Any]) -> Service:
         config = self.config
+        self.reporter = None
+        if self.spec.stats_queue is not None:
+            self.reporter = Reporter(self.spec.stats_queue, pid=self.pid, slot=self.spec.slot,
+                                     generation=self.spec.generation, threaded=config.threads > 1)
         self.access_log = open_access_log(config.access_logfile, config.access_logformat)
         if self.access_log is not None:
             self.spec.log_files.append(self.access_log.target)
@@ -175,6 +188,8 @@ class Worker:
             io_timeout=config.body_timeout or None,
             keep_alive=lambda: config.keepalive > 0 and not self.term_received,
             board=self.spec.board,
+            stats=self.reporter,
+            show=self._show,
             trust=Trust(config.forwarded_allow_ips),
             proxy_protocol=config.proxy_protocol,
         )
@@ -194,9 +209,17 @@ class Worker:
         interval = MAX_POLL_INTERVAL
         if self.config.timeout:
             interval = min(interval, self.config.timeout / 4)
+        reporter = self.reporter
         while not self._done():
             board.beat()
-            for fd, _ in self.epoll.poll(self._poll_timeout(interval)):
+            if reporter is not None:
+                reporter.flush_if_due(time.monotonic())
+            events = self.epoll.poll(0)
+            if not events:
+                # About to wait: the cheapest moment to say we are idle.
+                self._show_idle()
+                events = self.epoll.poll(self._poll_timeout(interval))
+            for fd, _ in events:
                 if fd in self.listening:
                     self._accept(*self.listening[fd])
                 elif fd == self.wakeup.fileno():
@@ -209,6 +232,16 @@ class Worker:
             if not self.stopping and os.getppid() != self.spec.master_pid:
                 log.warning("master died; worker exiting pid=%d", self.pid)
                 self._begin_stop()
+
+    def _show(self, method: str, path: str) -> None:
+        """Put the request being served in the process title, for ``ps``."""
+        setproctitle(f"{self.title} busy {method} {path[:80]}")
+        self.title_busy = True
+
+    def _show_idle(self) -> None:
+        if self.title_busy and not self.busy:
+            setproctitle(f"{self.title} idle, {self.served} served")
+            self.title_busy = False
 
     def _poll_timeout(self, interval: float) -> float:
         if self.deadlines:
@@ -251,6 +284,7 @@ class Worker:
         if self.stopping:
             return
         self.stopping = True
+        setproctitle(self.title + " retiring")
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
         for sock, listener in list(self.listening.values()):
             self._accept(sock, listener, limit=listener.backlog)

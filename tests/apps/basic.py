@@ -194,3 +194,12 @@ def barrier(environ, start_response):
     except threading.BrokenBarrierError:
         met = False
     return _json(start_response, {"met": met, "pid": os.getpid()})
+
+
+@checked
+def status(environ, start_response):
+    """Answer with the status code given as the query string (default 200)."""
+    code = int(environ["QUERY_STRING"] or 200)
+    body = b"status %d\n" % code
+    start_response(f"{code} Whatever", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]

@@ -53,7 +53,19 @@ def test_workers_are_direct_children_with_titles(server):
     assert psutil.Process(srv.pid).cmdline()[0] == "forkserver: master [shop]"
     for pid in srv.worker_pids():
         assert psutil.Process(pid).ppid() == srv.pid
-        assert psutil.Process(pid).cmdline()[0] == "forkserver: worker [shop]"
+        assert psutil.Process(pid).cmdline()[0].startswith("forkserver: worker [shop] ")
+
+
+def test_worker_titles_show_what_is_running(server):
+    srv = server("basic:slow", "-w", "1", "--name", "shop", workers=1)
+    (worker,) = srv.worker_pids()
+    poll(lambda: psutil.Process(worker).cmdline()[0].startswith("forkserver: worker [shop] idle"),
+         what="an idle title")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as conn:
+        conn.sendall(b"GET /stuck?2 HTTP/1.1\r\nHost: t\r\n\r\n")
+        poll(lambda: psutil.Process(worker).cmdline()[0] == "forkserver: worker [shop] busy GET /stuck",
+             what="the request in the title")
+        read_all(conn)
 
 
 def test_ttin_and_ttou_scale_but_never_below_one(server):

@@ -1,0 +1,256 @@
+"""``forkserver stats ADDR`` and ``forkserver top ADDR``: an operator's view of /stats.
+
+``fetch`` asks a running master for its snapshot; ``render`` turns snapshots
+into screen lines and is pure, so it is tested without a terminal; ``main_top``
+is the only part that touches the terminal, and it always puts it back.
+This module runs in the operator's shell, never in the server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import shutil
+import socket
+import sys
+import termios
+import time
+import tty
+from typing import Any
+
+from .errors import ForkserverError
+from .sockets import parse_address
+
+FETCH_TIMEOUT = 5.0
+# Alternate screen and hidden cursor on entry; both undone on exit, so the
+# operator's scrollback looks as it did before.
+ENTER_SCREEN = "\x1b[?1049h\x1b[?25l"
+LEAVE_SCREEN = "\x1b[?25h\x1b[?1049l"
+QUIT_KEYS = (b"q", b"Q", b"\x03", b"\x04")  # q, and Ctrl-C / Ctrl-D in case the tty passes them through
+ROW = "{:>4} {:>7} {:>3} {:<9} {:>8} {:>7} {:>7}  {}"
+HEADER = ROW.format("SLOT", "PID", "GEN", "STATE", "REQS", "REQ/S", "USS", "CURRENT")
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a UNIX socket path."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def fetch(address: str, path: str = "/stats", timeout: float = FETCH_TIMEOUT) -> dict[str, Any]:
+    """GET ``path`` from the stats server at ``address`` and decode its JSON.
+
+    Raises:
+        ForkserverError: one line saying what went wrong and where.
+    """
+    text = address.removeprefix("http://").rstrip("/")
+    try:
+        parsed = parse_address(text)
+    except ForkserverError as exc:
+        raise ForkserverError(str(exc).replace("bind ", "stats address ", 1)) from None
+    if parsed.path:
+        connection: http.client.HTTPConnection = _UnixHTTPConnection(parsed.path, timeout)
+    else:
+        connection = http.client.HTTPConnection(parsed.host, parsed.port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"Accept": "application/json"})
+        response = connection.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise ForkserverError(f"stats {address}: {getattr(exc, 'strerror', None) or exc}") from None
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise ForkserverError(f"stats {address}: HTTP {response.status} for {path}")
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise ForkserverError(f"stats {address}: {path} did not return JSON") from None
+    if not isinstance(document, dict) or "workers" not in document:
+        raise ForkserverError(f"stats {address}: {path} is not a forkserver stats document")
+    return document
+
+
+# -- formatting -------------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _latency(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 0.001:
+        return f"{seconds * 1000:.2f}ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms" if seconds >= 0.01 else f"{seconds * 1000:.1f}ms"
+    return f"{seconds:.1f}s"
+
+
+def _size(count: float | None) -> str:
+    if count is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if count < 1024 or unit == "G":
+            return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
+        count /= 1024
+    return f"{count:.1f}T"  # unreachable; keeps type checkers content
+
+
+def _count(n: int) -> str:
+    return str(n) if n < 10_000_000 else f"{n / 1e6:.1f}M"
+
+
+def _rate(now: dict[str, Any], before: dict[str, Any] | None, elapsed: float) -> str:
+    if before is None or elapsed <= 0:
+        return "-"
+    return f"{max(0, now['requests'] - before['requests']) / elapsed:.1f}"
+
+
+def _current(worker: dict[str, Any]) -> str:
+    current = worker.get("current_request")
+    if not current:
+        return ""
+    elapsed = current.get("elapsed_seconds")
+    shown = f"{elapsed:.1f}s " if isinstance(elapsed, (int, float)) else ""
+    return f"{shown}{current.get('method', '?')} {current.get('path', '?')}"
+
+
+def _summary(snapshot: dict[str, Any], previous: dict[str, Any] | None, elapsed: float) -> list[str]:
+    totals, counters = snapshot["totals"], snapshot["counters"]
+    states = counters.get("workers_by_state", {})
+    exits = counters.get("worker_exits", {})
+    queues = [entry["accept_queue"] for entry in snapshot.get("listeners", []) if entry.get("accept_queue") is not None]
+    classes = "  ".join(f"{name} {_count(n)}" for name, n in totals["status"].items())
+    return [
+        (f"forkserver master {snapshot.get('master_pid', '?')}  up {_duration(snapshot['uptime_seconds'])}  "
+         f"workers {counters['workers_alive']} ({states.get('busy', 0)} busy)  reloads {counters['reloads']}"),
+        (f"requests {_count(totals['requests'])} ({_rate(totals, previous and previous['totals'], elapsed)}/s)  "
+         + classes),
+        (f"latency p50 {_latency(totals.get('p50_seconds'))} p90 {_latency(totals.get('p90_seconds'))} "
+         f"p99 {_latency(totals.get('p99_seconds'))}  in {_size(totals['bytes_in'])} out {_size(totals['bytes_out'])}"
+         f"  accept queue {sum(queues) if queues else '-'}"),
+        (f"respawned {counters['workers_respawned']}  timeouts {exits.get('killed_timeout', 0)}  "
+         f"recycled {exits.get('recycled', 0)}  died {exits.get('died', 0)}"),
+        "",
+    ]
+
+
+def _row(worker: dict[str, Any], before: dict[str, Any] | None, elapsed: float) -> str:
+    return ROW.format(worker["slot"], worker["pid"], worker["generation"], worker["state"],
+                      _count(worker["requests"]), _rate(worker, before, elapsed),
+                      _size(worker.get("memory_uss_bytes")), _current(worker))
+
+
+def render(snapshot: dict[str, Any], width: int = 80, height: int = 24,
+           previous: dict[str, Any] | None = None, interval: float = 1.0) -> list[str]:
+    """Lay a snapshot out as at most ``height`` lines of at most ``width`` characters.
+
+    Rates compare with ``previous``: over the difference in the master's
+    uptime when both snapshots carry it, else over ``interval`` seconds.
+    """
+    elapsed = interval
+    if previous is not None:
+        gap = snapshot["uptime_seconds"] - previous.get("uptime_seconds", 0)
+        if gap > 0:
+            elapsed = gap
+    before_by_pid = {w["pid"]: w for w in previous["workers"]} if previous else {}
+    lines = _summary(snapshot, previous, elapsed) + [HEADER]
+    rows = [_row(w, before_by_pid.get(w["pid"]) if previous else None, elapsed) for w in snapshot["workers"]]
+    room = max(0, height - len(lines))
+    if len(rows) > room:
+        hidden = len(rows) - room + 1
+        rows = rows[:room - 1] + [f"  ... {hidden} more worker(s)"] if room else []
+    return [line[:width].rstrip() for line in (lines + rows)[:height]]
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def main_stats(address: str, *, raw: bool = False) -> int:
+    """Print one snapshot as a table (or as JSON with ``raw``); return the exit code."""
+    snapshot = fetch(address)
+    if raw:
+        print(json.dumps(snapshot, indent=2))
+        return 0
+    width = max(80, shutil.get_terminal_size().columns)
+    for line in render(snapshot, width=width, height=10 + len(snapshot["workers"])):
+        print(line.rstrip())
+    return 0
+
+
+def main_top(address: str, interval: float = 1.0) -> int:
+    """Redraw the view every ``interval`` seconds until q or Ctrl-C; the terminal is always restored."""
+    fd = sys.stdin.fileno()
+    if not (os.isatty(fd) and sys.stdout.isatty()):
+        raise ForkserverError("top needs a terminal; `forkserver stats ADDR` prints one snapshot")
+    saved = termios.tcgetattr(fd)
+    previous: dict[str, Any] | None = None
+    try:
+        # cbreak: keys arrive one at a time, unechoed; Ctrl-C still raises KeyboardInterrupt.
+        tty.setcbreak(fd)
+        _paint_raw(ENTER_SCREEN)
+        while True:
+            columns, rows = shutil.get_terminal_size()
+            try:
+                snapshot = fetch(address, timeout=max(1.0, interval))
+                lines = render(snapshot, columns, rows - 1, previous, interval)
+                previous = snapshot
+            except ForkserverError as exc:
+                lines = [str(exc)[:columns], "retrying..."]
+            footer = f"q quits  every {interval:g}s  {time.strftime('%H:%M:%S')}  {address}"
+            _paint(lines, footer[:columns], rows)
+            if _wait_for_quit(fd, interval):
+                return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _paint_raw(LEAVE_SCREEN)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait_for_quit(fd: int, interval: float) -> bool:
+    """Wait up to ``interval`` for a key; True if it means quit (or the terminal went away)."""
+    deadline = time.monotonic() + interval
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return False
+        keys = os.read(fd, 64)
+        if not keys or any(key in keys for key in QUIT_KEYS):
+            return True
+    return False
+
+
+def _paint(lines: list[str], footer: str, rows: int) -> None:
+    """Redraw from the top-left, clearing each line's tail: no flicker, no scrolling."""
+    body = lines[:max(0, rows - 1)]
+    body += [""] * (rows - 1 - len(body))
+    _paint_raw("\x1b[H" + "".join(line + "\x1b[K\r\n" for line in body) + "\x1b[7m" + footer + "\x1b[0m\x1b[K")
+
+
+def _paint_raw(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
