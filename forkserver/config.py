@@ -77,6 +77,14 @@ def _check_bind(value: tuple[str, ...]) -> str | None:
     return None if value else "at least one address"
 
 
+def _check_health_path(value: str) -> str | None:
+    if value == "":
+        return None
+    if not value.startswith("/") or any(c in value for c in "?# ") or not value.isascii() or not value.isprintable():
+        return "empty, or a path starting with '/' (ASCII, no spaces, '?' or '#'), e.g. /healthz"
+    return None
+
+
 def _check_access_format(value: str) -> str | None:
     if value == "json":
         return None
@@ -184,6 +192,13 @@ class Config:
         help="Serve live stats (GET /stats JSON, GET /metrics Prometheus) from the master at "
         "unix:PATH or a loopback HOST:PORT; empty disables stats.",
         metavar="ADDRESS",
+    )
+    health_path: str = setting(
+        "",
+        check=_check_health_path,
+        help="Answer GET and HEAD on exactly this path (e.g. /healthz) with 200 'ok' from the "
+        "worker itself, without calling the app or writing an access log line; empty disables it.",
+        metavar="PATH",
     )
     access_logfile: str = setting(
         "", help="Where to write the access log: a path, or '-' for stdout. Empty disables it."

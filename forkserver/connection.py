@@ -37,6 +37,8 @@ RECV_BYTES = 65536
 # Unread request body we will still read and discard to keep a connection
 # alive; a larger leftover is cheaper to close than to drain.
 DRAIN_LIMIT_BYTES = 1 << 20
+HEALTH_METHODS = ("GET", "HEAD")
+HEALTH_BODY = b"ok\n"
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Service:
     show: Callable[[str, str], None]
     trust: Trust = field(default_factory=lambda: Trust(()))
     proxy_protocol: bool = False
+    health_target: bytes = b""  # ``health_path`` as a request target; b"" (never a target) when off
 
 
 class Connection:
@@ -76,6 +79,7 @@ class Connection:
         self.parser = RequestParser(service.limits)
         self.events: deque[Any] = deque()
         self.requests_served = 0
+        self.idle_since = 0.0  # when the loop last took us back
         self._body_done = True
         self._continue_due = False
         self.thread = 0  # the scoreboard slot of the thread serving us now
@@ -242,6 +246,8 @@ class Connection:
             must_close=lambda: self._continue_due or not service.keep_alive(),
         )
         started, clock = time.time(), time.perf_counter()
+        if request.target == service.health_target and request.method in HEALTH_METHODS:
+            return self._answer_health(response, clock)
         body = io.BufferedReader(Input(self.pull_body))
         remote, scheme, host = self.remote, None, None
         if self.trusted:
@@ -264,6 +270,21 @@ class Connection:
         if service.access_log is not None:
             service.access_log.log(self._access_record(request, environ, response, remote[0], started,
                                                        time.perf_counter() - clock))
+        return reusable
+
+    def _answer_health(self, response: Response, clock: float) -> bool:
+        """``health_path``: 200 "ok" from the worker itself; the app is not called, nothing access-logged."""
+        response.status, response.headers = "200 OK", [("Content-Type", "text/plain")]
+        try:
+            response.send_whole(HEALTH_BODY)
+            reusable = response.keep_alive and self._discard_body()
+        except (ClientGone, ProtocolError):
+            reusable = False
+        self.requests_served += 1
+        if self.service.stats is not None:
+            self.service.stats.record(200, self.bytes_in - self._charged_in,
+                                      self.bytes_out - self._charged_out, time.perf_counter() - clock)
+            self._charged_in, self._charged_out = self.bytes_in, self.bytes_out
         return reusable
 
     def _run(self, environ: dict[str, Any], response: Response) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,11 @@ def resolve(setting: str, spec: str) -> Callable[[HookContext], Any]:
     return function
 
 
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
 class Hooks:
     """The configured hooks, resolved once; calling an unset hook does nothing."""
 
@@ -64,6 +70,6 @@ class Hooks:
         try:
             function(context)
         except Exception as exc:
+            if fatal:  # the start fails: its one error line says it all
+                raise ConfigError(f"{name} hook raised {type(exc).__name__}: {exc}{_where(exc)}") from None
             log.exception("hook %s raised", name)
-            if fatal:
-                raise ConfigError(f"{name} hook raised {type(exc).__name__}: {exc}") from None

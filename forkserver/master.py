@@ -37,7 +37,7 @@ from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .stats import Aggregator, ProcessSampler, drain, listener_stats, new_queue, queue_fd
 from .status import StatusServer
-from .sockets import Listener, adopt, bind_all, describe
+from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 
@@ -64,6 +64,7 @@ class Master:
         self.generation = 1
         self.desired = config.workers
         self.listeners: list[Listener] = []
+        self.socket_paths: list[str] = []  # UNIX socket files to remove at exit
         self.log_files: list[LogFile] = []
         self.app: Callable[..., Any] | None = None
         self.preloaded_modules: set[str] = set()
@@ -104,6 +105,7 @@ class Master:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
+        prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
         self.hooks = Hooks(config)
         self.uid, self.gid = resolve_user(config.user), resolve_group(config.group)
         self.hooks.run("on_starting", self.context(), fatal=True)
@@ -241,10 +243,10 @@ class Master:
         Logging only now means a start that fails prints nothing but its one
         error line.
         """
+        self.hooks.run("when_ready", self.context(), fatal=True)
         for listener in self.listeners:
             log.info("listening at %s", describe(listener))
         log.info("master started pid=%d workers=%d threads=%d", self.pid, self.desired, self.config.threads)
-        self.hooks.run("when_ready", self.context(), fatal=True)
         # An upgraded master tells systemd it is the main process now.
         systemd.notify(f"READY=1\nMAINPID={self.pid}\n{self.status_line()}")
 
@@ -485,8 +487,9 @@ class Master:
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
             config = load_config(self.argv, self.environ).config
+            prepare_path(config.chdir, config.pythonpath)
             hooks = Hooks(config)
-        except ForkserverError as exc:
+        except ForkserverError as exc:  # AppImportError from a bad chdir, too
             log.error("reload failed, keeping the running config: %s", exc)
             systemd.notify("READY=1")
             return
@@ -580,8 +583,6 @@ class Master:
             self.new_master = start_new_master(self.listeners, self.argv, self.environ, previous)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        for listener in self.listeners:
-            listener.owns_path = False  # the new master serves these files now
         log.info("upgrading: new master pid=%d", self.new_master)
 
     def on_new_master_exit(self, how: str) -> None:
@@ -594,8 +595,6 @@ class Master:
                 self.pidfile.path = self.config.pid
             except OSError as exc:
                 log.error("cannot restore pid file %s: %s", self.config.pid, exc.strerror)
-        for listener in self.listeners:
-            listener.owns_path = listener.address.family == socket.AF_UNIX
 
     def reopen_logs(self) -> None:
         """USR1: reopen our logs and tell every worker to reopen theirs."""
@@ -630,7 +629,10 @@ class Master:
                 self.signal_worker(handle, signal.SIGKILL)
 
     def close_listeners(self) -> None:
+        """Close our copies of the listeners; their socket files go in ``shutdown``."""
         for listener in self.listeners:
+            if listener.owns_path:
+                self.socket_paths.append(listener.address.path)
             listener.close()
         self.listeners = []
 
@@ -645,6 +647,8 @@ class Master:
                 break
             self.pool.workers.pop(pid, None)
         self.close_listeners()
+        for path in self.socket_paths:
+            remove_unanswered(path)
         if self.status is not None:
             self.status.close()
         if self.pidfile is not None:

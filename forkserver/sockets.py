@@ -107,14 +107,30 @@ class Listener:
         own.setblocking(False)
         return own
 
-    def close(self) -> None:
-        """Close the socket and remove the UNIX socket file if we created it."""
+    def close(self, *, remove: bool = False) -> None:
+        """Close our descriptor; with ``remove``, also our socket file if nobody answers on it."""
         self.sock.close()
-        if self.owns_path:
-            try:
-                os.unlink(self.address.path)
-            except OSError:
-                pass
+        if remove and self.owns_path:
+            remove_unanswered(self.address.path)
+
+
+def remove_unanswered(path: str) -> None:
+    """Unlink a UNIX socket file unless some process still answers on it.
+
+    Several processes can hold one listening socket: our workers while they
+    drain, or the other master during a USR2 upgrade.  Whoever exits last,
+    with nobody answering any more, removes the file.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    finally:
+        probe.close()
 
 
 def _server_name(sock: socket.socket) -> tuple[str, str]:
@@ -215,6 +231,10 @@ def adopt(fd: int, name: str, *, backlog: int) -> Listener:
     if address is not None and address.fd < 0:
         listener.address = address
         listener.owns_path = address.family == socket.AF_UNIX
+    elif address is not None:
+        # It was fd://N for the old master; keep that name so the same bind
+        # setting finds it, though it now sits at another descriptor.
+        listener.address = Address(name, -1, fd=fd)
     return listener
 
 
@@ -226,7 +246,7 @@ def bind_all(addresses: tuple[str, ...], *, backlog: int, reuse_port: bool, unix
             listeners.append(bind(parse_address(text), backlog=backlog, reuse_port=reuse_port, unix_mode=unix_mode))
     except BindError:
         for listener in listeners:
-            listener.close()
+            listener.close(remove=True)
         raise
     return listeners
 

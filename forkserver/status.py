@@ -312,7 +312,4 @@ class StatusServer:
                 client.sock.close()  # no shutdown: that would cut the master's own connection
         self.clients.clear()
         self.epoll.close()
-        if unlink:
-            self.listener.close()
-        else:
-            self.listener.sock.close()
+        self.listener.close(remove=unlink)

@@ -23,7 +23,7 @@ import signal
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +52,10 @@ log = logging.getLogger("forkserver")
 # already-open connections are not starved by a flood of new ones.
 ACCEPT_BATCH = 64
 MAX_POLL_INTERVAL = 1.0
+# On a graceful stop, a keep-alive connection used this recently may have a
+# request in flight to us; it gets this long to arrive before we close.
+IDLE_GRACE = 1.0
+SWEEP_INTERVAL = 0.25
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGWINCH)
 
@@ -86,8 +90,8 @@ class Worker:
         self.term_received = False
         self.stop_deadline = 0.0
         self.connections: dict[int, Connection] = {}
-        # fd -> idle deadline, oldest first: the sweep stops at the first live one.
-        self.deadlines: OrderedDict[int, float] = OrderedDict()
+        self.deadlines: dict[int, float] = {}  # fd -> when an idle connection is closed
+        self.next_sweep = 0.0
         self.listening: dict[int, tuple[socket.socket, Listener]] = {}
         self.busy = 0
         self.accepting = False
@@ -98,6 +102,16 @@ class Worker:
         self.max_requests = 0
         if self.config.max_requests:
             self.max_requests = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
+
+    def _keep_alive(self) -> bool:
+        """May the response being written leave the connection open?
+
+        No once we are stopping, and no on the request that reaches
+        ``max_requests``: that response must say Connection: close itself.
+        """
+        if self.term_received or not self.config.keepalive:
+            return False
+        return not (self.max_requests and self.served + 1 >= self.max_requests)
 
     def _context(self) -> HookContext:
         return HookContext(self.config, self.pid, self.spec.slot, self.spec.generation)
@@ -186,12 +200,13 @@ class Worker:
             date=DateHeader(),
             access_log=self.access_log,
             io_timeout=config.body_timeout or None,
-            keep_alive=lambda: config.keepalive > 0 and not self.term_received,
+            keep_alive=self._keep_alive,
             board=self.spec.board,
             stats=self.reporter,
             show=self._show,
             trust=Trust(config.forwarded_allow_ips),
             proxy_protocol=config.proxy_protocol,
+            health_target=config.health_path.encode("ascii"),
         )
 
     def _notify(self, message: str) -> None:
@@ -245,8 +260,7 @@ class Worker:
 
     def _poll_timeout(self, interval: float) -> float:
         if self.deadlines:
-            first = next(iter(self.deadlines.values()))
-            return max(0.0, min(interval, first - time.monotonic()))
+            return max(0.0, min(interval, self.next_sweep - time.monotonic()))
         return interval
 
     def _done(self) -> bool:
@@ -293,9 +307,19 @@ class Worker:
             if sock is not listener.sock:
                 sock.close()  # our own reuse_port socket: nobody else accepts on it
         self.listening.clear()
+        now = time.monotonic()
         for connection in list(self.connections.values()):
-            if not connection.mid_request():
-                self._close(connection)
+            self._on_readable(connection)  # a request already in the socket is served
+            if connection.fd not in self.connections:
+                continue
+            if connection.mid_request() or not connection.requests_served:
+                continue  # a request on its way: answer it (with Connection: close)
+            if now - connection.idle_since < IDLE_GRACE:
+                # Active a moment ago, so a request may be in flight to us right
+                # now; closing would reset it.  Give it a moment to arrive.
+                self.deadlines[connection.fd] = now + IDLE_GRACE
+                continue
+            self._close(connection)
 
     def _accept(self, sock: socket.socket, listener: Listener, limit: int = ACCEPT_BATCH) -> None:
         for _ in range(limit):
@@ -327,7 +351,8 @@ class Worker:
         fd = connection.fd
         self.connections[fd] = connection
         self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
-        self.deadlines[fd] = time.monotonic() + timeout
+        connection.idle_since = time.monotonic()
+        self.deadlines[fd] = connection.idle_since + timeout
 
     def _unwatch(self, connection: Connection) -> None:
         fd = connection.fd
@@ -348,11 +373,19 @@ class Worker:
             self._dispatch(connection)
 
     def _sweep_idle(self) -> None:
+        """Close connections past their deadline, looking at most every SWEEP_INTERVAL.
+
+        Deadlines differ (header timeout, keep-alive, the stop grace), so the
+        table is scanned whole; doing it a few times a second keeps that off
+        the per-request path while closing within a fraction of a second.
+        """
         now = time.monotonic()
-        while self.deadlines:
-            fd, deadline = next(iter(self.deadlines.items()))
+        if now < self.next_sweep:
+            return
+        self.next_sweep = now + SWEEP_INTERVAL
+        for fd, deadline in list(self.deadlines.items()):
             if deadline > now:
-                return
+                continue
             connection = self.connections[fd]
             if connection.mid_request():
                 log.info("header timeout remote=%s: closing", connection.remote[0] or "unix")
