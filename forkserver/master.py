@@ -33,11 +33,13 @@ from .loader import load_app, prepare_path
 from .logs import LogFile, setup_error_log
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
+from .reloader import Reloader
 from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .stats import Aggregator, ProcessSampler, drain, listener_stats, new_queue, queue_fd
 from .status import StatusServer
 from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
+from .static import check_roots
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 
@@ -81,6 +83,7 @@ class Master:
         self.stats = Aggregator()
         self.sampler = ProcessSampler()
         self.status: StatusServer | None = None
+        self.reloader: Reloader | None = None  # watches the app's files with ``reload``
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
         self.actions: dict[int, Callable[[], None]] = {
@@ -106,6 +109,7 @@ class Master:
         config = self.config
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
+        check_roots(config)  # static directories are relative to chdir, as the workers see it
         self.hooks = Hooks(config)
         self.uid, self.gid = resolve_user(config.user), resolve_group(config.group)
         self.hooks.run("on_starting", self.context(), fatal=True)
@@ -129,6 +133,8 @@ class Master:
                 self.status.close()
             raise
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if config.reload:
+            self.reloader = Reloader(config.reload_extra_file, owner=(self.uid, self.gid))
         self.wakeup = Wakeup(MASTER_SIGNALS)
         setproctitle(f"forkserver: master [{config.proc_name}]")
 
@@ -172,6 +178,8 @@ class Master:
         poller = self.poller
         poller.register(self.wakeup.fileno(), select.POLLIN)
         poller.register(self.notify_r, select.POLLIN)
+        if self.reloader is not None:
+            poller.register(self.reloader.fileno(), select.POLLIN)
         if self.status is not None:
             poller.register(self.status.fileno(), select.POLLIN)
         try:
@@ -182,6 +190,9 @@ class Master:
                     for signum in self.wakeup.drain():
                         self.actions.get(signum, lambda: None)()
                     self.read_notices()
+                    # Always drained (its fd must not stay readable); a reload waits for the one under way.
+                    if self.reloader is not None and self.reloader.changed(hold=self.reloading or self.stopping):
+                        self.reload()
                     self.drain_stats()
                     self.reap_exited()
                     if self.status is not None:
@@ -360,6 +371,7 @@ class Master:
             config=self.config, listeners=self.listeners, slot=slot, generation=self.generation, board=board,
             notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files), app=self.app,
             hooks=self.hooks, uid=self.uid, gid=self.gid, stats_queue=stats_queue,
+            reload_dir=self.reloader.report_dir if self.reloader is not None else "",
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
         pid = self.fork()
@@ -404,10 +416,10 @@ class Master:
             pass
 
     def retire(self, handle: WorkerHandle) -> None:
-        """Ask a worker to finish its requests and exit."""
+        """Ask a worker to finish its requests and exit, leaving the listeners to the others (USR2)."""
         handle.retiring = True
         self.stats.set_state(handle.pid, "retiring")
-        self.signal_worker(handle, signal.SIGTERM)
+        self.signal_worker(handle, signal.SIGUSR2)
 
     # -- stats --------------------------------------------------------------------
 
@@ -651,6 +663,8 @@ class Master:
             remove_unanswered(path)
         if self.status is not None:
             self.status.close()
+        if self.reloader is not None:
+            self.reloader.close()
         if self.pidfile is not None:
             self.pidfile.remove()
         if self.started:

@@ -30,6 +30,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
+from . import reloader, static
 from .config import Config
 from .connection import Connection, Service
 from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
@@ -56,8 +57,10 @@ MAX_POLL_INTERVAL = 1.0
 # request in flight to us; it gets this long to arrive before we close.
 IDLE_GRACE = 1.0
 SWEEP_INTERVAL = 0.25
-WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGWINCH)
+# TERM: the server stops, so serve what is queued on the listeners first.
+# USR2: this worker is retired while others go on; they take the queue.
+WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class WorkerSpec:
     uid: int | None
     gid: int | None
     stats_queue: Any  # a multiprocessing SimpleQueue of our own, or None with stats off
+    reload_dir: str = ""  # with reload: where to report the files the app imported
 
 
 class Worker:
@@ -135,9 +139,11 @@ class Worker:
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.wakeup = Wakeup(WORKER_SIGNALS)
-        # Besides waking the loop, TERM flips this flag at once, so a response
-        # that an app is producing right now already says Connection: close.
+        # Besides waking the loop, TERM and USR2 flip this flag at once, so a
+        # response an app is producing right now already says Connection:
+        # close, and the loop stops before it accepts anything more.
         signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGUSR2, self._on_term)
         # The master forked us with its signals blocked; our handlers are in
         # place now, so let them (and anything pending) through.
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -179,7 +185,8 @@ class Worker:
 
     def _load_app(self) -> Callable[..., Any]:
         prepare_path(self.config.chdir, self.config.pythonpath)
-        return load_app(self.config.app)
+        with reloader.reporting(self.spec.reload_dir):
+            return load_app(self.config.app)
 
     def _build_service(self, app: Callable[..., Any]) -> Service:
         config = self.config
@@ -194,7 +201,7 @@ class Worker:
         for listener in self.spec.listeners:
             self.environs[id(listener)] = base_environ(*listener.name, multithread=config.threads > 1)
         return Service(
-            app=app,
+            app=static.wrap(app, config),
             limits=Limits(config.limit_request_line, config.limit_request_fields,
                           config.limit_request_field_size, config.limit_request_body),
             date=DateHeader(),
@@ -234,6 +241,10 @@ class Worker:
                 # About to wait: the cheapest moment to say we are idle.
                 self._show_idle()
                 events = self.epoll.poll(self._poll_timeout(interval))
+            if self.term_received and not self.stopping:
+                # A stop signal that came with (or just after) these events is
+                # handled first: a retired worker must not take one more connection.
+                self._handle_signals()
             for fd, _ in events:
                 if fd in self.listening:
                     self._accept(*self.listening[fd])
@@ -246,11 +257,12 @@ class Worker:
             self._sweep_idle()
             if not self.stopping and os.getppid() != self.spec.master_pid:
                 log.warning("master died; worker exiting pid=%d", self.pid)
-                self._begin_stop()
+                self._begin_stop(drain=True)
 
     def _show(self, method: str, path: str) -> None:
         """Put the request being served in the process title, for ``ps``."""
-        setproctitle(f"{self.title} busy {method} {path[:80]}")
+        # A decoded %00 would make setproctitle raise; the title is for people.
+        setproctitle(f"{self.title} busy {method} {path[:80].replace(chr(0), '%00')}")
         self.title_busy = True
 
     def _show_idle(self) -> None:
@@ -276,7 +288,9 @@ class Worker:
     def _handle_signals(self) -> None:
         for signum in self.wakeup.drain():
             if signum == signal.SIGTERM:
-                self._begin_stop()
+                self._begin_stop(drain=True)
+            elif signum == signal.SIGUSR2:
+                self._begin_stop(drain=False)
             elif signum == signal.SIGUSR1:
                 for target in self.spec.log_files:
                     target.reopen()
@@ -293,15 +307,23 @@ class Worker:
             else:
                 self.epoll.unregister(fd)
 
-    def _begin_stop(self) -> None:
-        """Graceful stop: serve what the kernel already queued, then stop listening."""
+    def _begin_stop(self, *, drain: bool) -> None:
+        """Graceful stop: stop listening, finish what we hold, then leave.
+
+        With ``drain`` (the whole server stops) we first accept everything the
+        kernel already queued, since nobody else will.  A retired worker leaves
+        a shared queue to the workers that stay, but drains its own
+        ``reuse_port`` socket, which dies with it.
+        """
         if self.stopping:
             return
         self.stopping = True
+        self.term_received = True
         setproctitle(self.title + " retiring")
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
         for sock, listener in list(self.listening.values()):
-            self._accept(sock, listener, limit=listener.backlog)
+            if drain or sock is not listener.sock:
+                self._accept(sock, listener, limit=listener.backlog)
         self._set_accepting(False)
         for sock, listener in self.listening.values():
             if sock is not listener.sock:
@@ -430,8 +452,11 @@ class Worker:
         if self.max_requests and self.served == self.max_requests:
             # Tell the master first, so it starts a replacement right away.
             self._notify(f"recycle {self.pid} max_requests={self.max_requests}")
-            self.term_received = True  # the response in progress says Connection: close
-            os.write(self.wakeup.write_fd, bytes([signal.SIGTERM]))
+            self.term_received = True  # a response in progress says Connection: close
+            if self.config.threads == 1:
+                self._begin_stop(drain=False)  # we are the loop: stop before accepting again
+            else:
+                os.write(self.wakeup.write_fd, bytes([signal.SIGUSR2]))
 
     def _run_jobs(self, thread: int) -> None:
         while True:
