@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from .proxy import check_trust_entries
 ENV_PREFIX = "FORKSERVER_"
 DEFAULT_ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -41,11 +43,15 @@ def setting(
     default_factory: Callable[[], Any] | None = None,
     default_text: str | None = None,
     metavar: str | None = None,
+    separator: str = ",",
+    table: bool = False,
 ) -> Any:
     """Declare one setting: a dataclass field whose metadata drives every source.
 
     ``check`` returns None for a good value or a short description of what was
     expected.  ``flags`` adds short CLI spellings beside ``--name-with-dashes``.
+    A list setting's items are split on ``separator`` in text sources; with
+    ``table`` a TOML table ``{KEY = "VALUE"}`` is also taken, as ``KEY=VALUE`` items.
     """
     metadata = {
         "help": help,
@@ -55,6 +61,8 @@ def setting(
         "check": check,
         "default_text": default_text,
         "metavar": metavar,
+        "separator": separator,
+        "table": table,
     }
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
@@ -82,6 +90,44 @@ def _check_health_path(value: str) -> str | None:
         return None
     if not value.startswith("/") or any(c in value for c in "?# ") or not value.isascii() or not value.isprintable():
         return "empty, or a path starting with '/' (ASCII, no spaces, '?' or '#'), e.g. /healthz"
+    return None
+
+
+STATIC_PREFIX_BAD = re.compile(r"[^\x21-\x7e]|[?#%\\]|//|/\.\.?(/|$)")
+
+
+def _check_static_prefix(prefix: str) -> str | None:
+    if not prefix.startswith("/"):
+        return "start with '/'"
+    if STATIC_PREFIX_BAD.search(prefix):
+        return "be plain ASCII without spaces, '?', '#', '%', '\\', '//' or dot segments"
+    return None
+
+
+def _check_static(value: tuple[str, ...]) -> str | None:
+    seen: set[str] = set()
+    for entry in value:
+        prefix, sep, directory = (part.strip() for part in entry.partition("="))
+        problem = _check_static_prefix(prefix) if sep else "have the form PREFIX=DIRECTORY"
+        if problem is None and not directory:
+            problem = "name a directory after '='"
+        normal = prefix.rstrip("/") or "/"
+        if problem is None and normal in seen:
+            problem = f"not repeat the prefix {normal}"
+        if problem:
+            return f"PREFIX=DIRECTORY entries such as /static=./public; entry {entry!r} must {problem}"
+        seen.add(normal)
+    return None
+
+
+def _check_cache_control(value: tuple[str, ...]) -> str | None:
+    for entry in value:
+        prefix, _, header = entry.partition("=") if entry.startswith("/") else ("", "", entry)
+        problem = _check_static_prefix(prefix.strip()) if prefix else None
+        if problem is None and (not header.strip() or FIELD_VALUE_BAD.search(header)):
+            problem = "have a header value without control characters"
+        if problem:
+            return f"VALUE or PREFIX=VALUE entries such as /static=max-age=3600; entry {entry!r} must {problem}"
     return None
 
 
@@ -171,6 +217,18 @@ class Config:
         False,
         help="Import the app once in the master before forking, so workers share its memory.",
     )
+    reload: bool = setting(
+        False,
+        help="Development mode: start new workers when a module the app imported (or a "
+        "reload_extra_file) changes; while a change breaks the import, the last good code "
+        "keeps serving. Cannot be combined with preload.",
+    )
+    reload_extra_file: tuple[str, ...] = setting(
+        (),
+        help="More files whose changes restart the workers under reload (templates, .env); "
+        "a directory means any file directly in it.",
+        metavar="PATHS",
+    )
     chdir: str = setting("", help="Change to this directory before loading the app.")
     pythonpath: tuple[str, ...] = setting(
         (), help="Directories to put in front of sys.path, comma-separated.", metavar="DIRS"
@@ -199,6 +257,39 @@ class Config:
         help="Answer GET and HEAD on exactly this path (e.g. /healthz) with 200 'ok' from the "
         "worker itself, without calling the app or writing an access log line; empty disables it.",
         metavar="PATH",
+    )
+    static: tuple[str, ...] = setting(
+        (),
+        check=_check_static,
+        table=True,
+        help="Serve the files of DIRECTORY (relative to chdir) under URL PREFIX from the workers, "
+        "without calling the app: PREFIX=DIRECTORY, repeatable, or a TOML table "
+        "{\"/static\" = \"./public\"}.",
+        metavar="PREFIX=DIR",
+    )
+    static_index: bool = setting(
+        True, help="Answer a static directory's URL (ending in '/') with its index.html."
+    )
+    static_fallthrough: bool = setting(
+        False,
+        help="Pass requests for missing static files, and methods other than GET and HEAD, to "
+        "the app instead of answering 404 or 405.",
+    )
+    static_follow_symlinks: bool = setting(
+        False,
+        help="Serve files that symlinks under a static directory point to outside it "
+        "(otherwise those get 404).",
+    )
+    static_cache_control: tuple[str, ...] = setting(
+        (),
+        check=_check_cache_control,
+        separator=";",
+        table=True,
+        help="Cache-Control of static files: PREFIX=VALUE for one mapping (or a TOML table of "
+        "prefix to value) and a bare VALUE for the others, which otherwise get 'no-cache' "
+        "(revalidate each time, cheap with ETags); 'none' sends no header. ';' separates "
+        "entries in the environment.",
+        metavar="VALUE",
     )
     access_logfile: str = setting(
         "", help="Where to write the access log: a path, or '-' for stdout. Empty disables it."
@@ -281,7 +372,9 @@ def default_of(f: dataclasses.Field[Any]) -> Any:
     return f.default
 
 
-def _describe(kind: Any) -> str:
+def _describe(kind: Any, table: bool = False) -> str:
+    if table:
+        return "a table of strings, a string or a list of strings"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         kind, "a string or a list of strings"
     )
@@ -298,7 +391,8 @@ def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
         ConfigError: naming ``where`` the value came from, the key and what was expected.
     """
     kind = _kinds()[name]
-    bad = ConfigError(f"{where}: {name} must be {_describe(kind)}, got {value!r}")
+    meta = next(f.metadata for f in settings() if f.name == name)
+    bad = ConfigError(f"{where}: {name} must be {_describe(kind, meta['table'])}, got {value!r}")
     text = isinstance(value, str) and not typed
     if kind is bool:
         if isinstance(value, bool):
@@ -327,9 +421,17 @@ def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
         raise bad
     # tuple[str, ...]: a list, or one string of comma-separated items.
     if isinstance(value, str):
-        return tuple(item.strip() for item in value.split(",") if item.strip())
+        return tuple(item.strip() for item in value.split(meta["separator"]) if item.strip())
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return tuple(value)
+    if isinstance(value, dict) and meta["table"] and typed:
+        # A TOML table {"/static" = "./public"} is the list ["/static=./public"].
+        items = []
+        for key, item in value.items():
+            if not isinstance(item, str):
+                raise ConfigError(f"{where}: {name} entry {key!r} must be a string, got {item!r}")
+            items.append(item if key == "*" else f"{key}={item}")
+        return tuple(items)
     raise bad
 
 
@@ -449,10 +551,25 @@ def _from_cli(namespace: argparse.Namespace) -> dict[str, Any]:
         if hasattr(namespace, f.name):
             value = getattr(namespace, f.name)
             if isinstance(value, list):
-                value = ",".join(value)
+                value = f.metadata["separator"].join(value)
             if value is not None:
                 raw[f.name] = value
     return raw
+
+
+def _check_combinations(config: Config) -> None:
+    """Raise ConfigError for settings that are fine alone but not together."""
+    if config.reload and config.preload:
+        raise ConfigError(
+            f"{config.source_of('reload')}: reload cannot be combined with preload "
+            f"(from {config.source_of('preload')}): preload imports the app once in the master, "
+            "so new code would never be loaded; drop one of them")
+    prefixes = {entry.partition("=")[0].strip().rstrip("/") or "/" for entry in config.static}
+    for entry in config.static_cache_control:
+        prefix = entry.partition("=")[0].strip().rstrip("/") or "/"
+        if entry.startswith("/") and prefix not in prefixes:
+            raise ConfigError(f"{config.source_of('static_cache_control')}: static_cache_control entry "
+                              f"{entry!r} names {prefix}, which is not a static prefix")
 
 
 @dataclass(frozen=True)
@@ -465,7 +582,7 @@ class Invocation:
     show_version: bool
 
 
-def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Invocation:
+def load_config(argv: Sequence[str], environ: Mapping[str, str], base_dir: str | None = None) -> Invocation:
     """Merge default < TOML file < ``FORKSERVER_*`` env < CLI into one checked Config.
 
     Raises:
@@ -492,7 +609,15 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Invocation:
     for name, f in fields.items():
         if name not in values:
             _validate(f, default_of(f), "default")
+    # Relative directories mean "from where forkserver was started", also when
+    # the master, which changed into ``chdir`` long ago, reads them again on HUP.
+    base = base_dir or os.getcwd()
+    if values.get("chdir"):
+        values["chdir"] = os.path.join(base, values["chdir"])
+    if values.get("pythonpath"):
+        values["pythonpath"] = tuple(os.path.join(base, path) for path in values["pythonpath"])
     config = Config(**values, origins=origins)
+    _check_combinations(config)
     return Invocation(
         config=config,
         config_path=config_path,

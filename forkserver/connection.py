@@ -15,6 +15,7 @@ import logging
 import os
 import select
 import socket
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +38,7 @@ RECV_BYTES = 65536
 # Unread request body we will still read and discard to keep a connection
 # alive; a larger leftover is cheaper to close than to drain.
 DRAIN_LIMIT_BYTES = 1 << 20
+SPOOL_MEMORY_BYTES = 1 << 20  # a chunked body larger than this waits in a temporary file
 HEALTH_METHODS = ("GET", "HEAD")
 HEALTH_BODY = b"ok\n"
 
@@ -211,6 +213,22 @@ class Connection:
             return b""
         raise event  # a ProtocolError in the body, e.g. a bad chunk size
 
+    def _spool_body(self) -> tuple[Any, int]:
+        """Read a whole chunked body into memory (a file past SPOOL_MEMORY_BYTES).
+
+        Many apps (Django, bottle, anything that trusts CONTENT_LENGTH) cannot
+        read a body of unknown length, so a chunked body is read before the
+        app runs and handed over with its length, as waitress does.  Limits
+        and timeouts apply while it arrives, exactly as when streaming.
+        """
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
+        size = 0
+        while piece := self.pull_body():
+            spool.write(piece)
+            size += len(piece)
+        spool.seek(0)
+        return spool, size
+
     def _discard_body(self) -> bool:
         """Read and drop what the app left of the body; False if not worth it."""
         if self._continue_due:
@@ -248,13 +266,31 @@ class Connection:
         started, clock = time.time(), time.perf_counter()
         if request.target == service.health_target and request.method in HEALTH_METHODS:
             return self._answer_health(response, clock)
-        body = io.BufferedReader(Input(self.pull_body))
+        spooled = -1
+        if request.chunked:
+            try:
+                body, spooled = self._spool_body()
+            except ProtocolError as error:
+                self.reject(error, response)
+                return False
+            except ClientGone as exc:
+                log.info("%s remote=%s: closing", exc, self.remote[0] or "unix")
+                return False
+        elif request.content_length:
+            body = io.BufferedReader(Input(self.pull_body))
+        else:
+            body = io.BytesIO()  # no body: nothing to stream, and far cheaper to make
         remote, scheme, host = self.remote, None, None
         if self.trusted:
             origin = read_forwarded(request.headers, service.trust)
             if origin is not None:
                 remote, scheme, host = origin.remote or remote, origin.scheme, origin.host
         environ = build_environ(request, self.base_environ, remote, body, scheme=scheme, host=host)
+        if spooled >= 0:
+            # The body is de-chunked and counted now: tell the app its length,
+            # and no longer that it is chunked, since it is not any more.
+            environ["CONTENT_LENGTH"] = str(spooled)
+            environ.pop("HTTP_TRANSFER_ENCODING", None)
         board = service.board
         board.request_started(thread, request.method, environ["PATH_INFO"], remote[0])
         service.show(request.method, environ["PATH_INFO"])

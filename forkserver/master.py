@@ -62,6 +62,7 @@ class Master:
         self.argv = list(argv)
         self.environ = dict(environ)
         self.pid = os.getpid()
+        self.start_dir = os.getcwd()  # relative paths in the config are from here, even after chdir
         self.pool = Pool()
         self.generation = 1
         self.desired = config.workers
@@ -268,6 +269,8 @@ class Master:
     def on_boot_failure(self, handle: WorkerHandle, reason: str, code: int) -> None:
         """A worker could not boot: give up at startup, else abort the reload or back off."""
         handle.retiring = True  # it exits on its own; do not count it as live
+        if handle.generation > self.generation:
+            return  # one more worker of a reload already abandoned
         if not self.started:
             self.stop(graceful=False)
             raise (AppImportError if code == EXIT_APP_LOAD else WorkerBootError)(reason)
@@ -498,7 +501,7 @@ class Master:
         log.info("reloading (HUP)")
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
-            config = load_config(self.argv, self.environ).config
+            config = load_config(self.argv, self.environ, self.start_dir).config
             prepare_path(config.chdir, config.pythonpath)
             hooks = Hooks(config)
         except ForkserverError as exc:  # AppImportError from a bad chdir, too

@@ -49,9 +49,10 @@ from .wsgi import base_environ
 
 log = logging.getLogger("forkserver")
 
-# Accepts per wakeup: enough to empty a burst, few enough that requests on
-# already-open connections are not starved by a flood of new ones.
-ACCEPT_BATCH = 64
+# Accepts per wakeup.  One: a worker that takes a connection serves it
+# before it looks for another, so a burst of connections (and the long-lived
+# keep-alive connections it becomes) spreads over every idle worker.
+ACCEPT_BATCH = 1
 MAX_POLL_INTERVAL = 1.0
 # On a graceful stop, a keep-alive connection used this recently may have a
 # request in flight to us; it gets this long to arrive before we close.
@@ -302,8 +303,11 @@ class Worker:
         self.accepting = on
         for fd in self.listening:
             if on:
-                # EPOLLEXCLUSIVE: a new connection wakes one waiting worker, not all.
-                self.epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+                # Not EPOLLEXCLUSIVE: it wakes the same waiter again and again,
+                # so one worker ends up holding every keep-alive connection.
+                # Waking all idle workers costs a failed accept() each; busy
+                # workers are not waiting and are not woken.
+                self.epoll.register(fd, select.EPOLLIN)
             else:
                 self.epoll.unregister(fd)
 
@@ -325,9 +329,12 @@ class Worker:
             if drain or sock is not listener.sock:
                 self._accept(sock, listener, limit=listener.backlog)
         self._set_accepting(False)
-        for sock, listener in self.listening.values():
-            if sock is not listener.sock:
-                sock.close()  # our own reuse_port socket: nobody else accepts on it
+        for sock, _ in self.listening.values():
+            # Close our descriptor, not just stop watching it: once every
+            # process has closed the socket the kernel refuses new connections
+            # (a proxy then tries another upstream) instead of queueing them
+            # for a reset when the last holder exits.
+            sock.close()
         self.listening.clear()
         now = time.monotonic()
         for connection in list(self.connections.values()):
@@ -363,36 +370,38 @@ class Worker:
                 remote = ("", "")
                 trusted = True  # a local process, as trusted as the socket file's mode made it
             connection = Connection(conn_sock, remote, self.environs[id(listener)], self.service, trusted=trusted)
-            self._watch(connection, self.config.header_timeout)
-            # The request usually arrives with the connection: read it now
-            # rather than after another trip through epoll.
-            self._on_readable(connection)
+            # The request usually arrives with the connection: read it now.
+            # A connection whose whole exchange happens here never costs an
+            # epoll registration; one that waits is watched with the header timeout.
+            self._on_readable(connection, fresh=True)
 
     def _watch(self, connection: Connection, timeout: float) -> None:
         """Put a connection under the loop's eye with an idle deadline."""
         fd = connection.fd
-        self.connections[fd] = connection
-        self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        if fd not in self.connections:
+            self.connections[fd] = connection
+            self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
         connection.idle_since = time.monotonic()
         self.deadlines[fd] = connection.idle_since + timeout
 
     def _unwatch(self, connection: Connection) -> None:
+        """Take a connection from the loop (a serving thread owns it now)."""
         fd = connection.fd
-        del self.connections[fd]
+        if self.connections.pop(fd, None) is not None:
+            self.epoll.unregister(fd)
         self.deadlines.pop(fd, None)
-        self.epoll.unregister(fd)
 
     def _close(self, connection: Connection) -> None:
         self._unwatch(connection)
         connection.close()
 
-    def _on_readable(self, connection: Connection) -> None:
+    def _on_readable(self, connection: Connection, fresh: bool = False) -> None:
         if not connection.receive():
             self._close(connection)
-            return
-        if connection.next_is_request():
-            self._unwatch(connection)
+        elif connection.next_is_request():
             self._dispatch(connection)
+        elif fresh:
+            self._watch(connection, self.config.header_timeout)
 
     def _sweep_idle(self) -> None:
         """Close connections past their deadline, looking at most every SWEEP_INTERVAL.
@@ -419,17 +428,23 @@ class Worker:
 
     def _dispatch(self, connection: Connection) -> None:
         if self.config.threads == 1:
-            keep = self._serve(connection, 0)
-            if keep:
+            # Served right here, so the loop cannot look at the connection
+            # meanwhile: it may stay registered with epoll, saving two
+            # epoll_ctl calls per request.
+            self.deadlines.pop(connection.fd, None)
+            if self._serve(connection, 0):
                 self._watch(connection, self.config.keepalive)
+            else:
+                self._close(connection)
             return
+        self._unwatch(connection)
         self.busy += 1
         if self.busy >= self.config.threads:
             self._set_accepting(False)
         self.jobs.put(connection)
 
     def _serve(self, connection: Connection, thread: int) -> bool:
-        """Answer every complete request queued on ``connection``; True to keep it.
+        """Answer every complete request queued on ``connection``; True to keep it open.
 
         ``thread`` is the scoreboard slot of the thread doing the serving.
         """
@@ -441,7 +456,6 @@ class Worker:
                 keep = False
             self._count_request()
             if not keep:
-                connection.close()
                 return False
             if not connection.next_is_request():
                 return True
@@ -464,6 +478,8 @@ class Worker:
             if connection is None:
                 return
             keep = self._serve(connection, thread)
+            if not keep:
+                connection.close()  # not registered with epoll while a thread has it
             self.finished.append((connection, keep))
             try:
                 os.write(self.finished_w, b"\0")

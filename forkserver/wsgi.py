@@ -145,14 +145,14 @@ def build_environ(
     environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
     environ["wsgi.input"] = body
     for name, value in request.headers:
+        if b"_" in name:
+            # A client could send "X_Forwarded_For" to pose as a proxy's
+            # "X-Forwarded-For" after the dash-to-underscore mapping; drop it.
+            continue
         key = name.decode("latin-1").upper().replace("-", "_")
         text = value.decode("latin-1").strip(" \t")
         if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
             environ[key] = text
-            continue
-        if "_" in name.decode("latin-1"):
-            # A client could send "X_Forwarded_For" to pose as a proxy's
-            # "X-Forwarded-For" after the dash-to-underscore mapping; drop it.
             continue
         key = "HTTP_" + key
         if key == "HTTP_HOST" and key in environ:
