@@ -421,7 +421,7 @@ class Worker:
             if connection.mid_request():
                 log.info("header timeout remote=%s: closing", connection.remote[0] or "unix")
             else:
-                log.debug("keep-alive timeout remote=%s: closing", connection.remote[0] or "unix")
+                log.info("keep-alive timeout remote=%s: closing", connection.remote[0] or "unix")
             self._close(connection)
 
     # -- serving -------------------------------------------------------------------

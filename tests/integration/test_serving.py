@@ -304,6 +304,7 @@ def test_keepalive_idle_timeout_closes(server):
         conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         read_response(conn)
         assert conn.recv(10) == b""  # the server closed the idle connection
+    poll(lambda: "keep-alive timeout remote=127.0.0.1" in srv.log(), what="the info line")
 
 
 def test_keepalive_zero_closes_after_each_response(server):

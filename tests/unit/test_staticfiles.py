@@ -8,6 +8,9 @@ temporary directory (real files, symlinks and FIFOs; nothing is mocked).
 from __future__ import annotations
 
 import os
+import shutil
+import pwd
+import tempfile
 import time
 
 import pytest
@@ -393,11 +396,34 @@ def test_directories_index_and_redirect(site):
     assert call(static(site, prefix=""), "/")[2] == b"<h1>home</h1>\n"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_an_unreadable_file_is_404(site):
-    (site / "locked.txt").write_bytes(b"x")
-    (site / "locked.txt").chmod(0)
-    assert call(static(site), "/static/locked.txt")[0] == 404
+def test_an_unreadable_file_is_404():
+    """A file the worker may not read is missing to it, not a 500.
+
+    Root reads every file, so when the suite runs as root the check runs in
+    a forked child that has dropped to ``nobody`` (as ``--user`` workers do).
+    """
+    root = tempfile.mkdtemp()
+    try:
+        os.chmod(root, 0o755)
+        locked = os.path.join(root, "locked.txt")
+        with open(locked, "wb") as fh:
+            fh.write(b"x")
+        os.chmod(locked, 0)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                if os.geteuid() == 0:
+                    nobody = pwd.getpwnam("nobody")
+                    os.setgid(nobody.pw_gid)
+                    os.setuid(nobody.pw_uid)
+                code = 0 if call(static(root), "/static/locked.txt")[0] == 404 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "an unreadable file was not answered 404"
+    finally:
+        shutil.rmtree(root)
 
 
 def test_dotfiles_are_never_served(site):
