@@ -640,6 +640,8 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
                 if scenario.idle:
                     results["idle_open"] = {name: min(v) for name, v in idle_left.items()}
             for name in args.servers:
+                if name not in servers:
+                    continue  # only the forkserver pair scenarios ran
                 pss, count = servers[name].pss_bytes()
                 results["memory"][name] = {"pss_mib": pss / 2**20, "processes": count}
         finally:
