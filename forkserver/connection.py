@@ -26,7 +26,7 @@ from .http.errors import ProtocolError
 from .http.events import END_OF_MESSAGE, BodyChunk, Request
 from .http.parser import Limits, RequestParser
 from .http.response import CONTINUE_RESPONSE, DateHeader, error_response
-from .logs import AccessLog, AccessRecord
+from .logs import AccessLog, AccessRecord, Headers
 from .scoreboard import Scoreboard
 from .stats import Reporter
 from .proxy import MalformedProxyHeader, ProxyHeaderReader, Trust, read_forwarded
@@ -376,7 +376,6 @@ class Connection:
 
     def _access_record(self, request: Request, environ: dict[str, Any], response: Response,
                        remote_addr: str, started: float, duration: float) -> AccessRecord:
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers}
         return AccessRecord(
             remote_addr=remote_addr,
             method=request.method,
@@ -386,8 +385,8 @@ class Connection:
             protocol=environ["SERVER_PROTOCOL"],
             status=response.status_code,
             response_bytes=response.body_bytes,
-            request_headers=headers,
-            response_headers={k.lower(): v for k, v in response.headers},
+            request_headers=Headers(request.headers),
+            response_headers=Headers(response.headers),
             started_at=started,
             duration=duration,
             environ=environ,

@@ -39,7 +39,7 @@ from .identity import drop_privileges
 from .http.parser import Limits
 from .http.response import DateHeader
 from .loader import load_app, prepare_path
-from .logs import LogFile, open_access_log
+from .logs import AccessLog, LogFile, open_access_log
 from .proxy import Trust
 from .scoreboard import Scoreboard
 from .stats import Reporter
@@ -103,6 +103,7 @@ class Worker:
         self.finished: deque[tuple[Connection, bool]] = deque()
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self.served = 0
+        self.access_log: AccessLog | None = None  # opened once the app has loaded
         self.title_busy = True  # so the first idle moment replaces "booting"
         self.max_requests = 0
         if self.config.max_requests:
@@ -126,6 +127,7 @@ class Worker:
 
     def _exit_now(self, signum: int, frame: object) -> None:
         """INT/QUIT: a fast stop means now, even in the middle of app code."""
+        self._flush_access_log()
         self.spec.hooks.run("worker_int", self._context())
         os._exit(EXIT_OK)
 
@@ -179,6 +181,7 @@ class Worker:
         log.debug("worker ready slot=%d pid=%d gen=%d", spec.slot, self.pid, spec.generation)
         self._notify(f"ready {self.pid}")
         self._loop()
+        self._flush_access_log()
         if self.reporter is not None:
             self.reporter.flush()
         spec.hooks.run("worker_exit", self._context())
@@ -195,7 +198,9 @@ class Worker:
         if self.spec.stats_queue is not None:
             self.reporter = Reporter(self.spec.stats_queue, pid=self.pid, slot=self.spec.slot,
                                      generation=self.spec.generation, threaded=config.threads > 1)
-        self.access_log = open_access_log(config.access_logfile, config.access_logformat)
+        # Lines are batched only where one thread writes them: the loop's.
+        self.access_log = open_access_log(config.access_logfile, config.access_logformat,
+                                          batched=config.threads == 1)
         if self.access_log is not None:
             self.spec.log_files.append(self.access_log.target)
         self.environs = {}
@@ -239,7 +244,9 @@ class Worker:
                 reporter.flush_if_due(time.monotonic())
             events = self.epoll.poll(0)
             if not events:
-                # About to wait: the cheapest moment to say we are idle.
+                # About to wait: the cheapest moment to write batched log
+                # lines and to say in the title that we are idle.
+                self._flush_access_log()
                 self._show_idle()
                 events = self.epoll.poll(self._poll_timeout(interval))
             if self.term_received and not self.stopping:
@@ -259,6 +266,10 @@ class Worker:
             if not self.stopping and os.getppid() != self.spec.master_pid:
                 log.warning("master died; worker exiting pid=%d", self.pid)
                 self._begin_stop(drain=True)
+
+    def _flush_access_log(self) -> None:
+        if self.access_log is not None:
+            self.access_log.flush()
 
     def _show(self, method: str, path: str) -> None:
         """Put the request being served in the process title, for ``ps``."""
@@ -293,6 +304,7 @@ class Worker:
             elif signum == signal.SIGUSR2:
                 self._begin_stop(drain=False)
             elif signum == signal.SIGUSR1:
+                self._flush_access_log()
                 for target in self.spec.log_files:
                     target.reopen()
 
