@@ -49,6 +49,19 @@ class Limits:
         return self.request_line_bytes + 32 + self.header_fields * (self.header_field_bytes + 4) + 2
 
 
+def _feed(parser: httptools.HttpRequestParser, data: bytes) -> None:
+    """Feed llhttp, surfacing what our callbacks raised as itself.
+
+    httptools wraps a callback's exception in HttpParserCallbackError: a
+    ProtocolError comes back out as the error it is, and anything else (a
+    bug) as its own exception, never as an HTTP parse error.
+    """
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserCallbackError as exc:
+        raise (exc.__context__ or RuntimeError(str(exc))) from None
+
+
 class RequestParser:
     """Incremental request parser for one connection.
 
@@ -106,11 +119,7 @@ class RequestParser:
         rest = None
         begun = self._messages_begun
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, ProtocolError):
-                raise exc.__context__ from None
-            raise
+            _feed(self._parser, data)
         except httptools.HttpParserUpgrade as upgrade:
             # llhttp stops at the end of an Upgrade (or CONNECT) head.  We do
             # not switch protocols: answer this request as plain HTTP, then close.
@@ -288,11 +297,7 @@ class _SkippedBody:
         if self.done:
             return
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, ProtocolError):
-                raise exc.__context__ from None
-            raise
+            _feed(self._parser, data)
         except httptools.HttpParserError as exc:
             if not self.done:  # after the body llhttp objects to any byte; we ignore them
                 raise BadRequest(str(exc)) from None
