@@ -46,9 +46,3 @@ class Wakeup:
         signal.set_wakeup_fd(-1)
         os.close(self.read_fd)
         os.close(self.write_fd)
-
-
-def restore_defaults(signums: Iterable[signal.Signals]) -> None:
-    """Give ``signums`` their default disposition (used after fork, before exec)."""
-    for signum in signums:
-        signal.signal(signum, signal.SIG_DFL)
