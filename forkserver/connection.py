@@ -298,11 +298,7 @@ class Connection:
             reusable = self._run(environ, response)
         finally:
             board.request_finished(thread)
-        self.requests_served += 1
-        if service.stats is not None:
-            service.stats.record(response.status_code, self.bytes_in - self._charged_in,
-                                 self.bytes_out - self._charged_out, time.perf_counter() - clock)
-            self._charged_in, self._charged_out = self.bytes_in, self.bytes_out
+        self._count(response.status_code, clock)
         if service.access_log is not None:
             service.access_log.log(self._access_record(request, environ, response, remote[0], started,
                                                        time.perf_counter() - clock))
@@ -316,12 +312,20 @@ class Connection:
             reusable = response.keep_alive and self._discard_body()
         except (ClientGone, ProtocolError):
             reusable = False
-        self.requests_served += 1
-        if self.service.stats is not None:
-            self.service.stats.record(200, self.bytes_in - self._charged_in,
-                                      self.bytes_out - self._charged_out, time.perf_counter() - clock)
-            self._charged_in, self._charged_out = self.bytes_in, self.bytes_out
+        self._count(200, clock)
         return reusable
+
+    def _count(self, status: int, clock: float) -> None:
+        """Count a finished request on this connection and, when stats are on, in the stats.
+
+        (A graceful stop treats a connection that has served none as waiting for its first.)
+        """
+        self.requests_served += 1
+        stats = self.service.stats
+        if stats is not None:
+            stats.record(status, self.bytes_in - self._charged_in, self.bytes_out - self._charged_out,
+                         time.perf_counter() - clock)
+            self._charged_in, self._charged_out = self.bytes_in, self.bytes_out
 
     def _run(self, environ: dict[str, Any], response: Response) -> bool:
         """Run the app for one request, turning every failure into the right answer."""
