@@ -15,7 +15,6 @@ import os
 import random
 import select
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence

@@ -1,6 +1,5 @@
 """An app factory, for the 'module:create_app()' spec form."""
 
-from basic import hello
 
 
 def create_app(greeting="hello"):

@@ -14,7 +14,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import APPS, ServerProcess, poll, read_all
+from harness import ServerProcess, poll, read_all
 
 STATUS_LINE = re.compile(rb"HTTP/1\.1 [1-5][0-9][0-9] [^\r\n]*\r\n")
 SEEDS = [

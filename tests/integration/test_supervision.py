@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from harness import APPS, listening_socket, poll, raw_request, read_all
+from harness import listening_socket, poll, read_all
 
 
 def unix_get(path: str, request: bytes = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n") -> bytes:
