@@ -8,12 +8,15 @@ Every process is ended by the PID we started, never by name.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,47 @@ def read_all(conn: socket.socket) -> bytes:
             break
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def stop_process_tree(proc: subprocess.Popen, signum: int) -> None:
+    """Ask ``proc`` to stop with ``signum``, KILL it after 10 s, then KILL any child left, by PID."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@contextmanager
+def serving_in_thread(server: Any, deadline: float = 10.0) -> Iterator[Any]:
+    """Run a StatusServer's handle_ready loop in a thread, as the master's poll loop would."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        poller = select.poll()
+        poller.register(server.fileno(), select.POLLIN)
+        while not stop.is_set():
+            poller.poll(50)
+            server.handle_ready()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join(deadline)
 
 
 class ServerProcess:
@@ -136,20 +180,5 @@ class ServerProcess:
 
     def stop(self) -> None:
         """TERM, then KILL the master and any worker left, by PID."""
-        try:
-            children = psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for child in children:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
+        stop_process_tree(self.proc, signal.SIGTERM)
         self.sock.close()

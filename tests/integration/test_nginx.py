@@ -36,7 +36,7 @@ from typing import Self
 
 import psutil
 import pytest
-from harness import ROOT, listening_socket, poll, read_all
+from harness import ROOT, listening_socket, poll, read_all, stop_process_tree
 
 SITE = ROOT / "conf" / "nginx" / "forkserver.conf"
 CLIENT_ADDR = "127.0.0.2"  # not in forwarded_allow_ips
@@ -169,22 +169,7 @@ class Nginx:
 
     def stop(self) -> None:
         """QUIT (nginx's graceful stop), then KILL whatever is left, by PID."""
-        try:
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for child in children:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
+        stop_process_tree(self.proc, signal.SIGQUIT)
         self.http_sock.close()
         self.https_sock.close()
 

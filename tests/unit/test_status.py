@@ -10,9 +10,7 @@ import json
 import os
 import select
 import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +19,7 @@ from forkserver.errors import BindError
 from forkserver.stats import HISTOGRAM_BUCKETS, Aggregator, CountersFlushed
 from forkserver.status import MAX_CLIENTS, MAX_REQUEST_BYTES, StatusServer
 from forkserver.top import fetch
+from harness import serving_in_thread
 
 DEADLINE = 10.0
 
@@ -96,25 +95,9 @@ def exchange(server: StatusServer, request: bytes) -> tuple[int, dict[str, str],
     return int(status_line.split()[1]), headers, body
 
 
-@contextmanager
 def serving(server: StatusServer):
     """Run the server's loop in a thread, as the master's poll loop would."""
-    stop = threading.Event()
-
-    def loop():
-        poller = select.poll()
-        poller.register(server.fileno(), select.POLLIN)
-        while not stop.is_set():
-            poller.poll(50)
-            server.handle_ready()
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        stop.set()
-        thread.join(DEADLINE)
+    return serving_in_thread(server, DEADLINE)
 
 
 def test_get_stats_returns_the_snapshot_as_json(address, make_server):

@@ -13,13 +13,13 @@ import struct
 import subprocess
 import sys
 import termios
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from harness import serving_in_thread
 from forkserver.errors import ForkserverError
 from forkserver.stats import HISTOGRAM_BUCKETS, Aggregator, CountersFlushed
 from forkserver.status import StatusServer
@@ -109,22 +109,10 @@ def test_render_handles_a_server_with_no_workers_and_no_requests():
 def stats_server(address: str, snapshot):
     """A StatusServer in a background thread, looping like the master does."""
     server = StatusServer(address, snapshot)
-    stop = threading.Event()
-
-    def loop():
-        poller = select.poll()
-        poller.register(server.fileno(), select.POLLIN)
-        while not stop.is_set():
-            poller.poll(50)
-            server.handle_ready()
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
     try:
-        yield server.address
+        with serving_in_thread(server, DEADLINE):
+            yield server.address
     finally:
-        stop.set()
-        thread.join(DEADLINE)
         server.close()
 
 
