@@ -29,7 +29,14 @@ from .http.response import CONTINUE_RESPONSE, DateHeader, error_response
 from .logs import AccessLog, AccessRecord, Headers
 from .scoreboard import Scoreboard
 from .stats import Reporter
-from .proxy import MalformedProxyHeader, ProxyHeaderReader, Trust, read_forwarded
+from .proxy import (
+    FORWARDING_ENVIRON_KEYS,
+    MalformedProxyHeader,
+    ProxyHeaderReader,
+    Trust,
+    apply_origin,
+    read_forwarded,
+)
 from .wsgi import AppError, ClientGone, Input, Response, Stalled, build_environ, run_app
 
 log = logging.getLogger("forkserver")
@@ -38,9 +45,13 @@ RECV_BYTES = 65536
 # Unread request body we will still read and discard to keep a connection
 # alive; a larger leftover is cheaper to close than to drain.
 DRAIN_LIMIT_BYTES = 1 << 20
-SPOOL_MEMORY_BYTES = 1 << 20  # a chunked body larger than this waits in a temporary file
+SPOOL_MEMORY_BYTES = 1 << 20
+# A body this small is copied behind the head and sent with send(); a
+# larger one goes out with sendmsg() straight from the app's buffer.
+SEND_JOIN_BYTES = 16384  # a chunked body larger than this waits in a temporary file
 HEALTH_METHODS = ("GET", "HEAD")
 HEALTH_BODY = b"ok\n"
+HEALTH_HEADERS = [("Content-Type", "text/plain")]
 
 
 @dataclass
@@ -157,7 +168,35 @@ class Connection:
 
     def send(self, data: bytes) -> None:
         """Send all of ``data``, waiting for the peer as long as it keeps up."""
-        view = memoryview(data)
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+        self.bytes_out += sent
+        if sent < len(data):
+            self._send_rest(memoryview(data)[sent:])
+
+    def send_pair(self, head: bytes, body: bytes) -> None:
+        """Send a response head and a piece of body: one system call, and no copy of a large body."""
+        if len(body) < SEND_JOIN_BYTES:
+            self.send(head + body)
+            return
+        try:
+            sent = self.sock.sendmsg((head, body))
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+        self.bytes_out += sent
+        if sent < len(head):
+            self._send_rest(memoryview(head)[sent:])
+            sent = len(head)
+        if sent - len(head) < len(body):
+            self._send_rest(memoryview(body)[sent - len(head):])
+
+    def _send_rest(self, view: memoryview) -> None:
         while view:
             try:
                 sent = self.sock.send(view)
@@ -240,30 +279,30 @@ class Connection:
                 return False
         return True
 
+    def must_close(self) -> bool:
+        """Asked as a response head goes out: may the connection not be reused after it?
+
+        Closing is the only honest answer when the client still holds a body
+        we never asked for, or when the worker is stopping.
+        """
+        return self._continue_due or not self.service.keep_alive()
+
     def serve(self, thread: int) -> bool:
         """Answer the request at the head of the queue; True if the connection may be reused.
 
         ``thread`` names the scoreboard slot this request is shown in while it runs.
         """
         self.thread = thread
-        event = self.events.popleft()
-        if isinstance(event, ProtocolError):
-            self.reject(event)
+        request = self.events.popleft()
+        if request.__class__ is not Request:
+            self.reject(request)  # a ProtocolError
             return False
-        request: Request = event
         service = self.service
+        clock = time.perf_counter()
         self._body_done = False
         self._continue_due = request.expect_continue and (request.chunked or bool(request.content_length))
-        response = Response(
-            self.send, self.sendfile, service.date.line,
-            head_only=request.method == "HEAD",
-            http10=request.version == "1.0",
-            keep_alive=request.keep_alive and not self.parser.upgraded,
-            # Closing is the only honest answer when the client still holds a
-            # body we never asked for, or when the worker is stopping.
-            must_close=lambda: self._continue_due or not service.keep_alive(),
-        )
-        started, clock = time.time(), time.perf_counter()
+        response = Response(self, service.date.line, request.method == "HEAD", request.version == "1.0",
+                            request.keep_alive and not self.parser.upgraded)
         if request.target == service.health_target and request.method in HEALTH_METHODS:
             return self._answer_health(response, clock)
         spooled = -1
@@ -280,33 +319,31 @@ class Connection:
             body = io.BufferedReader(Input(self.pull_body))
         else:
             body = io.BytesIO()  # no body: nothing to stream, and far cheaper to make
-        remote, scheme, host = self.remote, None, None
-        if self.trusted:
-            origin = read_forwarded(request.headers, service.trust)
-            if origin is not None:
-                remote, scheme, host = origin.remote or remote, origin.scheme, origin.host
-        environ = build_environ(request, self.base_environ, remote, body, scheme=scheme, host=host)
+        environ = build_environ(request, self.base_environ, self.remote, body)
+        if self.trusted and not environ.keys().isdisjoint(FORWARDING_ENVIRON_KEYS):
+            apply_origin(environ, read_forwarded(request.headers, service.trust))
         if spooled >= 0:
             # The body is de-chunked and counted now: tell the app its length,
             # and no longer that it is chunked, since it is not any more.
             environ["CONTENT_LENGTH"] = str(spooled)
             environ.pop("HTTP_TRANSFER_ENCODING", None)
         board = service.board
-        board.request_started(thread, request.method, environ["PATH_INFO"], remote[0])
+        board.request_started(thread, request.method, environ["PATH_INFO"], environ["REMOTE_ADDR"])
         service.show(request.method, environ["PATH_INFO"])
         try:
             reusable = self._run(environ, response)
         finally:
             board.request_finished(thread)
-        self._count(response.status_code, clock)
+        self._count(response.code, clock)
         if service.access_log is not None:
-            service.access_log.log(self._access_record(request, environ, response, remote[0], started,
-                                                       time.perf_counter() - clock))
+            duration = time.perf_counter() - clock
+            service.access_log.log(self._access_record(request, environ, response, time.time() - duration,
+                                                       duration))
         return reusable
 
     def _answer_health(self, response: Response, clock: float) -> bool:
         """``health_path``: 200 "ok" from the worker itself; the app is not called, nothing access-logged."""
-        response.status, response.headers = "200 OK", [("Content-Type", "text/plain")]
+        response.start_response("200 OK", HEALTH_HEADERS)
         try:
             response.send_whole(HEALTH_BODY)
             reusable = response.keep_alive and self._discard_body()
@@ -350,7 +387,6 @@ class Connection:
             log.exception("app raised on %s %s", environ["REQUEST_METHOD"], environ["PATH_INFO"])
             self._fail(response)
             return False
-        service.board.request_progressed(self.thread)
         if not response.keep_alive:
             return False
         try:
@@ -362,7 +398,7 @@ class Connection:
         """Answer 500 if nothing was sent yet; otherwise the close tells the client."""
         if response.head_sent:
             return
-        response.status = "500 Internal Server Error"
+        response.code = 500
         try:
             self.send(error_response(500, "Internal Server Error", self.service.date.line()))
         except ClientGone:
@@ -372,22 +408,23 @@ class Connection:
         """Answer a request we refuse with its status; the caller closes."""
         log.info("bad request remote=%s status=%d: %s", self.remote[0], error.status, error.detail)
         if response is not None:
-            response.status = f"{error.status} {error.reason}"
+            response.code = error.status
         try:
             self.sock.send(error_response(error.status, error.reason, self.service.date.line()))
         except OSError:
             pass
 
-    def _access_record(self, request: Request, environ: dict[str, Any], response: Response,
-                       remote_addr: str, started: float, duration: float) -> AccessRecord:
+    @staticmethod
+    def _access_record(request: Request, environ: dict[str, Any], response: Response,
+                       started: float, duration: float) -> AccessRecord:
         return AccessRecord(
-            remote_addr=remote_addr,
+            remote_addr=environ["REMOTE_ADDR"],
             method=request.method,
             target=request.target.decode("latin-1"),
             path=environ["PATH_INFO"],
             query=environ["QUERY_STRING"],
             protocol=environ["SERVER_PROTOCOL"],
-            status=response.status_code,
+            status=response.code,
             response_bytes=response.body_bytes,
             request_headers=Headers(request.headers),
             response_headers=Headers(response.headers),

@@ -14,11 +14,15 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 SCHEMES = frozenset({"http", "https"})
 FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# The same headers as WSGI environ keys: a request whose environ has none of
+# them (nearly all) skips the header scan in ``read_forwarded``.
+FORWARDING_ENVIRON_KEYS = frozenset("HTTP_" + name.decode().upper().replace("-", "_") for name in FORWARDING_HEADERS)
 TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 §5.6.2
 # RFC 7239 §4: forwarded-pair = token "=" value; value = token / quoted-string.
 # Optional whitespace around ";" is not in the grammar, but proxies send it.
@@ -182,6 +186,18 @@ def read_forwarded(headers: Sequence[tuple[bytes, bytes]], trust: Trust) -> Orig
         ",".join(found.get(b"x-forwarded-host", ())),
         trust,
     )
+
+
+def apply_origin(environ: dict[str, Any], origin: Origin | None) -> None:
+    """Put what trusted proxies said about the client into a request's environ."""
+    if origin is None:
+        return
+    if origin.remote is not None:
+        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = origin.remote
+    if origin.scheme is not None:
+        environ["wsgi.url_scheme"] = origin.scheme
+    if origin.host is not None:
+        environ["HTTP_HOST"] = origin.host
 
 
 def pick_hop(nodes: Sequence[str], trust: Trust) -> tuple[int, tuple[str, str] | None]:

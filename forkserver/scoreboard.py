@@ -68,8 +68,9 @@ class Scoreboard:
         HEADER.pack_into(self._map, 0, now)
 
     def request_finished(self, thread: int) -> None:
-        """Clear a request slot."""
+        """Clear a request slot, and beat: the worker is alive and back in its own code."""
         struct.pack_into("d", self._map, HEADER.size + thread * SLOT.size, 0.0)
+        self.beat()
 
     # -- master side ---------------------------------------------------------
 

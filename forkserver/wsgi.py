@@ -16,11 +16,11 @@ import re
 import stat
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from .http.events import Request
-from .http.response import LAST_CHUNK, build_head, frame_chunk
+from .http.response import LAST_CHUNK, assemble_head, frame_chunk, header_line, status_line
 
 # RFC 9110 §7.6.1 plus the ones PEP 3333 names: an app must not set these.
 HOP_BY_HOP = frozenset(
@@ -112,19 +112,39 @@ def base_environ(server_name: str, server_port: str, multithread: bool) -> dict[
     }
 
 
+# Header name as sent -> its environ key ("" for a name we drop).  Clients
+# send the same few names on every request; bounded like the response caches.
+_ENVIRON_KEYS: dict[bytes, str] = {}
+ENVIRON_KEY_CACHE_SIZE = 1024
+_UNPREFIXED = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
+_PROTOCOLS = {"1.0": "HTTP/1.0", "1.1": "HTTP/1.1"}
+
+
+def _environ_key(name: bytes) -> str:
+    """Map a header name to its environ key; "" for a name that must be dropped."""
+    if b"_" in name:
+        # A client could send "X_Forwarded_For" to pose as a proxy's
+        # "X-Forwarded-For" after the dash-to-underscore mapping; drop it.
+        key = ""
+    else:
+        key = name.decode("latin-1").upper().replace("-", "_")
+        if key not in _UNPREFIXED:
+            key = "HTTP_" + key
+    if len(_ENVIRON_KEYS) < ENVIRON_KEY_CACHE_SIZE:
+        _ENVIRON_KEYS[name] = key
+    return key
+
+
 def build_environ(
     request: Request, base: dict[str, Any], remote: tuple[str, str], body: io.BufferedReader,
-    *, scheme: str | None = None, host: str | None = None,
 ) -> dict[str, Any]:
     """Build the per-request environ (PEP 3333 §"environ Variables").
 
-    ``remote``, and ``scheme`` and ``host`` when given, are the client's as a
-    trusted proxy reported them; they override the socket's and the Host header.
+    ``remote`` is the socket's peer; what a trusted proxy says about the
+    client is applied afterwards (``forkserver.proxy.apply_origin``).
     """
     environ = base.copy()
-    if scheme is not None:
-        environ["wsgi.url_scheme"] = scheme
-    target = request.target
+    raw = target = request.target
     if target[:1] != b"/" and target != b"*":
         # absolute-form (RFC 9112 §3.2.2): the path is what follows the authority.
         scheme_end = target.find(b"://") + 3
@@ -136,105 +156,152 @@ def build_environ(
         environ["HTTP_HOST"] = target[scheme_end:end].decode("latin-1")
         target = target[end:] if target[end:end + 1] == b"/" else b"/" + target[end:]
     path, _, query = target.partition(b"?")
-    path = path.partition(b"#")[0]
+    if b"#" in path:
+        path = path.partition(b"#")[0]
     environ["REQUEST_METHOD"] = request.method
-    environ["PATH_INFO"] = _unquote_to_latin1(path)
-    environ["QUERY_STRING"] = query.partition(b"#")[0].decode("latin-1")
-    environ["RAW_URI"] = request.target.decode("latin-1")
-    environ["SERVER_PROTOCOL"] = "HTTP/" + request.version
+    environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if b"%" in path else path.decode("latin-1")
+    environ["QUERY_STRING"] = query.partition(b"#")[0].decode("latin-1") if query else ""
+    environ["RAW_URI"] = raw.decode("latin-1")
+    environ["SERVER_PROTOCOL"] = _PROTOCOLS[request.version]
     environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
     environ["wsgi.input"] = body
+    keys = _ENVIRON_KEYS
     for name, value in request.headers:
-        if b"_" in name:
-            # A client could send "X_Forwarded_For" to pose as a proxy's
-            # "X-Forwarded-For" after the dash-to-underscore mapping; drop it.
+        key = keys.get(name)
+        if key is None:
+            key = _environ_key(name)
+        if not key:
             continue
-        key = name.decode("latin-1").upper().replace("-", "_")
         text = value.decode("latin-1").strip(" \t")
-        if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+        if key not in environ or key in _UNPREFIXED:
             environ[key] = text
-            continue
-        key = "HTTP_" + key
-        if key == "HTTP_HOST" and key in environ:
+        elif key == "HTTP_HOST":
             continue  # absolute-form authority wins over Host (RFC 9112 §3.2.2)
-        if key in environ:
-            separator = "; " if key == "HTTP_COOKIE" else ","
-            environ[key] += separator + text
         else:
-            environ[key] = text
+            environ[key] += ("; " if key == "HTTP_COOKIE" else ",") + text
     if request.chunked:
         environ.pop("CONTENT_LENGTH", None)
-    if host is not None:
-        environ["HTTP_HOST"] = host
     return environ
 
 
-def _unquote_to_latin1(path: bytes) -> str:
-    """Percent-decode a path to bytes, then map them to str one-to-one (PEP 3333)."""
-    if b"%" not in path:
-        return path.decode("latin-1")
-    return unquote_to_bytes(path).decode("latin-1")
+# Encoded status and field lines for what apps have already sent, keyed by
+# what start_response received.  Apps send the same few statuses and mostly
+# the same headers on every request, so after the first request a status or
+# a field costs one dict lookup instead of checking and encoding it again.
+# Bounded: names and values that change per request (cookies, lengths, ids)
+# stop being remembered once the table is full, and are simply checked.
+_STATUS_LINES: dict[str, tuple[int, bytes]] = {}
+_FIELD_LINES: dict[tuple[str, str], tuple[bytes, int | None]] = {}
+STATUS_CACHE_SIZE = 256
+FIELD_CACHE_SIZE = 2048
+DIGITS = re.compile(r"[0-9]+\Z")
 
 
-def check_status(status: Any) -> None:
-    """Raise AppError unless ``status`` is a str like ``"200 OK"``."""
+def encode_status(status: Any) -> tuple[int, bytes]:
+    """Return ``(code, status line)`` for a valid status; raise AppError otherwise."""
+    if status.__class__ is str:
+        known = _STATUS_LINES.get(status)
+        if known is not None:
+            return known
     if not isinstance(status, str):
         raise AppError(f"status must be str, got {type(status).__name__}")
     if not STATUS.match(status):
         raise AppError(f"status {status!r} is not 'NNN Reason'")
+    known = int(status[:3]), status_line(status)
+    if len(_STATUS_LINES) < STATUS_CACHE_SIZE:
+        _STATUS_LINES[status] = known
+    return known
 
 
-def check_headers(headers: Any) -> None:
-    """Raise AppError unless ``headers`` is a list of (str, str) without hop-by-hop."""
+def encode_headers(headers: Any) -> tuple[bytes, int | None]:
+    """Return the encoded field lines and the declared Content-Length (None if absent).
+
+    Raises AppError unless ``headers`` is a list of (str, str) tuples with
+    token names, no control characters and no hop-by-hop fields.
+    """
     if not isinstance(headers, list):
         raise AppError(f"response headers must be a list, got {type(headers).__name__}")
+    lines = []
+    length = None
     for item in headers:
-        if not (isinstance(item, tuple) and len(item) == 2):
-            raise AppError(f"response header {item!r} is not a (name, value) tuple")
-        name, value = item
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise AppError(f"response header {item!r} must be a pair of str")
-        if not TOKEN.match(name):
-            raise AppError(f"response header name {name!r} is not a token")
-        if FIELD_VALUE_BAD.search(value):
-            raise AppError(f"response header {name} has a control character in its value")
-        if name.lower() in HOP_BY_HOP:
-            raise AppError(f"hop-by-hop header {name!r} is the server's to set (PEP 3333)")
+        known = _FIELD_LINES.get(item) if item.__class__ is tuple else None
+        if known is None:
+            known = _encode_field(item)
+        lines.append(known[0])
+        if known[1] is not None:
+            length = known[1]
+    return b"".join(lines), length
+
+
+def _encode_field(item: Any) -> tuple[bytes, int | None]:
+    if not (isinstance(item, tuple) and len(item) == 2):
+        raise AppError(f"response header {item!r} is not a (name, value) tuple")
+    name, value = item
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise AppError(f"response header {item!r} must be a pair of str")
+    if not TOKEN.match(name):
+        raise AppError(f"response header name {name!r} is not a token")
+    if FIELD_VALUE_BAD.search(value):
+        raise AppError(f"response header {name} has a control character in its value")
+    lowered = name.lower()
+    if lowered in HOP_BY_HOP:
+        raise AppError(f"hop-by-hop header {name!r} is the server's to set (PEP 3333)")
+    length = None
+    if lowered == "content-length":
+        if not DIGITS.match(value.strip(" \t")):
+            raise AppError(f"Content-Length {value!r} is not a number")
+        length = int(value)
+    try:
+        known = header_line(name, value), length
+    except UnicodeEncodeError:
+        raise AppError(f"response header {name} is not latin-1 (PEP 3333)") from None
+    if len(_FIELD_LINES) < FIELD_CACHE_SIZE:
+        _FIELD_LINES[(name, value)] = known
+    return known
+
+
+class Sink(Protocol):
+    """Where a Response sends its bytes: the connection it answers on."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def send_pair(self, head: bytes, body: bytes) -> None: ...
+
+    def sendfile(self, in_fd: int, offset: int, count: int) -> int: ...
+
+    def must_close(self) -> bool: ...
 
 
 class Response:
     """One response under construction: start_response, write(), framing, close.
 
     ``keep_alive`` goes False whenever the framing or an error means the
-    connection cannot carry another request afterwards; ``must_close`` is asked
-    as the head goes out, for what only becomes known while the app runs (the
-    worker began to stop, the body was never asked for).
+    connection cannot carry another request afterwards; the sink's
+    ``must_close`` is asked as the head goes out, for what only becomes known
+    while the app runs (the worker began to stop, the body was never asked for).
     """
 
-    def __init__(self, send: Send, sendfile: SendFile, date_line: Callable[[], bytes],
-                 *, head_only: bool, http10: bool, keep_alive: bool,
-                 must_close: Callable[[], bool] = lambda: False) -> None:
-        self._send = send
-        self._must_close = must_close
-        self._sendfile = sendfile
+    __slots__ = ("_sink", "_date_line", "head_only", "http10", "keep_alive", "status", "code", "headers",
+                 "_status_line", "_fields", "_declared_length", "head_sent", "chunked", "content_length",
+                 "body_bytes")
+
+    def __init__(self, sink: Sink, date_line: Callable[[], bytes],
+                 head_only: bool, http10: bool, keep_alive: bool) -> None:
+        self._sink = sink
         self._date_line = date_line
         self.head_only = head_only
         self.http10 = http10
         self.keep_alive = keep_alive
         self.status: str | None = None
+        self.code = 0  # the numeric status; 0 while the app has not started a response
         self.headers: list[tuple[str, str]] = []
         self.head_sent = False
         self.chunked = False
         self.content_length: int | None = None
         self.body_bytes = 0
 
-    @property
-    def status_code(self) -> int:
-        """The numeric status, or 0 if the app never started a response."""
-        return int(self.status[:3]) if self.status else 0
-
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Send:
-        """PEP 3333 ``start_response``: record status and headers, send nothing yet."""
+        """PEP 3333 ``start_response``: check and encode status and headers, send nothing yet."""
         if exc_info:
             try:
                 if self.head_sent:
@@ -243,14 +310,14 @@ class Response:
                 exc_info = None  # break the traceback reference cycle (PEP 3333)
         elif self.status is not None:
             raise AppError("start_response called a second time without exc_info")
-        check_status(status)
-        check_headers(headers)
-        self.status, self.headers = status, headers
+        code, line = encode_status(status)
+        self._fields, self._declared_length = encode_headers(headers)
+        self.status, self.code, self._status_line, self.headers = status, code, line, headers
         return self.write
 
     def _status_without_body(self) -> bool:
-        code = self.status_code
-        return code < 200 or code in (204, 304)  # RFC 9110 §6.4.1
+        code = self.code
+        return code < 200 or code == 204 or code == 304  # RFC 9110 §6.4.1
 
     def _bodyless(self) -> bool:
         return self.head_only or self._status_without_body()
@@ -259,19 +326,14 @@ class Response:
         """Pick the framing and return the encoded head; ``known_length`` if all body is known."""
         if self.status is None:
             raise AppError("app returned without calling start_response")
-        headers = self.headers
-        length = None
-        for name, value in headers:
-            if name.lower() == "content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise AppError(f"Content-Length {value!r} is not a number") from None
+        fields = self._fields
+        length = self._declared_length
         if length is None and known_length is not None and not self._status_without_body():
-            headers = headers + [("Content-Length", str(known_length))]
+            self.headers = self.headers + [("Content-Length", str(known_length))]  # as the access log sees it
+            fields += b"Content-Length: %d\r\n" % known_length
             length = known_length
         self.content_length = length
-        if self._must_close():
+        if self.keep_alive and self._sink.must_close():
             self.keep_alive = False
         if length is None and not self._bodyless():
             if self.http10:
@@ -279,8 +341,8 @@ class Response:
             else:
                 self.chunked = True
         self.head_sent = True
-        return build_head(self.status, headers, self._date_line(),
-                          chunked=self.chunked, close=not self.keep_alive)
+        return assemble_head(self._status_line, fields, self._date_line(),
+                             chunked=self.chunked, close=not self.keep_alive)
 
     def _frame(self, data: bytes) -> bytes:
         """Apply length accounting and chunked framing to one piece of body."""
@@ -301,14 +363,18 @@ class Response:
             raise AppError(f"app wrote {type(data).__name__}, not bytes")
         if not data:
             return
-        out = b"" if self.head_sent else self._head(None)
-        out += self._frame(data)
-        if out:
-            self._send(out)
+        if self.head_sent:
+            data = self._frame(data)
+            if data:
+                self._sink.send(data)
+        else:
+            head = self._head(None)
+            self._sink.send_pair(head, self._frame(data))
 
     def send_whole(self, body: bytes) -> None:
         """Send head and a fully known body together, in one call."""
-        self._send(self._head(len(body)) + self._frame(body))
+        head = self._head(len(body))
+        self._sink.send_pair(head, self._frame(body))
         self.finish()
 
     def send_file(self, fd: int) -> bool:
@@ -318,12 +384,12 @@ class Response:
             return False
         offset = os.lseek(fd, 0, os.SEEK_CUR)
         remaining = max(0, info.st_size - offset)
-        self._send(self._head(remaining))
+        self._sink.send(self._head(remaining))
         if self.content_length is not None:
             remaining = min(remaining, self.content_length)
         if not self._bodyless():
             while remaining:
-                sent = self._sendfile(fd, offset, remaining)
+                sent = self._sink.sendfile(fd, offset, remaining)
                 if sent == 0:
                     break  # the file shrank under us; the length check below closes
                 offset += sent
@@ -335,9 +401,9 @@ class Response:
     def finish(self) -> None:
         """End the body: head if still unsent, last chunk, and the length check."""
         if not self.head_sent:
-            self._send(self._head(0))
+            self._sink.send(self._head(0))
         if self.chunked:
-            self._send(LAST_CHUNK)
+            self._sink.send(LAST_CHUNK)
         elif (self.content_length is not None and not self._bodyless()
               and self.body_bytes < self.content_length):
             # The client still waits for the bytes the app promised; only
@@ -364,7 +430,7 @@ def run_app(app: Callable[..., Any], environ: dict[str, Any], response: Response
             for piece in result:
                 if not isinstance(piece, bytes):
                     raise AppError(f"app returned {type(piece).__name__}, not bytes")
-            response.send_whole(b"".join(result))
+            response.send_whole(result[0] if len(result) == 1 else b"".join(result))
             return
         if isinstance(result, (str, bytes)):
             raise AppError(f"app returned a bare {type(result).__name__}; it must return an iterable of bytes")

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     """A complete request head.
 
     ``headers`` keeps the names as sent (as bytes) and in order, duplicates
     included; ``keep_alive`` is the client's wish under its HTTP version.
+    Not frozen: a frozen dataclass sets every field through
+    ``object.__setattr__``, which made building one a visible share of a
+    hello-world request.  Nobody mutates it.
     """
 
     method: str

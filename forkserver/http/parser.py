@@ -27,6 +27,9 @@ from .errors import (
 from .events import END_OF_MESSAGE, BodyChunk, Event, Request
 
 SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
+# The lengths of the header names the parser acts on: Host, Expect,
+# Content-Length, Transfer-Encoding.
+_FRAMING_NAME_LENGTHS = frozenset({4, 6, 14, 17})
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ class RequestParser:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        # Read on every header field, so kept as plain attributes.
+        self._field_bytes = limits.header_field_bytes
+        self._max_fields = limits.header_fields
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
         self._upgraded = False
@@ -169,30 +175,39 @@ class RequestParser:
             raise RequestLineTooLong(f"request target longer than {self.limits.request_line_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > self.limits.header_field_bytes:
-            raise HeaderTooLarge(f"header field longer than {self.limits.header_field_bytes} bytes")
+        headers = self._headers
+        if len(name) + len(value) > self._field_bytes or len(headers) >= self._max_fields or self._head_done:
+            self._unusual_header(name, value)
+            return
+        headers.append((name, value))
+        if len(name) in _FRAMING_NAME_LENGTHS:
+            # Only these few names change how we frame or answer the message;
+            # the length test keeps the lowering off most fields.
+            lowered = name.lower()
+            if lowered == b"transfer-encoding":
+                self._on_transfer_encoding(value)
+            elif lowered == b"content-length":
+                # llhttp already rejects signs, junk, overflow and duplicates.
+                self._content_length = int(value)
+            elif lowered == b"host":
+                if self._host_seen:
+                    raise BadRequest("more than one Host header")  # RFC 9112 §3.2
+                self._host_seen = True
+            elif lowered == b"expect":
+                self._expect_continue = value.strip().lower() == b"100-continue"
+
+    def _unusual_header(self, name: bytes, value: bytes) -> None:
+        """A field over a limit, or a trailer field after a chunked body."""
+        if len(name) + len(value) > self._field_bytes:
+            raise HeaderTooLarge(f"header field longer than {self._field_bytes} bytes")
         if self._head_done:
             # A trailer field (RFC 9112 §7.1.2): we may discard it, and do,
             # but count it so trailers cannot stream in without end.
             self._trailer_fields += 1
-            if self._trailer_fields > self.limits.header_fields:
-                raise HeaderTooLarge(f"more than {self.limits.header_fields} trailer fields")
+            if self._trailer_fields > self._max_fields:
+                raise HeaderTooLarge(f"more than {self._max_fields} trailer fields")
             return
-        if len(self._headers) >= self.limits.header_fields:
-            raise HeaderTooLarge(f"more than {self.limits.header_fields} header fields")
-        self._headers.append((name, value))
-        lowered = name.lower()
-        if lowered == b"transfer-encoding":
-            self._on_transfer_encoding(value)
-        elif lowered == b"content-length":
-            # llhttp already rejects signs, junk, overflow and duplicates.
-            self._content_length = int(value)
-        elif lowered == b"host":
-            if self._host_seen:
-                raise BadRequest("more than one Host header")  # RFC 9112 §3.2
-            self._host_seen = True
-        elif lowered == b"expect":
-            self._expect_continue = value.strip().lower() == b"100-continue"
+        raise HeaderTooLarge(f"more than {self._max_fields} header fields")
 
     def _on_transfer_encoding(self, value: bytes) -> None:
         # RFC 9112 §6.1: chunked must be the final coding.  We decode no other
@@ -213,41 +228,34 @@ class RequestParser:
         if version not in SUPPORTED_VERSIONS:
             raise VersionNotSupported(f"HTTP/{version} is not supported")
         target = self._target
-        if not target:
-            raise BadRequest("empty request target")
         method = parser.get_method().decode("ascii")
-        self._check_target(method, target)
-        if version == "1.1" and not self._host_seen:
+        if target[:1] != b"/":
+            self._check_target(method, target)
+        if not self._host_seen and version == "1.1":
             raise BadRequest("HTTP/1.1 request without Host header")  # RFC 9112 §3.2
-        if version == "1.0" and self._chunked:
+        if self._chunked and version == "1.0":
             # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        length = self._content_length
         limit = self.limits.body_bytes
-        if limit and self._content_length is not None and self._content_length > limit:
-            raise BodyTooLarge(f"Content-Length {self._content_length} exceeds {limit}")
+        if limit and length is not None and length > limit:
+            raise BodyTooLarge(f"Content-Length {length} exceeds {limit}")
         self._in_head = False
         self._head_done = True
         # httptools makes llhttp skip the body of an Upgrade request; we read it.
-        self._body_skipped = parser.should_upgrade() and (self._chunked or bool(self._content_length))
+        self._body_skipped = parser.should_upgrade() and (self._chunked or bool(length))
         self._events.append(
-            Request(
-                method=method,
-                target=target,
-                version=version,
-                headers=tuple(self._headers),
-                keep_alive=parser.should_keep_alive(),
-                expect_continue=self._expect_continue and version == "1.1",
-                chunked=self._chunked,
-                content_length=self._content_length,
-            )
+            Request(method, target, version, tuple(self._headers), parser.should_keep_alive(),
+                    self._expect_continue and version == "1.1", self._chunked, length)
         )
 
     @staticmethod
     def _check_target(method: str, target: bytes) -> None:
-        # RFC 9112 §3.2: origin-form, absolute-form, or "*" for OPTIONS.  We
-        # serve no CONNECT (authority-form) and no scheme but http(s).
-        if target[:1] == b"/":
-            return
+        # RFC 9112 §3.2: origin-form (checked by the caller), absolute-form,
+        # or "*" for OPTIONS.  We serve no CONNECT (authority-form) and no
+        # scheme but http(s).
+        if not target:
+            raise BadRequest("empty request target")
         if target == b"*" and method == "OPTIONS":
             return
         lowered = target[:8].lower()

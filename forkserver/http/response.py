@@ -32,6 +32,32 @@ class DateHeader:
         return self._line
 
 
+SERVER_LINE = b"Server: " + SERVER_NAME.encode("ascii") + b"\r\n"
+CHUNKED_LINE = b"Transfer-Encoding: chunked\r\n"
+CLOSE_LINE = b"Connection: close\r\n"
+
+
+def status_line(status: str) -> bytes:
+    """Encode ``"200 OK"`` as the status line ``b"HTTP/1.1 200 OK\\r\\n"``."""
+    return b"HTTP/1.1 " + status.encode("latin-1") + b"\r\n"
+
+
+def header_line(name: str, value: str) -> bytes:
+    """Encode one field line; values are latin-1, as PEP 3333 requires of them."""
+    return name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n"
+
+
+def assemble_head(status: bytes, fields: bytes, date_line: bytes, *, chunked: bool, close: bool) -> bytes:
+    """Join an encoded status line and field lines with the headers the server owns.
+
+    ``chunked`` adds ``Transfer-Encoding: chunked``; ``close`` adds
+    ``Connection: close``.  Callers that send many responses keep the
+    encoded pieces and pay only for this join.
+    """
+    return b"".join((status, fields, date_line, SERVER_LINE,
+                     CHUNKED_LINE if chunked else b"", CLOSE_LINE if close else b"", b"\r\n"))
+
+
 def build_head(
     status: str,
     headers: list[tuple[str, str]],
@@ -40,22 +66,9 @@ def build_head(
     chunked: bool,
     close: bool,
 ) -> bytes:
-    """Encode an HTTP/1.1 response head: status line, app headers, server headers.
-
-    ``chunked`` adds ``Transfer-Encoding: chunked``; ``close`` adds
-    ``Connection: close``.  Values are latin-1, as PEP 3333 requires of them.
-    """
-    parts = [b"HTTP/1.1 ", status.encode("latin-1"), b"\r\n"]
-    for name, value in headers:
-        parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
-    parts.append(date_line)
-    parts.append(b"Server: " + SERVER_NAME.encode() + b"\r\n")
-    if chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    if close:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    """Encode an HTTP/1.1 response head: status line, app headers, server headers."""
+    fields = b"".join(header_line(name, value) for name, value in headers)
+    return assemble_head(status_line(status), fields, date_line, chunked=chunked, close=close)
 
 
 def frame_chunk(data: bytes) -> bytes:
