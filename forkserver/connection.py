@@ -37,7 +37,7 @@ from .proxy import (
     apply_origin,
     read_forwarded,
 )
-from .wsgi import AppError, ClientGone, Input, Response, Stalled, build_environ, run_app
+from .wsgi import AppError, ClientGone, Input, Response, Stalled, build_environ, header_environ, run_app
 
 log = logging.getLogger("forkserver")
 
@@ -70,6 +70,9 @@ class Service:
     trust: Trust = field(default_factory=lambda: Trust(()))
     proxy_protocol: bool = False
     health_target: bytes = b""  # ``health_path`` as a request target; b"" (never a target) when off
+    # Set by a single-threaded worker's loop while it serves a batch of ready
+    # connections: those with a deferred response (see Connection.send_pair).
+    outbox: list[Connection] | None = None
 
 
 class Connection:
@@ -100,6 +103,10 @@ class Connection:
         # previous one ended: its head (read before it started) included.
         self.bytes_in = self.bytes_out = 0
         self._charged_in = self._charged_out = 0
+        self.unsent = b""  # responses deferred to the end of the loop's batch (see send_pair)
+        # The header fields of the last request, and their environ entries.
+        self._fields_of: tuple[tuple[bytes, bytes], ...] = ()
+        self._fields: dict[str, str] = {}
 
     # -- loop side: non-blocking ------------------------------------------------
 
@@ -152,8 +159,20 @@ class Connection:
         return bool(self.events) or self.parser.mid_message()
 
     def close(self) -> None:
-        """Close the socket; safe to call twice."""
+        """Close the socket (after one non-blocking try to send a deferred response); safe to call twice."""
+        if self.unsent:
+            try:
+                self.sock.send(self.unsent)
+            except OSError:
+                pass
+            self.unsent = b""
         self.sock.close()
+
+    def flush(self) -> None:
+        """Send the responses ``send_pair`` deferred; raises ClientGone if the peer is gone."""
+        data, self.unsent = self.unsent, b""
+        self.bytes_out -= len(data)  # counted when deferred; send() counts them again
+        self.send(data)
 
     # -- serving side: waits on deadlines ----------------------------------------
 
@@ -168,6 +187,8 @@ class Connection:
 
     def send(self, data: bytes) -> None:
         """Send all of ``data``, waiting for the peer as long as it keeps up."""
+        if self.unsent:
+            self.flush()
         try:
             sent = self.sock.send(data)
         except BlockingIOError:
@@ -178,13 +199,32 @@ class Connection:
         if sent < len(data):
             self._send_rest(memoryview(data)[sent:])
 
-    def send_pair(self, head: bytes, body: bytes) -> None:
-        """Send a response head and a piece of body: one system call, and no copy of a large body."""
-        if len(body) < SEND_JOIN_BYTES:
-            self.send(head + body)
+    def send_pair(self, head: bytes, body: bytes, last: bool = False) -> None:
+        """Send a response head and a piece of body: one system call, and no copy of a large body.
+
+        ``last``: this completes a response after which the connection stays
+        open.  While the loop works through a batch of ready connections
+        (``Service.outbox`` is a list), such a small response waits for the
+        end of the batch and then goes out with the others, back to back:
+        waking a client that sleeps costs the sender more than the send,
+        and one wake-up then covers the whole batch.
+        """
+        outbox = self.service.outbox
+        if last and outbox is not None and len(body) < SEND_JOIN_BYTES:
+            if not self.unsent:
+                outbox.append(self)
+            self.unsent += head + body
+            self.bytes_out += len(head) + len(body)
             return
+        if self.unsent:
+            self.flush()
         try:
-            sent = self.sock.sendmsg((head, body))
+            if len(body) < SEND_JOIN_BYTES:
+                head += body
+                body = b""
+                sent = self.sock.send(head)
+            else:
+                sent = self.sock.sendmsg((head, body))
         except BlockingIOError:
             sent = 0
         except OSError as exc:
@@ -193,7 +233,7 @@ class Connection:
         if sent < len(head):
             self._send_rest(memoryview(head)[sent:])
             sent = len(head)
-        if sent - len(head) < len(body):
+        if body and sent - len(head) < len(body):
             self._send_rest(memoryview(body)[sent - len(head):])
 
     def _send_rest(self, view: memoryview) -> None:
@@ -210,6 +250,8 @@ class Connection:
 
     def sendfile(self, in_fd: int, offset: int, count: int) -> int:
         """Send up to ``count`` bytes of a file with ``os.sendfile``; return bytes sent."""
+        if self.unsent:
+            self.flush()
         while True:
             try:
                 sent = os.sendfile(self.fd, in_fd, offset, count)
@@ -319,7 +361,11 @@ class Connection:
             body = io.BufferedReader(Input(self.pull_body))
         else:
             body = io.BytesIO()  # no body: nothing to stream, and far cheaper to make
-        environ = build_environ(request, self.base_environ, self.remote, body)
+        if request.headers != self._fields_of:
+            # Clients mostly repeat their header fields on every request of a
+            # connection: map them to environ entries only when they change.
+            self._fields_of, self._fields = request.headers, header_environ(request.headers)
+        environ = build_environ(request, self.base_environ, self.remote, body, self._fields)
         if self.trusted and not environ.keys().isdisjoint(FORWARDING_ENVIRON_KEYS):
             apply_origin(environ, read_forwarded(request.headers, service.trust))
         if spooled >= 0:
@@ -410,8 +456,10 @@ class Connection:
         if response is not None:
             response.code = error.status
         try:
+            if self.unsent:
+                self.flush()
             self.sock.send(error_response(error.status, error.reason, self.service.date.line()))
-        except OSError:
+        except (OSError, ClientGone):
             pass
 
     @staticmethod

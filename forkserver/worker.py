@@ -45,7 +45,7 @@ from .scoreboard import Scoreboard
 from .stats import Reporter
 from .signals import Wakeup
 from .sockets import Listener
-from .wsgi import base_environ
+from .wsgi import ClientGone, base_environ
 
 log = logging.getLogger("forkserver")
 
@@ -103,8 +103,10 @@ class Worker:
         self.finished: deque[tuple[Connection, bool]] = deque()
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self.served = 0
+        self.inline = self.config.threads == 1  # requests are served by the loop itself
         self.access_log: AccessLog | None = None  # opened once the app has loaded
         self.title_busy = True  # so the first idle moment replaces "booting"
+        self.shown_method = self.shown_path = ""  # the request the busy title names
         self.max_requests = 0
         if self.config.max_requests:
             self.max_requests = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
@@ -238,42 +240,59 @@ class Worker:
         if self.config.timeout:
             interval = min(interval, self.config.timeout / 4)
         reporter = self.reporter
-        while not self._done():
+        poll = self.epoll.poll
+        connections = self.connections
+        wakeup_fd = self.wakeup.fileno()
+        service, inline = self.service, self.inline
+        while not (self.stopping and self._done()):
             board.beat()
             if reporter is not None:
                 reporter.flush_if_due(time.monotonic())
-            events = self.epoll.poll(0)
+            events = poll(0)
             if not events:
                 # About to wait: the cheapest moment to write batched log
                 # lines and to say in the title that we are idle.
                 self._flush_access_log()
                 self._show_idle()
-                events = self.epoll.poll(self._poll_timeout(interval))
+                events = poll(self._poll_timeout(interval))
             if self.term_received and not self.stopping:
                 # A stop signal that came with (or just after) these events is
                 # handled first: a retired worker must not take one more connection.
                 self._handle_signals()
+            batch = inline and len(events) > 1
+            if batch:
+                service.outbox = outbox = []
             for fd, _ in events:
-                if fd in self.listening:
+                connection = connections.get(fd)
+                if connection is not None:
+                    self._on_readable(connection)
+                elif fd in self.listening:
                     self._accept(*self.listening[fd])
-                elif fd == self.wakeup.fileno():
+                elif fd == wakeup_fd:
                     self._handle_signals()
                 elif fd == self.finished_r:
                     self._collect_finished()
-                elif fd in self.connections:
-                    self._on_readable(self.connections[fd])
-            self._sweep_idle()
-            if not self.stopping and os.getppid() != self.spec.master_pid:
-                log.warning("master died; worker exiting pid=%d", self.pid)
-                self._begin_stop(drain=True)
+            if batch:
+                service.outbox = None
+                for connection in outbox:
+                    self._flush(connection)
+            if time.monotonic() >= self.next_sweep:
+                self._sweep_idle()
 
     def _flush_access_log(self) -> None:
         if self.access_log is not None:
             self.access_log.flush()
 
     def _show(self, method: str, path: str) -> None:
-        """Put the request being served in the process title, for ``ps``."""
-        # A decoded %00 would make setproctitle raise; the title is for people.
+        """Put the request being served in the process title, for ``ps``.
+
+        Skipped when the title already names this very request line: under
+        load most requests repeat the one before, and the title is for people.
+        """
+        if self.title_busy and path == self.shown_path and method == self.shown_method:
+            return
+        self.shown_method, self.shown_path = method, path
+        # A decoded %00 would make setproctitle raise.
         setproctitle(f"{self.title} busy {method} {path[:80].replace(chr(0), '%00')}")
         self.title_busy = True
 
@@ -288,8 +307,7 @@ class Worker:
         return interval
 
     def _done(self) -> bool:
-        if not self.stopping:
-            return False
+        """While stopping: is everything we held finished, or the graceful timeout over?"""
         if time.monotonic() >= self.stop_deadline:
             if self.connections or self.busy:
                 log.warning("graceful timeout: closing %d connection(s) pid=%d",
@@ -403,6 +421,16 @@ class Worker:
             self.epoll.unregister(fd)
         self.deadlines.pop(fd, None)
 
+    def _flush(self, connection: Connection) -> None:
+        """Send what a connection deferred during the batch; close it if the peer is gone."""
+        if not connection.unsent:
+            return  # closed, or flushed by a later send, meanwhile
+        try:
+            connection.flush()
+        except ClientGone as exc:
+            log.debug("client gone remote=%s: %s", connection.remote[0], exc)
+            self._close(connection)
+
     def _close(self, connection: Connection) -> None:
         self._unwatch(connection)
         connection.close()
@@ -411,20 +439,22 @@ class Worker:
         if not connection.receive():
             self._close(connection)
         elif connection.next_is_request():
-            self._dispatch(connection)
+            if self.inline:
+                self._serve_inline(connection)
+            else:
+                self._dispatch(connection)
         elif fresh:
             self._watch(connection, self.config.header_timeout)
 
     def _sweep_idle(self) -> None:
-        """Close connections past their deadline, looking at most every SWEEP_INTERVAL.
+        """Close connections past their deadline, and check that the master lives.
 
-        Deadlines differ (header timeout, keep-alive, the stop grace), so the
-        table is scanned whole; doing it a few times a second keeps that off
-        the per-request path while closing within a fraction of a second.
+        Called a few times a second (every SWEEP_INTERVAL), not per request:
+        deadlines differ (header timeout, keep-alive, the stop grace), so the
+        table is scanned whole, which is cheap at that rate and still closes
+        within a fraction of a second.
         """
         now = time.monotonic()
-        if now < self.next_sweep:
-            return
         self.next_sweep = now + SWEEP_INTERVAL
         for fd, deadline in list(self.deadlines.items()):
             if deadline > now:
@@ -435,20 +465,31 @@ class Worker:
             else:
                 log.info("keep-alive timeout remote=%s: closing", connection.remote[0] or "unix")
             self._close(connection)
+        if not self.stopping and os.getppid() != self.spec.master_pid:
+            log.warning("master died; worker exiting pid=%d", self.pid)
+            self._begin_stop(drain=True)
 
     # -- serving -------------------------------------------------------------------
 
+    def _serve_inline(self, connection: Connection) -> None:
+        """Single-threaded: serve the connection's requests right here, in the loop.
+
+        The loop cannot look at the connection meanwhile, so it may stay
+        registered with epoll, saving two epoll_ctl calls per request.
+        """
+        fd = connection.fd
+        self.deadlines.pop(fd, None)
+        if self._serve(connection, 0):
+            if fd not in self.connections:
+                self.connections[fd] = connection
+                self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+            connection.idle_since = now = time.monotonic()
+            self.deadlines[fd] = now + self.config.keepalive
+        else:
+            self._close(connection)
+
     def _dispatch(self, connection: Connection) -> None:
-        if self.config.threads == 1:
-            # Served right here, so the loop cannot look at the connection
-            # meanwhile: it may stay registered with epoll, saving two
-            # epoll_ctl calls per request.
-            self.deadlines.pop(connection.fd, None)
-            if self._serve(connection, 0):
-                self._watch(connection, self.config.keepalive)
-            else:
-                self._close(connection)
-            return
+        """With threads: hand the connection to the pool, and stop accepting when it is full."""
         self._unwatch(connection)
         self.busy += 1
         if self.busy >= self.config.threads:
@@ -466,23 +507,23 @@ class Worker:
             except Exception:
                 log.exception("unexpected error serving remote=%s", connection.remote[0])
                 keep = False
-            self._count_request()
+            self.served += 1
+            if self.served == self.max_requests:
+                self._recycle()
             if not keep:
                 return False
             if not connection.next_is_request():
                 return True
 
-    def _count_request(self) -> None:
-        """Count a request toward ``max_requests``; past it, retire gracefully."""
-        self.served += 1
-        if self.max_requests and self.served == self.max_requests:
-            # Tell the master first, so it starts a replacement right away.
-            self._notify(f"recycle {self.pid} max_requests={self.max_requests}")
-            self.term_received = True  # a response in progress says Connection: close
-            if self.config.threads == 1:
-                self._begin_stop(drain=False)  # we are the loop: stop before accepting again
-            else:
-                os.write(self.wakeup.write_fd, bytes([signal.SIGUSR2]))
+    def _recycle(self) -> None:
+        """The request that reached ``max_requests`` is done: retire gracefully."""
+        # Tell the master first, so it starts a replacement right away.
+        self._notify(f"recycle {self.pid} max_requests={self.max_requests}")
+        self.term_received = True  # a response in progress says Connection: close
+        if self.inline:
+            self._begin_stop(drain=False)  # we are the loop: stop before accepting again
+        else:
+            os.write(self.wakeup.write_fd, bytes([signal.SIGUSR2]))
 
     def _run_jobs(self, thread: int) -> None:
         while True:

@@ -15,7 +15,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
@@ -135,18 +135,45 @@ def _environ_key(name: bytes) -> str:
     return key
 
 
+def header_environ(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Map request header fields to their environ entries (``HTTP_*``, ``CONTENT_*``).
+
+    Repeated fields are joined with "," (cookies with "; ", RFC 9113 §8.2.3);
+    names containing "_" are dropped.  A pure function of the fields, so a
+    connection whose client repeats its headers computes it once.
+    """
+    fields: dict[str, str] = {}
+    keys = _ENVIRON_KEYS
+    for name, value in headers:
+        key = keys.get(name)
+        if key is None:
+            key = _environ_key(name)
+        if not key:
+            continue
+        text = value.decode("latin-1").strip(" \t")
+        if key not in fields or key in _UNPREFIXED:
+            fields[key] = text
+        else:
+            fields[key] += ("; " if key == "HTTP_COOKIE" else ",") + text
+    return fields
+
+
 def build_environ(
     request: Request, base: dict[str, Any], remote: tuple[str, str], body: io.BufferedReader,
+    fields: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Build the per-request environ (PEP 3333 §"environ Variables").
 
     ``remote`` is the socket's peer; what a trusted proxy says about the
     client is applied afterwards (``forkserver.proxy.apply_origin``).
+    ``fields`` is ``header_environ(request.headers)`` when the caller has it.
     """
     environ = base.copy()
+    environ.update(header_environ(request.headers) if fields is None else fields)
     raw = target = request.target
     if target[:1] != b"/" and target != b"*":
-        # absolute-form (RFC 9112 §3.2.2): the path is what follows the authority.
+        # absolute-form (RFC 9112 §3.2.2): the path is what follows the
+        # authority, and the authority wins over any Host header.
         scheme_end = target.find(b"://") + 3
         end = len(target)
         for delimiter in b"/?#":
@@ -165,20 +192,6 @@ def build_environ(
     environ["SERVER_PROTOCOL"] = _PROTOCOLS[request.version]
     environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
     environ["wsgi.input"] = body
-    keys = _ENVIRON_KEYS
-    for name, value in request.headers:
-        key = keys.get(name)
-        if key is None:
-            key = _environ_key(name)
-        if not key:
-            continue
-        text = value.decode("latin-1").strip(" \t")
-        if key not in environ or key in _UNPREFIXED:
-            environ[key] = text
-        elif key == "HTTP_HOST":
-            continue  # absolute-form authority wins over Host (RFC 9112 §3.2.2)
-        else:
-            environ[key] += ("; " if key == "HTTP_COOKIE" else ",") + text
     if request.chunked:
         environ.pop("CONTENT_LENGTH", None)
     return environ
@@ -192,6 +205,10 @@ def build_environ(
 # stop being remembered once the table is full, and are simply checked.
 _STATUS_LINES: dict[str, tuple[int, bytes]] = {}
 _FIELD_LINES: dict[tuple[str, str], tuple[bytes, int | None]] = {}
+# The last header list encoded, its encoding and its Content-Length: many
+# apps answer with an equal list every time, and comparing lists is cheaper
+# than looking up each field.
+_last_headers: tuple[list[tuple[str, str]], bytes, int | None] = ([], b"", None)
 STATUS_CACHE_SIZE = 256
 FIELD_CACHE_SIZE = 2048
 DIGITS = re.compile(r"[0-9]+\Z")
@@ -219,6 +236,9 @@ def encode_headers(headers: Any) -> tuple[bytes, int | None]:
     Raises AppError unless ``headers`` is a list of (str, str) tuples with
     token names, no control characters and no hop-by-hop fields.
     """
+    last = _last_headers
+    if headers == last[0] and headers.__class__ is list:
+        return last[1], last[2]  # the same fields as the response before (compared item by item)
     if not isinstance(headers, list):
         raise AppError(f"response headers must be a list, got {type(headers).__name__}")
     lines = []
@@ -230,7 +250,16 @@ def encode_headers(headers: Any) -> tuple[bytes, int | None]:
         lines.append(known[0])
         if known[1] is not None:
             length = known[1]
-    return b"".join(lines), length
+    encoded = b"".join(lines)
+    _remember_headers(headers, encoded, length)
+    return encoded, length
+
+
+def _remember_headers(headers: list[tuple[str, str]], encoded: bytes, length: int | None) -> None:
+    global _last_headers
+    # A copy: the app may change its list later.  One tuple, replaced whole,
+    # so threads never see a half-updated entry.
+    _last_headers = (list(headers), encoded, length)
 
 
 def _encode_field(item: Any) -> tuple[bytes, int | None]:
@@ -265,7 +294,7 @@ class Sink(Protocol):
 
     def send(self, data: bytes) -> None: ...
 
-    def send_pair(self, head: bytes, body: bytes) -> None: ...
+    def send_pair(self, head: bytes, body: bytes, last: bool = False) -> None: ...
 
     def sendfile(self, in_fd: int, offset: int, count: int) -> int: ...
 
@@ -281,9 +310,15 @@ class Response:
     while the app runs (the worker began to stop, the body was never asked for).
     """
 
-    __slots__ = ("_sink", "_date_line", "head_only", "http10", "keep_alive", "status", "code", "headers",
-                 "_status_line", "_fields", "_declared_length", "head_sent", "chunked", "content_length",
-                 "body_bytes")
+    # Class-level defaults: a response is made per request, and most of
+    # these keep their starting value, so __init__ need not store them.
+    status: str | None = None
+    code = 0  # the numeric status; 0 while the app has not started a response
+    headers: list[tuple[str, str]] = []  # replaced, never mutated
+    head_sent = False
+    chunked = False
+    content_length: int | None = None
+    body_bytes = 0
 
     def __init__(self, sink: Sink, date_line: Callable[[], bytes],
                  head_only: bool, http10: bool, keep_alive: bool) -> None:
@@ -292,13 +327,6 @@ class Response:
         self.head_only = head_only
         self.http10 = http10
         self.keep_alive = keep_alive
-        self.status: str | None = None
-        self.code = 0  # the numeric status; 0 while the app has not started a response
-        self.headers: list[tuple[str, str]] = []
-        self.head_sent = False
-        self.chunked = False
-        self.content_length: int | None = None
-        self.body_bytes = 0
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Send:
         """PEP 3333 ``start_response``: check and encode status and headers, send nothing yet."""
@@ -310,9 +338,10 @@ class Response:
                 exc_info = None  # break the traceback reference cycle (PEP 3333)
         elif self.status is not None:
             raise AppError("start_response called a second time without exc_info")
-        code, line = encode_status(status)
+        known = _STATUS_LINES.get(status) if status.__class__ is str else None
+        self.code, self._status_line = known or encode_status(status)
         self._fields, self._declared_length = encode_headers(headers)
-        self.status, self.code, self._status_line, self.headers = status, code, line, headers
+        self.status, self.headers = status, headers
         return self.write
 
     def _status_without_body(self) -> bool:
@@ -341,8 +370,7 @@ class Response:
             else:
                 self.chunked = True
         self.head_sent = True
-        return assemble_head(self._status_line, fields, self._date_line(),
-                             chunked=self.chunked, close=not self.keep_alive)
+        return assemble_head(self._status_line, fields, self._date_line(), self.chunked, not self.keep_alive)
 
     def _frame(self, data: bytes) -> bytes:
         """Apply length accounting and chunked framing to one piece of body."""
@@ -374,6 +402,10 @@ class Response:
     def send_whole(self, body: bytes) -> None:
         """Send head and a fully known body together, in one call."""
         head = self._head(len(body))
+        if self.content_length == len(body) and not self._bodyless():
+            self.body_bytes = len(body)  # the common case, framed: nothing to cut, no chunks
+            self._sink.send_pair(head, body, self.keep_alive)
+            return
         self._sink.send_pair(head, self._frame(body))
         self.finish()
 

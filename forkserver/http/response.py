@@ -47,7 +47,7 @@ def header_line(name: str, value: str) -> bytes:
     return name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n"
 
 
-def assemble_head(status: bytes, fields: bytes, date_line: bytes, *, chunked: bool, close: bool) -> bytes:
+def assemble_head(status: bytes, fields: bytes, date_line: bytes, chunked: bool, close: bool) -> bytes:
     """Join an encoded status line and field lines with the headers the server owns.
 
     ``chunked`` adds ``Transfer-Encoding: chunked``; ``close`` adds
@@ -68,7 +68,7 @@ def build_head(
 ) -> bytes:
     """Encode an HTTP/1.1 response head: status line, app headers, server headers."""
     fields = b"".join(header_line(name, value) for name, value in headers)
-    return assemble_head(status_line(status), fields, date_line, chunked=chunked, close=close)
+    return assemble_head(status_line(status), fields, date_line, chunked, close)
 
 
 def frame_chunk(data: bytes) -> bytes:
