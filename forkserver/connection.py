@@ -104,6 +104,7 @@ class Connection:
         self.bytes_in = self.bytes_out = 0
         self._charged_in = self._charged_out = 0
         self.unsent = b""  # responses deferred to the end of the loop's batch (see send_pair)
+        self._raw_left = 0  # body bytes still to read past the parser (see _raw_body_left)
         # The header fields of the last request, and their environ entries.
         self._fields_of: tuple[tuple[bytes, bytes], ...] = ()
         self._fields: dict[str, str] = {}
@@ -277,14 +278,64 @@ class Connection:
             self.events.extend(self.parser.feed(data))
             return
 
-    def pull_body(self) -> bytes:
-        """Return the next piece of the current body; ``b""`` once it is complete."""
-        if self._body_done:
-            return b""
+    def _ask_for_body(self) -> None:
+        """Send the 100 Continue the client waits for, once, before we wait for its body."""
         if self._continue_due:
             self._continue_due = False
             self.send(CONTINUE_RESPONSE)
+
+    def _raw_body_left(self) -> int:
+        """Body bytes we read off the socket ourselves, past the parser; 0 if none.
+
+        Only once every parsed event is consumed is the parser's current
+        message the request being served; only then may it hand the rest of a
+        Content-Length body over (see ``RequestParser.hand_over_body``).
+        """
+        if not self._raw_left and not self.events:
+            self._raw_left = self.parser.hand_over_body()
+        return self._raw_left
+
+    def _receive_raw_body(self, buffer: Any) -> int:
+        """Read handed-over body bytes into ``buffer``, waiting on the deadline; return how many."""
+        want = min(len(buffer), self._raw_left)
+        while True:
+            try:
+                received = self.sock.recv_into(buffer, want)
+            except BlockingIOError:
+                self._wait(select.POLLIN)
+                continue
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+            if not received:
+                raise ClientGone("peer closed while sending the body")
+            break
+        self.bytes_in += received
+        self._raw_left -= received
+        if not self._raw_left:
+            self.events.append(END_OF_MESSAGE)  # the body is complete, as the parser would have said
+        return received
+
+    def body_into(self, buffer: Any) -> int:
+        """Read body bytes straight from the socket into ``buffer`` (one copy, no parser).
+
+        Returns -1 when parsed pieces, or the end of the body, come first:
+        then ``pull_body`` has them.
+        """
+        if self.events or self._body_done or not self._raw_body_left():
+            return -1
+        self._ask_for_body()
+        return self._receive_raw_body(buffer)
+
+    def pull_body(self) -> bytes | bytearray:
+        """Return the next piece of the current body; ``b""`` once it is complete."""
+        if self._body_done:
+            return b""
+        self._ask_for_body()
         while not self.events:
+            if self._raw_body_left():
+                piece = bytearray(min(RECV_BYTES, self._raw_left))
+                del piece[self._receive_raw_body(piece):]
+                return piece
             self._receive_blocking()
         event = self.events.popleft()
         if isinstance(event, BodyChunk):
@@ -358,7 +409,7 @@ class Connection:
                 log.info("%s remote=%s: closing", exc, self.remote[0] or "unix")
                 return False
         elif request.content_length:
-            body = io.BufferedReader(Input(self.pull_body))
+            body = io.BufferedReader(Input(self))
         else:
             body = io.BytesIO()  # no body: nothing to stream, and far cheaper to make
         if request.headers != self._fields_of:

@@ -69,16 +69,26 @@ class FileWrapper:
             yield block
 
 
-class Input(io.RawIOBase):
-    """The raw stream under ``wsgi.input``: pulls body bytes until the body ends.
+class BodySource(Protocol):
+    """Where ``Input`` gets the request body: the connection it arrives on."""
 
-    ``pull()`` returns the next piece of body, or ``b""`` once the body is
-    complete, so reads can never run into the next pipelined request.  The
+    def pull_body(self) -> bytes | bytearray: ...
+
+    def body_into(self, buffer: Any) -> int: ...
+
+
+class Input(io.RawIOBase):
+    """The raw stream under ``wsgi.input``: reads body bytes until the body ends.
+
+    The source either reads body bytes straight into the caller's buffer
+    (``body_into``), or, when the parser already holds some (or the body is
+    chunked), hands over pieces (``pull_body``; ``b""`` once the body is
+    complete), so reads can never run into the next pipelined request.  The
     buffered reader on top supplies read/readline/readlines/iteration.
     """
 
-    def __init__(self, pull: Callable[[], bytes]) -> None:
-        self._pull = pull
+    def __init__(self, source: BodySource) -> None:
+        self._source = source
         self._pending = memoryview(b"")
 
     def readable(self) -> bool:
@@ -86,7 +96,10 @@ class Input(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         if not self._pending:
-            self._pending = memoryview(self._pull())
+            direct = self._source.body_into(buffer)
+            if direct >= 0:
+                return direct
+            self._pending = memoryview(self._source.pull_body())
             if not self._pending:
                 return 0
         n = min(len(buffer), len(self._pending))
@@ -397,7 +410,9 @@ class Response:
                 self._sink.send(data)
         else:
             head = self._head(None)
-            self._sink.send_pair(head, self._frame(data))
+            data = self._frame(data)
+            # A first write that is the whole declared body ends the response.
+            self._sink.send_pair(head, data, self.keep_alive and self.body_bytes == self.content_length)
 
     def send_whole(self, body: bytes) -> None:
         """Send head and a fully known body together, in one call."""

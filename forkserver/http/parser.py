@@ -157,6 +157,28 @@ class RequestParser:
         """True between the first byte of a request and the end of its body."""
         return self._in_head or self._head_done
 
+    def hand_over_body(self) -> int:
+        """Let the caller read the rest of the current Content-Length body off the wire itself.
+
+        Returns how many body bytes are still to come; 0 when there is
+        nothing to hand over (no body left, a chunked or Upgrade body, no
+        message in its body).  After a non-zero answer the caller reads
+        exactly that many bytes, emits the end of the message itself, and
+        feeds the parser only what follows: the parser then expects the next
+        message.  Nothing is lost by skipping llhttp here, since llhttp does
+        not look inside a Content-Length body, while every byte of it is
+        spared a callback and a copy.
+        """
+        length = self._content_length
+        if not self._head_done or self._chunked or length is None or self._upgraded or self._failed:
+            return 0
+        left = length - self._body_bytes
+        if left <= 0:
+            return 0
+        self._parser = httptools.HttpRequestParser(self)  # the old one sits mid-body
+        self._head_done = False
+        return left
+
     @property
     def upgraded(self) -> bool:
         """True once an Upgrade/CONNECT head stopped the parser; the connection must close."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 import pytest
 import requests
@@ -131,6 +132,33 @@ def test_readline_never_reads_past_the_body(start):
                      + b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nfour")
         assert json.loads(read_response(conn)[2])["lines"] == ["one\n", "two\n", "three"]
         assert json.loads(read_response(conn)[2])["lines"] == ["four"]
+
+
+def test_body_read_past_the_parser_ends_exactly_where_the_next_request_starts(start):
+    """A Content-Length body that is still arriving is read straight off the socket, past
+    the parser; the bytes after it, sent in the same segment, are the next request."""
+    srv = start("basic:echo", "-w", "1")
+    body = bytes(range(256)) * 1200  # 300 KiB, every byte value
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as conn:
+        conn.sendall(b"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:1000])
+        time.sleep(0.2)  # the head and the first bytes are parsed before the rest arrives
+        conn.sendall(body[1000:] + b"POST /next HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nfour")
+        first = json.loads(read_response(conn)[2])
+        second = json.loads(read_response(conn)[2])
+    assert first["PATH_INFO"] == "/big" and first["body"].encode("latin-1") == body
+    assert second["PATH_INFO"] == "/next" and second["body"] == "four"
+
+
+def test_unread_body_past_the_parser_is_drained_before_the_next_request(start):
+    srv = start("basic:hello", "-w", "1")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as conn:
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100)
+        time.sleep(0.2)
+        conn.sendall(b"y" * 199900 + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        for _ in range(2):
+            status, headers, answer = read_response(conn)
+            assert status == b"HTTP/1.1 200 OK" and answer == b"hello, world\n"
+            assert "connection" not in headers
 
 
 def test_expect_100_continue_is_sent_when_the_app_reads(start):
