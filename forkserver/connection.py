@@ -48,7 +48,10 @@ DRAIN_LIMIT_BYTES = 1 << 20
 SPOOL_MEMORY_BYTES = 1 << 20
 # A body this small is copied behind the head and sent with send(); a
 # larger one goes out with sendmsg() straight from the app's buffer.
-SEND_JOIN_BYTES = 16384  # a chunked body larger than this waits in a temporary file
+SEND_JOIN_BYTES = 16384
+# Deferred buffers per connection before a response goes out at once anyway
+# (a client pipelining hundreds of requests must not outgrow sendmsg's iovec).
+DEFER_MAX_PARTS = 64  # a chunked body larger than this waits in a temporary file
 HEALTH_METHODS = ("GET", "HEAD")
 HEALTH_BODY = b"ok\n"
 HEALTH_HEADERS = [("Content-Type", "text/plain")]
@@ -103,7 +106,8 @@ class Connection:
         # previous one ended: its head (read before it started) included.
         self.bytes_in = self.bytes_out = 0
         self._charged_in = self._charged_out = 0
-        self.unsent = b""  # responses deferred to the end of the loop's batch (see send_pair)
+        # Responses deferred to the end of the loop's batch (see send_pair), as buffers.
+        self.unsent: list[bytes] = []
         self._raw_left = 0  # body bytes still to read past the parser (see _raw_body_left)
         # The header fields of the last request, and their environ entries.
         self._fields_of: tuple[tuple[bytes, bytes], ...] = ()
@@ -163,17 +167,25 @@ class Connection:
         """Close the socket (after one non-blocking try to send a deferred response); safe to call twice."""
         if self.unsent:
             try:
-                self.sock.send(self.unsent)
+                self.sock.sendmsg(self.unsent)
             except OSError:
                 pass
-            self.unsent = b""
+            self.unsent = []
         self.sock.close()
 
     def flush(self) -> None:
         """Send the responses ``send_pair`` deferred; raises ClientGone if the peer is gone."""
-        data, self.unsent = self.unsent, b""
-        self.bytes_out -= len(data)  # counted when deferred; send() counts them again
-        self.send(data)
+        parts, self.unsent = self.unsent, []
+        total = sum(map(len, parts))
+        try:
+            sent = self.sock.sendmsg(parts)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+        if sent < total:
+            self.bytes_out -= total - sent  # counted when deferred; _send_rest counts them again
+            self._send_rest(memoryview(b"".join(parts))[sent:])
 
     # -- serving side: waits on deadlines ----------------------------------------
 
@@ -205,16 +217,19 @@ class Connection:
 
         ``last``: this completes a response after which the connection stays
         open.  While the loop works through a batch of ready connections
-        (``Service.outbox`` is a list), such a small response waits for the
+        (``Service.outbox`` is a list), such a response waits for the
         end of the batch and then goes out with the others, back to back:
         waking a client that sleeps costs the sender more than the send,
         and one wake-up then covers the whole batch.
         """
         outbox = self.service.outbox
-        if last and outbox is not None and len(body) < SEND_JOIN_BYTES:
+        if last and outbox is not None and len(self.unsent) < DEFER_MAX_PARTS:
             if not self.unsent:
                 outbox.append(self)
-            self.unsent += head + body
+            if len(body) < SEND_JOIN_BYTES:
+                self.unsent.append(head + body)
+            else:
+                self.unsent += (head, body)  # no copy: sendmsg() takes both
             self.bytes_out += len(head) + len(body)
             return
         if self.unsent:
