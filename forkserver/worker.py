@@ -33,6 +33,7 @@ from typing import Any
 from setproctitle import setproctitle
 
 from . import reloader, static
+from .balance import RECHECK, AcceptBoard
 from .config import Config
 from .connection import Connection, Service
 from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
@@ -88,6 +89,8 @@ class WorkerSpec:
     gid: int | None
     stats_queue: Any  # a multiprocessing SimpleQueue of our own, or None with stats off
     reload_dir: str = ""  # with reload: where to report the files the app imported
+    accept_board: AcceptBoard | None = None  # shared with the other workers, to spread connections
+    seat: int = -1  # our entry on it
 
 
 class Worker:
@@ -106,6 +109,7 @@ class Worker:
         self.listening: dict[int, tuple[socket.socket, Listener]] = {}
         self.busy = 0
         self.accepting = False
+        self.balancing = False  # not accepting because we hold more connections than the others
         self.finished: deque[tuple[Connection, bool]] = deque()
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self.served = 0
@@ -251,8 +255,15 @@ class Worker:
         connections = self.connections
         wakeup_fd = self.wakeup.fileno()
         service, inline = self.service, self.inline
+        accept_board, seat = self.spec.accept_board, self.spec.seat
         while not (self.stopping and self._done()):
             board.beat()
+            if accept_board is not None:
+                held = len(connections) + self.busy
+                if self.balancing and accept_board.may_accept(seat, held):
+                    self.balancing = False
+                    self._set_accepting(self._willing())
+                accept_board.publish(seat, held, self._willing())
             if reporter is not None:
                 reporter.flush_if_due(time.monotonic())
             events = poll(0)
@@ -261,7 +272,10 @@ class Worker:
                 # lines and to say in the title that we are idle.
                 self._flush_access_log()
                 self._show_idle()
-                events = poll(self._poll_timeout(interval))
+                timeout = self._poll_timeout(interval)
+                if accept_board is not None:
+                    accept_board.publish(seat, len(connections) + self.busy, self._willing(), timeout)
+                events = poll(timeout)
             if self.term_received and not self.stopping:
                 # A stop signal that came with (or just after) these events is
                 # handled first: a retired worker must not take one more connection.
@@ -274,7 +288,8 @@ class Worker:
                 if connection is not None:
                     self._on_readable(connection)
                 elif fd in self.listening:
-                    self._accept(*self.listening[fd])
+                    if self._take_turn():
+                        self._accept(*self.listening[fd])
                 elif fd == wakeup_fd:
                     self._handle_signals()
                 elif fd == self.finished_r:
@@ -309,6 +324,8 @@ class Worker:
             self.title_busy = False
 
     def _poll_timeout(self, interval: float) -> float:
+        if self.balancing:
+            interval = min(interval, RECHECK)  # look again soon: the others may fill up
         if self.deadlines:
             return max(0.0, min(interval, self.next_sweep - time.monotonic()))
         return interval
@@ -386,6 +403,19 @@ class Worker:
                 self.deadlines[connection.fd] = now + IDLE_GRACE
                 continue
             self._close(connection)
+
+    def _willing(self) -> bool:
+        """Would we take a connection if we held the fewest?  (Not when stopping, nor with every thread busy.)"""
+        return not self.stopping and self.busy < self.config.threads
+
+    def _take_turn(self) -> bool:
+        """May we accept now, or does another worker hold fewer connections? (see forkserver.balance)"""
+        board = self.spec.accept_board
+        if board is None or board.may_accept(self.spec.seat, len(self.connections) + self.busy):
+            return True
+        self.balancing = True
+        self._set_accepting(False)
+        return False
 
     def _accept(self, sock: socket.socket, listener: Listener, limit: int = ACCEPT_BATCH) -> None:
         for _ in range(limit):
@@ -556,7 +586,7 @@ class Worker:
             self.busy -= 1
             if keep:
                 self._watch(connection, self.config.keepalive)
-        if self.busy < self.config.threads and not self.stopping:
+        if self.busy < self.config.threads and not self.stopping and not self.balancing:
             self._set_accepting(True)
 
 

@@ -297,6 +297,24 @@ def test_two_hundred_keep_alive_clients_are_all_served(server):
             conn.close()
 
 
+def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(server):
+    """gunicorn users see a few workers take most connections; here none holds 1.5x its share."""
+    srv = server("basic:pid", "-w", "4")
+    poll(lambda: srv.log().count("worker ready") == 4, what="all four workers to be ready")
+    conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(40)]
+    try:
+        holders: dict[int, int] = {}
+        for conn in conns:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        for conn in conns:
+            pid = json.loads(read_response(conn)[2])["pid"]
+            holders[pid] = holders.get(pid, 0) + 1
+    finally:
+        for conn in conns:
+            conn.close()
+    assert len(holders) == 4 and max(holders.values()) <= 15, holders
+
+
 def test_idle_connections_do_not_pin_a_single_worker(server):
     srv = server("basic:hello", "-w", "1")
     idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(50)]
