@@ -164,13 +164,12 @@ class Connection:
         return bool(self.events) or self.parser.mid_message()
 
     def close(self) -> None:
-        """Close the socket (after one non-blocking try to send a deferred response); safe to call twice."""
+        """Close the socket, after any deferred response has gone out; safe to call twice."""
         if self.unsent:
             try:
-                self.sock.sendmsg(self.unsent)
-            except OSError:
+                self.flush()
+            except ClientGone:
                 pass
-            self.unsent = []
         self.sock.close()
 
     def flush(self) -> None:

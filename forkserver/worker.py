@@ -52,10 +52,10 @@ from .wsgi import ClientGone, base_environ
 
 log = logging.getLogger("forkserver")
 
-# Accepts per wakeup.  One: a worker that takes a connection serves it
-# before it looks for another, so a burst of connections (and the long-lived
-# keep-alive connections it becomes) spreads over every idle worker.
-ACCEPT_BATCH = 1
+# Accepts per wakeup: a few, to spare a loop turn per connection when they
+# come fast; the accept board (forkserver.balance) is asked before each, so
+# a burst of keep-alive connections still spreads over the workers.
+ACCEPT_BATCH = 4
 MAX_POLL_INTERVAL = 1.0
 # On a graceful stop, a keep-alive connection used this recently may have a
 # request in flight to us; it gets this long to arrive before we close.
@@ -288,8 +288,7 @@ class Worker:
                 if connection is not None:
                     self._on_readable(connection)
                 elif fd in self.listening:
-                    if self._take_turn():
-                        self._accept(*self.listening[fd])
+                    self._accept(*self.listening[fd])
                 elif fd == wakeup_fd:
                     self._handle_signals()
                 elif fd == self.finished_r:
@@ -381,7 +380,7 @@ class Worker:
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
         for sock, listener in list(self.listening.values()):
             if drain or sock is not listener.sock:
-                self._accept(sock, listener, limit=listener.backlog)
+                self._accept(sock, listener, limit=listener.backlog, balanced=False)
         self._set_accepting(False)
         for sock, _ in self.listening.values():
             # Close our descriptor, not just stop watching it: once every
@@ -417,10 +416,16 @@ class Worker:
         self._set_accepting(False)
         return False
 
-    def _accept(self, sock: socket.socket, listener: Listener, limit: int = ACCEPT_BATCH) -> None:
+    def _accept(self, sock: socket.socket, listener: Listener, limit: int = ACCEPT_BATCH,
+                balanced: bool = True) -> None:
+        family, tcp = sock.family, listener.is_tcp  # looked up once: both convert to enums
         for _ in range(limit):
+            if balanced and not self._take_turn():
+                return
             try:
-                conn_sock, peer = sock.accept()
+                # socket.accept() without its wrapper, which converts the
+                # family to an enum on every call.
+                fd, peer = sock._accept()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -428,8 +433,9 @@ class Worker:
                     continue
                 log.error("accept failed: %s", exc.strerror)
                 return
+            conn_sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             conn_sock.setblocking(False)
-            if listener.is_tcp:
+            if tcp:
                 conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 remote = (peer[0], str(peer[1]))
                 trusted = remote[0] in self.service.trust
@@ -461,7 +467,7 @@ class Worker:
     def _flush(self, connection: Connection) -> None:
         """Send what a connection deferred during the batch; close it if the peer is gone."""
         if not connection.unsent:
-            return  # closed, or flushed by a later send, meanwhile
+            return  # flushed by a later send meanwhile
         try:
             connection.flush()
         except ClientGone as exc:
