@@ -26,9 +26,7 @@ from .http.errors import ProtocolError
 from .http.events import END_OF_MESSAGE, BodyChunk, Request
 from .http.parser import Limits, RequestParser
 from .http.response import CONTINUE_RESPONSE, DateHeader, error_response
-from .logs import AccessLog, AccessRecord, Headers
-from .scoreboard import Scoreboard
-from .stats import Reporter
+from .logs import AccessLog
 from .proxy import (
     FORWARDING_ENVIRON_KEYS,
     MalformedProxyHeader,
@@ -37,7 +35,18 @@ from .proxy import (
     apply_origin,
     read_forwarded,
 )
-from .wsgi import AppError, ClientGone, Input, Response, Stalled, build_environ, header_environ, run_app
+from .scoreboard import Scoreboard
+from .stats import Reporter
+from .wsgi import (
+    AppError,
+    ClientGone,
+    Input,
+    Response,
+    Stalled,
+    build_environ,
+    header_environ,
+    run_app,
+)
 
 log = logging.getLogger("forkserver")
 
@@ -448,8 +457,7 @@ class Connection:
         self._count(response.code, clock)
         if service.access_log is not None:
             duration = time.perf_counter() - clock
-            service.access_log.log(self._access_record(request, environ, response, time.time() - duration,
-                                                       duration))
+            service.access_log.log(environ, response, time.time() - duration, duration)
         return reusable
 
     def _answer_health(self, response: Response, clock: float) -> bool:
@@ -526,22 +534,3 @@ class Connection:
             self.sock.send(error_response(error.status, error.reason, self.service.date.line()))
         except (OSError, ClientGone):
             pass
-
-    @staticmethod
-    def _access_record(request: Request, environ: dict[str, Any], response: Response,
-                       started: float, duration: float) -> AccessRecord:
-        return AccessRecord(
-            remote_addr=environ["REMOTE_ADDR"],
-            method=request.method,
-            target=request.target.decode("latin-1"),
-            path=environ["PATH_INFO"],
-            query=environ["QUERY_STRING"],
-            protocol=environ["SERVER_PROTOCOL"],
-            status=response.code,
-            response_bytes=response.body_bytes,
-            request_headers=Headers(request.headers),
-            response_headers=Headers(response.headers),
-            started_at=started,
-            duration=duration,
-            environ=environ,
-        )

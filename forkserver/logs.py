@@ -8,14 +8,13 @@ number with ``dup2``, so no holder of the descriptor needs to be told.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
+import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from .errors import ConfigError
 
@@ -85,118 +84,111 @@ def setup_error_log(path: str, level: str) -> LogFile:
     return target
 
 
-@dataclass
-class AccessRecord:
-    """What the access log needs to know about one finished request."""
+class Finished(Protocol):
+    """What the access log reads of a finished response (``forkserver.wsgi.Response``)."""
 
-    remote_addr: str
-    method: str
-    target: str
-    path: str
-    query: str
-    protocol: str
-    status: int
-    response_bytes: int
-    request_headers: Mapping[str, str]
-    response_headers: Mapping[str, str]
-    started_at: float
-    duration: float
-    environ: Mapping[str, Any]
+    code: int
+    body_bytes: int
+    headers: list[tuple[str, str]]
 
 
-class _Atoms(Mapping[str, str]):
-    """gunicorn's access-log atoms, computed only when the format asks for them."""
-
-    def __init__(self, record: AccessRecord) -> None:
-        self.r = record
-
-    def __getitem__(self, key: str) -> str:
-        r = self.r
-        if key.startswith("{") and len(key) > 3 and key[-2] == "}":
-            name, source = key[1:-2].lower(), key[-1]
-            table = {"i": r.request_headers, "o": r.response_headers, "e": r.environ}.get(source)
-            if table is None:
-                raise KeyError(key)
-            if source == "e":
-                return str(table.get(key[1:-2], "-"))
-            return str(table.get(name, "-"))
-        atom = _ATOMS.get(key)
-        if atom is None:
-            raise KeyError(key)
-        return atom(r)
-
-    def __iter__(self) -> Any:
-        return iter(_ATOMS)
-
-    def __len__(self) -> int:
-        return len(_ATOMS)
+_clf_last = (-1, "")  # the last second formatted, and its text: one tuple, replaced whole
 
 
 def _clf_time(t: float) -> str:
-    return _clf_second(int(t))
+    """Format a timestamp as ``[21/Nov/2026:09:21:57 +0000]``, once per second, not once per request."""
+    global _clf_last
+    second = int(t)
+    if second != _clf_last[0]:
+        _clf_last = (second, time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second)))
+    return _clf_last[1]
 
 
-@functools.lru_cache(maxsize=4)
-def _clf_second(second: int) -> str:
-    """Format a second once, not once per request (a pure memo, safe across threads)."""
-    return time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second))
+def _response_header(response: Finished, wanted: str) -> str:
+    return next((value for name, value in response.headers if name.lower() == wanted), "-")
 
 
-class Headers(Mapping[str, str]):
-    """A case-insensitive view of (name, value) pairs, searched only when a format asks.
-
-    Building a dict of every header for every request cost more than the
-    two or three lookups a log line makes.
-    """
-
-    def __init__(self, pairs: Sequence[tuple[Any, Any]]) -> None:
-        self._pairs = pairs
-
-    def __getitem__(self, key: str) -> str:
-        wanted = key.lower()
-        for name, value in self._pairs:
-            if isinstance(name, bytes):
-                name, value = name.decode("latin-1"), value.decode("latin-1")
-            if name.lower() == wanted:
-                return str(value)
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        for name, _ in self._pairs:
-            yield (name.decode("latin-1") if isinstance(name, bytes) else name).lower()
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-
-_ATOMS: dict[str, Callable[[AccessRecord], str]] = {
-    "h": lambda r: r.remote_addr or "-",
-    "l": lambda r: "-",
-    "u": lambda r: r.environ.get("REMOTE_USER") or "-",
-    "t": lambda r: _clf_time(r.started_at),
-    "r": lambda r: f"{r.method} {r.target} {r.protocol}",
-    "m": lambda r: r.method,
-    "U": lambda r: r.path,
-    "q": lambda r: r.query,
-    "H": lambda r: r.protocol,
-    "s": lambda r: str(r.status),
-    "B": lambda r: str(r.response_bytes),
-    "b": lambda r: str(r.response_bytes) if r.response_bytes else "-",
-    "f": lambda r: r.request_headers.get("referer", "-"),
-    "a": lambda r: r.request_headers.get("user-agent", "-"),
-    "T": lambda r: str(int(r.duration)),
-    "M": lambda r: str(int(r.duration * 1000)),
-    "D": lambda r: str(int(r.duration * 1_000_000)),
-    "L": lambda r: f"{r.duration:.6f}",
-    "p": lambda r: f"<{os.getpid()}>",
+# Each atom is a Python expression over the finished request: ``e`` the
+# environ (decoded for the app, and what the app and a trusted proxy made
+# of it), ``r`` the response, ``s`` when it started (wall clock), ``d`` how
+# long it took (seconds).
+_ATOMS = {
+    "h": 'e["REMOTE_ADDR"] or "-"',
+    "l": '"-"',
+    "u": 'e.get("REMOTE_USER") or "-"',
+    "t": "_clf_time(s)",
+    "r": 'e["REQUEST_METHOD"] + " " + e["RAW_URI"] + " " + e["SERVER_PROTOCOL"]',
+    "m": 'e["REQUEST_METHOD"]',
+    "U": 'e["PATH_INFO"]',
+    "q": 'e["QUERY_STRING"]',
+    "H": 'e["SERVER_PROTOCOL"]',
+    "s": "r.code",
+    "B": "r.body_bytes",
+    "b": 'r.body_bytes or "-"',
+    "f": 'e.get("HTTP_REFERER", "-")',
+    "a": 'e.get("HTTP_USER_AGENT", "-")',
+    "T": "int(d)",
+    "M": "int(d * 1000)",
+    "D": "int(d * 1000000)",
+    "L": 'f"{d:.6f}"',
 }
+_FIELD = re.compile(r"%%|%\(([^)]*)\)")
+
+
+def _atom(key: str, pid: int) -> str:
+    """The expression for ``%(key)s``; KeyError if there is none."""
+    if key == "p":
+        return repr(f"<{pid}>")
+    if key.startswith("{") and len(key) > 3 and key[-2] == "}":
+        name, source = key[1:-2], key[-1]
+        if source == "i":
+            env_key = name.upper().replace("-", "_")
+            env_key = env_key if env_key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + env_key
+            return f'e.get({env_key!r}, "-")'
+        if source == "o":
+            return f"_response_header(r, {name.lower()!r})"
+        if source == "e":
+            return f'str(e.get({name!r}, "-"))'
+    return _ATOMS[key]
+
+
+LineFormat = Callable[[Mapping[str, Any], Finished, float, float], str]
+
+
+def compile_access_format(fmt: str, pid: int = 0) -> LineFormat:
+    """Turn a gunicorn-style format into one function of a finished request: its line, newline included.
+
+    Every ``%(x)s`` becomes a positional ``%s`` and its atom an expression
+    in the tuple fed to it, compiled once (as dataclasses and namedtuple
+    build their methods), so a line costs one call and one %-format, and an
+    atom the format does not use costs nothing.  Text from the format enters
+    the code only as ``repr()`` literals.  Raises KeyError for an unknown
+    atom and ValueError/TypeError for a format % cannot apply.
+    """
+    if fmt == "json":
+        return _json_line
+    expressions: list[str] = []
+
+    def positional(match: re.Match[str]) -> str:
+        if match.group(1) is None:
+            return "%%"
+        expressions.append(_atom(match.group(1), pid))
+        return "%"
+    template = _FIELD.sub(positional, fmt) + "\n"
+    namespace = {"template": template, "_clf_time": _clf_time, "_response_header": _response_header}
+    exec(f"def line(e, r, s, d):\n    return template % ({''.join(x + ', ' for x in expressions)})\n", namespace)
+    return namespace["line"]
 
 
 def validate_access_format(fmt: str) -> str | None:
     """Return None if every ``%(atom)s`` in ``fmt`` is known, else what was expected."""
-    sample = AccessRecord("127.0.0.1", "GET", "/", "/", "", "HTTP/1.1", 200, 0, {}, {}, 0.0, 0.0, {})
+    sample = {"REMOTE_ADDR": "127.0.0.1", "REQUEST_METHOD": "GET", "RAW_URI": "/", "PATH_INFO": "/",
+              "QUERY_STRING": "", "SERVER_PROTOCOL": "HTTP/1.1"}
+
+    class Sample:
+        code, body_bytes, headers = 200, 0, []
     try:
-        fmt % _Atoms(sample)
+        compile_access_format(fmt)(sample, Sample(), 0.0, 0.0)
     except KeyError as exc:
         return f"a format of known atoms (h l u t r m U q H s B b f a T M D L p {{name}}i {{name}}o {{key}}e); '{exc.args[0]}' is not one"
     except (ValueError, TypeError) as exc:
@@ -204,27 +196,27 @@ def validate_access_format(fmt: str) -> str | None:
     return None
 
 
-def _json_line(record: AccessRecord) -> str:
+def _json_line(environ: Mapping[str, Any], response: Finished, started: float, duration: float) -> str:
     # json.dumps escapes quotes, control characters and non-ASCII, so no header
     # value can close a string early and forge a field of its own.
     return json.dumps(
         {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(record.started_at)),
-            "remote_addr": record.remote_addr,
-            "method": record.method,
-            "target": record.target,
-            "path": record.path,
-            "query": record.query,
-            "protocol": record.protocol,
-            "status": record.status,
-            "bytes": record.response_bytes,
-            "referer": record.request_headers.get("referer"),
-            "user_agent": record.request_headers.get("user-agent"),
-            "duration_us": int(record.duration * 1_000_000),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "remote_addr": environ["REMOTE_ADDR"],
+            "method": environ["REQUEST_METHOD"],
+            "target": environ["RAW_URI"],
+            "path": environ["PATH_INFO"],
+            "query": environ["QUERY_STRING"],
+            "protocol": environ["SERVER_PROTOCOL"],
+            "status": response.code,
+            "bytes": response.body_bytes,
+            "referer": environ.get("HTTP_REFERER"),
+            "user_agent": environ.get("HTTP_USER_AGENT"),
+            "duration_us": int(duration * 1_000_000),
             "pid": os.getpid(),
         },
         separators=(",", ":"),
-    )
+    ) + "\n"
 
 
 # A batch of lines is written in one write(2) of at most PIPE_BUF bytes, which
@@ -243,32 +235,27 @@ class AccessLog:
 
     def __init__(self, target: LogFile, fmt: str, batched: bool = False) -> None:
         self.target = target
-        self.fmt = fmt
+        self.format = compile_access_format(fmt, os.getpid())
         self.batched = batched
-        self._batch: list[bytes] = []
+        self._batch: list[str] = []  # lines, encoded together when written
         self._batch_bytes = 0
 
-    def format(self, record: AccessRecord) -> str:
-        """Return the line for ``record`` without its newline."""
-        if self.fmt == "json":
-            return _json_line(record)
-        return self.fmt % _Atoms(record)
-
-    def log(self, record: AccessRecord) -> None:
-        """Write (or batch) the line for ``record``."""
-        line = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+    def log(self, environ: Mapping[str, Any], response: Finished, started: float, duration: float) -> None:
+        """Write (or batch) the line for a finished request; ``started`` is wall-clock time."""
+        line = self.format(environ, response, started, duration)
         if not self.batched:
-            self.target.write(line)
+            self.target.write(line.encode("utf-8", "backslashreplace"))
             return
-        if self._batch_bytes + len(line) > BATCH_BYTES:
+        size = len(line) if line.isascii() else len(line.encode("utf-8", "backslashreplace"))
+        if self._batch_bytes + size > BATCH_BYTES:
             self.flush()
         self._batch.append(line)
-        self._batch_bytes += len(line)
+        self._batch_bytes += size
 
     def flush(self) -> None:
         """Write out the batched lines."""
         if self._batch:
-            self.target.write(b"".join(self._batch))
+            self.target.write("".join(self._batch).encode("utf-8", "backslashreplace"))
             self._batch.clear()
             self._batch_bytes = 0
 

@@ -38,16 +38,16 @@ from .config import Config
 from .connection import Connection, Service
 from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
 from .hooks import HookContext, Hooks
-from .identity import drop_privileges
 from .http.parser import Limits
 from .http.response import DateHeader
+from .identity import drop_privileges
 from .loader import load_app, prepare_path
 from .logs import AccessLog, LogFile, open_access_log
 from .proxy import Trust
 from .scoreboard import Scoreboard
-from .stats import Reporter
 from .signals import Wakeup
 from .sockets import Listener
+from .stats import Reporter
 from .wsgi import ClientGone, base_environ
 
 log = logging.getLogger("forkserver")

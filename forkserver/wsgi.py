@@ -20,7 +20,13 @@ from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from .http.events import Request
-from .http.response import LAST_CHUNK, assemble_head, frame_chunk, header_line, status_line
+from .http.response import (
+    LAST_CHUNK,
+    assemble_head,
+    frame_chunk,
+    header_line,
+    status_line,
+)
 
 # RFC 9110 §7.6.1 plus the ones PEP 3333 names: an app must not set these.
 HOP_BY_HOP = frozenset(
