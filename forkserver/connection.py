@@ -60,7 +60,11 @@ SPOOL_MEMORY_BYTES = 1 << 20
 SEND_JOIN_BYTES = 16384
 # Deferred buffers per connection before a response goes out at once anyway
 # (a client pipelining hundreds of requests must not outgrow sendmsg's iovec).
-DEFER_MAX_PARTS = 64  # a chunked body larger than this waits in a temporary file
+DEFER_MAX_PARTS = 64
+# A larger body goes out at once: held to the end of a batch, bodies of
+# every upload in it would pile up in memory, and sending it is the
+# expensive part anyway, not the wake-up.
+DEFER_MAX_BYTES = 128 * 1024  # a chunked body larger than this waits in a temporary file
 HEALTH_METHODS = ("GET", "HEAD")
 HEALTH_BODY = b"ok\n"
 HEALTH_HEADERS = [("Content-Type", "text/plain")]
@@ -193,7 +197,10 @@ class Connection:
             raise ClientGone(str(exc)) from None
         if sent < total:
             self.bytes_out -= total - sent  # counted when deferred; _send_rest counts them again
-            self._send_rest(memoryview(b"".join(parts))[sent:])
+            for part in parts:
+                if sent < len(part):
+                    self._send_rest(memoryview(part)[sent:])
+                sent = max(0, sent - len(part))
 
     # -- serving side: waits on deadlines ----------------------------------------
 
@@ -231,7 +238,7 @@ class Connection:
         and one wake-up then covers the whole batch.
         """
         outbox = self.service.outbox
-        if last and outbox is not None and len(self.unsent) < DEFER_MAX_PARTS:
+        if last and outbox is not None and len(body) <= DEFER_MAX_BYTES and len(self.unsent) < DEFER_MAX_PARTS:
             if not self.unsent:
                 outbox.append(self)
             if len(body) < SEND_JOIN_BYTES:
