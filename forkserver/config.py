@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import re
-import tomllib
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -351,7 +351,15 @@ def settings() -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(Config) if "help" in f.metadata]
 
 
+@functools.cache
 def _kinds() -> dict[str, Any]:
+    """Each setting's type, evaluated from the annotations once per process.
+
+    ``get_type_hints`` compiles every annotation string anew on each call, and
+    ``coerce`` needs it for every value given: uncached, that cost about a
+    millisecond per setting given, and left garbage in the heap the workers
+    are forked from.
+    """
     return typing.get_type_hints(Config)
 
 
@@ -456,6 +464,9 @@ def _unknown(key: str, where: str) -> ConfigError:
 
 def read_toml(path: str) -> dict[str, Any]:
     """Read a TOML config file into raw values, rejecting unknown keys."""
+    # Deferred: most starts have no config file, and the parser takes milliseconds to import.
+    import tomllib
+
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-import psutil
-
 from .errors import ConfigError
 
 
@@ -22,6 +20,8 @@ class Pidfile:
 
     def create(self, pid: int) -> None:
         """Write ``pid``, refusing when another live process holds the file."""
+        import psutil  # deferred: only a start with ``pid`` set pays for importing it
+
         try:
             with open(self.path) as fh:
                 old = int(fh.read().strip() or 0)

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import bisect
 import math
-import multiprocessing
 import os
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from multiprocessing.queues import SimpleQueue
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import psutil
+if TYPE_CHECKING:
+    from multiprocessing.queues import SimpleQueue
 
-from .status import render_prometheus
+# multiprocessing, psutil and the status module are imported where they are
+# used, not here: workers import this module for ``Reporter`` and the master
+# imports it at start, but all three are needed only with stats on
+# (``stats_bind``).  Imported unused, they cost every start over 10 ms and
+# the master about a MiB (psutil also pulls in subprocess).
 
 # Upper bounds, in seconds, of the request-time histogram; a last bucket
 # catches everything slower.  Fixed, so workers' histograms add up and
@@ -68,6 +71,8 @@ def new_queue() -> SimpleQueue[Any]:
     resource-tracker process from the master.  The read end is made
     non-blocking so that even a torn message makes ``drain`` fail, not wait.
     """
+    import multiprocessing
+
     queue: SimpleQueue[Any] = multiprocessing.get_context("fork").SimpleQueue()
     os.set_blocking(queue_fd(queue), False)
     os.set_blocking(_writer_fd(queue), False)  # see Reporter: a full pipe drops a flush, never waits
@@ -418,6 +423,8 @@ class Aggregator:
 
     def prometheus(self, snapshot: dict[str, Any]) -> str:
         """Render a snapshot in the Prometheus text format 0.0.4 (status.render_prometheus)."""
+        from .status import render_prometheus
+
         return render_prometheus(snapshot)
 
 
@@ -513,6 +520,8 @@ class ProcessSampler:
 
     def read(self, pid: int) -> dict[str, Any]:
         """Return ``memory_uss_bytes``, ``memory_pss_bytes`` and ``cpu_seconds`` for ``pid`` ({} if gone)."""
+        import psutil
+
         now = self.clock()
         cached = self._cache.get(pid)
         if cached is not None and now - cached[0] < self.max_age:
