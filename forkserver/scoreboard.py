@@ -57,9 +57,9 @@ class Scoreboard:
     def request_started(self, thread: int, method: str, path: str, client: str) -> None:
         """Fill a request slot as a request is handed to the app."""
         now = time.monotonic()
-        SLOT.pack_into(self._map, HEADER.size + thread * SLOT.size, now, now,
-                       method.encode("latin-1", "replace")[:8], path.encode("latin-1", "replace")[:200],
-                       client.encode("latin-1", "replace")[:48])
+        # struct cuts each text to its field's size (and pads the rest with NULs).
+        SLOT.pack_into(self._map, HEADER.size + thread * SLOT.size, now, now, method.encode("latin-1", "replace"),
+                       path.encode("latin-1", "replace"), client.encode("latin-1", "replace"))
 
     def request_progressed(self, thread: int) -> None:
         """Stamp a request slot (and the worker): the request moved bytes, so it is not hung."""

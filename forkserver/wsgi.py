@@ -472,6 +472,12 @@ def run_app(app: Callable[..., Any], environ: dict[str, Any], response: Response
     """
     result = app(environ, response.start_response)
     try:
+        if isinstance(result, (list, tuple)) and not response.head_sent:
+            for piece in result:
+                if not isinstance(piece, bytes):
+                    raise AppError(f"app returned {type(piece).__name__}, not bytes")
+            response.send_whole(result[0] if len(result) == 1 else b"".join(result))
+            return
         if isinstance(result, FileWrapper) and hasattr(result.filelike, "fileno") and not response.head_sent:
             try:
                 fd = result.filelike.fileno()
@@ -479,12 +485,6 @@ def run_app(app: Callable[..., Any], environ: dict[str, Any], response: Response
                 fd = -1
             if fd >= 0 and response.send_file(fd):
                 return
-        if isinstance(result, (list, tuple)) and not response.head_sent:
-            for piece in result:
-                if not isinstance(piece, bytes):
-                    raise AppError(f"app returned {type(piece).__name__}, not bytes")
-            response.send_whole(result[0] if len(result) == 1 else b"".join(result))
-            return
         if isinstance(result, (str, bytes)):
             raise AppError(f"app returned a bare {type(result).__name__}; it must return an iterable of bytes")
         for piece in result:
