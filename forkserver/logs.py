@@ -219,45 +219,52 @@ def _json_line(environ: Mapping[str, Any], response: Finished, started: float, d
     ) + "\n"
 
 
-# A batch of lines is written in one write(2) of at most PIPE_BUF bytes, which
-# stays atomic even on a pipe (stdout), so workers' lines never interleave.
+# A batch of lines is written in write(2)s of at most PIPE_BUF bytes, which
+# stay atomic even on a pipe (stdout), so workers' lines never interleave.
 BATCH_BYTES = 4096
+BATCH_REQUESTS = 64  # finished requests held before their lines are written
 
 
 class AccessLog:
     """Formats finished requests into lines; constructed only when the log is on.
 
-    With ``batched`` (a single-threaded worker) lines wait in a small buffer
-    that the worker flushes whenever its loop goes idle, every tick, and
-    before it exits or reopens the file: one system call per batch instead
-    of one per request.  A SIGKILLed worker can lose its last unflushed lines.
+    With ``batched`` (a single-threaded worker) finished requests wait in a
+    small list that the worker flushes whenever its loop goes idle, every
+    tick, and before it exits or reopens the file: their lines are then
+    formatted in one go (the format's code stays hot in the CPU's caches,
+    which made a line cost half) and written with one system call per
+    PIPE_BUF bytes instead of one per request.  A SIGKILLed worker can lose
+    its last unflushed lines.
     """
 
     def __init__(self, target: LogFile, fmt: str, batched: bool = False) -> None:
         self.target = target
         self.format = compile_access_format(fmt, os.getpid())
         self.batched = batched
-        self._batch: list[str] = []  # lines, encoded together when written
-        self._batch_bytes = 0
+        self._pending: list[tuple[Mapping[str, Any], Finished, float, float]] = []
 
     def log(self, environ: Mapping[str, Any], response: Finished, started: float, duration: float) -> None:
         """Write (or batch) the line for a finished request; ``started`` is wall-clock time."""
-        line = self.format(environ, response, started, duration)
         if not self.batched:
-            self.target.write(line.encode("utf-8", "backslashreplace"))
+            self.target.write(self.format(environ, response, started, duration).encode("utf-8", "backslashreplace"))
             return
-        size = len(line) if line.isascii() else len(line.encode("utf-8", "backslashreplace"))
-        if self._batch_bytes + size > BATCH_BYTES:
+        self._pending.append((environ, response, started, duration))
+        if len(self._pending) >= BATCH_REQUESTS:
             self.flush()
-        self._batch.append(line)
-        self._batch_bytes += size
 
     def flush(self) -> None:
-        """Write out the batched lines."""
-        if self._batch:
-            self.target.write("".join(self._batch).encode("utf-8", "backslashreplace"))
-            self._batch.clear()
-            self._batch_bytes = 0
+        """Format and write out the batched requests' lines."""
+        if not self._pending:
+            return
+        line = self.format
+        text = "".join([line(*finished) for finished in self._pending])
+        self._pending.clear()
+        data = text.encode("utf-8", "backslashreplace")
+        while len(data) > BATCH_BYTES:
+            cut = data.rfind(b"\n", 0, BATCH_BYTES) + 1 or BATCH_BYTES  # whole lines, if any fit
+            self.target.write(data[:cut])
+            data = data[cut:]
+        self.target.write(data)
 
 
 def open_access_log(path: str, fmt: str, batched: bool = False) -> AccessLog | None:
