@@ -187,6 +187,9 @@ class Worker:
         self.epoll.register(self.finished_r, select.EPOLLIN)
         for listener in spec.listeners:
             sock = listener.worker_socket()
+            if listener.is_tcp:
+                # Accepted sockets inherit it (Linux): one call here, not one per connection.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.listening[sock.fileno()] = (sock, listener)
         self._set_accepting(True)
         for thread in range(self.config.threads if self.config.threads > 1 else 0):
@@ -436,7 +439,6 @@ class Worker:
             conn_sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             conn_sock.setblocking(False)
             if tcp:
-                conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 remote = (peer[0], str(peer[1]))
                 trusted = remote[0] in self.service.trust
             else:
