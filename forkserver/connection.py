@@ -18,7 +18,7 @@ import socket
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,19 +188,8 @@ class Connection:
     def flush(self) -> None:
         """Send the responses ``send_pair`` deferred; raises ClientGone if the peer is gone."""
         parts, self.unsent = self.unsent, []
-        total = sum(map(len, parts))
-        try:
-            sent = self.sock.sendmsg(parts)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise ClientGone(str(exc)) from None
-        if sent < total:
-            self.bytes_out -= total - sent  # counted when deferred; _send_rest counts them again
-            for part in parts:
-                if sent < len(part):
-                    self._send_rest(memoryview(part)[sent:])
-                sent = max(0, sent - len(part))
+        self.bytes_out -= sum(map(len, parts))  # counted when deferred; _send_all counts them again
+        self._send_all(parts)
 
     # -- serving side: waits on deadlines ----------------------------------------
 
@@ -217,15 +206,7 @@ class Connection:
         """Send all of ``data``, waiting for the peer as long as it keeps up."""
         if self.unsent:
             self.flush()
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise ClientGone(str(exc)) from None
-        self.bytes_out += sent
-        if sent < len(data):
-            self._send_rest(memoryview(data)[sent:])
+        self._send_all((data,))
 
     def send_pair(self, head: bytes, body: bytes, last: bool = False) -> None:
         """Send a response head and a piece of body: one system call, and no copy of a large body.
@@ -237,35 +218,32 @@ class Connection:
         waking a client that sleeps costs the sender more than the send,
         and one wake-up then covers the whole batch.
         """
+        # A small body is copied behind the head; a large one goes with sendmsg() as it is.
+        parts = (head + body,) if len(body) < SEND_JOIN_BYTES else (head, body)
         outbox = self.service.outbox
         if last and outbox is not None and len(body) <= DEFER_MAX_BYTES and len(self.unsent) < DEFER_MAX_PARTS:
             if not self.unsent:
                 outbox.append(self)
-            if len(body) < SEND_JOIN_BYTES:
-                self.unsent.append(head + body)
-            else:
-                self.unsent += (head, body)  # no copy: sendmsg() takes both
+            self.unsent += parts
             self.bytes_out += len(head) + len(body)
             return
         if self.unsent:
             self.flush()
+        self._send_all(parts)
+
+    def _send_all(self, parts: Sequence[bytes]) -> None:
+        """Send every byte of ``parts``, in order: one system call when the socket takes them all."""
         try:
-            if len(body) < SEND_JOIN_BYTES:
-                head += body
-                body = b""
-                sent = self.sock.send(head)
-            else:
-                sent = self.sock.sendmsg((head, body))
+            sent = self.sock.send(parts[0]) if len(parts) == 1 else self.sock.sendmsg(parts)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         self.bytes_out += sent
-        if sent < len(head):
-            self._send_rest(memoryview(head)[sent:])
-            sent = len(head)
-        if body and sent - len(head) < len(body):
-            self._send_rest(memoryview(body)[sent - len(head):])
+        for part in parts:
+            if sent < len(part):
+                self._send_rest(memoryview(part)[sent:])
+            sent = max(0, sent - len(part))
 
     def _send_rest(self, view: memoryview) -> None:
         while view:
