@@ -13,7 +13,6 @@ master's code.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import faulthandler
 import logging
@@ -610,8 +609,8 @@ def keep_heap_warm() -> None:
     Elsewhere (musl, no libc found) this does nothing.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The process's own symbols, libc's among them: find_library("c") would run ldconfig.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
     mallopt(M_MMAP_THRESHOLD, MALLOC_KEEP_BYTES)
