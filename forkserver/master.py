@@ -28,7 +28,13 @@ from setproctitle import setproctitle
 from . import systemd
 from .balance import AcceptBoard
 from .config import Config, load_config
-from .errors import EXIT_APP_LOAD, EXIT_OK, AppImportError, ForkserverError, WorkerBootError
+from .errors import (
+    EXIT_APP_LOAD,
+    EXIT_OK,
+    AppImportError,
+    ForkserverError,
+    WorkerBootError,
+)
 from .hooks import HookContext, Hooks
 from .identity import resolve_group, resolve_user
 from .loader import load_app, prepare_path
@@ -38,9 +44,16 @@ from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
 from .scoreboard import Scoreboard
 from .signals import Wakeup
-from .stats import Aggregator, ProcessSampler, drain, listener_stats, new_queue, queue_fd
 from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
 from .static import check_roots
+from .stats import (
+    Aggregator,
+    ProcessSampler,
+    drain,
+    listener_stats,
+    new_queue,
+    queue_fd,
+)
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 
