@@ -109,6 +109,9 @@ class Worker:
         self.busy = 0
         self.accepting = False
         self.balancing = False  # not accepting because we hold more connections than the others
+        # With reuse_port the kernel spreads connections over the workers' own
+        # sockets, and one queued to ours can only be taken by us: no turns.
+        self.accept_board = None if any(listener.reuse_port for listener in spec.listeners) else spec.accept_board
         self.finished: deque[tuple[Connection, bool]] = deque()
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self.served = 0
@@ -257,7 +260,7 @@ class Worker:
         connections = self.connections
         wakeup_fd = self.wakeup.fileno()
         service, inline = self.service, self.inline
-        accept_board, seat = self.spec.accept_board, self.spec.seat
+        accept_board, seat = self.accept_board, self.spec.seat
         while not (self.stopping and self._done()):
             board.beat()
             if accept_board is not None:
@@ -411,7 +414,7 @@ class Worker:
 
     def _take_turn(self) -> bool:
         """May we accept now, or does another worker hold fewer connections? (see forkserver.balance)"""
-        board = self.spec.accept_board
+        board = self.accept_board
         if board is None or board.may_accept(self.spec.seat, len(self.connections) + self.busy):
             return True
         self.balancing = True
