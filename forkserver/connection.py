@@ -271,20 +271,26 @@ class Connection:
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
 
-    def _receive_blocking(self) -> None:
+    def _receive_into(self, buffer: Any, want: int) -> int:
+        """Read at most ``want`` body bytes into ``buffer``, waiting on the deadline; return how many."""
         while True:
             try:
-                data = self.sock.recv(RECV_BYTES)
+                received = self.sock.recv_into(buffer, want)
             except BlockingIOError:
                 self._wait(select.POLLIN)
                 continue
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
-            if not data:
+            if not received:
                 raise ClientGone("peer closed while sending the body")
-            self.bytes_in += len(data)
-            self.events.extend(self.parser.feed(data))
-            return
+            self.bytes_in += received
+            return received
+
+    def _receive_blocking(self) -> None:
+        """Read more of a body the parser decodes (chunked, or the start of one), waiting on the deadline."""
+        buffer = bytearray(RECV_BYTES)
+        received = self._receive_into(buffer, RECV_BYTES)
+        self.events.extend(self.parser.feed(memoryview(buffer)[:received]))
 
     def _ask_for_body(self) -> None:
         """Send the 100 Continue the client waits for, once, before we wait for its body."""
@@ -305,19 +311,7 @@ class Connection:
 
     def _receive_raw_body(self, buffer: Any) -> int:
         """Read handed-over body bytes into ``buffer``, waiting on the deadline; return how many."""
-        want = min(len(buffer), self._raw_left)
-        while True:
-            try:
-                received = self.sock.recv_into(buffer, want)
-            except BlockingIOError:
-                self._wait(select.POLLIN)
-                continue
-            except OSError as exc:
-                raise ClientGone(str(exc)) from None
-            if not received:
-                raise ClientGone("peer closed while sending the body")
-            break
-        self.bytes_in += received
+        received = self._receive_into(buffer, min(len(buffer), self._raw_left))
         self._raw_left -= received
         if not self._raw_left:
             self.events.append(END_OF_MESSAGE)  # the body is complete, as the parser would have said
