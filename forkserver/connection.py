@@ -414,6 +414,9 @@ class Connection:
             body = io.BufferedReader(Input(self))
         else:
             body = io.BytesIO()  # no body: nothing to stream, and far cheaper to make
+            if self.events and self.events[0] is END_OF_MESSAGE:
+                self.events.popleft()  # the end of this body-less request, which the parser emits with it
+                self._body_done = True
         if request.headers != self._fields_of:
             # Clients mostly repeat their header fields on every request of a
             # connection: map them to environ entries only when they change.

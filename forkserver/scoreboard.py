@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 HEADER = struct.Struct("d")  # when the worker's loop last went round
 SLOT = struct.Struct("dd8s200s48s")  # started, last progress, method, path, client
+STAMPS = struct.Struct("dd")  # a slot's first two fields alone
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Scoreboard:
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self._map = mmap.mmap(-1, HEADER.size + threads * SLOT.size)
+        self._shown: list[tuple[str, str, str] | None] = [None] * threads  # worker side: each slot's texts
         self.beat()
 
     # -- worker side ---------------------------------------------------------
@@ -55,10 +57,20 @@ class Scoreboard:
         HEADER.pack_into(self._map, 0, time.monotonic())
 
     def request_started(self, thread: int, method: str, path: str, client: str) -> None:
-        """Fill a request slot as a request is handed to the app."""
+        """Fill a request slot as a request is handed to the app.
+
+        The texts are written only when they differ from the slot's previous
+        request's: under load most requests repeat the one before.
+        """
         now = time.monotonic()
+        offset = HEADER.size + thread * SLOT.size
+        shown = (method, path, client)
+        if self._shown[thread] == shown:
+            STAMPS.pack_into(self._map, offset, now, now)
+            return
+        self._shown[thread] = shown
         # struct cuts each text to its field's size (and pads the rest with NULs).
-        SLOT.pack_into(self._map, HEADER.size + thread * SLOT.size, now, now, method.encode("latin-1", "replace"),
+        SLOT.pack_into(self._map, offset, now, now, method.encode("latin-1", "replace"),
                        path.encode("latin-1", "replace"), client.encode("latin-1", "replace"))
 
     def request_progressed(self, thread: int) -> None:
