@@ -524,14 +524,9 @@ class Worker:
         The loop cannot look at the connection meanwhile, so it may stay
         registered with epoll, saving two epoll_ctl calls per request.
         """
-        fd = connection.fd
-        self.deadlines.pop(fd, None)
+        self.deadlines.pop(connection.fd, None)
         if self._serve(connection, 0):
-            if fd not in self.connections:
-                self.connections[fd] = connection
-                self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
-            connection.idle_since = now = time.monotonic()
-            self.deadlines[fd] = now + self.config.keepalive
+            self._watch(connection, self.config.keepalive)
         else:
             self._close(connection)
 

@@ -357,8 +357,7 @@ class Response:
                 exc_info = None  # break the traceback reference cycle (PEP 3333)
         elif self.status is not None:
             raise AppError("start_response called a second time without exc_info")
-        known = _STATUS_LINES.get(status) if status.__class__ is str else None
-        self.code, self._status_line = known or encode_status(status)
+        self.code, self._status_line = encode_status(status)
         self._fields, self._declared_length = encode_headers(headers)
         self.status, self.headers = status, headers
         return self.write
