@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from .errors import ConfigError
+from .wsgi import header_key
 
 LOGGER_NAME = "forkserver"
 ERROR_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
@@ -142,9 +143,7 @@ def _atom(key: str, pid: int) -> str:
     if key.startswith("{") and len(key) > 3 and key[-2] == "}":
         name, source = key[1:-2], key[-1]
         if source == "i":
-            env_key = name.upper().replace("-", "_")
-            env_key = env_key if env_key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + env_key
-            return f'e.get({env_key!r}, "-")'
+            return f'e.get({header_key(name)!r}, "-")'
         if source == "o":
             return f"_response_header(r, {name.lower()!r})"
         if source == "e":

@@ -139,16 +139,20 @@ _UNPREFIXED = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
 _PROTOCOLS = {"1.0": "HTTP/1.0", "1.1": "HTTP/1.1"}
 
 
+def header_key(name: str) -> str:
+    """The environ key of a header field: ``HTTP_X_FOO``, or ``CONTENT_TYPE``/``CONTENT_LENGTH``."""
+    key = name.upper().replace("-", "_")
+    return key if key in _UNPREFIXED else "HTTP_" + key
+
+
 def _environ_key(name: bytes) -> str:
-    """Map a header name to its environ key; "" for a name that must be dropped."""
+    """Map a header name as sent to its environ key; "" for a name that must be dropped."""
     if b"_" in name:
         # A client could send "X_Forwarded_For" to pose as a proxy's
         # "X-Forwarded-For" after the dash-to-underscore mapping; drop it.
         key = ""
     else:
-        key = name.decode("latin-1").upper().replace("-", "_")
-        if key not in _UNPREFIXED:
-            key = "HTTP_" + key
+        key = header_key(name.decode("latin-1"))
     if len(_ENVIRON_KEYS) < ENVIRON_KEY_CACHE_SIZE:
         _ENVIRON_KEYS[name] = key
     return key
