@@ -9,7 +9,6 @@ One bad event is logged and the loop goes on: the master must outlive bugs.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import importlib
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import systemd
+from . import libc, systemd
 from .balance import AcceptBoard
 from .config import Config, load_config
 from .errors import (
@@ -45,7 +44,6 @@ from .reloader import Reloader
 from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
-from .static import check_roots
 from .stats import (
     Aggregator,
     ProcessSampler,
@@ -99,11 +97,9 @@ def release_free_heap() -> None:
     master keeps its now useless original; released, they cost nothing.
     glibc only (``malloc_trim``); elsewhere this does nothing.
     """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
+    trim = libc.function("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
 class Master:
@@ -163,7 +159,11 @@ class Master:
         config = self.config
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
-        check_roots(config)  # static directories are relative to chdir, as the workers see it
+        if config.static:
+            # Imported only when configured, and before the fork so that the workers share it.
+            from .static import check_roots
+
+            check_roots(config)  # static directories are relative to chdir, as the workers see it
         self.hooks = Hooks(config)
         self.uid, self.gid = resolve_user(config.user), resolve_group(config.group)
         self.hooks.run("on_starting", self.context(), fatal=True)

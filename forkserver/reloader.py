@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import errno
 import json
 import logging
 import os
@@ -36,6 +36,8 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+from . import libc
 
 log = logging.getLogger("forkserver")
 
@@ -61,11 +63,12 @@ class Inotify:
     """The few inotify calls we need, through libc."""
 
     def __init__(self) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        self._add = libc.inotify_add_watch
+        init, self._add = libc.function("inotify_init1"), libc.function("inotify_add_watch")
+        if init is None or self._add is None:
+            raise OSError(errno.ENOSYS, "this C library has no inotify")
         self._add.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
         self._add.restype = ctypes.c_int
-        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd = init(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))

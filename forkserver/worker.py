@@ -12,7 +12,6 @@ master's code.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import faulthandler
 import logging
@@ -31,7 +30,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from . import reloader, static
+from . import libc, reloader
 from .balance import RECHECK, AcceptBoard
 from .config import Config
 from .connection import Connection, Service
@@ -224,8 +223,12 @@ class Worker:
         self.environs = {}
         for listener in self.spec.listeners:
             self.environs[id(listener)] = base_environ(*listener.name, multithread=config.threads > 1)
+        if config.static:
+            from . import static  # imported by the master before the fork; unused, never loaded
+
+            app = static.wrap(app, config)
         return Service(
-            app=static.wrap(app, config),
+            app=app,
             limits=Limits(config.limit_request_line, config.limit_request_fields,
                           config.limit_request_field_size, config.limit_request_body),
             date=DateHeader(),
@@ -606,10 +609,8 @@ def keep_heap_warm() -> None:
     buffers be reused; a worker keeps at most that much freed memory.
     Elsewhere (musl, no libc found) this does nothing.
     """
-    try:
-        # The process's own symbols, libc's among them: find_library("c") would run ldconfig.
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = libc.function("mallopt")
+    if mallopt is None:
         return
     mallopt(M_MMAP_THRESHOLD, MALLOC_KEEP_BYTES)
     mallopt(M_TRIM_THRESHOLD, MALLOC_KEEP_BYTES)
