@@ -70,7 +70,7 @@ HEALTH_BODY = b"ok\n"
 HEALTH_HEADERS = [("Content-Type", "text/plain")]
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class Service:
     """What every connection of a worker serves with; shared, read-only per request."""
 

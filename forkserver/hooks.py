@@ -25,7 +25,7 @@ HOOK_NAMES = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HookContext:
     """What a hook is told: the settings, and which process and worker it runs for."""
 

@@ -16,7 +16,7 @@ from typing import Any
 from .scoreboard import Scoreboard
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkerHandle:
     """The master's view of one worker process."""
 
@@ -48,7 +48,7 @@ def describe_exit(status: int) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class Pool:
     """Live workers by PID, plus helpers to select them."""
 

@@ -25,7 +25,7 @@ SLOT = struct.Struct("dd8s200s48s")  # started, last progress, method, path, cli
 STAMPS = struct.Struct("dd")  # a slot's first two fields alone
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class InFlight:
     """One request a worker is serving, as read by the master."""
 

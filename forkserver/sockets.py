@@ -19,7 +19,7 @@ from .errors import BindError
 DEFAULT_PORT = 8000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Address:
     """A parsed bind address: TCP (host, port), a UNIX path, or an inherited fd."""
 
@@ -79,7 +79,7 @@ def _resolve_family(text: str, host: str) -> int:
     return infos[0][0]
 
 
-@dataclass
+@dataclass(eq=False)
 class Listener:
     """A bound, listening socket and what it was bound from."""
 

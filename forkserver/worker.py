@@ -69,7 +69,7 @@ WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class WorkerSpec:
     """Everything a worker is handed at fork time by the master."""
 

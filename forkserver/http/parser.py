@@ -32,7 +32,7 @@ SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
 _FRAMING_NAME_LENGTHS = frozenset({4, 6, 14, 17})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Limits:
     """Size limits, in bytes or counts; ``body_bytes`` 0 means unlimited."""
 
