@@ -189,6 +189,7 @@ class Connection:
             except ClientGone:
                 pass
         self.sock.close()
+        self.parser.release()
 
     def flush(self) -> None:
         """Send the responses ``send_pair`` deferred; raises ClientGone if the peer is gone."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 
@@ -483,3 +485,31 @@ def test_mutated_requests_never_raise_and_never_depend_on_how_they_are_cut():
                                   ("error", event.status) if isinstance(event, ProtocolError) else event)
             outcomes.append((merged, parser.upgraded))
         assert outcomes[0] == outcomes[1], data
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    # An Upgrade request with a body: a second llhttp parser decodes it.
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: upgrade\r\nContent-Length: 4\r\n\r\nab",
+])
+def test_a_released_parser_is_freed_at_once_not_by_the_cycle_collector(request_bytes):
+    """A closed connection's parser goes with its last reference: no garbage per connection."""
+    def parsed() -> RequestParser:
+        parser = RequestParser(Limits())
+        assert isinstance(parser.feed(request_bytes)[0], Request)
+        return parser
+
+    gc.disable()
+    try:
+        held = parsed()
+        kept = weakref.ref(held)
+        del held
+        assert kept() is not None, "unreleased, llhttp and our callbacks keep each other alive"
+        released = parsed()
+        freed = weakref.ref(released)
+        released.release()
+        del released
+        assert freed() is None
+    finally:
+        gc.enable()
+        gc.collect()
