@@ -61,6 +61,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("forkserver")
 
 TICK_INTERVAL = 1.0
+# At a cold start the first worker boots alone for this long (or until it is
+# ready): the others' imports would compete with its own for the CPUs.
+SOLO_BOOT = 0.1
 FAST_STOP_GRACE = 2.0  # seconds between SIGQUIT and SIGKILL on a fast stop
 ABORT_GRACE = 1.0  # seconds a hung worker gets to dump its stacks before SIGKILL
 MAX_BOOT_BACKOFF = 30.0
@@ -125,6 +128,7 @@ class Master:
         self.stopping = False
         self.stop_deadline = 0.0
         self.started = False  # a worker of the first generation became ready
+        self.first_fork = 0.0  # when the first worker was forked (see SOLO_BOOT)
         self.reloading = False
         self.boot_failures: dict[int, int] = {}  # slot -> consecutive failed boots
         self.respawn_after: dict[int, float] = {}
@@ -245,7 +249,7 @@ class Master:
             self.spawn_missing()
             while True:
                 try:
-                    poller.poll(TICK_INTERVAL * 1000)
+                    poller.poll(self.tick() * 1000)
                     for signum in self.wakeup.drain():
                         self.actions.get(signum, lambda: None)()
                     self.read_notices()
@@ -418,10 +422,25 @@ class Master:
                 handle.recycled = True
                 self.retire(handle)
 
+    def tick(self) -> float:
+        """Seconds the loop may sleep: a second, or until the solo boot is over."""
+        if self.started or not self.first_fork:
+            return TICK_INTERVAL
+        return min(TICK_INTERVAL, max(0.0, self.first_fork + SOLO_BOOT - time.monotonic()))
+
     def spawn_missing(self) -> None:
         occupied = {h.slot for h in self.pool.of_generation(self.generation)}
         spawn, retire = plan(occupied, self.desired)
         now = time.monotonic()
+        if not self.started:
+            # Cold start: nobody serves yet, so what counts is how soon one
+            # worker can.  It boots alone for SOLO_BOOT (less if it is ready
+            # sooner); the rest follow, at most that much later than at once.
+            if not self.first_fork:
+                self.first_fork = now
+                spawn = spawn[:1]
+            elif now < self.first_fork + SOLO_BOOT:
+                spawn = []
         for slot in spawn:
             if self.respawn_after.get(slot, 0) <= now:
                 self.spawn(slot)

@@ -48,6 +48,19 @@ def test_killed_worker_is_replaced_while_the_other_serves(server):
     assert "worker died slot=" in srv.log() and "killed by SIGKILL" in srv.log()
 
 
+def test_at_a_cold_start_the_first_worker_boots_alone_for_a_moment(server, tmp_path):
+    """Nobody serves yet, so one worker boots without the others competing for the CPUs;
+    they follow after SOLO_BOOT (0.1 s), not after its whole boot."""
+    (tmp_path / "slow_boot.py").write_text(
+        "import time\ntime.sleep(2)\n\ndef app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Length', '2')])\n    return [b'ok']\n")
+    srv = server("slow_boot:app", "-w", "3", "--pythonpath", str(tmp_path), workers=3)
+    forked = sorted(psutil.Process(pid).create_time() for pid in srv.worker_pids())
+    assert forked[1] - forked[0] >= 0.08, f"the others were forked {forked[1] - forked[0]:.3f}s after the first"
+    assert forked[2] - forked[0] < 1.5, "the others waited for the first worker's whole boot"
+    assert requests.get(srv.url).text == "ok"
+
+
 def test_workers_are_direct_children_with_titles(server):
     srv = server("basic:pid", "-w", "2", "--name", "shop", workers=2)
     assert psutil.Process(srv.pid).cmdline()[0] == "forkserver: master [shop]"
