@@ -633,6 +633,9 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
                             + (f"  idle open {left}/{args.idle_connections}" if scenario.idle else "")
                             + (f"  errors {result.error_kinds}" if result.error_kinds else "")
                             + (f"  FAILED: {result.failed}" if result.failed else ""))
+                        if result.errors and servers[name].config.kind == "forkserver":
+                            # The server's own account (a worker that died, a timeout), before its log goes.
+                            log(servers[name].log_tail())
                 results["scenarios"][scenario.key] = {
                     "title": title, "pair": list(scenario.pair),
                     "servers": {name: summarize(r) for name, r in runs.items()},

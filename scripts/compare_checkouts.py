@@ -5,6 +5,7 @@
     python3 scripts/compare_checkouts.py /tmp/before .                  # hello keep-alive
     python3 scripts/compare_checkouts.py /tmp/before . --close          # a connection per request
     python3 scripts/compare_checkouts.py /tmp/before . --path /64k --rounds 6
+    python3 scripts/compare_checkouts.py /tmp/before . --server-arg=--access-logfile=/tmp/access.log
 
 Each checkout's forkserver (found through PYTHONPATH, ahead of any installed
 copy) serves ``scripts/bench_apps.py`` on its own loopback port; wrk loads
@@ -69,6 +70,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4, help="turns per checkout (default 4)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     parser.add_argument("--workers", "-w", type=int, default=2, help="workers per server (default 2)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="one more forkserver argument for both, e.g. --server-arg=--access-logfile=/tmp/a.log")
     args = parser.parse_args()
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -85,7 +88,7 @@ def main() -> int:
             env = dict(os.environ, PYTHONPATH=checkout)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "forkserver", "bench_apps:app", "-w", str(args.workers),
-                 "-b", f"{HOST}:{port}", "--keepalive", "30", "--log-level", "warning"],
+                 "-b", f"{HOST}:{port}", "--keepalive", "30", "--log-level", "warning", *args.server_arg],
                 cwd=SCRIPTS, env=env, stdin=subprocess.DEVNULL)
             servers.append((checkout, port, proc))
         for _, port, proc in servers:
