@@ -10,8 +10,10 @@ Every server is started by this script with the same worker count on its own
 pre-bound loopback socket (``--bind fd://N``; nothing listens beyond
 127.0.0.1), serving ``scripts/bench_apps.py``. Load comes from wrk (1 thread,
 50 connections by default) on the same machine. For each scenario the servers
-are measured interleaved, A B A B, for ``--rounds`` rounds, and the median
-round is reported, so slow drift of the machine hits every server alike.
+are measured interleaved for ``--rounds`` rounds, in an order that flips
+every round (A B, B A, A B, ...), and the median round is reported: slow
+drift of the machine hits every server alike, and a drift within a round
+does not always land on the server that runs second.
 
 Per run the script records wrk's req/s, p50/p99 latency (``--latency``),
 errors (socket errors + non-2xx/3xx responses) and the server's CPU time per
@@ -514,6 +516,11 @@ def measure(server: Server, args: argparse.Namespace, scenario: Scenario, script
     return result, left
 
 
+def turn_order(names: Sequence[str], rnd: int) -> list[str]:
+    """The servers in the order they run in round ``rnd``: A B, then B A, and so on."""
+    return list(names) if rnd % 2 == 0 else list(reversed(names))
+
+
 def median(values: Iterable[float]) -> float:
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float("nan")
@@ -592,7 +599,7 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
         log(f"startup: {args.rounds} round(s), time from exec to the first 200 on /")
         samples: dict[str, list[float]] = {name: [] for name in args.servers}
         for rnd in range(args.rounds):
-            for name in args.servers:
+            for name in turn_order(args.servers, rnd):
                 server = Server(configs[name], args.workers, args.keepalive, tmpdir)
                 started.append(server)
                 try:
@@ -622,7 +629,7 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
                 runs: dict[str, list[WrkResult]] = {name: [] for name in names}
                 idle_left: dict[str, list[int]] = {name: [] for name in names}
                 for rnd in range(args.rounds):
-                    for name in names:
+                    for name in turn_order(names, rnd):
                         result, left = measure(servers[name], args, scenario, scripts, args.duration)
                         runs[name].append(result)
                         idle_left[name].append(left)
@@ -661,7 +668,7 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
                     measure(servers[name], args, scenario, scripts, args.warmup)
                 runs = {name: [] for name in args.servers}
                 for rnd in range(args.rounds):
-                    for name in args.servers:
+                    for name in turn_order(args.servers, rnd):
                         result, _ = measure(servers[name], args, scenario, scripts, args.duration)
                         pids = servers[name].worker_pids()
                         for pid in pids:  # a worker that served nothing still counts

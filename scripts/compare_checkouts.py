@@ -9,7 +9,7 @@
 
 Each checkout's forkserver (found through PYTHONPATH, ahead of any installed
 copy) serves ``scripts/bench_apps.py`` on its own loopback port; wrk loads
-them in turns (A B A B ...) for ``--rounds`` rounds, and the script prints
+them in turns (A B, then B A, ...) for ``--rounds`` rounds, and it prints
 the median req/s and the workers' user and system CPU per request.  On a
 shared or virtual machine a single run of either swings by 10% or more;
 taking turns puts both under the same swings, which a ratio against
@@ -95,8 +95,8 @@ def main() -> int:
             wait_ready(port, proc)
         results: dict[str, list[tuple[float, float, float]]] = {checkout: [] for checkout in checkouts}
         header = ["-H", "Connection: close"] if args.close else []
-        for _ in range(args.rounds):
-            for checkout, port, proc in servers:
+        for rnd in range(args.rounds):
+            for checkout, port, proc in (servers if rnd % 2 == 0 else servers[::-1]):  # A B, then B A
                 user0, system0 = workers_cpu(proc.pid)
                 out = subprocess.run([wrk, "-t1", "-c50", f"-d{args.duration}", *header,
                                       f"http://{HOST}:{port}{args.path}"],
