@@ -424,9 +424,10 @@ class Master:
 
     def tick(self) -> float:
         """Seconds the loop may sleep: a second, or until the solo boot is over."""
-        if self.started or not self.first_fork:
+        solo_left = self.first_fork + SOLO_BOOT - time.monotonic()
+        if self.started or not self.first_fork or solo_left <= 0:
             return TICK_INTERVAL
-        return min(TICK_INTERVAL, max(0.0, self.first_fork + SOLO_BOOT - time.monotonic()))
+        return min(TICK_INTERVAL, solo_left)
 
     def spawn_missing(self) -> None:
         occupied = {h.slot for h in self.pool.of_generation(self.generation)}

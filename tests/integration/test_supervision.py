@@ -55,6 +55,8 @@ def test_at_a_cold_start_the_first_worker_boots_alone_for_a_moment(server, tmp_p
         "import time\ntime.sleep(2)\n\ndef app(environ, start_response):\n"
         "    start_response('200 OK', [('Content-Length', '2')])\n    return [b'ok']\n")
     srv = server("slow_boot:app", "-w", "3", "--pythonpath", str(tmp_path), workers=3)
+    master_cpu = sum(psutil.Process(srv.pid).cpu_times()[:2])
+    assert master_cpu < 1.0, f"the master used {master_cpu:.2f}s of CPU while its workers booted for 2s"
     forked = sorted(psutil.Process(pid).create_time() for pid in srv.worker_pids())
     assert forked[1] - forked[0] >= 0.08, f"the others were forked {forked[1] - forked[0]:.3f}s after the first"
     assert forked[2] - forked[0] < 1.5, "the others waited for the first worker's whole boot"
