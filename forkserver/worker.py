@@ -478,10 +478,14 @@ class Worker:
         connection.idle_since = time.monotonic()
         self.deadlines[fd] = connection.idle_since + timeout
 
-    def _unwatch(self, connection: Connection) -> None:
-        """Take a connection from the loop (a serving thread owns it now)."""
+    def _unwatch(self, connection: Connection, *, closing: bool = False) -> None:
+        """Take a connection from the loop (a serving thread owns it now, or it is being closed).
+
+        ``closing`` skips epoll.unregister: closing our only descriptor of the
+        socket takes it out of the epoll set, one system call fewer per connection.
+        """
         fd = connection.fd
-        if self.connections.pop(fd, None) is not None:
+        if self.connections.pop(fd, None) is not None and not closing:
             self.epoll.unregister(fd)
         self.deadlines.pop(fd, None)
 
@@ -496,11 +500,7 @@ class Worker:
             self._close(connection)
 
     def _close(self, connection: Connection) -> None:
-        fd = connection.fd
-        # No epoll.unregister: closing our only descriptor of the socket
-        # takes it out of the epoll set, one system call fewer per connection.
-        self.connections.pop(fd, None)
-        self.deadlines.pop(fd, None)
+        self._unwatch(connection, closing=True)
         connection.close()
 
     def _on_readable(self, connection: Connection, fresh: bool = False) -> None:
