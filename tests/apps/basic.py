@@ -54,6 +54,22 @@ def hello(environ, start_response):
     return [body]
 
 
+def forks(environ, start_response):
+    """On /fork, fork a child that outlives the request, as multiprocessing's "fork" start does.
+
+    The child holds a copy of every descriptor of the worker, the client's
+    socket included, and sleeps for QUERY_STRING seconds (default 5).
+    Any other path is answered without a fork.
+    """
+    if environ["PATH_INFO"] != "/fork":
+        return _json(start_response, {"child": 0})
+    child = os.fork()
+    if child == 0:
+        time.sleep(float(environ["QUERY_STRING"] or 5))
+        os._exit(0)
+    return _json(start_response, {"child": child})
+
+
 @checked
 def lines(environ, start_response):
     """Read the body line by line through readline(), and report what came."""

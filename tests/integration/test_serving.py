@@ -8,10 +8,13 @@ so the server is also checked against PEP 3333's own referee.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import time
 
+import psutil
 import pytest
 import requests
 
@@ -295,6 +298,37 @@ def test_two_hundred_keep_alive_clients_are_all_served(server):
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_a_connection_closed_while_a_forked_child_holds_it_does_not_make_the_worker_spin(server):
+    """An app's forked child keeps the socket alive after the worker closes it.
+
+    epoll watches the socket itself, not the worker's descriptor, so a socket
+    the worker forgot to unregister before closing would stay in its epoll
+    set: at end of file it is ready on every wait, and the loop would go
+    round at full CPU until the child exits.
+    """
+    srv = server("basic:forks", "-w", "1")
+    worker = psutil.Process(srv.worker_pids()[0])
+    child = 0
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as conn:
+            conn.sendall(b"GET /fork?30 HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"}"):  # raw reads: a buffered reader would keep the socket open
+                chunk = conn.recv(65536)
+                assert chunk, f"closed before the answer: {answer!r}"
+                answer += chunk
+            child = json.loads(answer.partition(b"\r\n\r\n")[2])["child"]
+        # The worker has seen the close once a new request is answered after it.
+        assert requests.get(srv.url, timeout=5).status_code == 200
+        before = sum(worker.cpu_times()[:2])
+        time.sleep(1.0)
+        busy = sum(worker.cpu_times()[:2]) - before
+        assert busy < 0.3, f"the worker used {busy:.2f} s of CPU in 1 s while idle"
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
 
 
 def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(server):
