@@ -15,6 +15,13 @@ every round (A B, B A, A B, ...), and the median round is reported: slow
 drift of the machine hits every server alike, and a drift within a round
 does not always land on the server that runs second.
 
+The feature pairs (access log on vs off, stats on vs off) look for a cost
+of a few percent, less than the machine's swing between two 5 s runs. So
+each of their rounds is ``--pair-slices`` 1 s runs per config (15 by
+default), the two configs alternating run by run, and the cost reported is
+the median over adjacent runs of 1 - on/off: each run is judged against its
+neighbour in time, and many of them narrow the median down.
+
 Per run the script records wrk's req/s, p50/p99 latency (``--latency``),
 errors (socket errors + non-2xx/3xx responses) and the server's CPU time per
 request: the CPU-time delta of the whole process tree (master, workers, and
@@ -521,6 +528,15 @@ def turn_order(names: Sequence[str], rnd: int) -> list[str]:
     return list(names) if rnd % 2 == 0 else list(reversed(names))
 
 
+def paired_cost(off: Sequence[WrkResult], on: Sequence[WrkResult]) -> float:
+    """The feature's cost in req/s: the median, over slices run back to back, of 1 - on/off.
+
+    Each slice of one config is compared with the other config's slice right
+    beside it in time, not with a median taken over the whole scenario.
+    """
+    return median(1 - b.rps / a.rps for a, b in zip(off, on) if a.rps and not a.failed and not b.failed)
+
+
 def median(values: Iterable[float]) -> float:
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float("nan")
@@ -628,9 +644,15 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
                     measure(servers[name], args, scenario, scripts, args.warmup)
                 runs: dict[str, list[WrkResult]] = {name: [] for name in names}
                 idle_left: dict[str, list[int]] = {name: [] for name in names}
-                for rnd in range(args.rounds):
-                    for name in turn_order(names, rnd):
-                        result, left = measure(servers[name], args, scenario, scripts, args.duration)
+                # A pair measures a small cost: each round is --pair-slices 1 s runs
+                # per config, alternated, so that a phase of the machine lasting a
+                # few seconds lands on both configs (see paired_cost).
+                slices = args.pair_slices if scenario.pair else 1
+                for turn in range(args.rounds * slices):
+                    rnd = turn // slices
+                    for name in turn_order(names, turn):
+                        result, left = measure(servers[name], args, scenario, scripts,
+                                               1 if scenario.pair else args.duration)
                         runs[name].append(result)
                         idle_left[name].append(left)
                         log(f"  round {rnd + 1} {name:22s} {result.rps:10.0f} req/s  p50 {result.p50_ms:7.2f} ms  "
@@ -647,6 +669,8 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
                     "title": title, "pair": list(scenario.pair),
                     "servers": {name: summarize(r) for name, r in runs.items()},
                 }
+                if scenario.pair:
+                    results["scenarios"][scenario.key]["paired_cost"] = paired_cost(*(runs[n] for n in names))
                 if scenario.idle:
                     results["idle_open"] = {name: min(v) for name, v in idle_left.items()}
             for name in args.servers:
@@ -714,7 +738,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
                f"forkserver {meta['forkserver']}; load average at start {meta['loadavg']}.")
     out.append(f"wrk -t{args.wrk_threads} -c{args.connections}, {args.duration} s per run, {args.rounds} round(s) "
                f"interleaved, medians shown; -w {args.workers}; gunicorn gthread --threads {args.gthread_threads}; "
-               f"keep-alive timeout {args.keepalive:g} s on both servers; loopback.\n")
+               f"keep-alive timeout {args.keepalive:g} s on both servers; loopback. On/off pairs: "
+               f"{args.pair_slices} alternated 1 s runs per config and round, cost = median of the "
+               f"adjacent runs' 1 - on/off.\n")
 
     scen = results["scenarios"]
     if scen:
@@ -819,9 +845,9 @@ def targets(results: dict[str, Any], args: argparse.Namespace) -> str:
         if "forkserver" not in pair or on not in pair or not pair["forkserver"]["rps"]:
             return float("nan"), "—"
         off_s, on_s = pair["forkserver"], pair[on]
-        cost = 1 - on_s["rps"] / off_s["rps"]
+        cost = scen[key].get("paired_cost", 1 - on_s["rps"] / off_s["rps"])
         cpu = on_s["cpu_us"] / off_s["cpu_us"] - 1 if off_s["cpu_us"] else float("nan")
-        return cost, (f"{cost * 100:.1f}% fewer req/s; CPU/req {cpu * 100:+.0f}% "
+        return cost, (f"{cost * 100:.1f}% fewer req/s (median of paired 1 s slices); CPU/req {cpu * 100:+.0f}% "
                       f"({fmt(off_s['cpu_us'], '.1f')} → {fmt(on_s['cpu_us'], '.1f')} µs)")
 
     cost, shown = pair_cost("accesslog", "forkserver+accesslog")
@@ -865,6 +891,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
     parser.add_argument("--warmup", type=float, default=None,
                         help="unrecorded warm-up seconds per server and scenario (default 1)")
+    parser.add_argument("--pair-slices", type=int, default=None,
+                        help="1 s runs per config and round in the on/off pairs (default 15; 2 with --quick)")
     parser.add_argument("--idle-connections", type=int, default=200,
                         help="idle keep-alive connections in 'idle' (default 200)")
     parser.add_argument("--keepalive", type=float, default=30.0,
@@ -887,6 +915,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.duration = max(1, round(args.duration if args.duration is not None else (2 if args.quick else 5)))
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     args.warmup = max(1, round(args.warmup if args.warmup is not None else 1))
+    args.pair_slices = max(1, args.pair_slices if args.pair_slices is not None else (2 if args.quick else 15))
     args.scaling_workers = [int(x) for x in args.scaling_workers.split(",") if x.strip()]
     if args.rounds < 1 or args.workers < 1 or args.connections < 1:
         parser.error("--rounds, --workers and --connections must be at least 1")
