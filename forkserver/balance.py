@@ -71,6 +71,10 @@ class AcceptBoard:
             self._reserved.discard(seat)
             self._taken[pid] = seat
 
+    def give_back(self, seat: int) -> None:
+        """Free a seat taken for a worker that could not be forked."""
+        self._reserved.discard(seat)
+
     def release(self, pid: int) -> None:
         """Free the seat of a reaped worker."""
         seat = self._taken.pop(pid, -1)

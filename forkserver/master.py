@@ -67,6 +67,7 @@ SOLO_BOOT = 0.1
 FAST_STOP_GRACE = 2.0  # seconds between SIGQUIT and SIGKILL on a fast stop
 ABORT_GRACE = 1.0  # seconds a hung worker gets to dump its stacks before SIGKILL
 MAX_BOOT_BACKOFF = 30.0
+FORK_RETRY = 1.0  # seconds before a slot whose fork failed is tried again
 MEMORY_CHECK_INTERVAL = 5.0
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN,
                   signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD)
@@ -460,7 +461,19 @@ class Master:
             accept_board=self.accept_board, seat=self.accept_board.take(),
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
-        pid = self.fork()
+        try:
+            pid = self.fork()
+        except OSError as exc:
+            # Out of processes or memory (EAGAIN, ENOMEM): give back what was
+            # made for this worker, or every retry would leak a seat, a
+            # mapping and a pipe, and try again after a pause.
+            self.accept_board.give_back(spec.seat)
+            board.close()
+            if stats_queue is not None:
+                stats_queue.close()
+            self.respawn_after[slot] = time.monotonic() + FORK_RETRY
+            log.error("fork failed slot=%d: %s; retrying in %gs", slot, exc.strerror, FORK_RETRY)
+            return
         if pid == 0:
             code = 1
             try:

@@ -115,7 +115,7 @@ class ServerProcess:
 
     def __init__(self, args: Sequence[str], workdir: Path, *, sock: socket.socket | None = None,
                  env: dict[str, str] | None = None, ready_path: str = "/", wait: bool = True,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, popen: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.sock = sock if sock is not None else listening_socket()
         self.port = self.sock.getsockname()[1]
@@ -130,7 +130,7 @@ class ServerProcess:
         self.command = [sys.executable, "-m", "forkserver", *bind, "--pythonpath", str(APPS), *args]
         with open(self.stdout_path, "wb") as out, open(self.error_log, "wb") as err:
             self.proc = subprocess.Popen(self.command, stdout=out, stderr=err, env=full_env,
-                                         cwd=str(cwd or workdir), pass_fds=(self.sock.fileno(),))
+                                         cwd=str(cwd or workdir), pass_fds=(self.sock.fileno(),), **(popen or {}))
         if wait:
             self.wait_ready()
 

@@ -48,6 +48,48 @@ def test_killed_worker_is_replaced_while_the_other_serves(server):
     assert "worker died slot=" in srv.log() and "killed by SIGKILL" in srv.log()
 
 
+PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.fixture
+def two_process_cgroup(tmp_path):
+    """A pids cgroup (v1) that holds at most two processes; removed once its processes are gone."""
+    group = PIDS_CGROUPS / f"forkserver-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"needs a writable pids cgroup under {PIDS_CGROUPS}: {exc.strerror}")
+    (group / "pids.max").write_text("2")
+    yield group
+    poll(lambda: not (group / "cgroup.procs").read_text().strip(), timeout=10, what="the cgroup to empty")
+    group.rmdir()
+
+
+def test_a_failed_fork_is_logged_retried_and_leaks_nothing(two_process_cgroup, server):
+    """Out of processes: the master says so, serves with the workers it has, and retries.
+
+    The master runs in a cgroup with room for itself and one worker, so
+    forking the second fails with EAGAIN on every try.  Each try makes a
+    scoreboard and a stats pipe for the worker; a failed one must give them
+    back, or the master would run out of descriptors in the end.
+    """
+    procs = str(two_process_cgroup / "cgroup.procs")
+
+    def join_cgroup() -> None:
+        with open(procs, "w") as f:
+            f.write("0")  # this process, about to exec the master
+    srv = server("basic:pid", "-w", "2", "--stats-bind", "127.0.0.1:0", popen={"preexec_fn": join_cgroup})
+    poll(lambda: srv.log().count("fork failed slot=1") >= 2, timeout=10, what="two failed forks to be logged")
+    assert "Resource temporarily unavailable; retrying in 1s" in srv.log()
+    master = psutil.Process(srv.pid)
+    descriptors = master.num_fds()
+    tries = srv.log().count("fork failed")
+    poll(lambda: srv.log().count("fork failed") >= tries + 3, timeout=10, what="three more tries")
+    assert master.num_fds() == descriptors
+    assert len(srv.worker_pids()) == 1
+    assert requests.get(srv.url, timeout=5).json()["pid"] == srv.worker_pids()[0]
+
+
 def test_at_a_cold_start_the_first_worker_boots_alone_for_a_moment(server, tmp_path):
     """Nobody serves yet, so one worker boots without the others competing for the CPUs;
     they follow after SOLO_BOOT (0.1 s), not after its whole boot."""
