@@ -45,6 +45,7 @@ def test_batched_lines_are_all_written_in_order_when_flushed(tmp_path):
     lines = path.read_text().splitlines()
     assert [line.split("-")[0] for line in lines] == [f"/{i}" for i in range(count)]
     assert all(line.endswith(" 201") for line in lines)
+    os.close(log.target.fd)
 
 
 def test_unencodable_text_is_escaped_not_lost(tmp_path):
