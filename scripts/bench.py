@@ -27,7 +27,9 @@ errors (socket errors + non-2xx/3xx responses) and the server's CPU time per
 request: the CPU-time delta of the whole process tree (master, workers, and
 workers the master reaped) over the run, divided by wrk's request count.
 After all scenarios it records each tree's memory (sum of PSS). Startup time
-(process start to the first 200 on ``/``) is measured on separate starts.
+(process start to the first 200 on ``/``) is measured on separate starts,
+``--starts`` per server (15 by default), interleaved: one start varies by
+±40 ms here, so a handful could not tell servers apart that differ by ten.
 
 A scaling run serves ``/pid`` (which names the worker in ``X-Worker-Pid``)
 with -w 1, 2 and 4; wrk's Lua ``response()`` tallies the header, so the
@@ -612,9 +614,9 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
 
     # Startup: fresh starts, interleaved, one per server per round.
     if "startup" in args.scenarios:
-        log(f"startup: {args.rounds} round(s), time from exec to the first 200 on /")
+        log(f"startup: {args.starts} start(s) each, time from exec to the first 200 on /")
         samples: dict[str, list[float]] = {name: [] for name in args.servers}
-        for rnd in range(args.rounds):
+        for rnd in range(args.starts):
             for name in turn_order(args.servers, rnd):
                 server = Server(configs[name], args.workers, args.keepalive, tmpdir)
                 started.append(server)
@@ -893,6 +895,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="unrecorded warm-up seconds per server and scenario (default 1)")
     parser.add_argument("--pair-slices", type=int, default=None,
                         help="1 s runs per config and round in the on/off pairs (default 15; 2 with --quick)")
+    parser.add_argument("--starts", type=int, default=None,
+                        help="fresh starts per server for the startup time, interleaved (default 15; 1 with --quick)")
     parser.add_argument("--idle-connections", type=int, default=200,
                         help="idle keep-alive connections in 'idle' (default 200)")
     parser.add_argument("--keepalive", type=float, default=30.0,
@@ -916,6 +920,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     args.warmup = max(1, round(args.warmup if args.warmup is not None else 1))
     args.pair_slices = max(1, args.pair_slices if args.pair_slices is not None else (2 if args.quick else 15))
+    args.starts = max(1, args.starts if args.starts is not None else (1 if args.quick else 15))
     args.scaling_workers = [int(x) for x in args.scaling_workers.split(",") if x.strip()]
     if args.rounds < 1 or args.workers < 1 or args.connections < 1:
         parser.error("--rounds, --workers and --connections must be at least 1")
