@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from . import __version__
 from .config import build_arg_parser, load_config
 from .errors import ForkserverError
-from .loader import load_app, parse_spec, prepare_path
+from .loader import collector_paused, load_app, parse_spec, prepare_path
 from .sockets import parse_address
 
 
@@ -68,10 +68,11 @@ def run(argv: Sequence[str]) -> int:
         prepare_path(config.chdir, config.pythonpath)
         load_app(config.app)
         return check(f"app {config.app!r} imports; {config.workers} worker(s) on {', '.join(config.bind)}")
-    from .master import Master  # deferred: --check-config and --help need none of it
+    with collector_paused():  # the master's own imports, and those it shares with the workers
+        from .master import Master  # deferred: --check-config and --help need none of it
 
-    master = Master(config, argv, os.environ)
-    master.start()
+        master = Master(config, argv, os.environ)
+        master.start()
     return master.run()
 
 
