@@ -94,10 +94,11 @@ def collector_paused() -> Iterator[None]:
     (modules, classes, functions) and next to no garbage, yet the collector,
     woken every 700 allocations, walks that growing heap again and again:
     53 times while Flask is imported (12 ms of ~190), 26 times while the
-    master imports its own modules (6 ms).  On the way out what was made is
-    frozen (``gc.freeze``), so the collector's first run does not walk it
-    all at once either; a reference cycle the import left behind is the
-    price (it is never collected).
+    master imports its own modules (6 ms).  On the way out every tracked
+    object is frozen (``gc.freeze``; by then mostly what the import made), so
+    the collector's first run does not walk it all at once either; a
+    reference cycle the import left behind is the price (it is never
+    collected, except in the master, which unfreezes at each fork).
     """
     was_enabled = gc.isenabled()
     gc.disable()
