@@ -121,10 +121,10 @@ class Connection:
         self._body_done = True
         self._continue_due = False
         self.thread = 0  # the scoreboard slot of the thread serving us now
-        # Byte totals for stats.  A request is charged what moved since the
-        # previous one ended: its head (read before it started) included.
+        # Bytes moved since the last request was counted in the stats, which
+        # charge each request what moved since the one before it ended: its
+        # head (read before it started) included.
         self.bytes_in = self.bytes_out = 0
-        self._charged_in = self._charged_out = 0
         # Responses deferred to the end of the loop's batch (see send_pair), as buffers.
         self.unsent: list[bytes] = []
         self._raw_left = 0  # body bytes still to read past the parser (see _raw_body_left)
@@ -468,9 +468,8 @@ class Connection:
         self.requests_served += 1
         stats = self.service.stats
         if stats is not None:
-            stats.record(status, self.bytes_in - self._charged_in, self.bytes_out - self._charged_out,
-                         time.perf_counter() - clock)
-            self._charged_in, self._charged_out = self.bytes_in, self.bytes_out
+            stats.record(status, self.bytes_in, self.bytes_out, time.perf_counter() - clock)
+            self.bytes_in = self.bytes_out = 0
 
     def _run(self, environ: dict[str, Any], response: Response) -> bool:
         """Run the app for one request, turning every failure into the right answer."""

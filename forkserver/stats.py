@@ -36,9 +36,11 @@ if TYPE_CHECKING:
 HISTOGRAM_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                                         2.5, 5.0, 10.0, math.inf)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-# Index into STATUS_CLASSES of every status code a response can have (0 for
-# none yet counts as 1xx): a table lookup, where min(max(...)) cost 0.5 µs.
-_STATUS_CLASS = tuple(min(max(code // 100, 1), 5) - 1 for code in range(1000))
+# A Reporter keeps one counter per (status class, histogram bucket), a row
+# per class.  This is where the row of every status code a response can have
+# starts (0 for none yet counts as 1xx): one table lookup, where
+# min(max(...)) cost 0.5 µs, and one increment per request for both tallies.
+_ROW_START = tuple((min(max(code // 100, 1), 5) - 1) * len(HISTOGRAM_BUCKETS) for code in range(1000))
 WORKER_STATES = ("booting", "idle", "busy", "retiring")
 EXIT_CAUSES = ("exited", "died", "killed_timeout", "recycled")
 PERCENTILES = (0.5, 0.9, 0.99)
@@ -143,11 +145,9 @@ class Reporter:
         self.generation = generation
         self.interval = interval
         self._lock = threading.Lock() if threaded else None
-        self.requests = 0
-        self.status = [0] * len(STATUS_CLASSES)
+        self.cells = [0] * (len(STATUS_CLASSES) * len(HISTOGRAM_BUCKETS))  # see _ROW_START
         self.bytes_in = 0
         self.bytes_out = 0
-        self.histogram = [0] * len(HISTOGRAM_BUCKETS)
         self.duration_sum = 0.0
         self.dropped_flushes = 0
         self._flushed_requests = -1
@@ -156,7 +156,7 @@ class Reporter:
         self.record = self._add if self._lock is None else self._locked_add  # type: ignore[method-assign]
 
     def record(self, status: int, bytes_in: int, bytes_out: int, duration: float) -> None:
-        """Count one finished request: a few adds and a bisect, no I/O.
+        """Count one finished request: one increment, a bisect and three adds; no I/O.
 
         (Replaced per instance in ``__init__`` by the unlocked or locked adder,
         so the hot path pays no extra call.)
@@ -169,11 +169,9 @@ class Reporter:
             self._add(status, bytes_in, bytes_out, duration)
 
     def _add(self, status: int, bytes_in: int, bytes_out: int, duration: float) -> None:
-        self.requests += 1
-        self.status[_STATUS_CLASS[status]] += 1
+        self.cells[_ROW_START[status] + bisect.bisect_left(HISTOGRAM_BUCKETS, duration)] += 1
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
-        self.histogram[bisect.bisect_left(HISTOGRAM_BUCKETS, duration)] += 1
         self.duration_sum += duration
 
     def flush_if_due(self, now: float) -> None:
@@ -184,7 +182,7 @@ class Reporter:
         if now < self._next_flush:
             return
         self._next_flush = now + self.interval
-        if self.requests != self._flushed_requests:
+        if sum(self.cells) != self._flushed_requests:
             self.flush()
 
     def flush(self) -> bool:
@@ -206,12 +204,15 @@ class Reporter:
         if lock is not None:
             lock.acquire()
         try:
-            return CountersFlushed(self.pid, self.requests, tuple(self.status), self.bytes_in, self.bytes_out,
-                                   tuple(self.histogram), self.duration_sum, time.process_time(),
-                                   self.dropped_flushes)
+            cells, bytes_in, bytes_out, duration_sum = self.cells[:], self.bytes_in, self.bytes_out, self.duration_sum
         finally:
             if lock is not None:
                 lock.release()
+        width = len(HISTOGRAM_BUCKETS)
+        status = tuple(sum(cells[start:start + width]) for start in range(0, len(cells), width))
+        histogram = tuple(sum(cells[bucket::width]) for bucket in range(width))
+        return CountersFlushed(self.pid, sum(status), status, bytes_in, bytes_out, histogram, duration_sum,
+                               time.process_time(), self.dropped_flushes)
 
 
 # -- master side ----------------------------------------------------------------------
