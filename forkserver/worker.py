@@ -554,6 +554,8 @@ class Worker:
             self._watch(connection, self.config.keepalive)
         else:
             self._close(connection)
+        if self.served == self.max_requests and not self.stopping:
+            self._begin_stop(drain=False)  # see _recycle; we are the loop: stop before accepting again
 
     def _dispatch(self, connection: Connection) -> None:
         """With threads: hand the connection to the pool, and stop accepting when it is full."""
@@ -587,9 +589,10 @@ class Worker:
         # Tell the master first, so it starts a replacement right away.
         self._notify(f"recycle {self.pid} max_requests={self.max_requests}")
         self.term_received = True  # a response in progress says Connection: close
-        if self.inline:
-            self._begin_stop(drain=False)  # we are the loop: stop before accepting again
-        else:
+        # Inline, _serve_inline begins the stop once this connection is closed.
+        # Begun from here, the stop would read the connection again and answer
+        # a request pipelined behind the one that just said Connection: close.
+        if not self.inline:
             os.write(self.wakeup.write_fd, bytes([signal.SIGUSR2]))
 
     def _run_jobs(self, thread: int) -> None:

@@ -667,6 +667,32 @@ def test_max_requests_with_jitter_recycles_without_failing_a_request(server):
     assert len(recycled) >= 3 and all("max_requests=" in ln for ln in recycled), recycled
 
 
+def test_a_request_pipelined_behind_the_last_before_recycling_is_not_served(server):
+    """The response that reaches max_requests says Connection: close, so nothing after it may be answered.
+
+    RFC 9112 §9.6: a server that sent close must not process further
+    requests on that connection.  A client that saw the close re-sends what
+    was pipelined behind it, so answering it too would run it twice.
+    """
+    srv = server("lifecycle_app:app", "-w", "1", "--max-requests", "3", "--max-requests-jitter", "0",
+                 wait=False)
+    poll(lambda: "master started" in srv.log(), timeout=READY, what="the server to start")  # no probe request
+    (worker,) = poll(lambda: srv.worker_pids() or None, timeout=READY, what="the worker")
+    request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as conn:
+        conn.sendall(request)  # the first: afterwards the connection waits in the worker's loop
+        first = conn.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200") and b"Connection: close" not in first, first
+        conn.sendall(request * 3)  # the second, the third (the last), and one more behind it
+        answers = read_all(conn)
+    heads = [part.split(b"\r\n\r\n", 1)[0] for part in answers.split(b"HTTP/1.1 ")[1:]]
+    assert len(heads) == 2, f"expected answers to the second and third requests only, got:\n{answers!r}"
+    assert b"Connection: close" not in heads[0] and b"Connection: close" in heads[1], heads
+    poll(lambda: worker not in srv.worker_pids(), timeout=READY, what="the recycled worker to exit")
+    assert requests.get(srv.url, timeout=REQUEST_TIMEOUT).json()["pid"] != worker
+    assert "Traceback" not in srv.log(), srv.log()
+
+
 def _runs(items: list[int]) -> Iterator[list[int]]:
     current: list[int] = []
     for item in items:
