@@ -468,6 +468,8 @@ class Worker:
             # A connection whose whole exchange happens here never costs an
             # epoll registration; one that waits is watched with the header timeout.
             self._on_readable(connection, fresh=True)
+            if self.stopping and not self.listening:
+                return  # serving it began our stop (max_requests), which closed the listeners
 
     def _watch(self, connection: Connection, timeout: float) -> None:
         """Put a connection under the loop's eye with an idle deadline."""

@@ -33,7 +33,7 @@ from typing import Self
 import psutil
 import pytest
 import requests
-from harness import APPS, listening_socket, poll, read_all
+from harness import APPS, listening_socket, poll, raw_request, read_all
 
 from forkserver.errors import EXIT_WORKER_BOOT
 
@@ -691,6 +691,25 @@ def test_a_request_pipelined_behind_the_last_before_recycling_is_not_served(serv
     poll(lambda: worker not in srv.worker_pids(), timeout=READY, what="the recycled worker to exit")
     assert requests.get(srv.url, timeout=REQUEST_TIMEOUT).json()["pid"] != worker
     assert "Traceback" not in srv.log(), srv.log()
+
+
+def test_recycling_on_a_request_served_as_it_was_accepted_logs_no_error(server):
+    """The stop that the last request begins closes the listeners while the worker is still accepting.
+
+    A request that arrives with its connection is served inside the accept
+    loop; the loop must notice the stop instead of accepting on a closed
+    socket and logging "accept failed: Bad file descriptor" at every recycle.
+    """
+    srv = server("lifecycle_app:app", "-w", "1", "--max-requests", "2", "--max-requests-jitter", "0",
+                 wait=False)
+    poll(lambda: "master started" in srv.log(), timeout=READY, what="the server to start")  # no probe request
+    request = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    deadline = time.monotonic() + READY
+    while srv.log().count("worker recycling") < 3 and time.monotonic() < deadline:
+        answer = raw_request(srv.port, request, timeout=20)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert srv.log().count("worker recycling") >= 3, srv.log()
+    assert "accept failed" not in srv.log(), srv.log()
 
 
 def _runs(items: list[int]) -> Iterator[list[int]]:
