@@ -825,8 +825,11 @@ def targets(results: dict[str, Any], args: argparse.Namespace) -> str:
     ok = None if r != r and cpu != cpu else (r >= 2.2 or cpu <= 35)
     rows.append(("Connection: close ≥ 2.2x or ≤ 35 µs CPU/req", f"{ratio_text(r)}, {fmt(cpu, '.1f')} µs", verdict(ok)))
 
-    errors = {key: data["servers"][name]["errors"] for key, data in scen.items()
-              for name in data["servers"] if name.startswith("forkserver")}
+    errors: dict[str, int] = {}  # per scenario, summed over forkserver's configs (an on/off pair has two)
+    for key, data in scen.items():
+        for name, summary in data["servers"].items():
+            if name.startswith("forkserver"):
+                errors[key] = errors.get(key, 0) + summary["errors"]
     total = sum(errors.values())
     rows.append(("0 errors (forkserver, every scenario)",
                  str(total) + (" (" + ", ".join(f"{k} {v}" for k, v in errors.items() if v) + ")" if total else ""),
