@@ -9,8 +9,11 @@ no file (gunicorn's temp-file heartbeat stalls on disk-backed /tmp) and no
 queue (a wedged stats queue must never look like a hung worker).
 
 Timestamps are ``time.monotonic()``: one system-wide clock on Linux.  Reads
-may race writes; a torn path in a diagnostic line is harmless, and each
-request slot writes its start time last and clears it first.
+may race writes, and a torn path in a diagnostic line is harmless.  A torn
+stamp is not: a slot's start is written before its progress stamp, so the
+master may read a new start beside the previous request's progress, which
+in a worker idle past the timeout is older than the timeout.  A request's
+stall is therefore counted from the later of the two.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class Scoreboard:
             if started:
                 found.append(InFlight(thread, method.rstrip(b"\0").decode("latin-1"),
                                       path.rstrip(b"\0").decode("latin-1"), client.rstrip(b"\0").decode("latin-1"),
-                                      now - started, now - progressed))
+                                      now - started, now - max(started, progressed)))
         return sorted(found, key=lambda request: -request.elapsed)
 
     def stalled_for(self) -> tuple[float, list[InFlight]]:

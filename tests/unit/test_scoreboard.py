@@ -1,0 +1,41 @@
+"""The scoreboard as the master reads it, including states a worker leaves mid-write."""
+
+from __future__ import annotations
+
+import time
+
+from forkserver.scoreboard import HEADER, SLOT, Scoreboard
+
+
+def test_with_nothing_in_flight_the_loop_beat_decides():
+    board = Scoreboard(threads=1)
+    HEADER.pack_into(board._map, 0, time.monotonic() - 40.0)
+    stalled, in_flight = board.stalled_for()
+    assert in_flight == [] and 39.0 < stalled < 45.0
+
+
+def test_a_request_in_flight_is_stalled_since_it_last_moved_bytes():
+    board = Scoreboard(threads=2)
+    board.request_started(1, "GET", "/slow", "127.0.0.1")
+    (request,) = board.in_flight()
+    assert (request.thread, request.method, request.path, request.client) == (1, "GET", "/slow", "127.0.0.1")
+    now = time.monotonic()
+    SLOT.pack_into(board._map, HEADER.size + SLOT.size, now - 50.0, now - 40.0, b"GET", b"/slow", b"127.0.0.1")
+    stalled, _ = board.stalled_for()
+    assert 39.0 < stalled < 45.0
+    board.request_finished(1)
+    assert board.in_flight() == []
+
+
+def test_a_start_read_beside_the_previous_requests_progress_is_not_a_stall():
+    """request_started writes the start stamp, then the progress stamp: a read in between sees both.
+
+    After an idle spell longer than the timeout, the old progress stamp is
+    older than the timeout; counted from it, a healthy worker taking its
+    first request in a while would be killed as hung.
+    """
+    board = Scoreboard(threads=1)
+    now = time.monotonic()
+    SLOT.pack_into(board._map, HEADER.size, now, now - 3600.0, b"GET", b"/", b"127.0.0.1")
+    stalled, (request,) = board.stalled_for()
+    assert stalled < 5.0 and request.stalled < 5.0
