@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from setproctitle import setproctitle
 
 from . import libc, systemd
+from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .config import Config, load_config
 from .errors import (
@@ -41,17 +42,11 @@ from .logs import LogFile, setup_error_log
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
+from .sampler import ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
-from .stats import (
-    Aggregator,
-    ProcessSampler,
-    drain,
-    listener_stats,
-    new_queue,
-    queue_fd,
-)
+from .stats import drain, new_queue, queue_fd
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 

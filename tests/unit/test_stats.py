@@ -7,7 +7,6 @@ its own queue, and server-wide counters only ever grow.
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing.resource_tracker
 import os
@@ -15,7 +14,6 @@ import pickle
 import random
 import select
 import signal
-import socket
 import struct
 import threading
 import time
@@ -23,21 +21,14 @@ from multiprocessing.reduction import ForkingPickler
 
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from forkserver.sockets import bind, parse_address
+from forkserver.aggregator import Aggregator
 from forkserver.stats import (
-    EXTRA_FIELDS,
     HISTOGRAM_BUCKETS,
     STATUS_CLASSES,
-    Aggregator,
     CountersFlushed,
-    ProcessSampler,
     Reporter,
-    accept_queue_depth,
     drain,
-    estimate_quantile,
-    listener_stats,
     new_queue,
     queue_fd,
 )
@@ -64,16 +55,6 @@ def finishes(function, *args, timeout=DEADLINE):
     return result[0]
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def queue():
     made = new_queue()
@@ -83,13 +64,6 @@ def queue():
 
 def reporter(queue, **kw) -> Reporter:
     return Reporter(queue, pid=os.getpid(), slot=kw.pop("slot", 0), generation=kw.pop("generation", 1), **kw)
-
-
-def counters(pid=1, requests=0, status=(0, 0, 0, 0, 0), bytes_in=0, bytes_out=0, histogram=None,
-             duration_sum=0.0, cpu_seconds=0.0) -> CountersFlushed:
-    histogram = histogram or tuple([requests] + [0] * (len(HISTOGRAM_BUCKETS) - 1))
-    return CountersFlushed(pid, requests, tuple(status), bytes_in, bytes_out, tuple(histogram), duration_sum,
-                           cpu_seconds, 0)
 
 
 # -- the worker side --------------------------------------------------------------------------
@@ -328,263 +302,3 @@ def test_sigkill_mid_put_never_stalls_the_reader():
     batch = finishes(drain, queue)
     assert not batch.broken and [m.requests for m in batch] == [10]
     queue.close()
-
-
-# -- the master side ------------------------------------------------------------------------------
-
-
-def test_estimate_quantile_interpolates_within_buckets():
-    counts = [0] * len(HISTOGRAM_BUCKETS)
-    assert estimate_quantile(0.5, counts) is None
-    counts[HISTOGRAM_BUCKETS.index(0.1)] = 10  # ten requests between 50ms and 100ms
-    assert estimate_quantile(0.5, counts) == pytest.approx(0.075)
-    assert estimate_quantile(1.0, counts) == pytest.approx(0.1)
-    overflow = [0] * len(HISTOGRAM_BUCKETS)
-    overflow[-1] = 3
-    assert estimate_quantile(0.99, overflow) == HISTOGRAM_BUCKETS[-2]
-
-
-def test_counters_stay_monotonic_across_worker_restarts():
-    agg = Aggregator()
-    agg.add_worker("a", pid=10, slot=0, generation=1)
-    agg.ingest("a", counters(pid=10, requests=7, status=(0, 7, 0, 0, 0), bytes_in=70, cpu_seconds=1.5))
-    before = agg.snapshot()
-    agg.worker_exited("a", "died")
-    agg.note_respawn()
-    agg.add_worker("b", pid=11, slot=0, generation=1)
-    after_restart = agg.snapshot()
-    agg.ingest("b", counters(pid=11, requests=2, status=(0, 1, 0, 0, 1), bytes_in=5))
-    later = agg.snapshot()
-    for doc in (before, after_restart, later):
-        assert doc["slots"][0]["slot"] == 0
-    assert [d["totals"]["requests"] for d in (before, after_restart, later)] == [7, 7, 9]
-    assert [d["slots"][0]["requests"] for d in (before, after_restart, later)] == [7, 7, 9]
-    assert later["slots"][0]["status"] == {"1xx": 0, "2xx": 8, "3xx": 0, "4xx": 0, "5xx": 1}
-    assert later["slots"][0]["cpu_seconds"] == 1.5
-    assert later["totals"]["bytes_in"] == 75
-    assert later["counters"]["workers_respawned"] == 1
-    assert later["counters"]["worker_exits"]["died"] == 1
-    assert [w["pid"] for w in later["workers"]] == [11]
-
-
-def test_ingest_ignores_strangers_junk_and_regressions():
-    agg = Aggregator()
-    agg.add_worker(1, pid=1, slot=0, generation=1)
-    agg.ingest(1, counters(requests=5))
-    agg.ingest(1, counters(requests=3))  # cannot happen on one pipe; must not undo counts if it does
-    agg.ingest(1, ("not", "a", "message"))
-    agg.ingest(2, counters(requests=100))  # unknown worker (already gone)
-    assert agg.snapshot()["totals"]["requests"] == 5
-
-
-def test_states_exits_reloads_and_bad_names():
-    agg = Aggregator()
-    for key in range(4):
-        agg.add_worker(key, pid=100 + key, slot=key, generation=1)
-    agg.set_state(0, "idle")
-    agg.set_state(1, "busy")
-    agg.set_state(2, "retiring")
-    agg.note_reload()
-    agg.worker_exited(3, "recycled")
-    agg.worker_exited(3, "recycled")  # twice: the second is a no-op
-    counters_doc = agg.snapshot()["counters"]
-    assert counters_doc["workers_alive"] == 3
-    assert counters_doc["workers_by_state"] == {"booting": 0, "idle": 1, "busy": 1, "retiring": 1}
-    assert counters_doc["worker_exits"] == {"exited": 0, "died": 0, "killed_timeout": 0, "recycled": 1}
-    assert counters_doc["reloads"] == 1
-    with pytest.raises(ValueError):
-        agg.set_state(0, "sleeping")
-    with pytest.raises(ValueError):
-        agg.worker_exited(0, "vanished")
-
-
-def test_snapshot_is_strict_json_with_extras_and_ages():
-    clock = Clock()
-    agg = Aggregator(clock=clock)
-    agg.add_worker("w", pid=42, slot=1, generation=3)
-    clock.now += 2.0
-    agg.ingest("w", counters(pid=42, requests=4, status=(0, 4, 0, 0, 0), duration_sum=0.2))
-    clock.now += 0.5
-    agg.mark_broken("w", "EOFError: ")
-    extra = {"w": {"memory_uss_bytes": 1 << 20, "memory_pss_bytes": 2 << 20, "cpu_seconds": 0.25,
-                   "heartbeat_age_seconds": 0.1, "state": "busy", "surprise": "ignored",
-                   "current_request": {"method": "GET", "path": "/slow", "elapsed_seconds": 1.5}}}
-    doc = agg.snapshot(extra, [{"address": "http://127.0.0.1:8000", "accept_queue": 3}])
-    json.dumps(doc, allow_nan=False)  # no NaN/inf anywhere
-    assert doc["uptime_seconds"] == 2.5
-    assert len(doc["histogram_bounds_seconds"]) == len(HISTOGRAM_BUCKETS) - 1
-    (worker,) = doc["workers"]
-    assert (worker["pid"], worker["slot"], worker["generation"], worker["state"]) == (42, 1, 3, "busy")
-    assert worker["age_seconds"] == 2.5 and worker["report_age_seconds"] == 0.5
-    assert worker["current_request"]["path"] == "/slow"
-    assert worker["memory_pss_bytes"] == 2 << 20 and worker["cpu_seconds"] == 0.25
-    assert worker["stats_error"] == "EOFError: "
-    assert "surprise" not in worker
-    assert set(EXTRA_FIELDS) <= set(worker)
-    assert worker["p50_seconds"] == pytest.approx(0.0005)
-    assert doc["listeners"] == [{"address": "http://127.0.0.1:8000", "accept_queue": 3}]
-
-
-def test_percentiles_combine_across_workers():
-    agg = Aggregator()
-    fast = [0] * len(HISTOGRAM_BUCKETS)
-    slow = [0] * len(HISTOGRAM_BUCKETS)
-    fast[0] = 90
-    slow[HISTOGRAM_BUCKETS.index(1.0)] = 10
-    agg.add_worker(1, pid=1, slot=0, generation=1)
-    agg.add_worker(2, pid=2, slot=1, generation=1)
-    agg.ingest(1, counters(requests=90, histogram=fast))
-    agg.ingest(2, counters(requests=10, histogram=slow))
-    totals = agg.snapshot()["totals"]
-    assert totals["histogram"] == [a + b for a, b in zip(fast, slow)]
-    assert totals["p50_seconds"] < 0.001
-    assert 0.5 < totals["p99_seconds"] <= 1.0
-
-
-def test_prometheus_text_parses_and_follows_the_conventions():
-    agg = Aggregator()
-    agg.add_worker(1, pid=1, slot=0, generation=1)
-    histogram = [1] * len(HISTOGRAM_BUCKETS)
-    agg.ingest(1, counters(requests=len(histogram), status=(0, len(histogram), 0, 0, 0), histogram=histogram,
-                           duration_sum=3.5))
-    listeners = [{"address": 'unix:/tmp/we"ird\\path', "accept_queue": 2}, {"address": "unix:/x", "accept_queue": None}]
-    text = agg.prometheus(agg.snapshot({1: {"memory_uss_bytes": 5}}, listeners))
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert all(name.startswith("forkserver_") for name in families)
-    assert all(f.documentation for f in families.values())
-    requests = families["forkserver_requests"]
-    assert requests.type == "counter"
-    assert {(s.labels["worker"], s.labels["status_class"]) for s in requests.samples} == \
-        {("0", c) for c in STATUS_CLASSES}
-    duration = families["forkserver_request_duration_seconds"]
-    buckets = [s for s in duration.samples if s.name.endswith("_bucket")]
-    assert [s.value for s in buckets] == list(range(1, len(HISTOGRAM_BUCKETS) + 1))
-    assert buckets[-1].labels["le"] == "+Inf"
-    count = next(s for s in duration.samples if s.name.endswith("_count"))
-    assert count.value == buckets[-1].value
-    (queue_sample,) = families["forkserver_listener_accept_queue"].samples
-    assert queue_sample.labels["listener"] == 'unix:/tmp/we"ird\\path' and queue_sample.value == 2
-    (uss,) = families["forkserver_worker_memory_uss_bytes"].samples
-    assert uss.labels == {"worker": "0", "pid": "1"}
-    assert families["forkserver_worker_memory_pss_bytes"].samples == []  # unknown: no sample, not a zero
-
-
-# -- readings from the kernel -------------------------------------------------------------------------
-
-
-def _connect_many(address, family, count):
-    clients = []
-    for _ in range(count):
-        client = socket.socket(family, socket.SOCK_STREAM)
-        client.settimeout(DEADLINE)
-        client.connect(address)
-        clients.append(client)
-    return clients
-
-
-def _wait_for_depth(sock, expected):
-    deadline = time.monotonic() + DEADLINE
-    while accept_queue_depth(sock) != expected and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return accept_queue_depth(sock)
-
-
-@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
-def test_accept_queue_depth_counts_unaccepted_connections(family, host):
-    if family == socket.AF_INET6 and not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    server = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        try:
-            server.bind((host, 0))
-        except OSError:
-            pytest.skip(f"cannot bind {host}")
-        server.listen(16)
-        assert accept_queue_depth(server) == 0
-        clients = _connect_many(server.getsockname()[:2], family, 5)
-        assert _wait_for_depth(server, 5) == 5
-        for _ in range(2):
-            server.accept()[0].close()
-        assert accept_queue_depth(server) == 3
-        for client in clients:
-            client.close()
-    finally:
-        server.close()
-
-
-def test_accept_queue_depth_under_reuse_port_sums_the_workers_sockets():
-    """The master's placeholder is bound but not listening; the workers' own sockets hold the queues."""
-    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind(("127.0.0.1", 0))
-    workers = []
-    try:
-        for _ in range(2):
-            own = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            own.bind(holder.getsockname())
-            own.listen(16)
-            workers.append(own)
-        assert accept_queue_depth(holder) == 0
-        clients = _connect_many(holder.getsockname(), socket.AF_INET, 6)
-        assert _wait_for_depth(holder, 6) == 6
-        assert sum(accept_queue_depth(w) for w in workers) == 6
-        for client in clients:
-            client.close()
-    finally:
-        for sock in [holder, *workers]:
-            sock.close()
-
-
-def test_accept_queue_depth_is_none_where_the_kernel_does_not_tell(tmp_path):
-    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    unbound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        unix.bind(str(tmp_path / "s.sock"))
-        unix.listen(4)
-        assert accept_queue_depth(unix) is None
-        assert accept_queue_depth(udp) is None
-        assert accept_queue_depth(unbound) is None
-    finally:
-        for sock in (unix, udp, unbound):
-            sock.close()
-
-
-def test_listener_stats_describes_real_listeners(tmp_path):
-    listeners = [bind(parse_address(text), backlog=8, reuse_port=False, unix_mode=0o600)
-                 for text in ("127.0.0.1:0", f"unix:{tmp_path / 'app.sock'}")]
-    try:
-        clients = _connect_many(listeners[0].sock.getsockname(), socket.AF_INET, 2)
-        _wait_for_depth(listeners[0].sock, 2)
-        tcp, unix = listener_stats(listeners)
-        assert tcp["address"].startswith("http://127.0.0.1:") and tcp["accept_queue"] == 2
-        assert unix == {"address": f"unix:{tmp_path / 'app.sock'}", "accept_queue": None}
-        for client in clients:
-            client.close()
-    finally:
-        for listener in listeners:
-            listener.close()
-
-
-def test_process_sampler_reads_a_live_child_and_caches_it():
-    clock = Clock()
-    sampler = ProcessSampler(max_age=1.0, clock=clock)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            time.sleep(DEADLINE)
-        finally:
-            os._exit(0)
-    try:
-        reading = sampler.read(pid)
-        assert reading["memory_uss_bytes"] > 0 and reading["memory_pss_bytes"] > 0
-        assert reading["cpu_seconds"] >= 0
-        assert sampler.read(pid) is reading  # cached
-        clock.now += 1.0
-        assert sampler.read(pid) is not reading
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    sampler.forget(pid)
-    assert sampler.read(pid) == {}  # reaped: gone

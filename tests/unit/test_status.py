@@ -13,13 +13,14 @@ import socket
 import time
 
 import pytest
+from harness import serving_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
+from forkserver.aggregator import Aggregator
 from forkserver.errors import BindError
-from forkserver.stats import HISTOGRAM_BUCKETS, Aggregator, CountersFlushed
+from forkserver.stats import HISTOGRAM_BUCKETS, CountersFlushed
 from forkserver.status import MAX_CLIENTS, MAX_REQUEST_BYTES, StatusServer
 from forkserver.top import fetch
-from harness import serving_in_thread
 
 DEADLINE = 10.0
 

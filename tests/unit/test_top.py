@@ -18,10 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from harness import serving_in_thread
+
+from forkserver.aggregator import Aggregator
 from forkserver.errors import ForkserverError
-from forkserver.stats import HISTOGRAM_BUCKETS, Aggregator, CountersFlushed
+from forkserver.stats import HISTOGRAM_BUCKETS, CountersFlushed
 from forkserver.status import StatusServer
 from forkserver.top import fetch, render
 

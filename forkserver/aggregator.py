@@ -1,0 +1,240 @@
+"""The master's sums of what workers' stats messages say, and the /stats document.
+
+The ``Aggregator`` keeps the latest ``CountersFlushed`` per live worker and
+folds a dead worker's last one into its slot's retired totals, so every
+server-wide and per-slot counter only ever grows.  It reads nothing itself
+(``stats.drain`` does) and serves nothing (``status.py`` does).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from .stats import HISTOGRAM_BUCKETS, STATUS_CLASSES, CountersFlushed
+
+WORKER_STATES = ("booting", "idle", "busy", "retiring")
+EXIT_CAUSES = ("exited", "died", "killed_timeout", "recycled")
+PERCENTILES = (0.5, 0.9, 0.99)
+# Per-worker fields the master may supply to ``snapshot`` from psutil and
+# shared memory; anything else in its dicts is ignored, so /stats keeps its schema.
+EXTRA_FIELDS = ("state", "current_request", "memory_uss_bytes", "memory_pss_bytes", "cpu_seconds",
+                "heartbeat_age_seconds")
+SCHEMA_VERSION = 1
+
+
+class Totals:
+    """Mutable sums of CountersFlushed messages."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.status = [0] * len(STATUS_CLASSES)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.histogram = [0] * len(HISTOGRAM_BUCKETS)
+        self.duration_sum = 0.0
+        self.cpu_seconds = 0.0
+
+    def merge(self, other: CountersFlushed | Totals | None) -> None:
+        """Add a worker's message, or another set of totals, into these."""
+        if other is None:
+            return
+        self.requests += other.requests
+        self.status = [a + b for a, b in zip(self.status, other.status)]
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
+        self.duration_sum += other.duration_sum
+        self.cpu_seconds += other.cpu_seconds
+
+    def copy(self) -> Totals:
+        twin = Totals()
+        twin.merge(self)
+        return twin
+
+    def as_json(self, *, histogram: bool = True) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "requests": self.requests,
+            "status": dict(zip(STATUS_CLASSES, self.status)),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "cpu_seconds": round(self.cpu_seconds, 6),
+        }
+        if histogram:
+            doc["histogram"] = list(self.histogram)
+            doc["duration_sum_seconds"] = round(self.duration_sum, 6)
+            doc.update(percentiles(self.histogram))
+        return doc
+
+
+def estimate_quantile(q: float, counts: Sequence[int]) -> float | None:
+    """Estimate the q-quantile of durations from bucket counts (None when empty).
+
+    Interpolates linearly inside the bucket, as Prometheus' histogram_quantile
+    does; anything in the overflow bucket is reported as the last finite bound.
+    """
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    below = 0
+    for index, count in enumerate(counts):
+        if count and below + count >= rank:
+            lower = HISTOGRAM_BUCKETS[index - 1] if index else 0.0
+            upper = HISTOGRAM_BUCKETS[index]
+            if math.isinf(upper):
+                return lower
+            return lower + (upper - lower) * (rank - below) / count
+        below += count
+    return HISTOGRAM_BUCKETS[-2]
+
+
+def percentiles(counts: Sequence[int]) -> dict[str, float | None]:
+    """p50/p90/p99 in seconds, keyed ``p50_seconds`` etc."""
+    found = {}
+    for q in PERCENTILES:
+        value = estimate_quantile(q, counts)
+        found[f"p{round(q * 100)}_seconds"] = None if value is None else round(value, 6)
+    return found
+
+
+class _Worker:
+    """The Aggregator's record of one live worker."""
+
+    def __init__(self, pid: int, slot: int, generation: int, started_at: float) -> None:
+        self.pid = pid
+        self.slot = slot
+        self.generation = generation
+        self.started_at = started_at
+        self.state = "booting"
+        self.last: CountersFlushed | None = None
+        self.reported_at: float | None = None
+        self.broken = ""
+
+
+class Aggregator:
+    """The master's sums: latest counters per live worker plus everything retired.
+
+    Counters are kept per slot as well as server-wide, so a series labelled
+    ``worker="3"`` keeps growing across the restarts of slot 3.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.started_at = clock()
+        self.started_at_unix = time.time()
+        self.workers: dict[Hashable, _Worker] = {}
+        self.retired: dict[int, Totals] = {}  # slot -> counters of its dead workers
+        self.exits = dict.fromkeys(EXIT_CAUSES, 0)
+        self.respawns = 0
+        self.reloads = 0
+
+    def add_worker(self, key: Hashable, *, pid: int, slot: int, generation: int) -> None:
+        """Start tracking a freshly forked worker, in state ``booting``."""
+        self.workers[key] = _Worker(pid, slot, generation, self.clock())
+
+    def ingest(self, key: Hashable, message: object) -> None:
+        """Take a worker's latest totals; messages for unknown workers or of a wrong type are ignored."""
+        worker = self.workers.get(key)
+        if worker is None or not isinstance(message, CountersFlushed):
+            return
+        if worker.last is None or message.requests >= worker.last.requests:
+            worker.last = message
+            worker.reported_at = self.clock()
+
+    def mark_broken(self, key: Hashable, reason: str) -> None:
+        """Note that a worker's queue failed; its last good totals still count."""
+        worker = self.workers.get(key)
+        if worker is not None:
+            worker.broken = reason
+
+    def set_state(self, key: Hashable, state: str) -> None:
+        """Record ``booting``, ``idle``, ``busy`` or ``retiring``."""
+        if state not in WORKER_STATES:
+            raise ValueError(f"unknown worker state {state!r}")
+        worker = self.workers.get(key)
+        if worker is not None:
+            worker.state = state
+
+    def worker_exited(self, key: Hashable, cause: str) -> None:
+        """Forget a dead worker, keeping its last totals in its slot's retired counters."""
+        if cause not in EXIT_CAUSES:
+            raise ValueError(f"unknown exit cause {cause!r}")
+        worker = self.workers.pop(key, None)
+        if worker is None:
+            return
+        self.retired.setdefault(worker.slot, Totals()).merge(worker.last)
+        self.exits[cause] += 1
+
+    def note_reload(self) -> None:
+        """Count a reload (HUP) the master started."""
+        self.reloads += 1
+
+    def note_respawn(self) -> None:
+        """Count a worker started to replace one that ended (not a first start, not a reload)."""
+        self.respawns += 1
+
+    def snapshot(self, extra_workers_info: dict[Hashable, dict[str, Any]] | None = None,
+                 listeners: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        """Return the /stats document (schema: README, "Stats"); plain JSON types only."""
+        now = self.clock()
+        extra_workers_info = extra_workers_info or {}
+        slots = {slot: totals.copy() for slot, totals in self.retired.items()}
+        workers = []
+        for key, worker in sorted(self.workers.items(), key=lambda kv: (kv[1].slot, kv[1].generation, kv[1].pid)):
+            slots.setdefault(worker.slot, Totals()).merge(worker.last)
+            workers.append(self._worker_json(worker, now, extra_workers_info.get(key, {})))
+        everything = Totals()
+        for totals in slots.values():
+            everything.merge(totals)
+        by_state = dict.fromkeys(WORKER_STATES, 0)
+        for entry in workers:
+            by_state[entry["state"]] = by_state.get(entry["state"], 0) + 1
+        return {
+            "schema": SCHEMA_VERSION,
+            "master_pid": os.getpid(),
+            "uptime_seconds": round(now - self.started_at, 3),
+            "started_at_unix": round(self.started_at_unix, 3),
+            "histogram_bounds_seconds": list(HISTOGRAM_BUCKETS[:-1]),
+            "totals": everything.as_json(),
+            "counters": {
+                "workers_alive": len(workers),
+                "workers_by_state": by_state,
+                "workers_respawned": self.respawns,
+                "worker_exits": dict(self.exits),
+                "reloads": self.reloads,
+            },
+            "slots": [{"slot": slot, **slots[slot].as_json(histogram=False)} for slot in sorted(slots)],
+            "workers": workers,
+            "listeners": [dict(listener) for listener in listeners],
+        }
+
+    def _worker_json(self, worker: _Worker, now: float, extra: dict[str, Any]) -> dict[str, Any]:
+        totals = Totals()
+        totals.merge(worker.last)
+        entry: dict[str, Any] = {
+            "pid": worker.pid,
+            "slot": worker.slot,
+            "generation": worker.generation,
+            "state": worker.state,
+            **totals.as_json(),
+            "current_request": None,
+            "memory_uss_bytes": None,
+            "memory_pss_bytes": None,
+            "age_seconds": round(now - worker.started_at, 3),
+            "heartbeat_age_seconds": None,
+            "report_age_seconds": None if worker.reported_at is None else round(now - worker.reported_at, 3),
+            "dropped_reports": worker.last.dropped_flushes if worker.last else 0,
+            "stats_error": worker.broken or None,
+        }
+        entry.update((name, extra[name]) for name in EXTRA_FIELDS if name in extra)
+        return entry
+
+    def prometheus(self, snapshot: dict[str, Any]) -> str:
+        """Render a snapshot in the Prometheus text format 0.0.4 (status.render_prometheus)."""
+        from .status import render_prometheus
+
+        return render_prometheus(snapshot)
