@@ -665,8 +665,11 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
                             + (f"  errors {result.error_kinds}" if result.error_kinds else "")
                             + (f"  FAILED: {result.failed}" if result.failed else ""))
                         if result.errors and servers[name].config.kind == "forkserver":
-                            # The server's own account (a worker that died, a timeout), before its log goes.
-                            log(servers[name].log_tail())
+                            # The server's own account (a worker that died, a timeout), before its log
+                            # goes: given a moment for the master to reap and say why, and long enough
+                            # for a worker's stack dump, which alone runs past 15 lines.
+                            time.sleep(0.5)
+                            log(servers[name].log_tail(80))
                 results["scenarios"][scenario.key] = {
                     "title": title, "pair": list(scenario.pair),
                     "servers": {name: summarize(r) for name, r in runs.items()},
