@@ -20,6 +20,8 @@ at most one ``RECHECK`` for somebody to take it.
 
 Seats, not slots: old and new generations share slot numbers during a
 reload, so the master hands out seats and takes them back when it reaps.
+A seat read while its worker rewrites it (``struct.pack_into`` zeroes it
+first) reads as unwilling, so a race costs at most one accept out of turn.
 """
 
 from __future__ import annotations

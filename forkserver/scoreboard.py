@@ -9,11 +9,13 @@ no file (gunicorn's temp-file heartbeat stalls on disk-backed /tmp) and no
 queue (a wedged stats queue must never look like a hung worker).
 
 Timestamps are ``time.monotonic()``: one system-wide clock on Linux.  Reads
-may race writes, and a torn path in a diagnostic line is harmless.  A torn
-stamp is not: a slot's start is written before its progress stamp, so the
-master may read a new start beside the previous request's progress, which
-in a worker idle past the timeout is older than the timeout.  A request's
-stall is therefore counted from the later of the two.
+race writes, so every stamp is one aligned 8-byte store through a view of
+the mapping as doubles, which a reader sees whole.  Not ``struct.pack_into``:
+it zeroes its whole struct before filling it in, and a master that read a
+beat in between saw a worker silent since boot and killed it.  A slot's
+progress stamp is written before its start and the start is cleared first,
+so a start the master sees always has its progress beside it; a torn path
+in a diagnostic line is harmless.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from dataclasses import dataclass
 
 HEADER = struct.Struct("d")  # when the worker's loop last went round
 SLOT = struct.Struct("dd8s200s48s")  # started, last progress, method, path, client
-STAMPS = struct.Struct("dd")  # a slot's first two fields alone
+TEXTS = struct.Struct("8s200s48s")  # a slot's fields after its two stamps
+STAMP_BYTES = 8
+BEAT = 0  # index of the beat among the mapping's doubles
+assert SLOT.size % STAMP_BYTES == 0  # every slot's stamps stay 8-byte aligned
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,14 +55,19 @@ class Scoreboard:
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self._map = mmap.mmap(-1, HEADER.size + threads * SLOT.size)
+        self._stamps = memoryview(self._map).cast("d")  # see the module docstring
         self._shown: list[tuple[str, str, str] | None] = [None] * threads  # worker side: each slot's texts
         self.beat()
 
     # -- worker side ---------------------------------------------------------
 
+    def _started_index(self, thread: int) -> int:
+        """Where slot ``thread``'s start stamp is among the doubles; its progress stamp follows."""
+        return (HEADER.size + thread * SLOT.size) // STAMP_BYTES
+
     def beat(self) -> None:
         """Record that the worker's loop is alive now."""
-        HEADER.pack_into(self._map, 0, time.monotonic())
+        self._stamps[BEAT] = time.monotonic()
 
     def request_started(self, thread: int, method: str, path: str, client: str) -> None:
         """Fill a request slot as a request is handed to the app.
@@ -66,25 +76,26 @@ class Scoreboard:
         request's: under load most requests repeat the one before.
         """
         now = time.monotonic()
-        offset = HEADER.size + thread * SLOT.size
+        started = self._started_index(thread)
         shown = (method, path, client)
-        if self._shown[thread] == shown:
-            STAMPS.pack_into(self._map, offset, now, now)
-            return
-        self._shown[thread] = shown
-        # struct cuts each text to its field's size (and pads the rest with NULs).
-        SLOT.pack_into(self._map, offset, now, now, method.encode("latin-1", "replace"),
-                       path.encode("latin-1", "replace"), client.encode("latin-1", "replace"))
+        if self._shown[thread] != shown:
+            self._shown[thread] = shown
+            # struct cuts each text to its field's size (and pads the rest with NULs).
+            TEXTS.pack_into(self._map, started * STAMP_BYTES + 2 * STAMP_BYTES, method.encode("latin-1", "replace"),
+                            path.encode("latin-1", "replace"), client.encode("latin-1", "replace"))
+        stamps = self._stamps
+        stamps[started + 1] = now
+        stamps[started] = now
 
     def request_progressed(self, thread: int) -> None:
         """Stamp a request slot (and the worker): the request moved bytes, so it is not hung."""
         now = time.monotonic()
-        struct.pack_into("d", self._map, HEADER.size + thread * SLOT.size + 8, now)
-        HEADER.pack_into(self._map, 0, now)
+        self._stamps[self._started_index(thread) + 1] = now
+        self._stamps[BEAT] = now
 
     def request_finished(self, thread: int) -> None:
         """Clear a request slot, and beat: the worker is alive and back in its own code."""
-        struct.pack_into("d", self._map, HEADER.size + thread * SLOT.size, 0.0)
+        self._stamps[self._started_index(thread)] = 0.0
         self.beat()
 
     # -- master side ---------------------------------------------------------
@@ -120,4 +131,5 @@ class Scoreboard:
 
     def close(self) -> None:
         """Unmap (master side, once the worker is reaped)."""
+        self._stamps.release()  # a mapping with a view on it cannot be closed
         self._map.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from forkserver.scoreboard import HEADER, SLOT, Scoreboard
@@ -39,3 +41,36 @@ def test_a_start_read_beside_the_previous_requests_progress_is_not_a_stall():
     SLOT.pack_into(board._map, HEADER.size, now, now - 3600.0, b"GET", b"/", b"127.0.0.1")
     stalled, (request,) = board.stalled_for()
     assert stalled < 5.0 and request.stalled < 5.0
+
+
+def test_a_master_reading_while_the_worker_beats_never_sees_a_stale_beat():
+    """The bug this guards against killed healthy workers under load, rarely.
+
+    ``struct.pack_into`` zeroes a struct before filling it in, so a master
+    reading in between saw a beat of 0.0, a worker silent for the machine's
+    whole uptime, and aborted it.  Here a forked child beats and serves
+    requests as fast as it can while this process reads as the master does.
+    """
+    board = Scoreboard(threads=1)
+    child = os.fork()
+    if child == 0:  # the worker: beat and serve until the deadline, then leave without cleanup
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for _ in range(100):
+                board.beat()
+                board.request_started(0, "GET", "/", "127.0.0.1")
+                board.request_progressed(0)
+                board.request_finished(0)
+        os._exit(0)
+    try:
+        worst = 0.0
+        reads = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            worst = max(worst, board.stalled_for()[0])
+            reads += 1
+        assert reads > 1000
+        assert worst < 5.0, f"the master read a stall of {worst:.0f}s from a worker beating all along"
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
