@@ -56,14 +56,12 @@ class Scoreboard:
         self.threads = threads
         self._map = mmap.mmap(-1, HEADER.size + threads * SLOT.size)
         self._stamps = memoryview(self._map).cast("d")  # see the module docstring
+        # Where each slot's start stamp is among the doubles; its progress stamp follows.
+        self._starts = tuple((HEADER.size + thread * SLOT.size) // STAMP_BYTES for thread in range(threads))
         self._shown: list[tuple[str, str, str] | None] = [None] * threads  # worker side: each slot's texts
         self.beat()
 
     # -- worker side ---------------------------------------------------------
-
-    def _started_index(self, thread: int) -> int:
-        """Where slot ``thread``'s start stamp is among the doubles; its progress stamp follows."""
-        return (HEADER.size + thread * SLOT.size) // STAMP_BYTES
 
     def beat(self) -> None:
         """Record that the worker's loop is alive now."""
@@ -76,12 +74,12 @@ class Scoreboard:
         request's: under load most requests repeat the one before.
         """
         now = time.monotonic()
-        started = self._started_index(thread)
+        started = self._starts[thread]
         shown = (method, path, client)
         if self._shown[thread] != shown:
             self._shown[thread] = shown
             # struct cuts each text to its field's size (and pads the rest with NULs).
-            TEXTS.pack_into(self._map, started * STAMP_BYTES + 2 * STAMP_BYTES, method.encode("latin-1", "replace"),
+            TEXTS.pack_into(self._map, (started + 2) * STAMP_BYTES, method.encode("latin-1", "replace"),
                             path.encode("latin-1", "replace"), client.encode("latin-1", "replace"))
         stamps = self._stamps
         stamps[started + 1] = now
@@ -90,12 +88,12 @@ class Scoreboard:
     def request_progressed(self, thread: int) -> None:
         """Stamp a request slot (and the worker): the request moved bytes, so it is not hung."""
         now = time.monotonic()
-        self._stamps[self._started_index(thread) + 1] = now
+        self._stamps[self._starts[thread] + 1] = now
         self._stamps[BEAT] = now
 
     def request_finished(self, thread: int) -> None:
         """Clear a request slot, and beat: the worker is alive and back in its own code."""
-        self._stamps[self._started_index(thread)] = 0.0
+        self._stamps[self._starts[thread]] = 0.0
         self.beat()
 
     # -- master side ---------------------------------------------------------
@@ -109,7 +107,7 @@ class Scoreboard:
         now = time.monotonic()
         found = []
         for thread in range(self.threads):
-            started, progressed, method, path, client = SLOT.unpack_from(self._map, HEADER.size + thread * SLOT.size)
+            started, progressed, method, path, client = SLOT.unpack_from(self._map, self._starts[thread] * STAMP_BYTES)
             if started:
                 found.append(InFlight(thread, method.rstrip(b"\0").decode("latin-1"),
                                       path.rstrip(b"\0").decode("latin-1"), client.rstrip(b"\0").decode("latin-1"),
