@@ -162,8 +162,7 @@ def header_environ(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     """Map request header fields to their environ entries (``HTTP_*``, ``CONTENT_*``).
 
     Repeated fields are joined with "," (cookies with "; ", RFC 9113 §8.2.3);
-    names containing "_" are dropped.  A pure function of the fields, so a
-    connection whose client repeats its headers computes it once.
+    names containing "_" are dropped.
     """
     fields: dict[str, str] = {}
     keys = _ENVIRON_KEYS
@@ -181,18 +180,14 @@ def header_environ(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     return fields
 
 
-def build_environ(
-    request: Request, base: dict[str, Any], remote: tuple[str, str], body: io.BufferedReader,
-    fields: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Build the per-request environ (PEP 3333 §"environ Variables").
+def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str]) -> dict[str, Any]:
+    """Build the environ of a request (PEP 3333 §"environ Variables"), all but ``wsgi.input``.
 
     ``remote`` is the socket's peer; what a trusted proxy says about the
     client is applied afterwards (``forkserver.proxy.apply_origin``).
-    ``fields`` is ``header_environ(request.headers)`` when the caller has it.
     """
     environ = base.copy()
-    environ.update(header_environ(request.headers) if fields is None else fields)
+    environ.update(header_environ(request.headers))
     raw = target = request.target
     if target[:1] != b"/" and target != b"*":
         # absolute-form (RFC 9112 §3.2.2): the path is what follows the
@@ -214,7 +209,6 @@ def build_environ(
     environ["RAW_URI"] = raw.decode("latin-1")
     environ["SERVER_PROTOCOL"] = _PROTOCOLS[request.version]
     environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
-    environ["wsgi.input"] = body
     if request.chunked:
         environ.pop("CONTENT_LENGTH", None)
     return environ

@@ -13,7 +13,6 @@ must end with and the server must answer before closing the connection.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
@@ -169,8 +168,7 @@ def requests_of(events: list[Any]) -> list[tuple[Request, bytes]]:
 
 
 def environ_of(request: Request) -> dict[str, Any]:
-    body = io.BufferedReader(io.BytesIO(b""))  # type: ignore[arg-type]
-    return build_environ(request, base_environ("localhost", "80", False), ("127.0.0.1", "1"), body)
+    return build_environ(request, base_environ("localhost", "80", False), ("127.0.0.1", "1"))
 
 
 def check_environ(environ: dict[str, Any], body: str, expected: dict[str, Any]) -> None:
