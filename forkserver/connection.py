@@ -126,6 +126,7 @@ class Connection:
         self.bytes_in = self.bytes_out = 0
         # Responses deferred to the end of the loop's batch (see send_pair), as buffers.
         self.unsent: list[bytes] = []
+        self.unsent_bytes = 0
         self._raw_left = 0  # body bytes still to read past the parser (see _raw_body_left)
         # The request line and header fields of the last request, and the
         # environ they map to (without wsgi.input): see _environ_for.
@@ -195,9 +196,12 @@ class Connection:
 
     def flush(self) -> None:
         """Send the responses ``send_pair`` deferred; raises ClientGone if the peer is gone."""
-        parts, self.unsent = self.unsent, []
-        self.bytes_out -= sum(map(len, parts))  # counted when deferred; _send_all counts them again
-        self._send_all(parts)
+        parts, size, self.unsent, self.unsent_bytes = self.unsent, self.unsent_bytes, [], 0
+        counted = self.bytes_out
+        try:
+            self._send_all(parts, size)
+        finally:
+            self.bytes_out = counted  # they were counted as they were deferred
 
     # -- serving side: waits on deadlines ----------------------------------------
 
@@ -214,7 +218,7 @@ class Connection:
         """Send all of ``data``, waiting for the peer as long as it keeps up."""
         if self.unsent:
             self.flush()
-        self._send_all((data,))
+        self._send_all((data,), len(data))
 
     def send_pair(self, head: bytes, body: bytes, last: bool = False) -> None:
         """Send a response head and a piece of body: one system call, and no copy of a large body.
@@ -226,21 +230,25 @@ class Connection:
         waking a client that sleeps costs the sender more than the send,
         and one wake-up then covers the whole batch.
         """
+        body_size = len(body)
+        size = len(head) + body_size
         # A small body is copied behind the head; a large one goes with sendmsg() as it is.
-        parts = (head + body,) if len(body) < SEND_JOIN_BYTES else (head, body)
+        parts = (head + body,) if body_size < SEND_JOIN_BYTES else (head, body)
         outbox = self.service.outbox
-        if last and outbox is not None and len(body) <= DEFER_MAX_BYTES and len(self.unsent) < DEFER_MAX_PARTS:
-            if not self.unsent:
+        unsent = self.unsent
+        if last and outbox is not None and body_size <= DEFER_MAX_BYTES and len(unsent) < DEFER_MAX_PARTS:
+            if not unsent:
                 outbox.append(self)
-            self.unsent += parts
-            self.bytes_out += len(head) + len(body)
+            unsent += parts
+            self.unsent_bytes += size
+            self.bytes_out += size
             return
-        if self.unsent:
+        if unsent:
             self.flush()
-        self._send_all(parts)
+        self._send_all(parts, size)
 
-    def _send_all(self, parts: Sequence[bytes]) -> None:
-        """Send every byte of ``parts``, in order: one system call when the socket takes them all."""
+    def _send_all(self, parts: Sequence[bytes], size: int) -> None:
+        """Send all ``size`` bytes of ``parts``, in order: one system call when the socket takes them all."""
         try:
             sent = self.sock.send(parts[0]) if len(parts) == 1 else self.sock.sendmsg(parts)
         except BlockingIOError:
@@ -248,22 +256,27 @@ class Connection:
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         self.bytes_out += sent
-        for part in parts:
-            if sent < len(part):
-                self._send_rest(memoryview(part)[sent:])
-            sent = max(0, sent - len(part))
+        if sent < size:
+            self._send_rest(parts, sent)
 
-    def _send_rest(self, view: memoryview) -> None:
-        while view:
-            try:
-                sent = self.sock.send(view)
-            except BlockingIOError:
-                self._wait(select.POLLOUT)
+    def _send_rest(self, parts: Sequence[bytes], sent: int) -> None:
+        """Send what is left of ``parts`` past the first ``sent`` bytes, waiting for the peer."""
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
                 continue
-            except OSError as exc:
-                raise ClientGone(str(exc)) from None
-            self.bytes_out += sent
-            view = view[sent:]
+            view = memoryview(part)[sent:]
+            sent = 0
+            while view:
+                try:
+                    written = self.sock.send(view)
+                except BlockingIOError:
+                    self._wait(select.POLLOUT)
+                    continue
+                except OSError as exc:
+                    raise ClientGone(str(exc)) from None
+                self.bytes_out += written
+                view = view[written:]
 
     def sendfile(self, in_fd: int, offset: int, count: int) -> int:
         """Send up to ``count`` bytes of a file with ``os.sendfile``; return bytes sent."""

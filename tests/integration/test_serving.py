@@ -224,6 +224,23 @@ def test_file_wrapper_sends_the_file(start, tmp_path):
         assert response.headers["Content-Length"] == str(len(blob))
 
 
+def test_a_response_larger_than_the_socket_buffers_reaches_a_slow_reader_whole(start):
+    """The first sendmsg takes part of head and body; the rest goes out as the client reads."""
+    srv = start("basic:echo", "-w", "1")
+    payload = b"a" * (8 << 20)
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, set before connecting
+        conn.settimeout(10)
+        conn.connect(("127.0.0.1", srv.port))
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+        time.sleep(0.3)  # the worker fills both socket buffers and waits for us to read
+        status, headers, body = read_response(conn)
+        assert status == b"HTTP/1.1 200 OK"
+        assert len(body) == int(headers["content-length"]) and json.loads(body)["body"] == payload.decode()
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # and the connection still serves
+        assert read_response(conn)[0] == b"HTTP/1.1 200 OK"
+
+
 def test_duplicate_response_headers_and_status(start):
     srv = start("basic:headers_app", "-w", "1")
     answer = raw_request(srv.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")

@@ -60,6 +60,33 @@ def test_counts_are_exact_after_a_flush(server, tmp_path):
     assert doc["totals"]["p50_seconds"] is not None
 
 
+def test_bytes_are_counted_exactly_when_responses_wait_for_the_end_of_a_batch(server, tmp_path):
+    """Clients sending at once make the worker hold responses to the end of its batch: counted once each."""
+    srv, sock = start_with_stats(server, tmp_path, "-w", "1", workers=1)
+    base = poll(lambda: stats(sock)["totals"]["requests"] >= 1 and stats(sock), what="the readiness probe")
+    conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(4)]
+    sent = received = 0
+    try:
+        for round_ in range(20):
+            for index, conn in enumerate(conns):
+                request = f"GET /?{200 + index} HTTP/1.1\r\nHost: t{round_}\r\n\r\n".encode()
+                conn.sendall(request)
+                sent += len(request)
+            for conn in conns:
+                answer = b""
+                while not (answer.endswith(b"\n") and b"\r\n\r\n" in answer):  # the status app's body ends in a newline
+                    chunk = conn.recv(65536)
+                    assert chunk, "connection closed"
+                    answer += chunk
+                received += len(answer)
+    finally:
+        for conn in conns:
+            conn.close()
+    doc = settled_total(sock, base["totals"]["requests"] + 80)
+    assert doc["totals"]["bytes_in"] - base["totals"]["bytes_in"] == sent
+    assert doc["totals"]["bytes_out"] - base["totals"]["bytes_out"] == received
+
+
 def test_counters_survive_a_killed_worker(server, tmp_path):
     srv, sock = start_with_stats(server, tmp_path, "-w", "1", workers=1)
     for _ in range(10):
