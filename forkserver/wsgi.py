@@ -336,6 +336,10 @@ class Response:
     chunked = False
     content_length: int | None = None
     body_bytes = 0
+    # Set by start_response: the status forbids a body (1xx, 204, 304; RFC 9110 §6.4.1),
+    # and no body goes out (that, or a HEAD request).
+    status_without_body = False
+    bodyless = False
 
     def __init__(self, sink: Sink, date_line: Callable[[], bytes],
                  head_only: bool, http10: bool, keep_alive: bool) -> None:
@@ -357,15 +361,11 @@ class Response:
             raise AppError("start_response called a second time without exc_info")
         self.code, self._status_line = encode_status(status)
         self._fields, self._declared_length = encode_headers(headers)
+        code = self.code
+        self.status_without_body = code < 200 or code == 204 or code == 304
+        self.bodyless = self.head_only or self.status_without_body
         self.status, self.headers = status, headers
         return self.write
-
-    def _status_without_body(self) -> bool:
-        code = self.code
-        return code < 200 or code == 204 or code == 304  # RFC 9110 §6.4.1
-
-    def _bodyless(self) -> bool:
-        return self.head_only or self._status_without_body()
 
     def _head(self, known_length: int | None) -> bytes:
         """Pick the framing and return the encoded head; ``known_length`` if all body is known."""
@@ -373,14 +373,14 @@ class Response:
             raise AppError("app returned without calling start_response")
         fields = self._fields
         length = self._declared_length
-        if length is None and known_length is not None and not self._status_without_body():
+        if length is None and known_length is not None and not self.status_without_body:
             self.headers = self.headers + [("Content-Length", str(known_length))]  # as the access log sees it
             fields += b"Content-Length: %d\r\n" % known_length
             length = known_length
         self.content_length = length
         if self.keep_alive and self._sink.must_close():
             self.keep_alive = False
-        if length is None and not self._bodyless():
+        if length is None and not self.bodyless:
             if self.http10:
                 self.keep_alive = False  # the body ends when the connection does
             else:
@@ -390,7 +390,7 @@ class Response:
 
     def _frame(self, data: bytes) -> bytes:
         """Apply length accounting and chunked framing to one piece of body."""
-        if self._bodyless():
+        if self.bodyless:
             return b""
         if self.content_length is not None:
             room = self.content_length - self.body_bytes
@@ -419,9 +419,10 @@ class Response:
 
     def send_whole(self, body: bytes) -> None:
         """Send head and a fully known body together, in one call."""
-        head = self._head(len(body))
-        if self.content_length == len(body) and not self._bodyless():
-            self.body_bytes = len(body)  # the common case, framed: nothing to cut, no chunks
+        size = len(body)
+        head = self._head(size)
+        if self.content_length == size and not self.bodyless:
+            self.body_bytes = size  # the common case, framed: nothing to cut, no chunks
             self._sink.send_pair(head, body, self.keep_alive)
             return
         self._sink.send_pair(head, self._frame(body))
@@ -437,7 +438,7 @@ class Response:
         self._sink.send(self._head(remaining))
         if self.content_length is not None:
             remaining = min(remaining, self.content_length)
-        if not self._bodyless():
+        if not self.bodyless:
             while remaining:
                 sent = self._sink.sendfile(fd, offset, remaining)
                 if sent == 0:
@@ -454,7 +455,7 @@ class Response:
             self._sink.send(self._head(0))
         if self.chunked:
             self._sink.send(LAST_CHUNK)
-        elif (self.content_length is not None and not self._bodyless()
+        elif (self.content_length is not None and not self.bodyless
               and self.body_bytes < self.content_length):
             # The client still waits for the bytes the app promised; only
             # closing the connection tells it they are not coming.
@@ -468,6 +469,9 @@ def run_app(app: Callable[..., Any], environ: dict[str, Any], response: Response
     ``ClientGone``/``OSError`` from sending.
     """
     result = app(environ, response.start_response)
+    if result.__class__ is list and len(result) == 1 and result[0].__class__ is bytes and not response.head_sent:
+        response.send_whole(result[0])  # the usual answer: one bytes in a list, which has no close()
+        return
     try:
         if isinstance(result, (list, tuple)) and not response.head_sent:
             for piece in result:
