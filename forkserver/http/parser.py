@@ -52,17 +52,21 @@ class Limits:
         return self.request_line_bytes + 32 + self.header_fields * (self.header_field_bytes + 4) + 2
 
 
-def _feed(parser: httptools.HttpRequestParser, data: bytes) -> None:
-    """Feed llhttp, surfacing what our callbacks raised as itself.
+def _raised_by_callback(error: httptools.HttpParserCallbackError) -> BaseException:
+    """What one of our callbacks raised, which httptools wrapped in ``error``.
 
-    httptools wraps a callback's exception in HttpParserCallbackError: a
-    ProtocolError comes back out as the error it is, and anything else (a
-    bug) as its own exception, never as an HTTP parse error.
+    A ProtocolError goes on as the error it is, and anything else (a bug) as
+    its own exception, never as an HTTP parse error.
     """
+    return error.__context__ or RuntimeError(str(error))
+
+
+def _feed(parser: httptools.HttpRequestParser, data: bytes) -> None:
+    """Feed llhttp, surfacing what our callbacks raised as itself."""
     try:
         parser.feed_data(data)
     except httptools.HttpParserCallbackError as exc:
-        raise (exc.__context__ or RuntimeError(str(exc))) from None
+        raise _raised_by_callback(exc) from None
 
 
 class RequestParser:
@@ -83,7 +87,8 @@ class RequestParser:
         self._max_fields = limits.header_fields
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
-        self._upgraded = False
+        # Set once an Upgrade/CONNECT head stopped llhttp: the connection must close.
+        self.upgraded = False
         self._failed = False
         self._skipped_body: _SkippedBody | None = None
         self._messages_begun = 0
@@ -106,7 +111,7 @@ class RequestParser:
     def feed(self, data: bytes) -> list[Event | ProtocolError]:
         """Parse ``data`` and return the events it completed."""
         skipped = self._skipped_body
-        if self._failed or (self._upgraded and (skipped is None or skipped.done)):
+        if self._failed or (self.upgraded and (skipped is None or skipped.done)):
             # After an Upgrade request the bytes are not HTTP/1.1, and after
             # an error we cannot know where a message starts: drop them.
             return []
@@ -125,15 +130,17 @@ class RequestParser:
         rest = None
         begun = self._messages_begun
         try:
-            _feed(self._parser, data)
+            self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             # llhttp stops at the end of an Upgrade (or CONNECT) head.  We do
             # not switch protocols: answer this request as plain HTTP, then close.
-            self._upgraded = True
+            self.upgraded = True
             if self._body_skipped:
                 rest = data[upgrade.args[0]:]
             elif self._head_done:
                 self._events.append(END_OF_MESSAGE)
+        except httptools.HttpParserCallbackError as exc:
+            raise _raised_by_callback(exc) from None
         except httptools.HttpParserError as exc:
             raise BadRequest(str(exc)) from None
         if rest is not None:
@@ -182,7 +189,7 @@ class RequestParser:
         spared a callback and a copy.
         """
         length = self._content_length
-        if not self._head_done or self._chunked or length is None or self._upgraded or self._failed:
+        if not self._head_done or self._chunked or length is None or self.upgraded or self._failed:
             return 0
         left = length - self._body_bytes
         if left <= 0:
@@ -190,11 +197,6 @@ class RequestParser:
         self._parser = httptools.HttpRequestParser(self)  # the old one sits mid-body
         self._head_done = False
         return left
-
-    @property
-    def upgraded(self) -> bool:
-        """True once an Upgrade/CONNECT head stopped the parser; the connection must close."""
-        return self._upgraded
 
     # -- httptools callbacks ------------------------------------------------
 
@@ -218,15 +220,15 @@ class RequestParser:
             # Only these few names change how we frame or answer the message;
             # the length test keeps the lowering off most fields.
             lowered = name.lower()
-            if lowered == b"transfer-encoding":
-                self._on_transfer_encoding(value)
-            elif lowered == b"content-length":
-                # llhttp already rejects signs, junk, overflow and duplicates.
-                self._content_length = int(value)
-            elif lowered == b"host":
+            if lowered == b"host":  # first: every request has one
                 if self._host_seen:
                     raise BadRequest("more than one Host header")  # RFC 9112 §3.2
                 self._host_seen = True
+            elif lowered == b"content-length":
+                # llhttp already rejects signs, junk, overflow and duplicates.
+                self._content_length = int(value)
+            elif lowered == b"transfer-encoding":
+                self._on_transfer_encoding(value)
             elif lowered == b"expect":
                 self._expect_continue = value.strip().lower() == b"100-continue"
 
