@@ -4,6 +4,7 @@
     python3 scripts/profile_request.py              # hello world: per-request cost and its parts
     python3 scripts/profile_request.py --path /json # the Flask view of scripts/bench_apps.py
     python3 scripts/profile_request.py --profile    # plus cProfile's top functions
+    python3 scripts/profile_request.py --bytecodes  # bytecodes and calls per request: exact, no timing
 
 A real ``forkserver.connection.Connection`` serves ``scripts/bench_apps.py``
 over a UNIX socketpair in this one process: the client side writes a request
@@ -12,12 +13,18 @@ reads the answer.  What is left once the socketpair's own send/recv pairs
 (measured alone, "floor") are taken away is the Python cost of a request:
 parsing, the environ, the app, the response head, the scoreboard, stats and
 the access log when asked for.  Everything is bounded by ``--requests``.
+
+Timings on a shared machine move by 10% or more between runs; the count of
+bytecodes (and calls) the interpreter runs per request does not, so
+``--bytecodes`` shows whether a change made the Python path shorter.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
+import dis
 import io
 import os
 import pstats
@@ -41,6 +48,32 @@ from forkserver.stats import Reporter, new_queue  # noqa: E402
 from forkserver.wsgi import Response, base_environ, build_environ, run_app  # noqa: E402
 
 ROUNDS = 5  # the best of this many rounds is reported: the least disturbed by the rest of the machine
+
+
+def bytecodes_per_call(action, count: int) -> tuple[collections.Counter[str], int]:
+    """Bytecodes run per call of ``action`` by function, and the calls among them (``action``'s own excluded)."""
+    per_function: collections.Counter[str] = collections.Counter()
+    calls = 0
+    harness = action.__code__
+
+    def trace(frame, event, arg):
+        nonlocal calls
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        code = frame.f_code
+        if event == "opcode" and code is not harness:
+            per_function[f"{Path(code.co_filename).name}:{code.co_name}"] += 1
+            if dis.opname[code.co_code[frame.f_lasti]] == "CALL":
+                calls += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        for _ in range(count):
+            action()
+    finally:
+        sys.settrace(None)
+    return collections.Counter({name: run / count for name, run in per_function.items()}), calls // count
 
 
 def best_per_call(action, count: int) -> float:
@@ -77,6 +110,8 @@ def main() -> int:
     parser.add_argument("--stats", action="store_true", help="count requests in a stats Reporter, as --stats-bind does")
     parser.add_argument("--access-log", action="store_true", help="write the default access log (to a temporary file)")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions by own time")
+    parser.add_argument("--bytecodes", action="store_true",
+                        help="print the bytecodes and calls the interpreter runs per request, by function")
     args = parser.parse_args()
 
     request = (f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n").encode()
@@ -126,6 +161,11 @@ def main() -> int:
               f"socketpair send/recv (floor): {(total - socket_floor) * 1e6:.1f} us of forkserver and app")
         print(f"  alone: parse {parse * 1e6:.1f} us, environ {build * 1e6:.1f} us, "
               f"app + start_response + head {respond * 1e6:.1f} us")
+        if args.bytecodes:
+            per_function, calls = bytecodes_per_call(one_request, 100)
+            print(f"{sum(per_function.values()):.0f} bytecodes and {calls} calls per request; by function:")
+            for name, run in per_function.most_common(15):
+                print(f"  {run:5.0f}  {name}")
         if args.profile:
             profiler = cProfile.Profile()
             profiler.runcall(lambda: [one_request() for _ in range(count)])
