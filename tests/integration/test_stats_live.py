@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import random
+import re
 import select
 import signal
 import socket
@@ -32,9 +33,9 @@ def stats(path: str) -> dict:
     return json.loads(fetch(path))
 
 
-def start_with_stats(server, tmp_path, *args, workers):
+def start_with_stats(server, tmp_path, *args, workers, app="basic:status"):
     sock = tmp_path / "stats.sock"
-    srv = server("basic:status", *args, "--stats-bind", f"unix:{sock}", workers=workers)
+    srv = server(app, *args, "--stats-bind", f"unix:{sock}", workers=workers)
     return srv, str(sock)
 
 
@@ -60,29 +61,41 @@ def test_counts_are_exact_after_a_flush(server, tmp_path):
     assert doc["totals"]["p50_seconds"] is not None
 
 
+def read_one_response(conn: socket.socket) -> bytes:
+    """Read exactly one Content-Length response, head and body."""
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < content_length(answer):
+        chunk = conn.recv(65536)
+        assert chunk, "connection closed"
+        answer += chunk
+    return answer
+
+
+def content_length(answer: bytes) -> int:
+    return int(re.search(rb"\r\nContent-Length: (\d+)\r\n", answer.partition(b"\r\n\r\n")[0]).group(1))
+
+
 def test_bytes_are_counted_exactly_when_responses_wait_for_the_end_of_a_batch(server, tmp_path):
-    """Clients sending at once make the worker hold responses to the end of its batch: counted once each."""
-    srv, sock = start_with_stats(server, tmp_path, "-w", "1", workers=1)
+    """Requests that arrive while the worker is busy are served as one batch, their responses
+    held to its end: each byte is counted once."""
+    srv, sock = start_with_stats(server, tmp_path, "-w", "1", workers=1, app="basic:slow")
     base = poll(lambda: stats(sock)["totals"]["requests"] >= 1 and stats(sock), what="the readiness probe")
-    conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(4)]
+    blocker, *conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(5)]
     sent = received = 0
     try:
-        for round_ in range(20):
-            for index, conn in enumerate(conns):
-                request = f"GET /?{200 + index} HTTP/1.1\r\nHost: t{round_}\r\n\r\n".encode()
+        for _ in range(5):
+            # The worker sleeps in the app for 0.1 s; the four requests sent meanwhile are
+            # all ready at its next poll.
+            for conn, query in [(blocker, "0.1")] + [(conn, "0") for conn in conns]:
+                request = f"GET /?{query} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
                 conn.sendall(request)
                 sent += len(request)
-            for conn in conns:
-                answer = b""
-                while not (answer.endswith(b"\n") and b"\r\n\r\n" in answer):  # the status app's body ends in a newline
-                    chunk = conn.recv(65536)
-                    assert chunk, "connection closed"
-                    answer += chunk
-                received += len(answer)
+            for conn in [blocker, *conns]:
+                received += len(read_one_response(conn))
     finally:
-        for conn in conns:
+        for conn in [blocker, *conns]:
             conn.close()
-    doc = settled_total(sock, base["totals"]["requests"] + 80)
+    doc = settled_total(sock, base["totals"]["requests"] + 25)
     assert doc["totals"]["bytes_in"] - base["totals"]["bytes_in"] == sent
     assert doc["totals"]["bytes_out"] - base["totals"]["bytes_out"] == received
 
