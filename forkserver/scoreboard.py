@@ -100,15 +100,18 @@ class Scoreboard:
 
     def last_beat_age(self) -> float:
         """Seconds since the worker's loop last beat."""
-        return time.monotonic() - HEADER.unpack_from(self._map, 0)[0]
+        return time.monotonic() - self._stamps[BEAT]
 
     def in_flight(self) -> list[InFlight]:
         """Requests being served right now, oldest first."""
         now = time.monotonic()
+        stamps = self._stamps
         found = []
-        for thread in range(self.threads):
-            started, progressed, method, path, client = SLOT.unpack_from(self._map, self._starts[thread] * STAMP_BYTES)
+        for thread, start in enumerate(self._starts):
+            started = stamps[start]  # read through the same view the worker writes, each stamp whole
             if started:
+                progressed = stamps[start + 1]
+                method, path, client = TEXTS.unpack_from(self._map, (start + 2) * STAMP_BYTES)
                 found.append(InFlight(thread, method.rstrip(b"\0").decode("latin-1"),
                                       path.rstrip(b"\0").decode("latin-1"), client.rstrip(b"\0").decode("latin-1"),
                                       now - started, now - max(started, progressed)))

@@ -30,11 +30,13 @@ def test_a_request_in_flight_is_stalled_since_it_last_moved_bytes():
 
 
 def test_a_start_read_beside_the_previous_requests_progress_is_not_a_stall():
-    """request_started writes the start stamp, then the progress stamp: a read in between sees both.
+    """A start stamp beside an older progress stamp is counted from the start.
 
-    After an idle spell longer than the timeout, the old progress stamp is
-    older than the timeout; counted from it, a healthy worker taking its
-    first request in a while would be killed as hung.
+    request_started writes the progress stamp first, but a reader must not
+    rely on that order alone (it once was the other way round).  After an
+    idle spell longer than the timeout, the old progress stamp is older than
+    the timeout; counted from it, a healthy worker taking its first request
+    in a while would be killed as hung.
     """
     board = Scoreboard(threads=1)
     now = time.monotonic()
