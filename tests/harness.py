@@ -160,10 +160,11 @@ class ServerProcess:
             return False
 
     def wait_ready(self, workers: int | None = None) -> None:
-        """Wait until the server answers and, if given, ``workers`` workers run."""
+        """Wait until the server answers and, if given, ``workers`` workers have finished booting."""
         poll(self._answers, READY_TIMEOUT, what="server to answer")
         if workers is not None:
-            poll(lambda: len(self.worker_pids()) == workers, READY_TIMEOUT, what=f"{workers} workers")
+            poll(lambda: len(self.worker_pids()) == workers and not self.booting_pids(), READY_TIMEOUT,
+                 what=f"{workers} booted workers")
 
     def worker_pids(self) -> list[int]:
         """PIDs of the master's direct children."""
@@ -171,6 +172,21 @@ class ServerProcess:
             return sorted(child.pid for child in psutil.Process(self.pid).children())
         except psutil.NoSuchProcess:
             return []
+
+    def booting_pids(self) -> list[int]:
+        """PIDs of workers still booting: their title says so until their first idle moment.
+
+        Waiting for these matters to any test that changes the app's code
+        next: a worker still importing would import the changed code.
+        """
+        booting = []
+        for pid in self.worker_pids():
+            try:
+                if " booting" in " ".join(psutil.Process(pid).cmdline()):
+                    booting.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return booting
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
