@@ -114,6 +114,7 @@ class Master:
         self.accept_board = AcceptBoard()  # workers spread keep-alive connections through it
         self.generation = 1
         self.desired = config.workers
+        self.desired_before_reload = self.desired  # what an abandoned reload goes back to
         self.listeners: list[Listener] = []
         self.socket_paths: list[str] = []  # UNIX socket files to remove at exit
         self.log_files: list[LogFile] = []
@@ -622,7 +623,7 @@ class Master:
             self.app = None
         self.config, self.hooks = config, hooks
         self.hooks.run("on_reload", self.context())
-        self.desired = config.workers
+        self.desired_before_reload, self.desired = self.desired, config.workers
         self.generation += 1
         self.reloading = True
         self.stats.note_reload()
@@ -667,7 +668,9 @@ class Master:
             self.retire(handle)
         self.generation -= 1
         self.reloading = False
-        self.desired = len(self.pool.of_generation(self.generation)) or self.desired
+        # The old generation's size, not a count of its live workers: one that
+        # happened to be dead or failing its boot at this moment keeps its slot.
+        self.desired = self.desired_before_reload
         systemd.notify(f"READY=1\n{self.status_line()}")
 
     def scale(self, delta: int) -> None:

@@ -235,6 +235,40 @@ def test_hup_with_broken_code_keeps_the_old_generation(server, tmp_path):
     poll(lambda: srv.worker_pids() == old, what="only the old workers to remain")
 
 
+_SLOW_SECOND_IMPORT = """
+import os, time
+here = os.path.dirname(__file__)
+with open(os.path.join(here, "imports"), "a") as fh:
+    fh.write("x")
+if os.path.getsize(os.path.join(here, "imports")) > 1:  # every worker's import but the first's
+    time.sleep(1.5)
+    if os.path.exists(os.path.join(here, "broken")):
+        raise ImportError("half-deployed")
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+
+def test_a_failed_reload_keeps_the_slot_of_an_old_worker_that_was_still_booting(server, tmp_path):
+    # The second worker of the first generation is still importing when a
+    # deploy breaks the code and HUP arrives: it fails too, before the new
+    # generation does.  Abandoning the reload must keep two workers wanted,
+    # not shrink the pool to the one old worker that happened to be alive.
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "slowsecond.py").write_text(_SLOW_SECOND_IMPORT)
+    srv = server("slowsecond:app", "-w", "2", "--pythonpath", str(app_dir))
+    (app_dir / "broken").write_text("")
+    srv.signal(signal.SIGHUP)
+    poll(lambda: "reload failed" in srv.log(), timeout=20, what="the reload failure to be logged")
+    (app_dir / "broken").unlink()
+    poll(lambda: len(srv.worker_pids()) == 2 and not srv.booting_pids(), timeout=30,
+         what="the old generation's second slot to be filled again")
+    assert requests.get(srv.url).status_code == 200
+
+
 def test_hup_with_broken_config_keeps_serving(server, tmp_path):
     config = tmp_path / "fs.toml"
     config.write_text('app = "basic:pid"\nworkers = 1\n')
