@@ -130,6 +130,8 @@ class Master:
         self.boot_failures: dict[int, int] = {}  # slot -> consecutive failed boots
         self.respawn_after: dict[int, float] = {}
         self.last_tick = time.monotonic()
+        self.watchdog_interval = systemd.watchdog_interval(os.environ)
+        self.next_watchdog = 0.0
         self.next_memory_check = 0.0
         self.stats = Aggregator()
         self.sampler = ProcessSampler()
@@ -247,6 +249,7 @@ class Master:
             while True:
                 try:
                     poller.poll(self.tick() * 1000)
+                    self.feed_watchdog()
                     for signum in self.wakeup.drain():
                         self.actions.get(signum, lambda: None)()
                     self.read_notices()
@@ -420,11 +423,22 @@ class Master:
                 self.retire(handle)
 
     def tick(self) -> float:
-        """Seconds the loop may sleep: a second, or until the solo boot is over."""
-        solo_left = self.first_fork + SOLO_BOOT - time.monotonic()
-        if self.started or not self.first_fork or solo_left <= 0:
-            return TICK_INTERVAL
-        return min(TICK_INTERVAL, solo_left)
+        """Seconds the loop may sleep: a second, or until the solo boot is over or the watchdog is due."""
+        now = time.monotonic()
+        wait = TICK_INTERVAL
+        solo_left = self.first_fork + SOLO_BOOT - now
+        if not self.started and self.first_fork and solo_left > 0:
+            wait = min(wait, solo_left)
+        if self.watchdog_interval:
+            wait = min(wait, max(0.0, self.next_watchdog - now))
+        return wait
+
+    def feed_watchdog(self) -> None:
+        """Tell systemd's watchdog (``WatchdogSec=``) that this loop still turns."""
+        now = time.monotonic()
+        if self.watchdog_interval and now >= self.next_watchdog:
+            self.next_watchdog = now + self.watchdog_interval
+            systemd.notify("WATCHDOG=1")
 
     def spawn_missing(self) -> None:
         occupied = {h.slot for h in self.pool.of_generation(self.generation)}
@@ -475,6 +489,7 @@ class Master:
             try:
                 self.wakeup.close()
                 os.close(self.notify_r)
+                systemd.hide_from_workers()
                 self.drop_inherited_stats()
                 random.seed()
                 code = Worker(spec).run()
@@ -636,7 +651,8 @@ class Master:
         saved = {name: sys.modules.pop(name) for name in self.preloaded_modules if name in sys.modules}
         try:
             self.config = config
-            self.preload()
+            with systemd.watchdog_kept_alive(self.watchdog_interval):
+                self.preload()
         except ForkserverError as exc:
             # Put the running app's modules back, so workers forked from now
             # on import nothing of the broken code.

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import MutableMapping
+import threading
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from urllib.parse import quote, unquote
 
 FIRST_INHERITED_FD = 3  # SD_LISTEN_FDS_START
@@ -33,6 +35,63 @@ def notify(message: str, environ: MutableMapping[str, str] | None = None) -> boo
     except OSError:
         return False
     return True
+
+
+def watchdog_interval(environ: Mapping[str, str]) -> float:
+    """Seconds between the ``WATCHDOG=1`` pings systemd expects of us; 0 when it expects none.
+
+    systemd sets ``WATCHDOG_USEC`` (and ``WATCHDOG_PID``, the process it
+    means) when the unit has ``WatchdogSec=``.  We ping at half that, as
+    sd_watchdog_enabled(3) advises, so one late loop turn is not fatal.
+    """
+    usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return 0.0
+    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+        return 0.0
+    return int(usec) / 2_000_000
+
+
+WORKER_HIDDEN = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def hide_from_workers() -> None:
+    """In a new worker: forget systemd's notify socket and watchdog.
+
+    App code must not be able to tell systemd the service is ready,
+    stopping, or alive, nor name another process as its main one (the shipped
+    unit has NotifyAccess=all, which an upgraded master needs).
+    ``os.environ.pop`` also unsets the variable for anything the app starts.
+    """
+    for name in WORKER_HIDDEN:
+        os.environ.pop(name, None)
+
+
+@contextmanager
+def watchdog_kept_alive(interval: float) -> Iterator[None]:
+    """Ping the watchdog from a thread while the body runs (a slow re-import on HUP).
+
+    The master's loop is the watchdog's proof of life; while it is blocked in
+    something long but healthy, this thread speaks for it.  No-op when
+    ``interval`` is 0.  The master never forks inside the body, so the thread
+    cannot leak into a worker.
+    """
+    if not interval:
+        yield
+        return
+    done = threading.Event()
+
+    def ping() -> None:
+        while not done.wait(interval):
+            notify("WATCHDOG=1")
+
+    thread = threading.Thread(target=ping, name="watchdog", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def inherited_fds(environ: MutableMapping[str, str]) -> list[tuple[int, str]]:

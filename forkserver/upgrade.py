@@ -48,6 +48,8 @@ def start_new_master(listeners: Sequence[Listener], argv: Sequence[str], environ
             os.dup2(fd, FIRST_INHERITED_FD + index, inheritable=True)
         env = dict(environ)
         env.update(pass_fds_env(parked, [listener.address.text for listener in listeners], os.getpid()))
+        if "WATCHDOG_USEC" in env:
+            env["WATCHDOG_PID"] = str(os.getpid())  # the new master becomes the one systemd watches
         os.execve(sys.executable, [sys.executable, "-m", "forkserver", *argv], env)
     finally:
         os._exit(EXEC_FAILED)  # only reached if exec failed

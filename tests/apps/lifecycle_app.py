@@ -3,7 +3,7 @@
 Every answer is JSON with the serving worker's ``pid``.  The routes:
 
 * ``/`` or anything else: just the pid (plus ``cwd``, ``uid``/``gid``, ``umask``,
-  ``listen_env``: the process facts some tests check).
+  ``listen_env``, ``systemd_env``: the process facts some tests check).
 * ``/slow?SECONDS``: sleep, then answer.
 * ``/hang?SECONDS``: the same, under a name that shows in the master's
   "in flight" line when a test hangs a worker on purpose.
@@ -45,7 +45,8 @@ def app(environ, start_response):
         data["kept_mib"] = GROW_MIB * len(KEPT)
     else:
         data.update(cwd=os.getcwd(), uid=os.getuid(), gid=os.getgid(), euid=os.geteuid(), egid=os.getegid(),
-                    umask=_umask(), listen_env=sorted(k for k in os.environ if k.startswith("LISTEN_")))
+                    umask=_umask(), listen_env=sorted(k for k in os.environ if k.startswith("LISTEN_")),
+                    systemd_env=sorted(k for k in os.environ if k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")))
     body = json.dumps(data).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]

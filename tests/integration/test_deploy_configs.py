@@ -259,6 +259,9 @@ def test_socket_activation_starts_forkserver_the_way_the_units_do(tmp_path, shor
             env[key] = value
     notify = NotifySocket(short_dir)
     env["NOTIFY_SOCKET"] = notify.path
+    # WatchdogSec=: systemd tells the process it started how often to ping.
+    watchdog = seconds(one(service, "Service", "WatchdogSec"))
+    env["WATCHDOG_USEC"] = str(int(watchdog * 1_000_000))
     log = tmp_path / "forkserver.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", ACTIVATE, str(activated.fileno()), SOCKET.name, *argv],
@@ -267,6 +270,7 @@ def test_socket_activation_starts_forkserver_the_way_the_units_do(tmp_path, shor
     try:
         ready = notify.wait_for(lambda m: m.get("READY") == "1", "READY=1")
         assert ready["MAINPID"] == str(proc.pid), "Type=notify: the main PID is the process systemd started"
+        notify.wait_for(lambda m: m.get("WATCHDOG") == "1", "WATCHDOG=1 within WatchdogSec")
         assert b"Hello from forkserver" in unix_get(listen_path), log.read_text()
         # --bind fd://3 overrides the config file's bind (127.0.0.1:8000): no TCP listener of its own.
         listening = [c for c in psutil.Process(proc.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN]

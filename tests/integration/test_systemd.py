@@ -173,6 +173,60 @@ def test_new_master_after_usr2_announces_its_mainpid(server, notifications, tmp_
         stop_master(new_master)
 
 
+def test_the_master_feeds_the_watchdog_and_workers_cannot_reach_systemd(server, notifications):
+    srv = server("lifecycle_app:app", "-w", "1", wait=False,
+                 env={"NOTIFY_SOCKET": notifications.address, "WATCHDOG_USEC": "400000"})
+    notifications.wait_for(lambda m: "READY" in m)
+    for _ in range(5):
+        notifications.wait_for(lambda m: m.get("WATCHDOG") == "1")
+    # The app cannot send READY=1, STOPPING=1 or MAINPID= in the master's name.
+    assert requests.get(srv.url, timeout=(2, 5)).json()["systemd_env"] == []
+
+
+def test_a_watchdog_meant_for_another_process_is_not_fed(server, notifications):
+    srv = server("lifecycle_app:app", "-w", "1", wait=False,
+                 env={"NOTIFY_SOCKET": notifications.address, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"})
+    notifications.wait_for(lambda m: "READY" in m)
+    assert requests.get(srv.url, timeout=(2, 5)).status_code == 200
+    time.sleep(1.0)  # five watchdog intervals
+    srv.signal(signal.SIGTERM)
+    notifications.wait_for(lambda m: "STOPPING" in m)
+    assert not any("WATCHDOG" in m for m in notifications.received), notifications.received
+
+
+SLOW_IMPORT = (
+    "import os, time\n"
+    "if os.path.exists(os.path.join(os.path.dirname(__file__), 'slow')):\n"
+    "    time.sleep(4)\n"
+    "def app(environ, start_response):\n"
+    "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+    "    return [b'ok']\n"
+)
+
+
+def test_the_watchdog_is_fed_while_a_preloaded_app_reimports_slowly(server, notifications, tmp_path):
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "slowimport.py").write_text(SLOW_IMPORT)
+    srv = server("slowimport:app", "--preload", "-w", "1", "--pythonpath", str(app_dir), wait=False,
+                 env={"NOTIFY_SOCKET": notifications.address, "WATCHDOG_USEC": "2000000"})
+    notifications.wait_for(lambda m: "READY" in m)
+    (app_dir / "slow").write_text("")
+    srv.signal(signal.SIGHUP)
+    notifications.wait_for(lambda m: "RELOADING" in m)
+    pings = [time.monotonic()]
+    while True:
+        message = notifications.wait_for(lambda m: "WATCHDOG" in m or "READY" in m)
+        if "READY" in message:
+            break
+        pings.append(time.monotonic())
+    assert "reload complete" in srv.log()
+    gaps = [later - earlier for earlier, later in zip(pings, pings[1:])]
+    # Pings every second; without them the 4 s import would leave one gap of
+    # 4 s, past a 2 s watchdog.  3 s leaves room for a loaded machine.
+    assert len(pings) >= 3 and max(gaps) < 3.0, gaps
+
+
 # -- 13. socket activation -----------------------------------------------------------------
 
 ACTIVATE = (
