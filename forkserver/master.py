@@ -36,7 +36,7 @@ from .errors import (
     WorkerBootError,
 )
 from .hooks import HookContext, Hooks
-from .identity import resolve_group, resolve_user
+from .identity import resolve_identity
 from .loader import load_app, prepare_path
 from .logs import LogFile, setup_error_log
 from .pidfile import Pidfile
@@ -165,7 +165,7 @@ class Master:
 
             check_roots(config)  # static directories are relative to chdir, as the workers see it
         self.hooks = Hooks(config)
-        self.uid, self.gid = resolve_user(config.user), resolve_group(config.group)
+        self.uid, self.gid = resolve_identity(config.user, config.group)
         self.hooks.run("on_starting", self.context(), fatal=True)
         if config.umask:
             os.umask(int(config.umask, 8))
