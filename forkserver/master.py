@@ -42,6 +42,7 @@ from .logs import LogFile, setup_error_log
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
+from .safefiles import reason
 from .sampler import ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
@@ -694,8 +695,13 @@ class Master:
             log.warning("USR2 ignored: new master pid=%d is still running", self.new_master)
             return
         if self.pidfile is not None:
-            os.replace(self.pidfile.path, oldbin_path(self.config.pid))
-            self.pidfile.path = oldbin_path(self.config.pid)
+            try:
+                self.pidfile.move(oldbin_path(self.config.pid))
+            except FileNotFoundError:
+                log.warning("pid file %s is gone; the new master writes its own", self.pidfile.path)
+            except OSError as exc:  # the new master would refuse to start on it
+                log.error("USR2 ignored: cannot move the pid file to %s: %s", oldbin_path(self.config.pid), reason(exc))
+                return
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)  # see fork()
         try:
             self.new_master = start_new_master(self.listeners, self.argv, self.environ, previous)
@@ -707,12 +713,11 @@ class Master:
         """The new master died: take the PID file back and carry on as before."""
         log.error("new master pid=%d exited (%s); this master stays in charge", self.new_master, how)
         self.new_master = 0
-        if self.pidfile is not None and self.config.pid:
+        if self.pidfile is not None and self.pidfile.path != self.config.pid:
             try:
-                os.replace(self.pidfile.path, self.config.pid)
-                self.pidfile.path = self.config.pid
+                self.pidfile.move(self.config.pid)
             except OSError as exc:
-                log.error("cannot restore pid file %s: %s", self.config.pid, exc.strerror)
+                log.error("cannot restore pid file %s: %s", self.config.pid, reason(exc))
 
     def reopen_logs(self) -> None:
         """USR1: reopen our logs and tell every worker to reopen theirs."""
