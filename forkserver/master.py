@@ -42,11 +42,11 @@ from .logs import LogFile, setup_error_log
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
-from .safefiles import reason
+from .safefiles import check_locations, reason
 from .sampler import ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
-from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
+from .sockets import Listener, adopt, bind_all, describe, parse_address, remove_unanswered
 from .stats import drain, new_queue, queue_fd
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
@@ -85,6 +85,16 @@ def share_stdlib() -> None:
     """
     for name in SHARED_STDLIB:
         importlib.import_module(name)
+
+
+def written_files(config: Config) -> list[tuple[str, str]]:
+    """(setting, path) for every file the master creates or writes: logs, pid file, UNIX sockets."""
+    places = [(name, path) for name, path in (("error_logfile", config.error_logfile),
+                                               ("access_logfile", config.access_logfile),
+                                               ("pid", config.pid)) if path and path != "-"]
+    for name, addresses in (("bind", config.bind), ("stats_bind", (config.stats_bind,))):
+        places += [(name, parse_address(text).path) for text in addresses if text.startswith("unix:")]
+    return places
 
 
 def release_free_heap() -> None:
@@ -158,6 +168,7 @@ class Master:
     def start(self) -> None:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
+        check_locations(written_files(config))  # before any of them exists: all problems at once
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
         if config.static:
