@@ -32,26 +32,41 @@ from .errors import ConfigError
 LINK_REFUSED = "it is a symbolic link, and forkserver never follows one where it writes as root"
 
 
+FIFO_REFUSED = "it is a FIFO that nobody reads"
+
+
 def reason(exc: OSError) -> str:
     """What to tell the operator about a failed open here (ELOOP from O_NOFOLLOW means a link)."""
     if exc.errno == errno.ELOOP:
         return LINK_REFUSED
+    if exc.errno == errno.ENXIO:
+        return FIFO_REFUSED
     return exc.strerror or str(exc)
 
 
-def open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
-    """``os.open`` that fails with ELOOP when ``path`` itself is a symbolic link."""
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+def open_nofollow(path: str, flags: int, mode: int = 0o644, *, blocking: bool = True) -> int:
+    """``os.open`` that fails with ELOOP when ``path`` itself is a symbolic link.
+
+    It opens with O_NONBLOCK, so a FIFO put at the path cannot hang the
+    master in ``open`` (a write-only open of a FIFO nobody reads fails with
+    ENXIO instead); with ``blocking`` the descriptor then does blocking I/O,
+    as a log that is a pipe to a reader wants.
+    """
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    if blocking:
+        os.set_blocking(fd, True)
+    return fd
 
 
 def read_nofollow(path: str, limit: int = 4096) -> bytes | None:
     """The first ``limit`` bytes of the file at ``path``, or None when there is none.
 
-    Raises OSError (ELOOP for a link at ``path``).  O_NONBLOCK keeps a FIFO
-    put there from blocking the master: it reads as empty or fails.
+    Raises OSError (ELOOP for a link at ``path``).  Reading without
+    blocking keeps a FIFO put there from hanging the master: it reads as
+    empty or fails.
     """
     try:
-        fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = open_nofollow(path, os.O_RDONLY, blocking=False)
     except FileNotFoundError:
         return None
     try:

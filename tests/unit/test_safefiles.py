@@ -14,6 +14,7 @@ from forkserver.errors import BindError, ConfigError
 from forkserver.logs import LogFile
 from forkserver.pidfile import Pidfile
 from forkserver.safefiles import (
+    FIFO_REFUSED,
     LINK_REFUSED,
     check_locations,
     is_socket_file,
@@ -46,7 +47,7 @@ def test_open_nofollow_refuses_a_link_and_says_so(tmp_path, victim):
 def test_open_nofollow_creates_a_missing_file(tmp_path):
     fd = open_nofollow(str(tmp_path / "new.log"), os.O_WRONLY | os.O_CREAT, 0o640)
     try:
-        assert not os.get_inheritable(fd)
+        assert not os.get_inheritable(fd) and os.get_blocking(fd)
     finally:
         os.close(fd)
     assert (tmp_path / "new.log").exists()
@@ -60,6 +61,13 @@ def test_read_nofollow(tmp_path, victim):
     with pytest.raises(OSError) as raised:
         read_nofollow(str(link))
     assert raised.value.errno == errno.ELOOP
+
+
+def test_a_fifo_nobody_reads_fails_the_open_instead_of_hanging_it(tmp_path):
+    fifo = tmp_path / "error.log"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=f"error_logfile: cannot open '{fifo}': {FIFO_REFUSED}"):
+        LogFile(str(fifo), "error_logfile", 2)  # a plain open would wait for a reader forever
 
 
 def test_read_nofollow_does_not_block_on_a_fifo(tmp_path):
