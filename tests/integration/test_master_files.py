@@ -12,16 +12,15 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 from harness import listening_socket, poll
-from test_startup_errors import Runner, assert_fails
+from test_startup_errors import assert_fails, forkserver  # noqa: F401 (a fixture, used by name)
 
-from forkserver.errors import EXIT_BIND, EXIT_CONFIG
+from forkserver.errors import EXIT_CONFIG
 from forkserver.reloader import IN_ATTRIB, IN_CREATE, Inotify
 from forkserver.safefiles import LINK_REFUSED
 
@@ -34,13 +33,6 @@ def victim(tmp_path: Path) -> Path:
     path.write_text(VICTIM_TEXT)
     path.chmod(0o600)
     return path
-
-
-@pytest.fixture
-def forkserver(tmp_path: Path) -> Iterator[Runner]:
-    runner = Runner(tmp_path)
-    yield runner
-    runner.cleanup()
 
 
 def untouched(victim: Path) -> bool:

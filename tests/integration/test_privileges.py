@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from harness import poll
-from test_startup_errors import Runner, assert_fails
+from test_startup_errors import assert_fails, forkserver  # noqa: F401 (a fixture, used by name)
 
 from forkserver.errors import EXIT_CONFIG
 
@@ -41,13 +41,6 @@ def secret() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(directory)
-
-
-@pytest.fixture
-def forkserver(tmp_path: Path) -> Iterator[Runner]:
-    runner = Runner(tmp_path)
-    yield runner
-    runner.cleanup()
 
 
 def credentials(pid: int) -> dict[str, list[int]]:
