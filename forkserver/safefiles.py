@@ -111,7 +111,7 @@ def is_socket_file(path: str) -> bool | None:
         return None
 
 
-def open_directory(path: str) -> str | None:
+def unsafe_directory(path: str) -> str | None:
     """The directory holding ``path``, or one above it, that anybody may plant a link in; else None.
 
     Ancestors count too: whoever may rename a directory may swap all that
@@ -140,7 +140,7 @@ def check_locations(places: Iterable[tuple[str, str]]) -> None:
     """
     problems = []
     for setting, path in places:
-        directory = open_directory(path)
+        directory = unsafe_directory(path)
         if directory is not None:
             problems.append(f"{setting}: '{path}' is in '{directory}', which anybody may write to and is not "
                             "sticky, so anybody could plant a link there; use a directory others cannot write "

@@ -18,11 +18,11 @@ from forkserver.safefiles import (
     LINK_REFUSED,
     check_locations,
     is_socket_file,
-    open_directory,
     open_nofollow,
     read_nofollow,
     reason,
     replace_file,
+    unsafe_directory,
 )
 from forkserver.sockets import bind, parse_address
 
@@ -116,14 +116,14 @@ def test_only_world_writable_directories_without_the_sticky_bit_are_unsafe(tmp_p
     directory = tmp_path / "run"
     directory.mkdir()
     directory.chmod(mode)
-    assert open_directory(str(directory / "fs.pid")) == (str(directory) if unsafe else None)
+    assert unsafe_directory(str(directory / "fs.pid")) == (str(directory) if unsafe else None)
 
 
 def test_an_unsafe_ancestor_counts_too(tmp_path):
     outer = tmp_path / "srv"
     (outer / "app").mkdir(parents=True)
     outer.chmod(0o777)  # anybody may rename app/ away and put their own in its place
-    assert open_directory(str(outer / "app" / "fs.pid")) == str(outer)
+    assert unsafe_directory(str(outer / "app" / "fs.pid")) == str(outer)
 
 
 def test_check_locations_names_every_problem_on_its_own_line(tmp_path, victim):
