@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from .errors import ConfigError
+from .safefiles import open_nofollow, reason
 from .wsgi import header_key
 
 LOGGER_NAME = "forkserver"
@@ -35,10 +36,11 @@ class LogFile:
         self.fd = self._open(setting)
 
     def _open(self, setting: str) -> int:
+        """Open ``path`` for appending; a link there is refused, since root may be the one writing."""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_nofollow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         except OSError as exc:
-            raise ConfigError(f"{setting}: cannot open '{self.path}': {exc.strerror}") from None
+            raise ConfigError(f"{setting}: cannot open '{self.path}': {reason(exc)}") from None
         return fd
 
     def write(self, line: bytes) -> None:

@@ -36,16 +36,17 @@ from .errors import (
     WorkerBootError,
 )
 from .hooks import HookContext, Hooks
-from .identity import resolve_group, resolve_user
+from .identity import resolve_identity
 from .loader import load_app, prepare_path
 from .logs import LogFile, setup_error_log
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
+from .safefiles import check_locations, reason
 from .sampler import ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
-from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
+from .sockets import Listener, adopt, bind_all, describe, parse_address, remove_unanswered
 from .stats import drain, new_queue, queue_fd
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
@@ -84,6 +85,16 @@ def share_stdlib() -> None:
     """
     for name in SHARED_STDLIB:
         importlib.import_module(name)
+
+
+def written_files(config: Config) -> list[tuple[str, str]]:
+    """(setting, path) for every file the master creates or writes: logs, pid file, UNIX sockets."""
+    places = [(name, path) for name, path in (("error_logfile", config.error_logfile),
+                                               ("access_logfile", config.access_logfile),
+                                               ("pid", config.pid)) if path and path != "-"]
+    for name, addresses in (("bind", config.bind), ("stats_bind", (config.stats_bind,))):
+        places += [(name, parse_address(text).path) for text in addresses if text.startswith("unix:")]
+    return places
 
 
 def release_free_heap() -> None:
@@ -160,6 +171,7 @@ class Master:
     def start(self) -> None:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
+        check_locations(written_files(config))  # before any of them exists: all problems at once
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
         if config.static:
@@ -168,7 +180,7 @@ class Master:
 
             check_roots(config)  # static directories are relative to chdir, as the workers see it
         self.hooks = Hooks(config)
-        self.uid, self.gid = resolve_user(config.user), resolve_group(config.group)
+        self.uid, self.gid = resolve_identity(config.user, config.group)
         self.hooks.run("on_starting", self.context(), fatal=True)
         if config.umask:
             os.umask(int(config.umask, 8))
@@ -713,8 +725,13 @@ class Master:
             log.warning("USR2 ignored: new master pid=%d is still running", self.new_master)
             return
         if self.pidfile is not None:
-            os.replace(self.pidfile.path, oldbin_path(self.config.pid))
-            self.pidfile.path = oldbin_path(self.config.pid)
+            try:
+                self.pidfile.move(oldbin_path(self.config.pid))
+            except FileNotFoundError:
+                log.warning("pid file %s is gone; the new master writes its own", self.pidfile.path)
+            except OSError as exc:  # the new master would refuse to start on it
+                log.error("USR2 ignored: cannot move the pid file to %s: %s", oldbin_path(self.config.pid), reason(exc))
+                return
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)  # see fork()
         try:
             self.new_master = start_new_master(self.listeners, self.argv, self.environ, previous)
@@ -726,12 +743,11 @@ class Master:
         """The new master died: take the PID file back and carry on as before."""
         log.error("new master pid=%d exited (%s); this master stays in charge", self.new_master, how)
         self.new_master = 0
-        if self.pidfile is not None and self.config.pid:
+        if self.pidfile is not None and self.pidfile.path != self.config.pid:
             try:
-                os.replace(self.pidfile.path, self.config.pid)
-                self.pidfile.path = self.config.pid
+                self.pidfile.move(self.config.pid)
             except OSError as exc:
-                log.error("cannot restore pid file %s: %s", self.config.pid, exc.strerror)
+                log.error("cannot restore pid file %s: %s", self.config.pid, reason(exc))
 
     def reopen_logs(self) -> None:
         """USR1: reopen our logs and tell every worker to reopen theirs."""

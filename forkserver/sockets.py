@@ -11,10 +11,10 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import stat
 from dataclasses import dataclass, field
 
 from .errors import BindError
+from .safefiles import is_socket_file
 
 DEFAULT_PORT = 8000
 
@@ -121,6 +121,8 @@ def remove_unanswered(path: str) -> None:
     drain, or the other master during a USR2 upgrade.  Whoever exits last,
     with nobody answering any more, removes the file.
     """
+    if not is_socket_file(path):
+        return  # gone, or replaced by something else (a link, a file) that is not ours to delete
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -142,13 +144,17 @@ def _server_name(sock: socket.socket) -> tuple[str, str]:
 
 
 def _remove_stale_unix(address: Address) -> None:
-    """Unlink a leftover socket file, but never one a live server still answers on."""
-    try:
-        mode = os.stat(address.path).st_mode
-    except FileNotFoundError:
+    """Unlink a leftover socket file, but never one a live server still answers on.
+
+    The path itself is examined (``lstat``): a link there is refused, not
+    followed to whatever socket or file it names.
+    """
+    found = is_socket_file(address.path)
+    if found is None:
         return
-    if not stat.S_ISSOCK(mode):
-        raise BindError(f"bind {address.text!r}: {address.path} exists and is not a socket")
+    if not found:
+        what = "a symbolic link" if os.path.islink(address.path) else "not a socket"
+        raise BindError(f"bind {address.text!r}: {address.path} exists and is {what}; remove it if it is yours")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(address.path)
@@ -158,6 +164,22 @@ def _remove_stale_unix(address: Address) -> None:
     finally:
         probe.close()
     raise BindError(f"bind {address.text!r}: another server is listening on {address.path}")
+
+
+def _bind_with_mode(sock: socket.socket, path: str, mode: int) -> None:
+    """Create the socket file at ``path`` with exactly ``mode``, from its first instant.
+
+    The kernel gives a new socket file ``0777 & ~umask``, so the umask is
+    set to grant ``mode`` for the one ``bind`` and put back at once (the
+    master is single-threaded here; nothing else creates files meanwhile).
+    A ``chmod`` afterwards would leave a moment where the file is wider,
+    and would follow a link swapped in at the path.
+    """
+    previous = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(previous)
 
 
 def bind(address: Address, *, backlog: int, reuse_port: bool, unix_mode: int) -> Listener:
@@ -173,8 +195,7 @@ def bind(address: Address, *, backlog: int, reuse_port: bool, unix_mode: int) ->
     try:
         if address.family == socket.AF_UNIX:
             _remove_stale_unix(address)
-            sock.bind(address.path)
-            os.chmod(address.path, unix_mode)
+            _bind_with_mode(sock, address.path, unix_mode)
             sock.listen(backlog)
             listener = Listener(address, sock, owns_path=True, backlog=backlog)
         else:
