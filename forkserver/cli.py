@@ -67,7 +67,8 @@ def run(argv: Sequence[str]) -> int:
             parse_address(address)
         prepare_path(config.chdir, config.pythonpath)
         load_app(config.app)
-        return check(f"app {config.app!r} imports; {config.workers} worker(s) on {', '.join(config.bind)}")
+        workers = config.workers or "auto"  # AUTO_WORKERS: sized by the master at start
+        return check(f"app {config.app!r} imports; {workers} worker(s) on {', '.join(config.bind)}")
     with collector_paused():  # the master's own imports, and those it shares with the workers
         from .master import Master  # deferred: --check-config and --help need none of it
 

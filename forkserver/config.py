@@ -30,6 +30,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+AUTO_WORKERS = 0  # ``workers = "auto"``: the master sizes the pool (forkserver.sizing)
 
 
 def setting(
@@ -45,6 +46,7 @@ def setting(
     metavar: str | None = None,
     separator: str = ",",
     table: bool = False,
+    words: Mapping[str, Any] | None = None,
 ) -> Any:
     """Declare one setting: a dataclass field whose metadata drives every source.
 
@@ -52,6 +54,8 @@ def setting(
     expected.  ``flags`` adds short CLI spellings beside ``--name-with-dashes``.
     A list setting's items are split on ``separator`` in text sources; with
     ``table`` a TOML table ``{KEY = "VALUE"}`` is also taken, as ``KEY=VALUE`` items.
+    ``words`` names values by a word (any case, from any source), such as
+    ``auto`` for ``workers``.
     """
     metadata = {
         "help": help,
@@ -63,6 +67,7 @@ def setting(
         "metavar": metavar,
         "separator": separator,
         "table": table,
+        "words": dict(words or {}),
     }
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
@@ -160,11 +165,14 @@ class Config:
         metavar="ADDRESS",
     )
     workers: int = setting(
-        help="Number of worker processes.",
+        AUTO_WORKERS,
+        help="Number of worker processes, or auto: as many as the CPUs the container's "
+        "cgroup quota allows (the machine's CPUs outside one), fewer if its memory limit would "
+        "not hold them; the start-up log shows the inputs.",
         flags=("-w",),
         minimum=1,
-        default_factory=lambda: os.cpu_count() or 1,
-        default_text="number of CPUs",
+        words={"auto": AUTO_WORKERS},
+        default_text="auto",
     )
     threads: int = setting(
         1, minimum=1, help="Requests each worker runs at once, in threads, for I/O-bound apps."
@@ -382,6 +390,11 @@ def default_of(f: dataclasses.Field[Any]) -> Any:
     return f.default
 
 
+def _is_word(f: dataclasses.Field[Any], raw: Any) -> bool:
+    """Whether ``raw`` names a value by one of the setting's words (exempt from its range check)."""
+    return isinstance(raw, str) and raw.strip().lower() in f.metadata["words"]
+
+
 def _describe(kind: Any, table: bool = False) -> str:
     if table:
         return "a table of strings, a string or a list of strings"
@@ -402,7 +415,10 @@ def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
     """
     kind = _kinds()[name]
     meta = next(f.metadata for f in settings() if f.name == name)
-    bad = ConfigError(f"{where}: {name} must be {_describe(kind, meta['table'])}, got {value!r}")
+    expected = " or ".join([_describe(kind, meta["table"]), *meta["words"]])
+    bad = ConfigError(f"{where}: {name} must be {expected}, got {value!r}")
+    if isinstance(value, str) and value.strip().lower() in meta["words"]:
+        return meta["words"][value.strip().lower()]
     text = isinstance(value, str) and not typed
     if kind is bool:
         if isinstance(value, bool):
@@ -617,11 +633,13 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str], base_dir: str |
         for key, value in raw.items():
             where = where_of(key)
             coerced = coerce(key, value, where, typed=typed)
-            _validate(fields[key], coerced, where)
+            if not _is_word(fields[key], value):
+                _validate(fields[key], coerced, where)
             values[key], origins[key] = coerced, where
     for name, f in fields.items():
-        if name not in values:
-            _validate(f, default_of(f), "default")
+        default = default_of(f)
+        if name not in values and default not in f.metadata["words"].values():
+            _validate(f, default, "default")
     # Relative directories mean "from where forkserver was started", also when
     # the master, which changed into ``chdir`` long ago, reads them again on HUP.
     base = base_dir or os.getcwd()

@@ -27,7 +27,8 @@ from setproctitle import setproctitle
 from . import libc, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
-from .config import Config, load_config
+from .config import AUTO_WORKERS, Config, load_config
+from .containers import available_cpus, read_limits, workers_for_cpus, workers_that_fit
 from .errors import (
     EXIT_APP_LOAD,
     EXIT_OK,
@@ -124,7 +125,9 @@ class Master:
         self.pool = Pool()
         self.accept_board = AcceptBoard()  # workers spread keep-alive connections through it
         self.generation = 1
-        self.desired = config.workers
+        self.memory_limit: int | None = None  # with workers auto: the cgroup's, to check once a worker runs
+        self.sizing = ""  # with workers auto: how the count was chosen, for the start-up log
+        self.desired = self.size_pool(config)
         self.desired_before_reload = self.desired  # what an abandoned reload goes back to
         self.listeners: list[Listener] = []
         self.socket_paths: list[str] = []  # UNIX socket files to remove at exit
@@ -312,6 +315,8 @@ class Master:
 
     def on_ready(self, handle: WorkerHandle) -> None:
         handle.ready = True
+        if self.memory_limit is not None and handle.generation == self.generation:
+            self.fit_memory(handle)
         if not handle.retiring:
             self.stats.set_state(handle.pid, "idle")
         self.boot_failures.pop(handle.slot, None)
@@ -333,6 +338,8 @@ class Master:
         for listener in self.listeners:
             log.info("listening at %s", describe(listener))
         log.info("master started pid=%d workers=%d threads=%d", self.pid, self.desired, self.config.threads)
+        if self.sizing:
+            log.info("%s", self.sizing)
         # An upgraded master tells systemd it is the main process now.
         systemd.notify(f"READY=1\nMAINPID={self.pid}\n{self.status_line()}")
 
@@ -452,9 +459,48 @@ class Master:
             self.next_watchdog = now + self.watchdog_interval
             systemd.notify("WATCHDOG=1")
 
+    def size_pool(self, config: Config) -> int:
+        """The number of workers wanted: the setting, or with ``auto`` the CPUs the container grants.
+
+        A memory limit is only noted here: what a worker needs is known once
+        one has booted the app (``fit_memory``).
+        """
+        self.memory_limit, self.sizing = None, ""
+        if config.workers != AUTO_WORKERS:
+            return config.workers
+        limits, cpus = read_limits(), available_cpus()
+        count = workers_for_cpus(limits, cpus)
+        self.memory_limit = limits.memory
+        self.sizing = f"workers auto: {count} from {cpus} CPUs available, {limits.describe()}"
+        return count
+
+    def fit_memory(self, handle: WorkerHandle) -> None:
+        """With ``auto`` under a memory limit: measure the first booted worker and keep the pool inside the limit."""
+        import psutil  # deferred, as in check_memory
+
+        limit, self.memory_limit = self.memory_limit, None
+        assert limit is not None
+        try:
+            worker = psutil.Process(handle.pid).memory_full_info().uss
+            master = psutil.Process().memory_info().rss
+        except psutil.Error:
+            return
+        fit = workers_that_fit(limit, master, worker)
+        mib = 1048576
+        if fit < self.desired:
+            log.warning("workers auto: memory limit %.0fMiB holds %d workers (master %.0fMiB, each worker "
+                        "%.0fMiB unique at boot); running %d instead of %d", limit / mib, fit, master / mib,
+                        worker / mib, fit, self.desired)
+            self.desired = fit
+        else:
+            log.info("workers auto: memory limit %.0fMiB holds %d workers (master %.0fMiB, each worker %.0fMiB "
+                     "unique at boot); running %d", limit / mib, fit, master / mib, worker / mib, self.desired)
+
     def spawn_missing(self) -> None:
         occupied = {h.slot for h in self.pool.of_generation(self.generation)}
         spawn, retire = plan(occupied, self.desired)
+        if self.memory_limit is not None and occupied:
+            spawn = []  # one worker boots alone until fit_memory has measured it
         now = time.monotonic()
         if not self.started:
             # Cold start: nobody serves yet, so what counts is how soon one
@@ -650,7 +696,9 @@ class Master:
             self.app = None
         self.config, self.hooks = config, hooks
         self.hooks.run("on_reload", self.context())
-        self.desired_before_reload, self.desired = self.desired, config.workers
+        self.desired_before_reload, self.desired = self.desired, self.size_pool(config)
+        if self.sizing:
+            log.info("%s", self.sizing)
         self.generation += 1
         self.reloading = True
         self.stats.note_reload()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from forkserver.config import (
+    AUTO_WORKERS,
     DEFAULT_ACCESS_LOG_FORMAT,
     Config,
     cli_flag,
@@ -68,7 +69,7 @@ def assert_mentions(message: str, *fragments: str) -> None:
 
 def test_defaults_come_from_the_schema_with_default_provenance():
     config = load()
-    assert config.workers == (os.cpu_count() or 1)
+    assert config.workers == AUTO_WORKERS
     assert config.bind == ("127.0.0.1:8000",)
     assert config.timeout == 30.0
     assert config.access_logformat == DEFAULT_ACCESS_LOG_FORMAT
@@ -383,3 +384,19 @@ def test_readme_option_table_is_up_to_date():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_options.py"), "--check"],
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("toml_text", "env", "argv"), [
+    ('workers = "auto"\n', None, []),
+    ("", "AUTO", []),
+    ("", None, ["-w", "Auto"]),
+])
+def test_workers_auto_is_a_word_in_every_source(toml, toml_text, env, argv):
+    args = list(argv)
+    if toml_text:
+        args += ["-c", toml(toml_text)]
+    assert load(*args, env={"FORKSERVER_WORKERS": env} if env else None).workers == AUTO_WORKERS
+
+
+def test_workers_names_auto_when_the_value_is_wrong():
+    assert "workers must be an integer or auto, got 'many'" in config_error("-w", "many")
