@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -82,7 +83,7 @@ def _memberships(cgroup_file: str) -> dict[str, str]:
     return found
 
 
-def _tightest(mount: Path, path: str, read: "_Reader") -> float | None:
+def _tightest(mount: Path, path: str, read: Callable[[Path], float | None]) -> float | None:
     """The smallest limit ``read`` finds in ``path``'s directory and each ancestor's, under ``mount``."""
     leaf = mount / path.lstrip("/")
     if not leaf.is_dir():
@@ -128,10 +129,6 @@ def _cpu_v1(directory: Path) -> float | None:
 def _memory_v1(directory: Path) -> float | None:
     value = _read(directory / "memory.limit_in_bytes")
     return int(value) if value.isdigit() and int(value) < NO_LIMIT_V1 else None
-
-
-class _Reader:  # the shape of the four readers above, for the annotation
-    def __call__(self, directory: Path) -> float | None: ...
 
 
 # -- sizing the pool ----------------------------------------------------------------
