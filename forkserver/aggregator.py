@@ -179,7 +179,7 @@ class Aggregator:
 
     def snapshot(self, extra_workers_info: dict[Hashable, dict[str, Any]] | None = None,
                  listeners: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-        """Return the /stats document (schema: README, "Stats"); plain JSON types only."""
+        """Return the /stats document (schema: docs/stats.md); plain JSON types only."""
         now = self.clock()
         extra_workers_info = extra_workers_info or {}
         slots = {slot: totals.copy() for slot, totals in self.retired.items()}

@@ -2,8 +2,9 @@
 
 Each setting is declared once, as a field of the frozen ``Config`` dataclass:
 its name, type, default, validation and help text.  The CLI parser, the TOML
-keys, the ``FORKSERVER_*`` environment variables, ``--help`` and the README's
-option table are all derived from these fields, so they cannot drift apart.
+keys, the ``FORKSERVER_*`` environment variables, ``--help`` and the option
+table of docs/options.md are all derived from these fields, so they cannot
+drift apart.
 This module never prints and never exits; it raises ``ConfigError``.
 """
 

@@ -1,12 +1,12 @@
-"""Generate README.md's option table from the settings schema in forkserver/config.py.
+"""Generate the option table of docs/options.md from the settings schema in forkserver/config.py.
 
 Every setting is declared once, in ``forkserver.config.Config``; the CLI, the
 TOML keys and the environment variables are derived from it.  This script
-derives the README's table the same way, so the documentation cannot drift
+derives the documented table the same way, so the documentation cannot drift
 from the code.  ``tests/unit/test_config.py`` runs ``--check`` to enforce it.
 
-    python scripts/gen_options.py           # rewrite the table in README.md
-    python scripts/gen_options.py --check   # exit 1 if README.md is out of date
+    python scripts/gen_options.py           # rewrite the table in docs/options.md
+    python scripts/gen_options.py --check   # exit 1 if docs/options.md is out of date
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 from forkserver.config import Config, cli_flag, default_of, env_name, settings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = ROOT / "docs" / "options.md"
 BEGIN, END = "<!-- options:begin -->", "<!-- options:end -->"
 
 
@@ -68,18 +69,19 @@ def table() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = README.read_text()
+    text = TARGET.read_text()
     start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < start:
-        print(f"{README}: markers {BEGIN} ... {END} not found", file=sys.stderr)
+        print(f"{TARGET}: markers {BEGIN} ... {END} not found", file=sys.stderr)
         return 2
     updated = text[:start] + table() + text[end + len(END):]
     if "--check" in argv:
         if updated != text:
-            print("README.md option table is out of date: run python scripts/gen_options.py", file=sys.stderr)
+            print(f"{TARGET.relative_to(ROOT)}: option table is out of date: run python scripts/gen_options.py",
+                  file=sys.stderr)
             return 1
         return 0
-    README.write_text(updated)
+    TARGET.write_text(updated)
     return 0
 
 

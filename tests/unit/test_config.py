@@ -347,7 +347,7 @@ def test_config_path_that_is_a_directory(tmp_path):
     assert_mentions(config_error("-c", str(tmp_path)), str(tmp_path), "cannot read config file")
 
 
-# -- the reference config and the README table -------------------------------------
+# -- the reference config and the option table of docs/options.md ----------------------
 
 
 def test_reference_config_lists_every_setting_and_nothing_else():
@@ -380,7 +380,7 @@ def test_reference_config_loads():
     assert config.source_of("workers") == str(REFERENCE_CONF)
 
 
-def test_readme_option_table_is_up_to_date():
+def test_documented_option_table_is_up_to_date():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_options.py"), "--check"],
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
