@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .backoff import AcceptPause
 from .errors import BindError
 from .sockets import Listener, bind, parse_address
 
@@ -167,6 +168,7 @@ class StatusServer:
         self.client_timeout = client_timeout
         self.clock = clock
         self.clients: dict[int, _Client] = {}
+        self.pause = AcceptPause("stats accept", clock=clock)
         self.epoll = select.epoll()
         self.epoll.register(self.listener.sock.fileno(), select.EPOLLIN)
 
@@ -186,8 +188,12 @@ class StatusServer:
     def handle_ready(self) -> None:
         """Do every bit of work that can be done now, and drop clients past their deadline.
 
-        Call it when ``fileno()`` polls readable and once per tick (for the deadlines).
+        Call it when ``fileno()`` polls readable and once per tick (for the
+        deadlines, and to end an accept pause: so a pause lasts at least until
+        the master's next tick, which is soon enough for an operator's endpoint).
         """
+        if self.pause.due():
+            self.epoll.register(self.listener.sock.fileno(), select.EPOLLIN)
         for fd, events in self.epoll.poll(0):
             if fd == self.listener.sock.fileno():
                 self._accept()
@@ -213,9 +219,13 @@ class StatusServer:
                 sock, _ = self.listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # ECONNABORTED, EMFILE...: try again next time
-                log.debug("stats accept failed: %s", exc)
+            except OSError as exc:
+                if self.pause.failed(exc):  # out of descriptors: stop polling the listener for a while
+                    self.epoll.unregister(self.listener.sock.fileno())
+                else:  # ECONNABORTED and the like: that connection's trouble, not ours
+                    log.debug("stats accept failed: %s", exc)
                 return
+            self.pause.succeeded()
             if len(self.clients) >= MAX_CLIENTS:
                 sock.close()
                 continue
