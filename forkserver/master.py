@@ -126,6 +126,7 @@ class Master:
         self.started = False  # a worker of the first generation became ready
         self.first_fork = 0.0  # when the first worker was forked (see SOLO_BOOT)
         self.reloading = False
+        self.reload_requested = False  # a HUP (or a file change) waits for the reload under way
         self.boot_failures: dict[int, int] = {}  # slot -> consecutive failed boots
         self.respawn_after: dict[int, float] = {}
         self.last_tick = time.monotonic()
@@ -137,7 +138,7 @@ class Master:
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
         self.actions: dict[int, Callable[[], None]] = {
-            signal.SIGHUP: self.reload,
+            signal.SIGHUP: self.request_reload,
             signal.SIGTERM: lambda: self.stop(graceful=True),
             signal.SIGINT: lambda: self.stop(graceful=False),
             signal.SIGQUIT: lambda: self.stop(graceful=False),
@@ -251,9 +252,11 @@ class Master:
                     self.read_notices()
                     # Always drained (its fd must not stay readable); a reload waits for the one under way.
                     if self.reloader is not None and self.reloader.changed(hold=self.reloading or self.stopping):
-                        self.reload()
+                        self.request_reload()
                     self.drain_stats()
                     self.reap_exited()
+                    # After the notices and the reaping, which end a reload under way.
+                    self.reload_if_requested()
                     if self.status is not None:
                         self.status.handle_ready()
                     if self.stopping:
@@ -595,8 +598,26 @@ class Master:
 
     # -- signal actions -----------------------------------------------------------
 
+    def request_reload(self) -> None:
+        """HUP: ask for a reload, which ``reload_if_requested`` starts as soon as none is under way.
+
+        HUPs that arrive while a new generation boots, or several read from
+        one wakeup, make one more reload, not one each: 50 HUPs in a second
+        used to fork about 100 workers.  The follow-up reload reads the config
+        and app as they are when it starts, so the last HUP's changes win.
+        """
+        if self.reloading and not self.reload_requested:
+            log.info("reload requested while generation %d boots; reloading again once it is ready",
+                     self.generation)
+        self.reload_requested = True
+
+    def reload_if_requested(self) -> None:
+        if self.reload_requested and not self.reloading and not self.stopping:
+            self.reload_requested = False
+            self.reload()
+
     def reload(self) -> None:
-        """HUP: read the config again and replace every worker with a new generation.
+        """Read the config again and replace every worker with a new generation.
 
         The old generation keeps serving until the new one is ready, and keeps
         serving for good if the new config or app is broken.
