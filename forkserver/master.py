@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import libc, systemd
+from . import __version__, libc, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .config import Config, load_config
@@ -302,26 +302,29 @@ class Master:
         if not handle.retiring:
             self.stats.set_state(handle.pid, "idle")
         self.boot_failures.pop(handle.slot, None)
-        log.info("worker ready slot=%d pid=%d gen=%d", handle.slot, handle.pid, handle.generation)
-        if handle.generation != self.generation:
-            return
-        if not self.started:
+        first = handle.generation == self.generation and not self.started
+        if first:
             self.started = True
             self.announce()
-        self.retire_old_generations()
+        log.info("worker ready slot=%d pid=%d gen=%d", handle.slot, handle.pid, handle.generation)
+        if first:
+            # An upgraded master tells systemd it is the main process now.
+            systemd.notify(f"READY=1\nMAINPID={self.pid}\n{self.status_line()}")
+        if handle.generation == self.generation:
+            self.retire_old_generations()
 
     def announce(self) -> None:
-        """The first worker serves: log the start, run when_ready, tell systemd.
+        """The first worker serves: run when_ready, then log the start, before any "worker ready" line.
 
         Logging only now means a start that fails prints nothing but its one
-        error line.
+        error line; logging before the first "worker ready" makes the log read
+        in order: where we listen, what runs, then the workers.
         """
         self.hooks.run("when_ready", self.context(), fatal=True)
         for listener in self.listeners:
             log.info("listening at %s", describe(listener))
-        log.info("master started pid=%d workers=%d threads=%d", self.pid, self.desired, self.config.threads)
-        # An upgraded master tells systemd it is the main process now.
-        systemd.notify(f"READY=1\nMAINPID={self.pid}\n{self.status_line()}")
+        log.info("master started pid=%d app=%s version=%s workers=%d threads=%d", self.pid, self.config.app,
+                 __version__, self.desired, self.config.threads)
 
     def status_line(self) -> str:
         ready = sum(1 for h in self.pool.of_generation(self.generation) if h.ready)
