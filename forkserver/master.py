@@ -177,7 +177,7 @@ class Master:
                 # Deferred: only a start with stats on needs it.
                 from .status import StatusServer
 
-                self.status = StatusServer(config.stats_bind, self.stats_snapshot)
+                self.status = StatusServer(config.stats_bind, self.stats_snapshot, allow=config.stats_allow_ips)
             if config.preload:
                 self.preload()
             if config.daemon:
@@ -639,6 +639,8 @@ class Master:
             log.warning("bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(self.config.bind), ",".join(config.bind))
             config = dataclasses.replace(config, bind=self.config.bind)
+        if (config.stats_bind, config.stats_allow_ips) != (self.config.stats_bind, self.config.stats_allow_ips):
+            log.warning("stats_bind and stats_allow_ips change only on restart or upgrade (USR2)")
         if config.preload and not self.reimport(config):
             systemd.notify("READY=1")
             return
