@@ -24,21 +24,30 @@ MAX_CPU = 0.5  # CPU seconds allowed in WINDOW: a spin uses about WINDOW
 MAX_LINES = 3  # "failed" lines allowed in WINDOW: a spin writes tens of thousands
 
 
-def exhaust(process: psutil.Process, connect) -> list[socket.socket]:
-    """Cap ``process`` at a few spare descriptors and open connections until it is full and some wait."""
+def starve(process: psutil.Process, connect, log, marker: str) -> None:
+    """Run ``process`` out of descriptors for WINDOW, then give them back; check it did not spin.
+
+    ``process`` is capped at a few descriptors above what it holds, and
+    ``connect`` opens more connections than fit: it accepts until full and
+    the rest wait in the kernel queue.  Over WINDOW from then on it must use
+    little CPU and write few ``marker`` lines.
+    """
     limit = process.num_fds() + SPARE
     process.rlimit(psutil.RLIMIT_NOFILE, (limit, limit))
     held = [connect() for _ in range(SPARE + QUEUED)]
-    poll(lambda: process.num_fds() >= limit, what="the process to run out of descriptors")
-    return held
-
-
-def measure(process: psutil.Process, log, marker: str) -> tuple[float, int]:
-    """CPU seconds ``process`` used, and ``marker`` lines it logged, over WINDOW (from when it is full)."""
-    lines_before = log().count(marker)
-    cpu_before = sum(process.cpu_times()[:2])
-    time.sleep(WINDOW)
-    return sum(process.cpu_times()[:2]) - cpu_before, log().count(marker) - lines_before
+    try:
+        poll(lambda: process.num_fds() >= limit, what="the process to run out of descriptors")
+        lines_before = log().count(marker)
+        cpu_before = sum(process.cpu_times()[:2])
+        time.sleep(WINDOW)
+        cpu = sum(process.cpu_times()[:2]) - cpu_before
+        lines = log().count(marker) - lines_before
+    finally:
+        for conn in held:
+            conn.close()
+    assert cpu < MAX_CPU, f"pid {process.pid} used {cpu:.2f}s of CPU in {WINDOW}s while out of descriptors"
+    assert lines <= MAX_LINES, f"{lines} {marker!r} lines in {WINDOW}s"
+    assert f"{marker}: Too many open files (EMFILE); pausing accepts for 0.1s" in log()
 
 
 def get(port: int, path: str = "/") -> bytes:
@@ -50,22 +59,10 @@ def get(port: int, path: str = "/") -> bytes:
         return b""
 
 
-def close_all(held: list[socket.socket]) -> None:
-    for conn in held:
-        conn.close()
-
-
 def test_a_worker_out_of_descriptors_pauses_accepting_and_recovers(server):
     srv = server("basic:hello", "-w", "1", "--header-timeout", "60", workers=1)
     worker = psutil.Process(srv.worker_pids()[0])
-    held = exhaust(worker, lambda: socket.create_connection(("127.0.0.1", srv.port)))
-    try:
-        cpu, lines = measure(worker, srv.log, "accept failed")
-    finally:
-        close_all(held)
-    assert cpu < MAX_CPU, f"the worker used {cpu:.2f}s of CPU in {WINDOW}s while out of descriptors"
-    assert lines <= MAX_LINES, f"{lines} 'accept failed' lines in {WINDOW}s"
-    assert "accept failed: Too many open files (EMFILE); pausing accepts for 0.1s" in srv.log()
+    starve(worker, lambda: socket.create_connection(("127.0.0.1", srv.port)), srv.log, "accept failed")
     poll(lambda: get(srv.port).startswith(b"HTTP/1.1 200"), what="a 200 once descriptors are free")
     poll(lambda: "accept works again after" in srv.log(), what="the recovery line")
 
@@ -90,13 +87,6 @@ def test_the_stats_endpoint_out_of_descriptors_pauses_accepting_and_recovers(ser
             return b""
 
     poll(lambda: stats_answer().startswith(b"HTTP/1.1 200"), what="the stats endpoint")
-    held = exhaust(master, connect)
-    try:
-        cpu, lines = measure(master, srv.log, "stats accept failed")
-    finally:
-        close_all(held)
-    assert cpu < MAX_CPU, f"the master used {cpu:.2f}s of CPU in {WINDOW}s while out of descriptors"
-    assert lines <= MAX_LINES, f"{lines} 'stats accept failed' lines in {WINDOW}s"
-    assert "stats accept failed: Too many open files (EMFILE); pausing accepts for 0.1s" in srv.log()
+    starve(master, connect, srv.log, "stats accept failed")
     poll(lambda: stats_answer().startswith(b"HTTP/1.1 200"), what="/stats once descriptors are free")
     assert get(srv.port).startswith(b"HTTP/1.1 200")
