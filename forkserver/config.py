@@ -259,8 +259,17 @@ class Config:
     stats_bind: str = setting(
         "",
         help="Serve live stats (GET /stats JSON, GET /metrics Prometheus) from the master at "
-        "unix:PATH or a loopback HOST:PORT; empty disables stats.",
+        "unix:PATH or HOST:PORT; empty disables stats. A HOST other than loopback needs "
+        "stats_allow_ips: the endpoint has no authentication and shows request paths.",
         metavar="ADDRESS",
+    )
+    stats_allow_ips: tuple[str, ...] = setting(
+        (),
+        check=check_trust_entries,
+        help="Clients allowed to read a TCP stats_bind: IP addresses, CIDR networks, or '*' for any; "
+        "others are disconnected unanswered. Required to bind stats beyond loopback (e.g. the pod "
+        "IP, for Prometheus); enforced on loopback too when set. Not used for unix:PATH.",
+        metavar="ADDRESSES",
     )
     health_path: str = setting(
         "",

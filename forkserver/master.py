@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import libc, systemd
+from . import __version__, libc, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .config import AUTO_WORKERS, Config, load_config
@@ -141,6 +141,7 @@ class Master:
         self.started = False  # a worker of the first generation became ready
         self.first_fork = 0.0  # when the first worker was forked (see SOLO_BOOT)
         self.reloading = False
+        self.reload_requested = False  # a HUP (or a file change) waits for the reload under way
         self.boot_failures: dict[int, int] = {}  # slot -> consecutive failed boots
         self.respawn_after: dict[int, float] = {}
         self.last_tick = time.monotonic()
@@ -154,7 +155,7 @@ class Master:
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
         self.actions: dict[int, Callable[[], None]] = {
-            signal.SIGHUP: self.reload,
+            signal.SIGHUP: self.request_reload,
             signal.SIGTERM: lambda: self.stop(graceful=True),
             signal.SIGINT: lambda: self.stop(graceful=False),
             signal.SIGQUIT: lambda: self.stop(graceful=False),
@@ -194,7 +195,7 @@ class Master:
                 # Deferred: only a start with stats on needs it.
                 from .status import StatusServer
 
-                self.status = StatusServer(config.stats_bind, self.stats_snapshot)
+                self.status = StatusServer(config.stats_bind, self.stats_snapshot, allow=config.stats_allow_ips)
             if config.preload:
                 self.preload()
             if config.daemon:
@@ -270,9 +271,11 @@ class Master:
                     self.read_notices()
                     # Always drained (its fd must not stay readable); a reload waits for the one under way.
                     if self.reloader is not None and self.reloader.changed(hold=self.reloading or self.stopping):
-                        self.reload()
+                        self.request_reload()
                     self.drain_stats()
                     self.reap_exited()
+                    # After the notices and the reaping, which end a reload under way.
+                    self.reload_if_requested()
                     if self.status is not None:
                         self.status.handle_ready()
                     if self.stopping:
@@ -315,33 +318,36 @@ class Master:
 
     def on_ready(self, handle: WorkerHandle) -> None:
         handle.ready = True
-        if self.memory_limit is not None and handle.generation == self.generation:
-            self.fit_memory(handle)
         if not handle.retiring:
             self.stats.set_state(handle.pid, "idle")
         self.boot_failures.pop(handle.slot, None)
-        log.info("worker ready slot=%d pid=%d gen=%d", handle.slot, handle.pid, handle.generation)
-        if handle.generation != self.generation:
-            return
-        if not self.started:
+        first = handle.generation == self.generation and not self.started
+        if first:
             self.started = True
             self.announce()
-        self.retire_old_generations()
+        if self.memory_limit is not None and handle.generation == self.generation:
+            self.fit_memory(handle)
+        log.info("worker ready slot=%d pid=%d gen=%d", handle.slot, handle.pid, handle.generation)
+        if first:
+            # An upgraded master tells systemd it is the main process now.
+            systemd.notify(f"READY=1\nMAINPID={self.pid}\n{self.status_line()}")
+        if handle.generation == self.generation:
+            self.retire_old_generations()
 
     def announce(self) -> None:
-        """The first worker serves: log the start, run when_ready, tell systemd.
+        """The first worker serves: run when_ready, then log the start, before any "worker ready" line.
 
         Logging only now means a start that fails prints nothing but its one
-        error line.
+        error line; logging before the first "worker ready" makes the log read
+        in order: where we listen, what runs, then the workers.
         """
         self.hooks.run("when_ready", self.context(), fatal=True)
         for listener in self.listeners:
             log.info("listening at %s", describe(listener))
-        log.info("master started pid=%d workers=%d threads=%d", self.pid, self.desired, self.config.threads)
+        log.info("master started pid=%d app=%s version=%s workers=%d threads=%d", self.pid, self.config.app,
+                 __version__, self.desired, self.config.threads)
         if self.sizing:
             log.info("%s", self.sizing)
-        # An upgraded master tells systemd it is the main process now.
-        systemd.notify(f"READY=1\nMAINPID={self.pid}\n{self.status_line()}")
 
     def status_line(self) -> str:
         ready = sum(1 for h in self.pool.of_generation(self.generation) if h.ready)
@@ -669,8 +675,26 @@ class Master:
 
     # -- signal actions -----------------------------------------------------------
 
+    def request_reload(self) -> None:
+        """HUP: ask for a reload, which ``reload_if_requested`` starts as soon as none is under way.
+
+        HUPs that arrive while a new generation boots, or several read from
+        one wakeup, make one more reload, not one each: 50 HUPs in a second
+        used to fork about 100 workers.  The follow-up reload reads the config
+        and app as they are when it starts, so the last HUP's changes win.
+        """
+        if self.reloading and not self.reload_requested:
+            log.info("reload requested while generation %d boots; reloading again once it is ready",
+                     self.generation)
+        self.reload_requested = True
+
+    def reload_if_requested(self) -> None:
+        if self.reload_requested and not self.reloading and not self.stopping:
+            self.reload_requested = False
+            self.reload()
+
     def reload(self) -> None:
-        """HUP: read the config again and replace every worker with a new generation.
+        """Read the config again and replace every worker with a new generation.
 
         The old generation keeps serving until the new one is ready, and keeps
         serving for good if the new config or app is broken.
@@ -689,6 +713,8 @@ class Master:
             log.warning("bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(self.config.bind), ",".join(config.bind))
             config = dataclasses.replace(config, bind=self.config.bind)
+        if (config.stats_bind, config.stats_allow_ips) != (self.config.stats_bind, self.config.stats_allow_ips):
+            log.warning("stats_bind and stats_allow_ips change only on restart or upgrade (USR2)")
         if config.preload and not self.reimport(config):
             systemd.notify("READY=1")
             return

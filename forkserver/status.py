@@ -5,20 +5,29 @@ client) and calls ``handle_ready``, which reads, answers and closes without
 ever waiting: each client is a small state machine over a non-blocking
 socket, and one that dawdles past ``client_timeout`` is dropped.  This module
 only formats and serves; the numbers come from the ``snapshot`` callable.
+
+The endpoint has no authentication and shows request paths, so a TCP bind
+that other hosts can reach is refused unless ``allow`` (``stats_allow_ips``)
+names the clients that may read it; with a list, a client not on it is
+disconnected at once, unanswered: it costs no client slot (``MAX_CLIENTS``)
+and learns nothing, and the refusals are logged once per interval.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
 import select
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .errors import BindError
+from .backoff import AcceptPause, CountedLog
+from .errors import BindError, ConfigError
+from .proxy import Trust
 from .sockets import Listener, bind, parse_address
 
 log = logging.getLogger("forkserver")
@@ -139,6 +148,14 @@ def _plain(status: int, text: str, extra: str = "") -> bytes:
     return _response(status, "text/plain; charset=utf-8", (text + "\n").encode(), extra=extra)
 
 
+def _is_loopback(host: str) -> bool:
+    """Is ``host`` (an address a socket is bound to) reachable from this machine only?"""
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 class _Client:
     """One accepted connection: bytes read so far, bytes still to write, and when to give up."""
 
@@ -153,7 +170,7 @@ class StatusServer:
     """Serves snapshots over HTTP/1.1 from inside the master's loop; never blocks."""
 
     def __init__(self, address: str, snapshot: Callable[[], dict[str, Any]], *,
-                 client_timeout: float = CLIENT_TIMEOUT, unix_mode: int = 0o600,
+                 allow: Sequence[str] = (), client_timeout: float = CLIENT_TIMEOUT, unix_mode: int = 0o600,
                  clock: Callable[[], float] = time.monotonic) -> None:
         try:
             self.listener: Listener = bind(parse_address(address), backlog=64, reuse_port=False,
@@ -163,10 +180,22 @@ class StatusServer:
         if self.listener.reuse_port or not self.listener.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             self.listener.close()
             raise BindError(f"stats-bind {address!r}: not a listening socket")
+        tcp = self.listener.sock.family in (socket.AF_INET, socket.AF_INET6)
+        host = self.listener.sock.getsockname()[0] if tcp else ""
+        if tcp and not allow and not _is_loopback(host):
+            self.listener.close()
+            raise ConfigError(
+                f"stats_bind {address!r} binds {host}, reachable from other hosts, and the stats endpoint has "
+                "no authentication: bind 127.0.0.1 or unix:PATH, or set stats_allow_ips to the clients "
+                "that may read it (for Prometheus in Kubernetes, its pods' network, e.g. [\"10.0.0.0/8\"])")
+        # Checked on a TCP bind only: a UNIX socket's readers are whoever its file mode lets in.
+        self.allowed = Trust(allow) if tcp and allow else None
+        self.refusals = CountedLog(logging.WARNING, clock=clock)
         self.snapshot = snapshot
         self.client_timeout = client_timeout
         self.clock = clock
         self.clients: dict[int, _Client] = {}
+        self.pause = AcceptPause("stats accept", clock=clock)
         self.epoll = select.epoll()
         self.epoll.register(self.listener.sock.fileno(), select.EPOLLIN)
 
@@ -186,8 +215,12 @@ class StatusServer:
     def handle_ready(self) -> None:
         """Do every bit of work that can be done now, and drop clients past their deadline.
 
-        Call it when ``fileno()`` polls readable and once per tick (for the deadlines).
+        Call it when ``fileno()`` polls readable and once per tick (for the
+        deadlines, and to end an accept pause: so a pause lasts at least until
+        the master's next tick, which is soon enough for an operator's endpoint).
         """
+        if self.pause.due():
+            self.epoll.register(self.listener.sock.fileno(), select.EPOLLIN)
         for fd, events in self.epoll.poll(0):
             if fd == self.listener.sock.fileno():
                 self._accept()
@@ -210,12 +243,20 @@ class StatusServer:
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, _ = self.listener.sock.accept()
+                sock, peer = self.listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # ECONNABORTED, EMFILE...: try again next time
-                log.debug("stats accept failed: %s", exc)
+            except OSError as exc:
+                if self.pause.failed(exc):  # out of descriptors: stop polling the listener for a while
+                    self.epoll.unregister(self.listener.sock.fileno())
+                else:  # ECONNABORTED and the like: that connection's trouble, not ours
+                    log.debug("stats accept failed: %s", exc)
                 return
+            self.pause.succeeded()
+            if self.allowed is not None and peer[0] not in self.allowed:
+                sock.close()
+                self.refusals.event(f"stats: disconnected {peer[0]}, not in stats_allow_ips")
+                continue
             if len(self.clients) >= MAX_CLIENTS:
                 sock.close()
                 continue

@@ -31,6 +31,7 @@ from typing import Any
 from setproctitle import setproctitle
 
 from . import libc, reloader
+from .backoff import AcceptPause
 from .balance import RECHECK, AcceptBoard
 from .config import Config
 from .connection import Connection, Service
@@ -123,6 +124,7 @@ class Worker:
         self.listening: dict[int, Entrance] = {}
         self.busy = 0
         self.accepting = False
+        self.accept_pause = AcceptPause("accept")  # out of descriptors or memory: see forkserver.backoff
         self.balancing = False  # not accepting because we hold more connections than the others
         # With reuse_port the kernel spreads connections over the workers' own
         # sockets, and one queued to ours can only be taken by us: no turns.
@@ -274,6 +276,7 @@ class Worker:
         wakeup_fd = self.wakeup.fileno()
         service, inline = self.service, self.inline
         accept_board, seat = self.accept_board, self.spec.seat
+        pause = self.accept_pause
         while not (self.stopping and self._done()):
             board.beat()
             if accept_board is not None:
@@ -318,6 +321,8 @@ class Worker:
                 service.outbox = None
                 for connection in outbox:
                     self._flush(connection)
+            if pause.resume_at and pause.due():
+                self._set_accepting(self._willing() and not self.balancing)
             if time.monotonic() >= self.next_sweep:
                 self._sweep_idle()
 
@@ -346,6 +351,8 @@ class Worker:
     def _poll_timeout(self, interval: float) -> float:
         if self.balancing:
             interval = min(interval, RECHECK)  # look again soon: the others may fill up
+        if self.accept_pause.resume_at:
+            interval = min(interval, max(0.0, self.accept_pause.resume_at - time.monotonic()))
         if self.deadlines:
             return max(0.0, min(interval, self.next_sweep - time.monotonic()))
         return interval
@@ -371,7 +378,8 @@ class Worker:
                     target.reopen()
 
     def _set_accepting(self, on: bool) -> None:
-        """Start or stop taking new connections from the listeners."""
+        """Start or stop taking new connections from the listeners (never while an accept pause lasts)."""
+        on = on and not self.accept_pause.resume_at
         if on == self.accepting:
             return
         self.accepting = on
@@ -425,8 +433,12 @@ class Worker:
             self._close(connection)
 
     def _willing(self) -> bool:
-        """Would we take a connection if we held the fewest?  (Not when stopping, nor with every thread busy.)"""
-        return not self.stopping and self.busy < self.config.threads
+        """Would we take a connection if we held the fewest?
+
+        Not when stopping, nor with every thread busy, nor during an accept
+        pause: out of descriptors, we leave the queue to the other workers.
+        """
+        return not self.stopping and self.busy < self.config.threads and not self.accept_pause.resume_at
 
     def _take_turn(self) -> bool:
         """May we accept now, or does another worker hold fewer connections? (see forkserver.balance)"""
@@ -451,8 +463,15 @@ class Worker:
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
-                log.error("accept failed: %s", exc.strerror)
+                if self.accept_pause.failed(exc):
+                    # The connection stays queued and the listener readable:
+                    # trying again at once would spin.  Stop polling for a while.
+                    self._set_accepting(False)
+                else:
+                    log.error("accept failed: %s", exc.strerror)
                 return
+            if self.accept_pause.streak:  # the first accept after a shortage
+                self.accept_pause.succeeded()
             # The C socket type alone: socket.socket's Python wrapper adds
             # nothing a connection uses, and costs a call on open and close.
             conn_sock = socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
