@@ -51,6 +51,7 @@ from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 
 if TYPE_CHECKING:
+    from .statsd import StatsdExporter
     from .status import StatusServer
 
 log = logging.getLogger("forkserver")
@@ -133,6 +134,7 @@ class Master:
         self.stats = Aggregator()
         self.sampler = ProcessSampler()
         self.status: StatusServer | None = None
+        self.statsd: StatsdExporter | None = None
         self.reloader: Reloader | None = None  # watches the app's files with ``reload``
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
@@ -177,6 +179,10 @@ class Master:
                 from .status import StatusServer
 
                 self.status = StatusServer(config.stats_bind, self.stats_snapshot)
+            if config.statsd_host:
+                from .statsd import StatsdExporter  # deferred, as the status server
+
+                self.statsd = StatsdExporter(config.statsd_host, config.statsd_prefix)
             if config.preload:
                 self.preload()
             if config.daemon:
@@ -189,6 +195,8 @@ class Master:
             self.close_listeners()
             if self.status is not None:
                 self.status.close()
+            if self.statsd is not None:
+                self.statsd.close()
             raise
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if config.reload:
@@ -254,6 +262,8 @@ class Master:
                         self.reload()
                     self.drain_stats()
                     self.reap_exited()
+                    if self.statsd is not None:
+                        self.statsd.send_if_due(self.statsd_snapshot)
                     if self.status is not None:
                         self.status.handle_ready()
                     if self.stopping:
@@ -447,7 +457,8 @@ class Master:
 
     def spawn(self, slot: int) -> None:
         board = Scoreboard(self.config.threads)
-        stats_queue = new_queue() if self.status is not None else None
+        # Workers count requests only for someone who reads the counts: /stats or StatsD.
+        stats_queue = new_queue() if self.status is not None or self.statsd is not None else None
         spec = WorkerSpec(
             config=self.config, listeners=self.listeners, slot=slot, generation=self.generation, board=board,
             notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files), app=self.app,
@@ -572,6 +583,8 @@ class Master:
         """In a new worker: close the stats socket and other workers' queues we inherited."""
         if self.status is not None:
             self.status.close(unlink=False)
+        if self.statsd is not None:
+            self.statsd.close()
         for handle in self.pool.workers.values():
             if handle.stats_queue is not None:
                 handle.stats_queue.close()
@@ -588,10 +601,20 @@ class Master:
                 oldest = in_flight[0]
                 info["current_request"] = {"method": oldest.method, "path": oldest.path,
                                            "elapsed_seconds": round(oldest.elapsed, 3)}
-            if handle.ready and not handle.retiring:
-                self.stats.set_state(handle.pid, "busy" if in_flight else "idle")
             extra[handle.pid] = info
+        self.mark_busy_workers()
         return self.stats.snapshot(extra, listener_stats(self.listeners))
+
+    def statsd_snapshot(self) -> dict[str, Any]:
+        """The counters StatsD gets: the /stats document without the per-process kernel readings."""
+        self.mark_busy_workers()
+        return self.stats.snapshot()
+
+    def mark_busy_workers(self) -> None:
+        """Tell the aggregator which serving workers have a request in flight right now."""
+        for handle in self.pool.workers.values():
+            if handle.ready and not handle.retiring:
+                self.stats.set_state(handle.pid, "busy" if handle.board.in_flight() else "idle")
 
     # -- signal actions -----------------------------------------------------------
 
@@ -769,6 +792,10 @@ class Master:
             remove_unanswered(path)
         if self.status is not None:
             self.status.close()
+        if self.statsd is not None:
+            # The workers' last reports are in now: send them, so a stop loses no requests.
+            self.statsd.send(self.statsd_snapshot())
+            self.statsd.close()
         if self.reloader is not None:
             self.reloader.close()
         if self.pidfile is not None:
