@@ -8,10 +8,12 @@ number with ``dup2``, so no holder of the descriptor needs to be told.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -29,6 +31,7 @@ class LogFile:
 
     def __init__(self, path: str, setting: str, standard_fd: int) -> None:
         self.path = path
+        self.captured: tuple[int, ...] = ()  # standard descriptors pointed here too (capture_stdio)
         if path == "-":
             self.fd = standard_fd
             return
@@ -55,6 +58,8 @@ class LogFile:
         fresh = self._open("reopen")
         os.dup2(fresh, self.fd, inheritable=False)
         os.close(fresh)
+        for fd in self.captured:
+            os.dup2(self.fd, fd)
 
 
 class LineHandler(logging.Handler):
@@ -83,6 +88,28 @@ def setup_error_log(path: str, level: str) -> LogFile:
     logger.setLevel(level.upper())
     logger.propagate = False
     return target
+
+
+def capture_stdio(target: LogFile) -> None:
+    """capture_output: point descriptors 1 and 2 at the error log file, as gunicorn does.
+
+    Everything the app prints, and anything writing to those descriptors
+    (C extensions, subprocesses), lands in the error log; the workers
+    inherit it at fork, and ``reopen`` moves them along to the new file.
+    With the error log on stderr ('-') nothing changes, as in gunicorn.
+    Python's streams are made line-buffered: a worker leaves with
+    ``os._exit``, which would drop a block-buffered stdout's last lines.
+    """
+    if target.path == "-":
+        return
+    streams = [stream for stream in (sys.stdout, sys.stderr) if isinstance(stream, io.TextIOWrapper)]
+    for stream in streams:
+        stream.flush()  # what was printed before goes where it was meant to
+    for fd in (1, 2):
+        os.dup2(target.fd, fd)
+    target.captured = (1, 2)
+    for stream in streams:
+        stream.reconfigure(line_buffering=True)
 
 
 class Finished(Protocol):

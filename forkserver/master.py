@@ -38,7 +38,7 @@ from .errors import (
 from .hooks import HookContext, Hooks
 from .identity import resolve_group, resolve_user
 from .loader import load_app, prepare_path
-from .logs import LogFile, setup_error_log
+from .logs import LogFile, capture_stdio, setup_error_log
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
@@ -160,6 +160,8 @@ class Master:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
+        if config.capture_output:
+            capture_stdio(self.log_files[0])
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
         if config.static:
             # Imported only when configured, and before the fork so that the workers share it.
@@ -226,15 +228,19 @@ class Master:
         self.preloaded_modules = set(sys.modules) - self._modules_before_app
 
     def daemonize(self) -> None:
-        """Detach: fork twice around setsid and point stdio at /dev/null."""
+        """Detach: fork twice around setsid and point stdio at /dev/null, except where logs go."""
         if os.fork():
             os._exit(EXIT_OK)
         os.setsid()
         if os.fork():
             os._exit(EXIT_OK)
+        keep = {f.fd for f in self.log_files} | {fd for f in self.log_files for fd in f.captured}
+        if self.config.enable_stdio_inheritance:
+            # gunicorn's -R: output redirected by the shell (> out.log 2>&1) stays there; a terminal does not.
+            keep |= {fd for fd in (1, 2) if not os.isatty(fd)}
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
-            if not any(f.fd == fd for f in self.log_files):
+            if fd not in keep:
                 os.dup2(null, fd)
         os.close(null)
 
