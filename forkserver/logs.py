@@ -22,6 +22,9 @@ from .errors import ConfigError
 from .wsgi import header_key
 
 LOGGER_NAME = "forkserver"
+# Outside the "forkserver" tree, so its records propagate to the root logger
+# (as gunicorn.access's do), not into the error log; see forkserver.logconfig.
+ACCESS_LOGGER_NAME = "forkserver_access"
 ERROR_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 ERROR_LOG_DATEFMT = "%Y-%m-%d %H:%M:%S %z"
 
@@ -293,8 +296,36 @@ class AccessLog:
         self.target.write(data)
 
 
+class LoggerLines:
+    """An access log destination that hands each line to a logger, as one INFO record.
+
+    Used when a logconfig gave gunicorn.access (our ACCESS_LOGGER_NAME)
+    handlers; their files are reopened by ``logconfig.FileHandlers``.
+    """
+
+    fd = -1
+    captured: tuple[int, ...] = ()
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def write(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            self.logger.info(line)
+
+    def reopen(self) -> None:
+        """Nothing of its own to reopen."""
+
+
 def open_access_log(path: str, fmt: str, batched: bool = False) -> AccessLog | None:
-    """Open the access log named by the settings, or return None when it is off."""
+    """Open the access log named by the settings, or return None when it is off.
+
+    A logging configuration that gave the access logger handlers takes the
+    lines instead, each logged as its request ends (so not batched).
+    """
+    configured = logging.getLogger(ACCESS_LOGGER_NAME)
+    if configured.handlers:
+        return AccessLog(LoggerLines(configured), fmt)  # type: ignore[arg-type]
     if not path:
         return None
     return AccessLog(LogFile(path, "access_logfile", 1), fmt, batched)
