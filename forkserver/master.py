@@ -803,8 +803,7 @@ class Master:
             self.status.close()
         if self.statsd is not None:
             # The workers' last reports are in now: send them, so a stop loses no requests.
-            self.statsd.send(self.statsd_snapshot())
-            self.statsd.close()
+            self.statsd.finish(self.statsd_snapshot())
         if self.reloader is not None:
             self.reloader.close()
         if self.pidfile is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -164,6 +165,23 @@ def datagrams(lines: Iterable[str], limit: int = MAX_DATAGRAM) -> list[bytes]:
     return packed
 
 
+class LogCounts(logging.Handler):
+    """Counts the master's log records of level WARNING and up, for gunicorn's ``gunicorn.log.*``.
+
+    An ERROR with a traceback counts as ``exception``, as gunicorn's
+    ``log.exception`` does.  Only the master's records: a worker's are in
+    another process.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exception = record.levelno == logging.ERROR and record.exc_info
+        self.counts["exception" if exception else record.levelname.lower()] += 1
+
+
 class StatsdExporter:
     """Sends the master's stats to one StatsD server every INTERVAL seconds."""
 
@@ -175,6 +193,9 @@ class StatsdExporter:
         self.previous: Mapping[str, Any] | None = None
         self.next_send = clock() + INTERVAL
         self.failed = 0  # datagrams that could not be sent
+        self.log_counts = LogCounts()
+        self.sent_log_counts: Counter[str] = Counter()
+        log.addHandler(self.log_counts)
 
     @staticmethod
     def _connect(address: str) -> socket.socket:
@@ -216,6 +237,10 @@ class StatsdExporter:
         """Send the lines for the change from the last snapshot sent to ``current``."""
         lines = metric_lines(self.previous, current, self.prefix)
         self.previous = current
+        counts = self.log_counts.counts.copy()
+        lines.extend(f"{self.prefix}gunicorn.log.{level}:{number - self.sent_log_counts[level]}|c"
+                     for level, number in sorted(counts.items()) if number > self.sent_log_counts[level])
+        self.sent_log_counts = counts
         for datagram in datagrams(lines):
             self._send_one(datagram)
 
@@ -231,7 +256,14 @@ class StatsdExporter:
                             self.address, exc.strerror or exc)
             self.failed += 1
 
-    def close(self) -> None:
+    def finish(self, current: Mapping[str, Any]) -> None:
+        """At the master's exit: send ``current`` (the workers' last reports), say what was lost, close."""
+        self.send(current)
         if self.failed:
             log.warning("statsd: %d datagram(s) to %s could not be sent", self.failed, self.address)
+        self.close()
+
+    def close(self) -> None:
+        """Stop counting and sending (also in a new worker, which inherited the exporter)."""
+        log.removeHandler(self.log_counts)
         self.sock.close()

@@ -94,6 +94,7 @@ def test_a_stop_sends_the_last_requests_and_a_respawn_is_counted(server, receive
     os.kill(worker, signal.SIGKILL)
     poll(lambda: receiver.read().counters["forkserver.workers.respawned"] == 1, what="the respawn")
     poll(lambda: receiver.read().counters["forkserver.worker.exits.died"] == 1, what="the death")
+    poll(lambda: receiver.read().counters["gunicorn.log.warning"] >= 1, what="the master's warning about it")
     srv.wait_ready(workers=1)
     for _ in range(3):
         assert requests.get(f"{srv.url}/?404", headers={"Connection": "close"}).status_code == 404

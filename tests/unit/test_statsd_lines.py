@@ -96,10 +96,36 @@ def test_a_refused_port_costs_one_log_line_and_never_blocks(caplog):
         assert exporter.failed >= 2
         assert len([r for r in caplog.records if "statsd" in r.getMessage()]) == 1
     finally:
-        exporter.close()
+        exporter.finish(snapshot)
     assert f"{exporter.failed} datagram(s) to {address} could not be sent" in caplog.records[-1].getMessage()
 
 
 def test_an_unresolvable_host_is_a_config_error():
     with pytest.raises(ConfigError, match="statsd_host"):
         StatsdExporter("no-such-host.invalid:8125", "")
+
+
+def test_the_masters_warnings_and_errors_are_counted_as_gunicorn_counts_them():
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(5)
+    exporter = StatsdExporter("127.0.0.1:%d" % receiver.getsockname()[1], "p")
+    log = logging.getLogger("forkserver")
+    try:
+        log.warning("a worker died")
+        log.critical("a worker timed out")
+        try:
+            raise OSError("boom")
+        except OSError:
+            log.exception("a hook failed")
+        log.info("not counted")
+        exporter.send(Aggregator().snapshot())
+        lines = receiver.recv(65536).decode().split("\n")
+        assert {"p.gunicorn.log.warning:1|c", "p.gunicorn.log.critical:1|c", "p.gunicorn.log.exception:1|c"} <= set(lines)
+        log.warning("once more")
+        exporter.send(Aggregator().snapshot())
+        assert "p.gunicorn.log.warning:1|c" in receiver.recv(65536).decode().split("\n")
+    finally:
+        exporter.close()
+        receiver.close()
+    assert exporter.log_counts not in log.handlers
