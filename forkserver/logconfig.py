@@ -21,15 +21,20 @@ the workers inherit it at fork.  What gunicorn does, and so what happens here:
 
 from __future__ import annotations
 
-import configparser
 import copy
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .errors import ConfigError
 from .logs import ACCESS_LOGGER_NAME, ERROR_LOG_DATEFMT, ERROR_LOG_FORMAT, LOGGER_NAME
+
+if TYPE_CHECKING:
+    import configparser
+
+# configparser and logging.config are imported only when a configuration is
+# given: every other start would pay about a millisecond for them.
 
 # gunicorn's logger names, and what they mean here.
 LOGGER_NAMES = {"gunicorn.error": LOGGER_NAME, "gunicorn.access": ACCESS_LOGGER_NAME}
@@ -71,6 +76,8 @@ def read_ini(path: str) -> configparser.ConfigParser:
     Raises:
         ConfigError: if the file is missing or not valid INI.
     """
+    import configparser
+
     parser = configparser.ConfigParser(defaults={"here": os.path.dirname(os.path.abspath(path)),
                                                  "__file__": os.path.abspath(path)})
     try:
@@ -87,15 +94,13 @@ def read_ini(path: str) -> configparser.ConfigParser:
     return parser
 
 
-def apply(config: Config, base_dir: str) -> bool:
-    """Apply ``logconfig_dict``, else ``logconfig`` (relative to ``base_dir``); return whether either was given.
+def apply(config: Config, base_dir: str) -> None:
+    """Apply ``logconfig_dict`` if given, else ``logconfig`` (relative to ``base_dir``).
 
     Raises:
         ConfigError: naming the setting and what logging.config said is wrong.
     """
-    if not (config.logconfig_dict or config.logconfig):
-        return False
-    import logging.config  # deferred: most starts configure no logging
+    import logging.config
 
     # Both raise nearly anything on a bad configuration: a handler's class
     # may not import, its arguments are evaluated, a section may be missing.
@@ -105,14 +110,15 @@ def apply(config: Config, base_dir: str) -> bool:
             logging.config.dictConfig(effective_dict(given))
         except Exception as exc:  # noqa: BLE001
             hint = ""
-            handlers = given.get("handlers") or {}
-            if handlers and not ({"root", "loggers"} <= set(given) and {"console", "error_console"} <= set(handlers)):
+            handlers = set(given.get("handlers") or {"console", "error_console"})
+            if ("root" not in given and "console" not in handlers) or (
+                    "loggers" not in given and not {"console", "error_console"} <= handlers):
                 # gunicorn's most reported logconfig_dict error; the same dict fails there too.
                 hint = (" (as in gunicorn, the default root and loggers write to handlers 'console' and "
                         "'error_console', which a 'handlers' given replaces: define them, or give 'root' and "
                         "'loggers' too)")
             raise ConfigError(f"logconfig_dict: {one_line(exc)}{hint}") from None
-        return True
+        return
     path = os.path.join(base_dir, config.logconfig)
     parser = read_ini(path)
     try:
@@ -120,7 +126,6 @@ def apply(config: Config, base_dir: str) -> bool:
     except Exception as exc:  # noqa: BLE001
         missing = " (a section or option the file lacks)" if isinstance(exc, KeyError) else ""
         raise ConfigError(f"logconfig '{path}': {one_line(exc)}{missing}") from None
-    return True
 
 
 def one_line(exc: BaseException) -> str:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import libc, logconfig, systemd
+from . import libc, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .config import Config, load_config
@@ -163,8 +163,12 @@ class Master:
         if config.capture_output:
             capture_stdio(self.log_files[0])
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
-        # After prepare_path: a handler or formatter class may come from the app's own package.
-        if logconfig.apply(config, self.start_dir):
+        if config.logconfig or config.logconfig_dict:
+            # Deferred, as few starts have one. After prepare_path: a handler
+            # or formatter class may come from the app's own package.
+            from . import logconfig
+
+            logconfig.apply(config, self.start_dir)
             self.log_files.append(logconfig.FileHandlers())  # type: ignore[arg-type]  # reopened on USR1
         if config.static:
             # Imported only when configured, and before the fork so that the workers share it.
