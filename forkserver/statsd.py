@@ -77,8 +77,9 @@ def parse_statsd_address(text: str) -> tuple[int, Any]:
 
 
 def normal_prefix(prefix: str) -> str:
-    """``app`` and ``app.`` both become ``app.``; empty stays empty (gunicorn's rule)."""
-    return prefix if not prefix or prefix.endswith(".") else prefix + "."
+    """``app``, ``app.`` and ``app..`` all become ``app.``; empty stays empty (gunicorn's rule)."""
+    stem = prefix.rstrip(".")
+    return stem + "." if stem else prefix
 
 
 def _bucket_milliseconds(index: int) -> float:

@@ -45,7 +45,7 @@ def test_bad_addresses_say_why(text):
 
 
 def test_prefix_gets_one_dot():
-    assert (normal_prefix(""), normal_prefix("app"), normal_prefix("app.")) == ("", "app.", "app.")
+    assert [normal_prefix(p) for p in ("", "app", "app.", "app..", "a.b")] == ["", "app.", "app.", "app.", "a.b."]
 
 
 def test_counters_are_deltas_between_snapshots_and_gauges_are_levels():
