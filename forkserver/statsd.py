@@ -36,8 +36,8 @@ INTERVAL = 1.0  # seconds between sends; workers report their totals as often
 # The payload usually recommended for StatsD over the Internet: it fits in one
 # Ethernet frame with room for headers and tunnels, so no datagram is fragmented.
 MAX_DATAGRAM = 1432
-# At most this many timing lines per send.  More requests than that are
-# represented by a proportional sample marked with its rate (``|@0.25``),
+# About this many timing lines per send at most.  More requests than that
+# are represented by a proportional sample marked with its rate (``|@0.25``),
 # which StatsD servers scale counts back up by.
 MAX_TIMINGS = 100
 
@@ -100,16 +100,23 @@ def _delta(now: int, before: int) -> int:
 
 
 def timing_lines(name: str, histogram: Sequence[int]) -> list[str]:
-    """Timing lines (``name:MS|ms``) for the requests counted in ``histogram``, sampled above MAX_TIMINGS."""
+    """Timing lines (``name:MS|ms``) for the requests counted in ``histogram``, sampled above MAX_TIMINGS.
+
+    Every bucket that counted a request keeps at least one line, with the
+    rate that makes its count right: a few slow requests among thousands of
+    fast ones must still reach StatsD's upper percentiles and maximum.
+    """
     total = sum(histogram)
     if total == 0:
         return []
-    rate = min(1.0, MAX_TIMINGS / total)
-    suffix = "" if rate == 1.0 else f"|@{rate:.4g}"
+    share = min(1.0, MAX_TIMINGS / total)
     lines = []
     for index, count in enumerate(histogram):
-        line = f"{name}:{_bucket_milliseconds(index):g}|ms{suffix}"
-        lines.extend([line] * round(count * rate))
+        if not count:
+            continue
+        sent = max(1, round(count * share))
+        rate = sent / count
+        lines.extend([f"{name}:{_bucket_milliseconds(index):g}|ms" + ("" if rate == 1 else f"|@{rate:.4g}")] * sent)
     return lines
 
 

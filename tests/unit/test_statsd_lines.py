@@ -75,6 +75,15 @@ def test_many_requests_are_timed_by_a_proportional_sample_with_its_rate():
     assert lines.count("d:0.5|ms|@0.025") == 75 and lines.count("d:1.75|ms|@0.025") == 25
 
 
+def test_a_rare_slow_request_keeps_its_line_and_the_counts_add_up():
+    histogram = [9990] + [0] * 12 + [3]  # three requests over 10 s among many fast ones
+    lines = timing_lines("d", histogram)
+    slow = [line for line in lines if line.startswith("d:10000|ms")]
+    assert slow == ["d:10000|ms|@0.3333"]
+    represented = sum(1 / float(line.partition("|@")[2] or 1) for line in lines)
+    assert round(represented) == sum(histogram)
+
+
 def test_datagrams_hold_whole_lines_under_the_limit():
     lines = [f"metric.{i}:{i}|c" for i in range(500)]
     packed = datagrams(lines, limit=200)
