@@ -138,3 +138,17 @@ def test_the_masters_warnings_and_errors_are_counted_as_gunicorn_counts_them():
         exporter.close()
         receiver.close()
     assert exporter.log_counts not in log.handlers
+
+
+def test_a_unix_datagram_socket_receives_the_lines(tmp_path):
+    path = str(tmp_path / "statsd.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(5)
+    exporter = StatsdExporter(f"unix://{path}", "")
+    try:
+        exporter.send(Aggregator().snapshot())
+        assert "gunicorn.workers:0|g" in receiver.recv(65536).decode().split("\n")
+    finally:
+        exporter.close()
+        receiver.close()
