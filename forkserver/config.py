@@ -137,6 +137,27 @@ def _check_cache_control(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _check_statsd_host(value: str) -> str | None:
+    if value == "":
+        return None
+    from .statsd import parse_statsd_address  # deferred: only a start with statsd needs the module
+
+    try:
+        parse_statsd_address(value)
+    except ValueError as exc:
+        return f"empty, HOST:PORT, [IPV6]:PORT or unix:PATH ({exc})"
+    return None
+
+
+STATSD_PREFIX_BAD = re.compile(r"[^\x21-\x7e]|[:|@#]")
+
+
+def _check_statsd_prefix(value: str) -> str | None:
+    if STATSD_PREFIX_BAD.search(value):
+        return "printable ASCII without spaces, ':', '|', '@' or '#' (they delimit StatsD lines)"
+    return None
+
+
 def _check_access_format(value: str) -> str | None:
     if value == "json":
         return None
@@ -322,6 +343,42 @@ class Config:
     )
     error_logfile: str = setting("-", help="Where to write the error log: a path, or '-' for stderr.")
     log_level: str = setting("info", choices=LOG_LEVELS, help="Lowest level the error log records.")
+    capture_output: bool = setting(
+        False,
+        help="Send the app's stdout and stderr (print(), writes to descriptors 1 and 2) to the "
+        "error log file, as gunicorn does; nothing changes while error_logfile is '-'.",
+    )
+    enable_stdio_inheritance: bool = setting(
+        False,
+        help="With daemon: keep stdout and stderr where the shell pointed them (unless they are "
+        "a terminal) instead of /dev/null, as gunicorn's -R does.",
+    )
+    logconfig: str = setting(
+        "",
+        help="Python logging configuration file (logging.config.fileConfig INI) applied at start; "
+        "gunicorn's logger names gunicorn.error and gunicorn.access work.",
+        metavar="FILE",
+    )
+    logconfig_dict: dict = setting(
+        default_factory=dict,
+        default_text="{}",
+        help="Python logging configuration (logging.config.dictConfig), a TOML table or JSON object, "
+        "applied at start instead of logconfig; gunicorn's logger names work.",
+        metavar="JSON",
+    )
+    statsd_host: str = setting(
+        "",
+        check=_check_statsd_host,
+        help="Send the aggregated stats every second as StatsD metrics over UDP to HOST:PORT "
+        "(port 8125 if left out) or unix:PATH; empty disables it.",
+        metavar="ADDRESS",
+    )
+    statsd_prefix: str = setting(
+        "",
+        check=_check_statsd_prefix,
+        help="Prefix of every StatsD metric name; a '.' is added after it if missing.",
+        metavar="PREFIX",
+    )
     name: str = setting("", help="Name shown in process titles; defaults to the app spec.")
     pid: str = setting("", help="Write the master's PID to this file.", metavar="FILE")
     umask: str = setting(
@@ -408,7 +465,8 @@ def _is_word(f: dataclasses.Field[Any], raw: Any) -> bool:
 def _describe(kind: Any, table: bool = False) -> str:
     if table:
         return "a table of strings, a string or a list of strings"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "a table (a JSON object in text)"}.get(
         kind, "a string or a list of strings"
     )
 
@@ -453,6 +511,18 @@ def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
         return number
     if kind is str:
         if isinstance(value, str):
+            return value
+        raise bad
+    if kind is dict:
+        # A TOML table as it is; in the environment or on the command line, a JSON object.
+        if text:
+            import json  # deferred: only a logconfig_dict given as text needs it
+
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, dict):
             return value
         raise bad
     # tuple[str, ...]: a list, or one string of comma-separated items.
@@ -570,7 +640,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         flags = [*meta["flags"], cli_flag(f.name)]
         if kind is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        elif kind is str or kind in (int, float):
+        elif kind in (str, int, float, dict):
             parser.add_argument(*flags, dest=f.name, metavar=meta["metavar"] or f.name.upper(), help=help_text)
         else:
             parser.add_argument(

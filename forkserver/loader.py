@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import gc
 import importlib
+import inspect
 import os
 import sys
 import traceback
@@ -145,4 +146,41 @@ def _load_app(spec: str) -> Callable[..., Any]:
             raise AppImportError(f"app {spec!r}: factory raised {type(exc).__name__}: {exc}{_where(exc)}") from None
     if not callable(target):
         raise AppImportError(f"app {spec!r}: {type(target).__name__} object is not callable")
+    asgi = asgi_shape(target)
+    if asgi:
+        raise AppImportError(
+            f"app {spec!r} is an ASGI application ({asgi}); forkserver serves WSGI only: run it with an "
+            "ASGI server such as uvicorn, or wrap it in an ASGI-to-WSGI adapter such as a2wsgi.ASGIMiddleware")
     return target
+
+
+ASGI_PARAMETERS = ("scope", "receive", "send")
+
+
+def asgi_shape(target: Callable[..., Any]) -> str:
+    """Say how ``target`` looks like an ASGI app, or return "" for anything that may be WSGI.
+
+    A WSGI server calls the app with ``(environ, start_response)`` and
+    iterates over what it returns; an ASGI app called that way returns a
+    coroutine, and every request would end in a 500.  Recognised: a
+    coroutine function (``async def app(scope, receive, send)``), an object
+    or class whose ``__call__`` is one (Starlette, FastAPI, Django's
+    ASGIHandler), and a callable whose parameters are named like ASGI's,
+    e.g. a class taking ``scope`` (ASGI 2).  A class taking
+    ``(environ, start_response)`` stays a valid WSGI app.
+    """
+    if inspect.iscoroutinefunction(target):
+        return "a coroutine function"
+    # On an object this is the bound method; on a class, the method its instances would have.
+    if inspect.iscoroutinefunction(getattr(target, "__call__", None)):
+        if inspect.isclass(target):
+            return f"class {target.__name__}, whose instances are called as coroutines"
+        return f"{type(target).__name__} object whose __call__ is a coroutine function"
+    try:
+        names = [p.name for p in inspect.signature(target).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # builtins and C types may have no signature
+        return ""
+    if names and names == list(ASGI_PARAMETERS[:len(names)]):
+        return f"it takes ({', '.join(names)})"
+    return ""

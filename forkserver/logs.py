@@ -8,10 +8,12 @@ number with ``dup2``, so no holder of the descriptor needs to be told.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -21,6 +23,9 @@ from .safefiles import open_nofollow, reason
 from .wsgi import header_key
 
 LOGGER_NAME = "forkserver"
+# Outside the "forkserver" tree, so its records propagate to the root logger
+# (as gunicorn.access's do), not into the error log; see forkserver.logconfig.
+ACCESS_LOGGER_NAME = "forkserver_access"
 ERROR_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 ERROR_LOG_DATEFMT = "%Y-%m-%d %H:%M:%S %z"
 
@@ -30,6 +35,7 @@ class LogFile:
 
     def __init__(self, path: str, setting: str, standard_fd: int) -> None:
         self.path = path
+        self.captured: tuple[int, ...] = ()  # standard descriptors pointed here too (capture_stdio)
         if path == "-":
             self.fd = standard_fd
             return
@@ -57,6 +63,8 @@ class LogFile:
         fresh = self._open("reopen")
         os.dup2(fresh, self.fd, inheritable=False)
         os.close(fresh)
+        for fd in self.captured:
+            os.dup2(self.fd, fd)
 
 
 class LineHandler(logging.Handler):
@@ -85,6 +93,28 @@ def setup_error_log(path: str, level: str) -> LogFile:
     logger.setLevel(level.upper())
     logger.propagate = False
     return target
+
+
+def capture_stdio(target: LogFile) -> None:
+    """capture_output: point descriptors 1 and 2 at the error log file, as gunicorn does.
+
+    Everything the app prints, and anything writing to those descriptors
+    (C extensions, subprocesses), lands in the error log; the workers
+    inherit it at fork, and ``reopen`` moves them along to the new file.
+    With the error log on stderr ('-') nothing changes, as in gunicorn.
+    Python's streams are made line-buffered: a worker leaves with
+    ``os._exit``, which would drop a block-buffered stdout's last lines.
+    """
+    if target.path == "-":
+        return
+    streams = [stream for stream in (sys.stdout, sys.stderr) if isinstance(stream, io.TextIOWrapper)]
+    for stream in streams:
+        stream.flush()  # what was printed before goes where it was meant to
+    for fd in (1, 2):
+        os.dup2(target.fd, fd)
+    target.captured = (1, 2)
+    for stream in streams:
+        stream.reconfigure(line_buffering=True)
 
 
 class Finished(Protocol):
@@ -268,8 +298,36 @@ class AccessLog:
         self.target.write(data)
 
 
+class LoggerLines:
+    """An access log destination that hands each line to a logger, as one INFO record.
+
+    Used when a logconfig gave gunicorn.access (our ACCESS_LOGGER_NAME)
+    handlers; their files are reopened by ``logconfig.FileHandlers``.
+    """
+
+    fd = -1
+    captured: tuple[int, ...] = ()
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def write(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            self.logger.info(line)
+
+    def reopen(self) -> None:
+        """Nothing of its own to reopen."""
+
+
 def open_access_log(path: str, fmt: str, batched: bool = False) -> AccessLog | None:
-    """Open the access log named by the settings, or return None when it is off."""
+    """Open the access log named by the settings, or return None when it is off.
+
+    A logging configuration that gave the access logger handlers takes the
+    lines instead, each logged as its request ends (so not batched).
+    """
+    configured = logging.getLogger(ACCESS_LOGGER_NAME)
+    if configured.handlers:
+        return AccessLog(LoggerLines(configured), fmt)  # type: ignore[arg-type]
     if not path:
         return None
     return AccessLog(LogFile(path, "access_logfile", 1), fmt, batched)

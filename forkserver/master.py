@@ -39,7 +39,7 @@ from .errors import (
 from .hooks import HookContext, Hooks
 from .identity import resolve_identity
 from .loader import load_app, prepare_path
-from .logs import LogFile, setup_error_log
+from .logs import LogFile, capture_stdio, setup_error_log
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
@@ -53,6 +53,7 @@ from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 
 if TYPE_CHECKING:
+    from .statsd import StatsdExporter
     from .status import StatusServer
 
 log = logging.getLogger("forkserver")
@@ -151,6 +152,7 @@ class Master:
         self.stats = Aggregator()
         self.sampler = ProcessSampler()
         self.status: StatusServer | None = None
+        self.statsd: StatsdExporter | None = None
         self.reloader: Reloader | None = None  # watches the app's files with ``reload``
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
@@ -177,7 +179,16 @@ class Master:
         config = self.config
         check_locations(written_files(config))  # before any of them exists: all problems at once
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
+        if config.capture_output:
+            capture_stdio(self.log_files[0])
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
+        if config.logconfig or config.logconfig_dict:
+            # Deferred, as few starts have one. After prepare_path: a handler
+            # or formatter class may come from the app's own package.
+            from . import logconfig
+
+            logconfig.apply(config, self.start_dir)
+            self.log_files.append(logconfig.FileHandlers())  # type: ignore[arg-type]  # reopened on USR1
         if config.static:
             # Imported only when configured, and before the fork so that the workers share it.
             from .static import check_roots
@@ -196,6 +207,10 @@ class Master:
                 from .status import StatusServer
 
                 self.status = StatusServer(config.stats_bind, self.stats_snapshot, allow=config.stats_allow_ips)
+            if config.statsd_host:
+                from .statsd import StatsdExporter  # deferred, as the status server
+
+                self.statsd = StatsdExporter(config.statsd_host, config.statsd_prefix)
             if config.preload:
                 self.preload()
             if config.daemon:
@@ -208,6 +223,8 @@ class Master:
             self.close_listeners()
             if self.status is not None:
                 self.status.close()
+            if self.statsd is not None:
+                self.statsd.close()
             raise
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if config.reload:
@@ -237,15 +254,19 @@ class Master:
         self.preloaded_modules = set(sys.modules) - self._modules_before_app
 
     def daemonize(self) -> None:
-        """Detach: fork twice around setsid and point stdio at /dev/null."""
+        """Detach: fork twice around setsid and point stdio at /dev/null, except where logs go."""
         if os.fork():
             os._exit(EXIT_OK)
         os.setsid()
         if os.fork():
             os._exit(EXIT_OK)
+        keep = {f.fd for f in self.log_files} | {fd for f in self.log_files for fd in f.captured}
+        if self.config.enable_stdio_inheritance:
+            # gunicorn's -R: output redirected by the shell (> out.log 2>&1) stays there; a terminal does not.
+            keep |= {fd for fd in (1, 2) if not os.isatty(fd)}
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
-            if not any(f.fd == fd for f in self.log_files):
+            if fd not in keep:
                 os.dup2(null, fd)
         os.close(null)
 
@@ -276,6 +297,8 @@ class Master:
                     self.reap_exited()
                     # After the notices and the reaping, which end a reload under way.
                     self.reload_if_requested()
+                    if self.statsd is not None:
+                        self.statsd.send_if_due(self.statsd_snapshot)
                     if self.status is not None:
                         self.status.handle_ready()
                     if self.stopping:
@@ -526,7 +549,8 @@ class Master:
 
     def spawn(self, slot: int) -> None:
         board = Scoreboard(self.config.threads)
-        stats_queue = new_queue() if self.status is not None else None
+        # Workers count requests only for someone who reads the counts: /stats or StatsD.
+        stats_queue = new_queue() if self.status is not None or self.statsd is not None else None
         spec = WorkerSpec(
             config=self.config, listeners=self.listeners, slot=slot, generation=self.generation, board=board,
             notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files), app=self.app,
@@ -652,6 +676,8 @@ class Master:
         """In a new worker: close the stats socket and other workers' queues we inherited."""
         if self.status is not None:
             self.status.close(unlink=False)
+        if self.statsd is not None:
+            self.statsd.close()
         for handle in self.pool.workers.values():
             if handle.stats_queue is not None:
                 handle.stats_queue.close()
@@ -668,10 +694,20 @@ class Master:
                 oldest = in_flight[0]
                 info["current_request"] = {"method": oldest.method, "path": oldest.path,
                                            "elapsed_seconds": round(oldest.elapsed, 3)}
-            if handle.ready and not handle.retiring:
-                self.stats.set_state(handle.pid, "busy" if in_flight else "idle")
             extra[handle.pid] = info
+        self.mark_busy_workers()
         return self.stats.snapshot(extra, listener_stats(self.listeners))
+
+    def statsd_snapshot(self) -> dict[str, Any]:
+        """The counters StatsD gets: the /stats document without the per-process kernel readings."""
+        self.mark_busy_workers()
+        return self.stats.snapshot()
+
+    def mark_busy_workers(self) -> None:
+        """Tell the aggregator which serving workers have a request in flight right now."""
+        for handle in self.pool.workers.values():
+            if handle.ready and not handle.retiring:
+                self.stats.set_state(handle.pid, "busy" if handle.board.in_flight() else "idle")
 
     # -- signal actions -----------------------------------------------------------
 
@@ -878,6 +914,9 @@ class Master:
             remove_unanswered(path)
         if self.status is not None:
             self.status.close()
+        if self.statsd is not None:
+            # The workers' last reports are in now: send them, so a stop loses no requests.
+            self.statsd.finish(self.statsd_snapshot())
         if self.reloader is not None:
             self.reloader.close()
         if self.pidfile is not None:

@@ -308,3 +308,24 @@ def test_check_config_bad_setting(forkserver):
 def test_check_config_bad_address_format(forkserver):
     assert_fails(forkserver("basic:hello", "-b", "127.0.0.1:http", "--check-config"), EXIT_BIND,
                  "port must be a number")
+
+
+# -- ASGI apps: refused at import, exit 4, one line ------------------------------------
+
+
+@pytest.mark.parametrize("spec, shape", [
+    ("asgi_apps:app", "a coroutine function"),
+    ("asgi_apps:router", "Router object whose __call__ is a coroutine function"),
+    ("asgi_apps:LegacyApp", "class LegacyApp, whose instances are called as coroutines"),
+    ("asgi_apps:Handler", "it takes (scope, receive, send)"),
+    ("asgi_apps:create_app()", "Router object"),
+], ids=["async-def", "async-call-object", "asgi2-class", "awaitable-class", "factory"])
+@pytest.mark.parametrize("mode", [["--check-config"], [], ["--preload"]], ids=["check", "start", "preload"])
+def test_asgi_app_is_refused_with_one_line(forkserver, spec, shape, mode):
+    outcome = forkserver(spec, "-b", "127.0.0.1:0", "-w", "2", *mode)
+    assert_fails(outcome, EXIT_APP_LOAD, spec, "is an ASGI application", shape, "WSGI only", "uvicorn")
+
+
+def test_a_class_taking_environ_and_start_response_is_still_served(server):
+    srv = server("asgi_apps:WsgiClassApp")
+    assert requests.get(srv.url).text == "class\n"

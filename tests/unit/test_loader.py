@@ -1,12 +1,13 @@
-"""The app loader's pause of the garbage collector, in this process."""
+"""The app loader, in this process: its pause of the garbage collector, and what it calls ASGI."""
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import pytest
 
-from forkserver.loader import collector_paused
+from forkserver.loader import asgi_shape, collector_paused
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +43,45 @@ def test_the_collector_comes_back_when_the_import_fails():
     with pytest.raises(ImportError), collector_paused():
         raise ImportError("no module named 'missing'")
     assert gc.isenabled()
+
+
+# -- ASGI shapes --------------------------------------------------------------------------
+
+
+class WsgiObject:
+    def __call__(self, environ, start_response):
+        return []
+
+
+class AsgiObject:
+    async def __call__(self, scope, receive, send):
+        pass
+
+
+async def asgi_function(scope, receive, send):
+    pass
+
+
+def sync_asgi_named(scope, receive, send):
+    pass
+
+
+def wsgi_function(environ, start_response):
+    return []
+
+
+@pytest.mark.parametrize("target, shape", [
+    (asgi_function, "a coroutine function"),
+    (functools.partial(asgi_function), "a coroutine function"),
+    (AsgiObject(), "AsgiObject object whose __call__ is a coroutine function"),
+    (AsgiObject, "class AsgiObject, whose instances are called as coroutines"),
+    (sync_asgi_named, "it takes (scope, receive, send)"),
+])
+def test_asgi_shapes_are_named(target, shape):
+    assert asgi_shape(target) == shape
+
+
+@pytest.mark.parametrize("target", [wsgi_function, WsgiObject(), functools.partial(wsgi_function), len, print,
+                                    functools.partial(sync_asgi_named, None)])
+def test_wsgi_callables_and_builtins_pass(target):
+    assert asgi_shape(target) == ""
