@@ -27,6 +27,7 @@ from setproctitle import setproctitle
 from . import libc, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
+from .collector import StatsCollector
 from .config import Config, load_config
 from .errors import (
     EXIT_APP_LOAD,
@@ -46,7 +47,6 @@ from .sampler import ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
-from .stats import drain, new_queue, queue_fd
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 
@@ -136,6 +136,7 @@ class Master:
         self.reloader: Reloader | None = None  # watches the app's files with ``reload``
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
+        self.collector = StatsCollector(self.stats, self.poller)  # used with stats on
         self.actions: dict[int, Callable[[], None]] = {
             signal.SIGHUP: self.reload,
             signal.SIGTERM: lambda: self.stop(graceful=True),
@@ -252,7 +253,7 @@ class Master:
                     # Always drained (its fd must not stay readable); a reload waits for the one under way.
                     if self.reloader is not None and self.reloader.changed(hold=self.reloading or self.stopping):
                         self.reload()
-                    self.drain_stats()
+                    self.collector.drain()
                     self.reap_exited()
                     if self.status is not None:
                         self.status.handle_ready()
@@ -447,11 +448,12 @@ class Master:
 
     def spawn(self, slot: int) -> None:
         board = Scoreboard(self.config.threads)
-        stats_queue = new_queue() if self.status is not None else None
+        stats_ends = self.collector.prepare() if self.status is not None else None
         spec = WorkerSpec(
             config=self.config, listeners=self.listeners, slot=slot, generation=self.generation, board=board,
             notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files), app=self.app,
-            hooks=self.hooks, uid=self.uid, gid=self.gid, stats_queue=stats_queue,
+            hooks=self.hooks, uid=self.uid, gid=self.gid,
+            stats_channel=None if stats_ends is None else stats_ends[1],
             reload_dir=self.reloader.report_dir if self.reloader is not None else "",
             accept_board=self.accept_board, seat=self.accept_board.take(),
         )
@@ -464,8 +466,8 @@ class Master:
             # mapping and a pipe, and try again after a pause.
             self.accept_board.give_back(spec.seat)
             board.close()
-            if stats_queue is not None:
-                stats_queue.close()
+            if stats_ends is not None:
+                self.collector.abandon(stats_ends)
             self.respawn_after[slot] = time.monotonic() + FORK_RETRY
             log.error("fork failed slot=%d: %s; retrying in %gs", slot, exc.strerror, FORK_RETRY)
             return
@@ -474,7 +476,7 @@ class Master:
             try:
                 self.wakeup.close()
                 os.close(self.notify_r)
-                self.drop_inherited_stats()
+                self.drop_inherited_stats(stats_ends)
                 random.seed()
                 code = Worker(spec).run()
             except BaseException:
@@ -482,13 +484,13 @@ class Master:
             finally:
                 os._exit(code)
         self.accept_board.bind(spec.seat, pid)
-        self.pool.add(WorkerHandle(slot, pid, self.generation, board, time.monotonic(), stats_queue=stats_queue))
+        self.pool.add(WorkerHandle(slot, pid, self.generation, board, time.monotonic()))
         self.stats.add_worker(pid, pid=pid, slot=slot, generation=self.generation)
         if slot in self.respawn_due:
             self.respawn_due.discard(slot)
             self.stats.note_respawn()
-        if stats_queue is not None:
-            self.poller.register(queue_fd(stats_queue), select.POLLIN)
+        if stats_ends is not None:
+            self.collector.attach(pid, slot, stats_ends)
         log.debug("worker spawned slot=%d pid=%d gen=%d", slot, pid, self.generation)
 
     def fork(self) -> int:
@@ -529,34 +531,9 @@ class Master:
 
     # -- stats --------------------------------------------------------------------
 
-    def drain_stats(self) -> None:
-        """Take whatever the workers flushed, without ever waiting for more."""
-        for handle in list(self.pool.workers.values()):
-            self.take_stats(handle)
-
-    def take_stats(self, handle: WorkerHandle) -> None:
-        if handle.stats_queue is None:
-            return
-        batch = drain(handle.stats_queue)
-        for message in batch:
-            self.stats.ingest(handle.pid, message)
-        if batch.broken:
-            # Only this worker's queue is lost (one queue per worker); its last
-            # good totals still count.
-            log.warning("stats queue broken slot=%d pid=%d: %s", handle.slot, handle.pid, batch.broken)
-            self.stats.mark_broken(handle.pid, batch.broken)
-            self.close_stats_queue(handle)
-
-    def close_stats_queue(self, handle: WorkerHandle) -> None:
-        self.poller.unregister(queue_fd(handle.stats_queue))
-        handle.stats_queue.close()
-        handle.stats_queue = None
-
     def forget_stats(self, handle: WorkerHandle) -> None:
         """A worker was reaped: read its final flush, then fold it into the retired totals."""
-        self.take_stats(handle)
-        if handle.stats_queue is not None:
-            self.close_stats_queue(handle)
+        self.collector.forget(handle.pid)
         if handle.aborted_at:
             cause = "killed_timeout"
         elif handle.recycled:
@@ -568,13 +545,11 @@ class Master:
         self.stats.worker_exited(handle.pid, cause)
         self.sampler.forget(handle.pid)
 
-    def drop_inherited_stats(self) -> None:
-        """In a new worker: close the stats socket and other workers' queues we inherited."""
+    def drop_inherited_stats(self, own: tuple[Any, Any] | None) -> None:
+        """In a new worker: close the stats socket and the stats channels' read ends we inherited."""
         if self.status is not None:
             self.status.close(unlink=False)
-        for handle in self.pool.workers.values():
-            if handle.stats_queue is not None:
-                handle.stats_queue.close()
+        self.collector.close_inherited(own)
 
     def stats_snapshot(self) -> dict[str, Any]:
         """The /stats document: the workers' counters plus what only the master can see."""

@@ -85,7 +85,7 @@ class WorkerSpec:
     hooks: Hooks
     uid: int | None
     gid: int | None
-    stats_queue: Any  # a multiprocessing SimpleQueue of our own, or None with stats off
+    stats_channel: Any  # the write end of our own stats channel, or None with stats off
     reload_dir: str = ""  # with reload: where to report the files the app imported
     accept_board: AcceptBoard | None = None  # shared with the other workers, to spread connections
     seat: int = -1  # our entry on it
@@ -225,8 +225,8 @@ class Worker:
     def _build_service(self, app: Callable[..., Any]) -> Service:
         config = self.config
         self.reporter = None
-        if self.spec.stats_queue is not None:
-            self.reporter = Reporter(self.spec.stats_queue, pid=self.pid, slot=self.spec.slot,
+        if self.spec.stats_channel is not None:
+            self.reporter = Reporter(self.spec.stats_channel, pid=self.pid, slot=self.spec.slot,
                                      generation=self.spec.generation, threaded=config.threads > 1)
         # Lines are batched only where one thread writes them: the loop's.
         self.access_log = open_access_log(config.access_logfile, config.access_logformat,
