@@ -39,6 +39,7 @@ from .errors import (
 from .hooks import HookContext, Hooks
 from .identity import resolve_group, resolve_user
 from .loader import load_app, prepare_path
+from .notices import NoticeReader
 from .logs import LogFile, setup_error_log
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
@@ -192,6 +193,7 @@ class Master:
                 self.status.close()
             raise
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.notices = NoticeReader(self.notify_r)
         if config.reload:
             self.reloader = Reloader(config.reload_extra_file, owner=(self.uid, self.gid))
         self.wakeup = Wakeup(MASTER_SIGNALS)
@@ -275,25 +277,18 @@ class Master:
 
     def read_notices(self) -> None:
         """Act on the lines workers wrote: ``ready PID``, ``failed PID CODE reason``, ``recycle PID why``."""
-        try:
-            data = os.read(self.notify_r, 65536)
-        except BlockingIOError:
-            return
-        for line in data.decode("utf-8", "replace").splitlines():
-            kind, _, rest = line.partition(" ")
-            pid_text, _, reason = rest.partition(" ")
-            handle = self.pool.workers.get(int(pid_text)) if pid_text.isdigit() else None
+        for notice in self.notices.read():
+            handle = self.pool.workers.get(notice.pid)
             if handle is None:
                 continue
-            if kind == "ready":
+            if notice.kind == "ready":
                 self.on_ready(handle)
-            elif kind == "failed":
-                code, _, reason = reason.partition(" ")
-                self.on_boot_failure(handle, reason, int(code) if code.isdigit() else 1)
-            elif kind == "recycle":
+            elif notice.kind == "failed":
+                self.on_boot_failure(handle, notice.reason, notice.code)
+            elif notice.kind == "recycle":
                 handle.retiring = handle.recycled = True  # it leaves on its own; a replacement starts now
                 self.stats.set_state(handle.pid, "retiring")
-                log.info("worker recycling slot=%d pid=%d %s", handle.slot, handle.pid, reason)
+                log.info("worker recycling slot=%d pid=%d %s", handle.slot, handle.pid, notice.reason)
 
     def on_ready(self, handle: WorkerHandle) -> None:
         handle.ready = True
