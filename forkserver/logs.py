@@ -1,9 +1,13 @@
-"""Error log and access log: opening, formatting, and reopening on SIGUSR1.
+"""Error log and access log: opening, formatting, reopening on SIGUSR1, counting lost lines.
 
 Both logs write whole lines with one ``os.write`` on an ``O_APPEND`` descriptor,
 so lines from many workers never interleave and nothing sits in a userspace
-buffer across ``fork``.  Reopening swaps the file under the same descriptor
-number with ``dup2``, so no holder of the descriptor needs to be told.
+buffer across ``fork``.  Only the master opens log files (workers may run as
+a user who could not); workers inherit its descriptors.  Reopening swaps the
+file under the same descriptor number with ``dup2``, in the master by path
+and in a worker with the descriptor the master hands it (forkserver.handover).
+A line that cannot be written (a full disk) is counted, and the count is
+logged at most once per LOSS_REPORT_INTERVAL.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .errors import ConfigError
 from .wsgi import header_key
 
 LOGGER_NAME = "forkserver"
+LOSS_REPORT_INTERVAL = 60.0  # seconds between two reports of lost log lines
 ERROR_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 ERROR_LOG_DATEFMT = "%Y-%m-%d %H:%M:%S %z"
 
@@ -29,6 +34,7 @@ class LogFile:
 
     def __init__(self, path: str, setting: str, standard_fd: int) -> None:
         self.path = path
+        self.forget_losses()
         if path == "-":
             self.fd = standard_fd
             return
@@ -42,19 +48,48 @@ class LogFile:
         return fd
 
     def write(self, line: bytes) -> None:
-        """Append one complete line; a full disk loses the line, never the server."""
+        """Append one complete line; a full disk loses the line (counted), never the server."""
         try:
             os.write(self.fd, line)
-        except OSError:
-            pass
+        except OSError as exc:
+            self.dropped += line.count(b"\n") or 1  # a batch of access lines is one write
+            self.last_error = exc.strerror or str(exc)
 
-    def reopen(self) -> None:
-        """Point the descriptor at a fresh file at ``path`` (after logrotate moved it)."""
-        if self.path == "-":
+    def forget_losses(self) -> None:
+        """Start counting lost lines from zero (a new worker: the master's count is the master's)."""
+        self.dropped = 0
+        self.reported = 0  # ``dropped`` when the last report was made
+        self.last_error = ""
+        self.next_report = 0.0
+
+    def report_losses(self, now: float) -> None:
+        """Log how many lines were lost since the last report, at most once per LOSS_REPORT_INTERVAL.
+
+        The report may itself be lost (the same full disk); it is then
+        counted, and the next report says so.
+        """
+        if self.dropped == self.reported or now < self.next_report:
             return
-        fresh = self._open("reopen")
+        lost, self.reported, self.next_report = self.dropped - self.reported, self.dropped, now + LOSS_REPORT_INTERVAL
+        logging.getLogger(LOGGER_NAME).error("%d log line(s) could not be written to %s (%s); %d lost in all",
+                                             lost, self.path, self.last_error, self.dropped)
+
+    def reopen(self) -> bool:
+        """Point the descriptor at a fresh file at ``path`` (after logrotate moved it); False if it failed.
+
+        On failure (the directory is gone, read-only, ...) the old file stays
+        in place and one error says why: rotation must never stop the server.
+        """
+        if self.path == "-":
+            return True
+        try:
+            fresh = self._open("reopen")
+        except ConfigError as exc:
+            logging.getLogger(LOGGER_NAME).error("%s; still writing to the file it had open", exc)
+            return False
         os.dup2(fresh, self.fd, inheritable=False)
         os.close(fresh)
+        return True
 
 
 class LineHandler(logging.Handler):
@@ -266,8 +301,14 @@ class AccessLog:
         self.target.write(data)
 
 
-def open_access_log(path: str, fmt: str, batched: bool = False) -> AccessLog | None:
-    """Open the access log named by the settings, or return None when it is off."""
+def open_access_logfile(path: str) -> LogFile | None:
+    """Open the access log file named by the settings (the master does), or return None when it is off."""
     if not path:
         return None
-    return AccessLog(LogFile(path, "access_logfile", 1), fmt, batched)
+    return LogFile(path, "access_logfile", 1)
+
+
+def open_access_log(path: str, fmt: str, batched: bool = False) -> AccessLog | None:
+    """Open the access log named by the settings, or return None when it is off (one process, no fork)."""
+    target = open_access_logfile(path)
+    return None if target is None else AccessLog(target, fmt, batched)

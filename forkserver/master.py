@@ -40,7 +40,8 @@ from .hooks import HookContext, Hooks
 from .identity import resolve_group, resolve_user
 from .loader import load_app, prepare_path
 from .notices import NoticeReader
-from .logs import LogFile, setup_error_log
+from .handover import LogHandover
+from .logs import LogFile, open_access_logfile, setup_error_log
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
@@ -117,7 +118,9 @@ class Master:
         self.desired = config.workers
         self.listeners: list[Listener] = []
         self.socket_paths: list[str] = []  # UNIX socket files to remove at exit
-        self.log_files: list[LogFile] = []
+        self.log_files: list[LogFile] = []  # the error log, then the access log if on; workers inherit them
+        self.access_logfile: LogFile | None = None
+        self.handover = LogHandover()  # gives workers the reopened logs on USR1
         self.app: Callable[..., Any] | None = None
         self.preloaded_modules: set[str] = set()
         self.pidfile: Pidfile | None = None
@@ -160,6 +163,9 @@ class Master:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
+        self.access_logfile = open_access_logfile(config.access_logfile)
+        if self.access_logfile is not None:
+            self.log_files.append(self.access_logfile)
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
         if config.static:
             # Imported only when configured, and before the fork so that the workers share it.
@@ -228,8 +234,10 @@ class Master:
         if os.fork():
             os._exit(EXIT_OK)
         null = os.open(os.devnull, os.O_RDWR)
+        # The error log stays where it is, even on stderr; an access log on stdout goes quiet.
+        keep = {self.log_files[0].fd} | {f.fd for f in self.log_files if f.path != "-"}
         for fd in (0, 1, 2):
-            if not any(f.fd == fd for f in self.log_files):
+            if fd not in keep:
                 os.dup2(null, fd)
         os.close(null)
 
@@ -266,6 +274,7 @@ class Master:
                         continue
                     self.kill_hung()
                     self.check_memory()
+                    self.report_lost_log_lines()
                     self.spawn_missing()
                 except ForkserverError:
                     raise
@@ -348,6 +357,7 @@ class Master:
             handle.board.close()
             self.accept_board.release(pid)
             self.forget_stats(handle)
+            self.handover.forget(pid)
             if not self.stopping and handle.generation == self.generation:
                 self.respawn_due.add(handle.slot)
             if self.stopping or handle.retiring:
@@ -444,9 +454,11 @@ class Master:
     def spawn(self, slot: int) -> None:
         board = Scoreboard(self.config.threads)
         stats_ends = self.collector.prepare() if self.status is not None else None
+        log_ends = self.handover.prepare()
         spec = WorkerSpec(
             config=self.config, listeners=self.listeners, slot=slot, generation=self.generation, board=board,
-            notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files), app=self.app,
+            notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files),
+            access_logfile=self.access_logfile, log_channel=log_ends[1], app=self.app,
             hooks=self.hooks, uid=self.uid, gid=self.gid,
             stats_channel=None if stats_ends is None else stats_ends[1],
             reload_dir=self.reloader.report_dir if self.reloader is not None else "",
@@ -463,6 +475,7 @@ class Master:
             board.close()
             if stats_ends is not None:
                 self.collector.abandon(stats_ends)
+            self.handover.abandon(log_ends)
             self.respawn_after[slot] = time.monotonic() + FORK_RETRY
             log.error("fork failed slot=%d: %s; retrying in %gs", slot, exc.strerror, FORK_RETRY)
             return
@@ -472,6 +485,7 @@ class Master:
                 self.wakeup.close()
                 os.close(self.notify_r)
                 self.drop_inherited_stats(stats_ends)
+                self.handover.close_inherited(log_ends)
                 random.seed()
                 code = Worker(spec).run()
             except BaseException:
@@ -486,6 +500,7 @@ class Master:
             self.stats.note_respawn()
         if stats_ends is not None:
             self.collector.attach(pid, slot, stats_ends)
+        self.handover.attach(pid, log_ends)
         log.debug("worker spawned slot=%d pid=%d gen=%d", slot, pid, self.generation)
 
     def fork(self) -> int:
@@ -561,7 +576,8 @@ class Master:
             if handle.ready and not handle.retiring:
                 self.stats.set_state(handle.pid, "busy" if in_flight else "idle")
             extra[handle.pid] = info
-        return self.stats.snapshot(extra, listener_stats(self.listeners))
+        return self.stats.snapshot(extra, listener_stats(self.listeners),
+                                   master_log_lines_dropped=sum(target.dropped for target in self.log_files))
 
     # -- signal actions -----------------------------------------------------------
 
@@ -585,6 +601,9 @@ class Master:
             log.warning("bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(self.config.bind), ",".join(config.bind))
             config = dataclasses.replace(config, bind=self.config.bind)
+        if config.access_logfile != self.config.access_logfile and not self.switch_access_log(config):
+            systemd.notify("READY=1")
+            return
         if config.preload and not self.reimport(config):
             systemd.notify("READY=1")
             return
@@ -598,6 +617,23 @@ class Master:
         self.stats.note_reload()
         self.respawn_after.clear()
         self.spawn_missing()
+
+    def switch_access_log(self, config: Config) -> bool:
+        """A reload names another access log: open it here (workers never open logs); False if it fails."""
+        try:
+            fresh = open_access_logfile(config.access_logfile)
+        except ForkserverError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return False
+        old = self.access_logfile
+        if old is not None:
+            self.log_files.remove(old)
+            if old.path != "-":
+                os.close(old.fd)  # the old generation's workers keep their own copies until they leave
+        self.access_logfile = fresh
+        if fresh is not None:
+            self.log_files.append(fresh)
+        return True
 
     def reimport(self, config: Config) -> bool:
         """Import the app afresh in the master (preload); False, keeping the old app, if it fails."""
@@ -685,12 +721,22 @@ class Master:
                 log.error("cannot restore pid file %s: %s", self.config.pid, exc.strerror)
 
     def reopen_logs(self) -> None:
-        """USR1: reopen our logs and tell every worker to reopen theirs."""
-        for target in self.log_files:
-            target.reopen()
+        """USR1: reopen our log files, hand the new descriptors to every worker, then signal it to take them.
+
+        A file that cannot be reopened keeps its old descriptor (one error
+        line says why), here and in the workers; workers forked later inherit
+        whichever descriptor works.  Requests in flight are not touched.
+        """
+        reopened = [target.reopen() for target in self.log_files]
         for handle in list(self.pool.workers.values()):
+            self.handover.send(handle.pid, self.log_files)
             self.signal_worker(handle, signal.SIGUSR1)
-        log.info("logs reopened")
+        log.info("logs reopened" if all(reopened) else "logs reopened, except as logged above")
+
+    def report_lost_log_lines(self) -> None:
+        now = time.monotonic()
+        for target in self.log_files:
+            target.report_losses(now)
 
     def stop(self, *, graceful: bool) -> None:
         """TERM stops gracefully; INT and QUIT stop fast."""

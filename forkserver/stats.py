@@ -160,6 +160,7 @@ class Reporter:
         self.duration_sum = 0.0
         self.dropped_flushes = 0
         self._flushed_requests = -1
+        self._flushed_log_drops = 0
         self._next_flush = 0.0
         os.set_blocking(channel.fileno(), False)
         self.record = self._add if self._lock is None else self._locked_add  # type: ignore[method-assign]
@@ -184,14 +185,14 @@ class Reporter:
         self.duration_sum += duration
 
     def flush_if_due(self, now: float) -> None:
-        """Flush if ``interval`` has passed since the last check and a request was counted since.
+        """Flush if ``interval`` has passed since the last check and a request (or a lost log line) was counted since.
 
         The first call always flushes, so the master hears from every worker.
         """
         if now < self._next_flush:
             return
         self._next_flush = now + self.interval
-        if sum(self.cells) != self._flushed_requests:
+        if sum(self.cells) != self._flushed_requests or self.dropped_log_lines() != self._flushed_log_drops:
             self.flush()
 
     def flush(self) -> bool:
@@ -205,6 +206,7 @@ class Reporter:
         except OSError:  # the master closed its end: nobody is listening
             return False
         self._flushed_requests = message.requests
+        self._flushed_log_drops = message.dropped_log_lines
         return True
 
     def message(self) -> CountersFlushed:
