@@ -23,23 +23,10 @@ import requests
 
 from harness import poll
 from test_stats_live import fetch, stats
+from test_trust import as_nobody
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: workers drop to nobody, tests mount tmpfs")
 MAX_REQUESTS = 3000  # the request loop's bound, whatever happens
-
-
-def _group() -> str:
-    import grp
-
-    try:
-        grp.getgrnam("nogroup")
-    except KeyError:
-        return "nobody"
-    return "nogroup"
-
-
-def as_nobody() -> list[str]:
-    return ["--user", "nobody", "--group", _group()]
 
 
 @pytest.fixture
@@ -129,7 +116,8 @@ def test_rotation_under_load_loses_no_request_and_no_worker(server, logs):
     assert all(os.stat(path).st_uid == 0 for path in (access, error))
 
 
-def test_usr1_with_the_log_directory_gone_keeps_serving_on_the_old_files(server, tmp_path, logs):
+def _start_and_move_the_logs_away(server, tmp_path: Path, logs: Path):
+    """Start as nobody with both logs in ``logs``, then move the files (still open) out of it."""
     access, error = logs / "access.log", logs / "error.log"
     srv = server("logging_app:app", "-w", "2", *as_nobody(), "--access-logfile", str(access),
                  "--error-logfile", str(error), workers=2)
@@ -137,31 +125,32 @@ def test_usr1_with_the_log_directory_gone_keeps_serving_on_the_old_files(server,
     moved.mkdir()
     access.rename(moved / "access.log")
     error.rename(moved / "error.log")
-    logs.rmdir()
+    return srv, moved
+
+
+def _usr1_fails_to_reopen(srv, moved: Path, why: str) -> None:
+    """USR1, and the master says once per file why it could not reopen it, in the old error log."""
     srv.signal(signal.SIGUSR1)
     old_error = moved / "error.log"
     poll(lambda: "logs reopened" in old_error.read_text(), what="the master to finish the USR1")
     text = old_error.read_text()
-    assert text.count("cannot open") == 2, text  # one line per file, saying why
-    assert "No such file or directory" in text and "still writing to the file it had open" in text
+    reopen_errors = [line for line in text.splitlines() if "cannot open" in line]
+    assert len(reopen_errors) == 2, text  # one line per file
+    assert all(why in line and "still writing to the file it had open" in line for line in reopen_errors), text
     assert srv.proc.poll() is None
+
+
+def test_usr1_with_the_log_directory_gone_keeps_serving_on_the_old_files(server, tmp_path, logs):
+    srv, moved = _start_and_move_the_logs_away(server, tmp_path, logs)
+    logs.rmdir()
+    _usr1_fails_to_reopen(srv, moved, "No such file or directory")
     _serves_and_replaces_a_worker(srv, moved / "access.log")
 
 
 def test_usr1_with_the_log_directory_read_only_keeps_serving_on_the_old_files(server, tmp_path, logs):
-    access, error = logs / "access.log", logs / "error.log"
-    srv = server("logging_app:app", "-w", "2", *as_nobody(), "--access-logfile", str(access),
-                 "--error-logfile", str(error), workers=2)
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    access.rename(moved / "access.log")
-    error.rename(moved / "error.log")
+    srv, moved = _start_and_move_the_logs_away(server, tmp_path, logs)
     with tmpfs(logs, "ro,size=16k"):  # the directory's path now leads to a read-only file system
-        srv.signal(signal.SIGUSR1)
-        old_error = moved / "error.log"
-        poll(lambda: "logs reopened" in old_error.read_text(), what="the master to finish the USR1")
-        text = old_error.read_text()
-        assert text.count("Read-only file system") == 2, text
+        _usr1_fails_to_reopen(srv, moved, "Read-only file system")
         _serves_and_replaces_a_worker(srv, moved / "access.log")
 
 

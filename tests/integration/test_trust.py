@@ -14,19 +14,20 @@ from test_stats_live import start_with_stats, stats
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges to nobody needs root")
 
 
-def _group() -> str:
+def as_nobody() -> list[str]:
+    """The options that make workers run as nobody (group nogroup where it exists, else nobody)."""
     import grp
 
     try:
         grp.getgrnam("nogroup")
     except KeyError:
-        return "nobody"
-    return "nogroup"
+        return ["--user", "nobody", "--group", "nobody"]
+    return ["--user", "nobody", "--group", "nogroup"]
 
 
 def test_a_hostile_worker_cannot_run_code_in_the_master(server, tmp_path):
     marker = tmp_path / "created-by-the-master"  # tmp_path is root's 0700: the worker cannot create it
-    srv, sock = start_with_stats(server, tmp_path, "-w", "2", "--user", "nobody", "--group", _group(),
+    srv, sock = start_with_stats(server, tmp_path, "-w", "2", *as_nobody(),
                                  workers=2, app="hostile_worker:app")
     workers = srv.worker_pids()
     answer = requests.get(f"{srv.url}/attack?{marker}", timeout=10)
