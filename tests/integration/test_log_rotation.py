@@ -206,3 +206,30 @@ def test_lines_lost_to_a_full_disk_are_counted_and_reported(server, tmp_path, lo
         assert srv.proc.poll() is None
         json.dumps(doc)
         srv.stop()
+
+
+def test_a_reload_that_names_another_access_log_has_the_master_open_it(server, tmp_path, logs):
+    """HUP with a new access_logfile: the master opens it (workers as nobody could not) and the new
+    generation writes there; a path the master cannot open keeps the running config."""
+    first, second = logs / "first.log", logs / "second.log"
+    config = tmp_path / "forkserver.toml"
+    config.write_text(f'app = "logging_app:app"\nworkers = 2\naccess_logfile = "{first}"\n')
+    srv = server("-c", str(config), *as_nobody(), workers=2)
+    old_workers = srv.worker_pids()
+    config.write_text(config.read_text().replace(str(first), str(second)))
+    srv.signal(signal.SIGHUP)
+    poll(lambda: "reload complete" in srv.log(), timeout=20, what="the reload")
+    poll(lambda: not set(old_workers) & set(srv.worker_pids()), timeout=20, what="the old generation to leave")
+
+    def lands_in_second() -> bool:
+        requests.get(srv.url + "/?second", timeout=10)
+        return second.exists() and "/?second" in second.read_text()
+    poll(lambda: lands_in_second(), what="the new generation's lines in the new access log")
+    assert os.stat(second).st_uid == 0
+
+    config.write_text(config.read_text().replace(str(second), str(tmp_path / "no-such-dir" / "x.log")))
+    srv.signal(signal.SIGHUP)
+    poll(lambda: "reload failed, keeping the running config" in srv.log(), what="the refused reload")
+    assert "access_logfile: cannot open" in srv.log()
+    assert requests.get(srv.url + "/?still", timeout=10).status_code == 200
+    poll(lambda: "/?still" in second.read_text(), what="lines still in the running access log")
