@@ -84,7 +84,7 @@ class LogFile:
             return True
         try:
             fresh = self._open("reopen")
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:  # _open words its failures as ConfigError; anything else too
             logging.getLogger(LOGGER_NAME).error("%s; still writing to the file it had open", exc)
             return False
         os.dup2(fresh, self.fd, inheritable=False)

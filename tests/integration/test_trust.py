@@ -4,12 +4,13 @@ code as root in the master, nor stop it, through anything the master reads from 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import requests
 
 from harness import poll
-from test_stats_live import start_with_stats, stats
+from test_stats_live import fetch, start_with_stats, stats
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges to nobody needs root")
 
@@ -50,6 +51,8 @@ def test_a_hostile_worker_cannot_run_code_in_the_master(server, tmp_path):
         requests.get(srv.url, timeout=10)
     poll(lambda: stats(sock)["totals"]["requests"] > before, what="stats to keep counting")
     assert doc["counters"]["stats_messages_rejected"] >= 3, doc["counters"]  # the pickle and two garbage frames
+    metrics = fetch(sock, "/metrics").decode()
+    assert re.search(r"^forkserver_stats_messages_rejected_total [3-9]", metrics, re.M), metrics
     log = srv.log()
     assert log.count("dropped a malformed message") == 1, log  # once per worker, not once per message
     assert log.count("a frame of 1073741824 bytes") == 1, log  # the channel is closed at the false length
