@@ -285,7 +285,14 @@ class Master:
         return EXIT_OK
 
     def read_notices(self) -> None:
-        """Act on the lines workers wrote: ``ready PID``, ``failed PID CODE reason``, ``recycle PID why``."""
+        """Act on the lines workers wrote: ``ready PID``, ``failed PID CODE reason``, ``recycle PID why``.
+
+        The pipe is shared, so a line may name another worker than its
+        writer.  A worker that says it is leaving is therefore also told to
+        leave (USR2, which one already on its way ignores): a false notice
+        can only retire a worker, never leave one running uncounted beside
+        its replacement.
+        """
         for notice in self.notices.read():
             handle = self.pool.workers.get(notice.pid)
             if handle is None:
@@ -294,10 +301,12 @@ class Master:
                 self.on_ready(handle)
             elif notice.kind == "failed":
                 self.on_boot_failure(handle, notice.reason, notice.code)
+                self.signal_worker(handle, signal.SIGUSR2)
             elif notice.kind == "recycle":
                 handle.retiring = handle.recycled = True  # it leaves on its own; a replacement starts now
                 self.stats.set_state(handle.pid, "retiring")
                 log.info("worker recycling slot=%d pid=%d %s", handle.slot, handle.pid, notice.reason)
+                self.signal_worker(handle, signal.SIGUSR2)
 
     def on_ready(self, handle: WorkerHandle) -> None:
         handle.ready = True

@@ -6,7 +6,8 @@ pickle whose ``__reduce__`` would create the file MARKER if anything
 unpickled it, then frames of garbage, a frame that claims to be huge, and
 notice lines that are torn, overlong or not ASCII.  The worker itself cannot
 create MARKER (its directory belongs to root), so the file existing means
-code ran in the master.  Any other path answers ``ok``.
+code ran in the master.  ``GET /impersonate?PID,PID`` writes notices in other
+workers' names.  Any other path answers ``ok`` and the worker's pid.
 """
 
 from __future__ import annotations
@@ -88,9 +89,24 @@ def _attack(marker: str) -> list[str]:
     return written
 
 
+def _impersonate(pids: str) -> list[str]:
+    """Tell the master, in other workers' names, that they are recycling."""
+    lines = "".join(f"recycle {pid} max_requests=1\n" for pid in pids.split(",")).encode()
+    written = []
+    for fd in _pipes_to_the_master():
+        try:
+            os.write(fd, lines)
+            written.append(f"{fd}: written")
+        except OSError as exc:
+            written.append(f"{fd}: {exc.strerror}")
+    return written
+
+
 def app(environ, start_response):
-    body = b"ok\n"
+    body = f"ok {os.getpid()}\n".encode()
     if environ["PATH_INFO"] == "/attack":
         body = ("\n".join(_attack(unquote(environ["QUERY_STRING"]))) + "\n").encode()
+    elif environ["PATH_INFO"] == "/impersonate":
+        body = ("\n".join(_impersonate(environ["QUERY_STRING"])) + "\n").encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]

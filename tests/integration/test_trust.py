@@ -42,7 +42,7 @@ def test_a_hostile_worker_cannot_run_code_in_the_master(server, tmp_path):
     assert doc["master_pid"] == srv.pid
     # Still serving, with the same workers: nothing they wrote made the master stop or replace them.
     for _ in range(20):
-        assert requests.get(srv.url, timeout=10).text == "ok\n"
+        assert requests.get(srv.url, timeout=10).text.startswith("ok ")
     assert srv.worker_pids() == workers
     assert srv.proc.poll() is None
     # Requests still count: every worker's last good totals (and the unharmed worker's new ones) remain.
@@ -58,3 +58,17 @@ def test_a_hostile_worker_cannot_run_code_in_the_master(server, tmp_path):
     assert log.count("a frame of 1073741824 bytes") == 1, log  # the channel is closed at the false length
     assert "master loop error" not in log, log
     assert not marker.exists()
+
+
+def test_notices_in_another_workers_name_cannot_leave_extra_workers_running(server, tmp_path):
+    """The notice pipe is shared: a worker can name a sibling.  The named worker is retired and
+    replaced, as if it had recycled; it never keeps running uncounted beside its replacement."""
+    srv = server("hostile_worker:app", "-w", "2", *as_nobody(), workers=2)
+    first = srv.worker_pids()
+    answer = requests.get(f"{srv.url}/impersonate?{','.join(map(str, first))}", timeout=10)
+    assert "written" in answer.text, answer.text
+    poll(lambda: not set(first) & set(srv.worker_pids()) and len(srv.worker_pids()) == 2, timeout=20,
+         what="both named workers to be replaced")
+    for _ in range(10):
+        assert requests.get(srv.url, timeout=10).text.startswith("ok ")
+    assert len(srv.worker_pids()) == 2
