@@ -55,6 +55,11 @@ class LogFile:
             self.dropped += line.count(b"\n") or 1  # a batch of access lines is one write
             self.last_error = exc.strerror or str(exc)
 
+    def close(self) -> None:
+        """Close the file (a standard stream stays open)."""
+        if self.path != "-":
+            os.close(self.fd)
+
     def forget_losses(self) -> None:
         """Start counting lost lines from zero (a new worker: the master's count is the master's)."""
         self.dropped = 0

@@ -36,12 +36,12 @@ from .errors import (
     ForkserverError,
     WorkerBootError,
 )
+from .handover import LogHandover
 from .hooks import HookContext, Hooks
 from .identity import resolve_group, resolve_user
 from .loader import load_app, prepare_path
-from .notices import NoticeReader
-from .handover import LogHandover
 from .logs import LogFile, open_access_logfile, setup_error_log
+from .notices import NoticeReader
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
@@ -610,12 +610,20 @@ class Master:
             log.warning("bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(self.config.bind), ",".join(config.bind))
             config = dataclasses.replace(config, bind=self.config.bind)
-        if config.access_logfile != self.config.access_logfile and not self.switch_access_log(config):
-            systemd.notify("READY=1")
-            return
+        access_logfile = self.access_logfile
+        if config.access_logfile != self.config.access_logfile:
+            try:
+                access_logfile = open_access_logfile(config.access_logfile)  # workers never open logs
+            except ForkserverError as exc:
+                log.error("reload failed, keeping the running config: %s", exc)
+                systemd.notify("READY=1")
+                return
         if config.preload and not self.reimport(config):
+            if access_logfile is not None and access_logfile is not self.access_logfile:
+                access_logfile.close()
             systemd.notify("READY=1")
             return
+        self.use_access_log(access_logfile)
         if not config.preload:
             self.app = None
         self.config, self.hooks = config, hooks
@@ -627,22 +635,17 @@ class Master:
         self.respawn_after.clear()
         self.spawn_missing()
 
-    def switch_access_log(self, config: Config) -> bool:
-        """A reload names another access log: open it here (workers never open logs); False if it fails."""
-        try:
-            fresh = open_access_logfile(config.access_logfile)
-        except ForkserverError as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
-            return False
+    def use_access_log(self, target: LogFile | None) -> None:
+        """From now on new workers write their access lines to ``target`` (a reload may change it)."""
         old = self.access_logfile
+        if target is old:
+            return
         if old is not None:
             self.log_files.remove(old)
-            if old.path != "-":
-                os.close(old.fd)  # the old generation's workers keep their own copies until they leave
-        self.access_logfile = fresh
-        if fresh is not None:
-            self.log_files.append(fresh)
-        return True
+            old.close()  # the old generation's workers keep their own copies until they leave
+        self.access_logfile = target
+        if target is not None:
+            self.log_files.append(target)
 
     def reimport(self, config: Config) -> bool:
         """Import the app afresh in the master (preload); False, keeping the old app, if it fails."""

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
@@ -47,6 +47,9 @@ from .signals import Wakeup
 from .sockets import Listener
 from .stats import Reporter
 from .wsgi import ClientGone, base_environ
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection as StatsChannel
 
 log = logging.getLogger("forkserver")
 
@@ -87,7 +90,7 @@ class WorkerSpec:
     hooks: Hooks
     uid: int | None
     gid: int | None
-    stats_channel: Any  # the write end of our own stats channel, or None with stats off
+    stats_channel: StatsChannel | None  # the write end of our own stats channel, None with stats off
     reload_dir: str = ""  # with reload: where to report the files the app imported
     accept_board: AcceptBoard | None = None  # shared with the other workers, to spread connections
     seat: int = -1  # our entry on it
