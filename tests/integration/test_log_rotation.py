@@ -116,6 +116,25 @@ def test_rotation_under_load_loses_no_request_and_no_worker(server, logs):
     assert all(os.stat(path).st_uid == 0 for path in (access, error))
 
 
+def test_rotating_only_the_error_log_keeps_every_worker(server, logs):
+    """The common systemd setup: access log off, error log in a file.  Workers used to reopen it by
+    path as nobody and die on every USR1."""
+    error = logs / "error.log"
+    srv = server("logging_app:app", "-w", "2", *as_nobody(), "--error-logfile", str(error), workers=2)
+    workers = srv.worker_pids()
+    error.rename(logs / "error.log.1")
+    srv.signal(signal.SIGUSR1)
+    poll(lambda: error.exists() and "logs reopened" in error.read_text(), what="the reopened error log")
+
+    def tracebacks_from_both() -> bool:
+        for _ in range(4):
+            requests.get(srv.url + "/boom", timeout=10)
+        return all(f"boom from worker {pid}" in error.read_text() for pid in workers)
+    poll(tracebacks_from_both, timeout=20, what="both workers' tracebacks in the new error log")
+    assert srv.worker_pids() == workers
+    assert "worker died" not in error.read_text() + (logs / "error.log.1").read_text()
+
+
 def _start_and_move_the_logs_away(server, tmp_path: Path, logs: Path):
     """Start as nobody with both logs in ``logs``, then move the files (still open) out of it."""
     access, error = logs / "access.log", logs / "error.log"
