@@ -43,6 +43,7 @@ FRAME_BYTES = FRAME_HEADER.size + WIRE.size
 # worker flushing once a second sends, and a quarter of what a pipe holds,
 # so a flooding worker delays the master's other work by microseconds a turn.
 MAX_READ_BYTES = 16 * 1024
+FINAL_READS = (1 << 20) // MAX_READ_BYTES
 
 
 class _Channel:
@@ -99,9 +100,16 @@ class StatsCollector:
             own[0].close()
 
     def forget(self, pid: int) -> None:
-        """A worker was reaped: read its final flush, then close its channel."""
-        channel = self.channels.get(pid)
-        if channel is not None:
+        """A worker was reaped: read what it left in its pipe, its last flush included, then close it.
+
+        Bounded: a pipe holds at most 1 MiB (``pipe-max-size``), and one that
+        does not end (a child of the worker still holds the write end) is
+        closed after as many reads.
+        """
+        for _ in range(FINAL_READS):
+            channel = self.channels.get(pid)
+            if channel is None:
+                return
             self._read(channel)
         if pid in self.channels:
             self._close(self.channels[pid])

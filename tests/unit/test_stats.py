@@ -461,3 +461,13 @@ def test_sigkill_mid_send_never_stalls_the_reader():
         last_total = total
     assert aggregator.snapshot()["counters"]["worker_exits"]["killed_timeout"] == 50
     assert last_total > 0
+
+
+def test_a_reaped_workers_whole_backlog_is_read_so_its_last_flush_counts(master):
+    """More than one turn's worth waits in the pipe when the worker ends: the last message still counts."""
+    for requests in range(1, 150):  # ~33 KB, two turns' worth
+        master.send(_message(requests))
+    os.close(master.write_fd)
+    master.write_fd = os.open(os.devnull, os.O_WRONLY)
+    finishes(master.collector.forget, PID)
+    assert master.latest().requests == 149 and not master.is_open
