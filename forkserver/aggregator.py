@@ -101,6 +101,15 @@ def percentiles(counts: Sequence[int]) -> dict[str, float | None]:
     return found
 
 
+def _never_less(new: CountersFlushed, old: CountersFlushed) -> bool:
+    """Is every counter of ``new`` at least what it was in ``old``?"""
+    return (new.requests >= old.requests and new.bytes_in >= old.bytes_in and new.bytes_out >= old.bytes_out
+            and new.duration_sum >= old.duration_sum and new.cpu_seconds >= old.cpu_seconds
+            and new.dropped_flushes >= old.dropped_flushes and new.dropped_log_lines >= old.dropped_log_lines
+            and all(a >= b for a, b in zip(new.status, old.status))
+            and all(a >= b for a, b in zip(new.histogram, old.histogram)))
+
+
 class _Worker:
     """The Aggregator's record of one live worker."""
 
@@ -140,13 +149,18 @@ class Aggregator:
         self.workers[key] = _Worker(pid, slot, generation, self.clock())
 
     def ingest(self, key: Hashable, message: object) -> None:
-        """Take a worker's latest totals; messages for unknown workers or of a wrong type are ignored."""
+        """Take a worker's latest totals; messages for unknown workers or of a wrong type are ignored.
+
+        Raises ValueError for totals below the last ones: every counter only
+        grows, and a worker's messages arrive in order, so that is a lie.
+        """
         worker = self.workers.get(key)
         if worker is None or not isinstance(message, CountersFlushed):
             return
-        if worker.last is None or message.requests >= worker.last.requests:
-            worker.last = message
-            worker.reported_at = self.clock()
+        if worker.last is not None and not _never_less(message, worker.last):
+            raise ValueError("totals lower than the worker's previous ones")
+        worker.last = message
+        worker.reported_at = self.clock()
 
     def note_rejected(self, key: Hashable) -> None:
         """Count a message from a worker that was dropped as malformed."""

@@ -5,9 +5,9 @@ is forked.  The master reads the raw bytes itself and does the framing that
 ``send_bytes`` wrote (a 4-byte big-endian length, then the payload) instead
 of calling ``recv_bytes``: that way a frame split across reads simply waits
 for its rest, and no library code decides what to do with a length a worker
-made up.  Every payload must be exactly one ``stats.WIRE`` message and pass
-``stats.decode``; whose message it is follows from the channel, never from
-its content.
+made up.  Every payload must be exactly one ``stats.WIRE`` message, pass
+``stats.decode`` and carry totals no lower than the worker's last ones;
+whose message it is follows from the channel, never from its content.
 
 What a worker gets wrong costs it, never the master:
 
@@ -153,11 +153,9 @@ class StatsCollector:
             payload = bytes(pending[used + FRAME_HEADER.size:used + FRAME_BYTES])
             used += FRAME_BYTES
             try:
-                message = decode(payload, channel.pid)
+                self.aggregator.ingest(channel.pid, decode(payload, channel.pid))
             except ValueError as exc:
                 self._reject(channel, str(exc))
-                continue
-            self.aggregator.ingest(channel.pid, message)
         del pending[:used]
 
     def _reject(self, channel: _Channel, reason: str) -> None:

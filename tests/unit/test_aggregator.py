@@ -62,14 +62,19 @@ def test_counters_stay_monotonic_across_worker_restarts():
     assert [w["pid"] for w in later["workers"]] == [11]
 
 
-def test_ingest_ignores_strangers_junk_and_regressions():
+def test_ingest_ignores_strangers_and_junk_and_refuses_regressions():
     agg = Aggregator()
     agg.add_worker(1, pid=1, slot=0, generation=1)
-    agg.ingest(1, counters(requests=5))
-    agg.ingest(1, counters(requests=3))  # cannot happen on one pipe; must not undo counts if it does
+    agg.ingest(1, counters(requests=5, bytes_out=50))
+    # Cannot happen on one pipe (a lie, then): must not undo counts, and is refused loudly.
+    with pytest.raises(ValueError, match="lower"):
+        agg.ingest(1, counters(requests=3))
+    with pytest.raises(ValueError, match="lower"):
+        agg.ingest(1, counters(requests=6, bytes_out=10))  # more requests, fewer bytes
     agg.ingest(1, ("not", "a", "message"))
     agg.ingest(2, counters(requests=100))  # unknown worker (already gone)
-    assert agg.snapshot()["totals"]["requests"] == 5
+    doc = agg.snapshot()
+    assert doc["totals"]["requests"] == 5 and doc["totals"]["bytes_out"] == 50
 
 
 def test_states_exits_reloads_and_bad_names():

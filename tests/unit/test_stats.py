@@ -471,3 +471,10 @@ def test_a_reaped_workers_whole_backlog_is_read_so_its_last_flush_counts(master)
     master.write_fd = os.open(os.devnull, os.O_WRONLY)
     finishes(master.collector.forget, PID)
     assert master.latest().requests == 149 and not master.is_open
+
+
+def test_totals_that_go_backwards_are_rejected(master):
+    master.send(_message(8))
+    master.send(_message(2))  # a worker's own messages arrive in order: lower totals are a lie
+    finishes(master.collector.drain)
+    assert master.latest().requests == 8 and master.aggregator.rejected == 1 and master.is_open
