@@ -8,15 +8,14 @@ writes is more than numbers to the master.
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing.resource_tracker
 import os
-import logging
 import pickle
 import random
 import select
 import signal
-import struct
 import threading
 import time
 
