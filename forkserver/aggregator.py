@@ -3,7 +3,7 @@
 The ``Aggregator`` keeps the latest ``CountersFlushed`` per live worker and
 folds a dead worker's last one into its slot's retired totals, so every
 server-wide and per-slot counter only ever grows.  It reads nothing itself
-(``stats.drain`` does) and serves nothing (``status.py`` does).
+(``collector.StatsCollector`` does) and serves nothing (``status.py`` does).
 """
 
 from __future__ import annotations
@@ -101,6 +101,15 @@ def percentiles(counts: Sequence[int]) -> dict[str, float | None]:
     return found
 
 
+def _never_less(new: CountersFlushed, old: CountersFlushed) -> bool:
+    """Is every counter of ``new`` at least what it was in ``old``?"""
+    return (new.requests >= old.requests and new.bytes_in >= old.bytes_in and new.bytes_out >= old.bytes_out
+            and new.duration_sum >= old.duration_sum and new.cpu_seconds >= old.cpu_seconds
+            and new.dropped_flushes >= old.dropped_flushes and new.dropped_log_lines >= old.dropped_log_lines
+            and all(a >= b for a, b in zip(new.status, old.status))
+            and all(a >= b for a, b in zip(new.histogram, old.histogram)))
+
+
 class _Worker:
     """The Aggregator's record of one live worker."""
 
@@ -113,6 +122,7 @@ class _Worker:
         self.last: CountersFlushed | None = None
         self.reported_at: float | None = None
         self.broken = ""
+        self.rejected = 0  # messages on its channel that failed validation
 
 
 class Aggregator:
@@ -131,19 +141,33 @@ class Aggregator:
         self.exits = dict.fromkeys(EXIT_CAUSES, 0)
         self.respawns = 0
         self.reloads = 0
+        self.rejected = 0  # stats messages dropped as malformed, all workers ever
+        self.retired_log_lines_dropped = 0  # log lines lost by workers that are gone
 
     def add_worker(self, key: Hashable, *, pid: int, slot: int, generation: int) -> None:
         """Start tracking a freshly forked worker, in state ``booting``."""
         self.workers[key] = _Worker(pid, slot, generation, self.clock())
 
     def ingest(self, key: Hashable, message: object) -> None:
-        """Take a worker's latest totals; messages for unknown workers or of a wrong type are ignored."""
+        """Take a worker's latest totals; messages for unknown workers or of a wrong type are ignored.
+
+        Raises ValueError for totals below the last ones: every counter only
+        grows, and a worker's messages arrive in order, so that is a lie.
+        """
         worker = self.workers.get(key)
         if worker is None or not isinstance(message, CountersFlushed):
             return
-        if worker.last is None or message.requests >= worker.last.requests:
-            worker.last = message
-            worker.reported_at = self.clock()
+        if worker.last is not None and not _never_less(message, worker.last):
+            raise ValueError("totals lower than the worker's previous ones")
+        worker.last = message
+        worker.reported_at = self.clock()
+
+    def note_rejected(self, key: Hashable) -> None:
+        """Count a message from a worker that was dropped as malformed."""
+        self.rejected += 1
+        worker = self.workers.get(key)
+        if worker is not None:
+            worker.rejected += 1
 
     def mark_broken(self, key: Hashable, reason: str) -> None:
         """Note that a worker's queue failed; its last good totals still count."""
@@ -167,6 +191,8 @@ class Aggregator:
         if worker is None:
             return
         self.retired.setdefault(worker.slot, Totals()).merge(worker.last)
+        if worker.last is not None:
+            self.retired_log_lines_dropped += worker.last.dropped_log_lines
         self.exits[cause] += 1
 
     def note_reload(self) -> None:
@@ -178,8 +204,12 @@ class Aggregator:
         self.respawns += 1
 
     def snapshot(self, extra_workers_info: dict[Hashable, dict[str, Any]] | None = None,
-                 listeners: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-        """Return the /stats document (schema: docs/stats.md); plain JSON types only."""
+                 listeners: Sequence[dict[str, Any]] = (), master_log_lines_dropped: int = 0) -> dict[str, Any]:
+        """Return the /stats document (schema: docs/stats.md); plain JSON types only.
+
+        ``master_log_lines_dropped``: lines the master's own logs lost; the
+        workers' come with their messages.
+        """
         now = self.clock()
         extra_workers_info = extra_workers_info or {}
         slots = {slot: totals.copy() for slot, totals in self.retired.items()}
@@ -206,6 +236,9 @@ class Aggregator:
                 "workers_respawned": self.respawns,
                 "worker_exits": dict(self.exits),
                 "reloads": self.reloads,
+                "stats_messages_rejected": self.rejected,
+                "log_lines_dropped": master_log_lines_dropped + self.retired_log_lines_dropped + sum(
+                    worker.last.dropped_log_lines for worker in self.workers.values() if worker.last is not None),
             },
             "slots": [{"slot": slot, **slots[slot].as_json(histogram=False)} for slot in sorted(slots)],
             "workers": workers,
@@ -229,6 +262,8 @@ class Aggregator:
             "report_age_seconds": None if worker.reported_at is None else round(now - worker.reported_at, 3),
             "dropped_reports": worker.last.dropped_flushes if worker.last else 0,
             "stats_error": worker.broken or None,
+            "stats_messages_rejected": worker.rejected,
+            "dropped_log_lines": worker.last.dropped_log_lines if worker.last else 0,
         }
         entry.update((name, extra[name]) for name in EXTRA_FIELDS if name in extra)
         return entry

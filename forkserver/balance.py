@@ -22,6 +22,10 @@ Seats, not slots: old and new generations share slot numbers during a
 reload, so the master hands out seats and takes them back when it reaps.
 A seat read while its worker rewrites it (``struct.pack_into`` zeroes it
 first) reads as unwilling, so a race costs at most one accept out of turn.
+
+Workers run app code and can scribble on the table, so the master never
+reads it: it keeps the seats it handed out (and their count) to itself and
+only writes.  A worker reading a scribbled count bounds it to the table.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class AcceptBoard:
         self._map = mmap.mmap(-1, HEADER_BYTES + MAX_SEATS * SEAT_BYTES)
         self._taken: dict[int, int] = {}  # master side: pid -> seat
         self._reserved: set[int] = set()
+        self._seats = 0  # master side: the high-water mark it last wrote to the header
 
     # -- master side ---------------------------------------------------------
 
@@ -63,8 +68,9 @@ class AcceptBoard:
             return -1  # that worker simply does not take part in balancing
         self._reserved.add(seat)
         SEAT.pack_into(self._map, HEADER_BYTES + seat * SEAT_BYTES, 0.0, 0, 0)
-        if seat >= HEADER.unpack_from(self._map, 0)[0]:
-            HEADER.pack_into(self._map, 0, seat + 1)
+        if seat >= self._seats:
+            self._seats = seat + 1
+        HEADER.pack_into(self._map, 0, self._seats)  # rewritten each time: a worker may have scribbled on it
         return seat
 
     def bind(self, seat: int, pid: int) -> None:
@@ -95,7 +101,7 @@ class AcceptBoard:
         """Should a worker holding ``connections`` take another one?"""
         if connections <= SLACK or seat < 0:
             return True
-        seats = HEADER.unpack_from(self._map, 0)[0]
+        seats = min(max(HEADER.unpack_from(self._map, 0)[0], 0), MAX_SEATS)
         fields = struct.unpack_from("<" + SEAT_FORMAT * seats, self._map, HEADER_BYTES)
         now = time.monotonic()
         fewest = connections

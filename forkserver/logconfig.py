@@ -140,22 +140,32 @@ def one_line(exc: BaseException) -> str:
 
 
 class FileHandlers:
-    """Stands among the master's and workers' log files so that USR1 reopens logging's files too.
+    """The files of every ``logging.FileHandler`` a logging configuration made, reopened on USR1.
 
-    A configured ``logging.FileHandler`` keeps writing to a file logrotate
-    moved away; gunicorn reopens every one of them on USR1, and so does this.
-    It holds no descriptor of its own (``fd`` -1, nothing ``captured``).
+    A configured handler keeps writing to a file logrotate moved away;
+    gunicorn reopens every one of them on USR1, and so do the master and the
+    workers.  Unlike forkserver's own logs these are opened by path in each
+    process, so a worker running as ``user`` reopens only files that user may
+    open; one it cannot keeps its old file, and one error line says why.
     """
 
-    fd = -1
-    captured: tuple[int, ...] = ()
-
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
+        """Reopen every handler's file; False if any had to keep its old one."""
         loggers = [logging.root, *(found for found in list(logging.root.manager.loggerDict.values())
                                    if isinstance(found, logging.Logger))]
+        whole = True
         for logger in loggers:
             for handler in logger.handlers:
                 if isinstance(handler, logging.FileHandler) and handler.stream is not None:
-                    old = handler.setStream(handler._open())
+                    try:
+                        fresh = handler._open()
+                    except OSError as exc:
+                        logging.getLogger(LOGGER_NAME).error(
+                            "cannot reopen %s: %s; still writing to the file it had open",
+                            handler.baseFilename, exc.strerror or exc)
+                        whole = False
+                        continue
+                    old = handler.setStream(fresh)
                     if old is not None:
                         old.close()
+        return whole

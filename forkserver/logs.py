@@ -1,9 +1,13 @@
-"""Error log and access log: opening, formatting, and reopening on SIGUSR1.
+"""Error log and access log: opening, formatting, reopening on SIGUSR1, counting lost lines.
 
 Both logs write whole lines with one ``os.write`` on an ``O_APPEND`` descriptor,
 so lines from many workers never interleave and nothing sits in a userspace
-buffer across ``fork``.  Reopening swaps the file under the same descriptor
-number with ``dup2``, so no holder of the descriptor needs to be told.
+buffer across ``fork``.  Only the master opens log files (workers may run as
+a user who could not); workers inherit its descriptors.  Reopening swaps the
+file under the same descriptor number with ``dup2``, in the master by path
+and in a worker with the descriptor the master hands it (forkserver.handover).
+A line that cannot be written (a full disk) is counted, and the count is
+logged at most once per LOSS_REPORT_INTERVAL.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ LOGGER_NAME = "forkserver"
 # Outside the "forkserver" tree, so its records propagate to the root logger
 # (as gunicorn.access's do), not into the error log; see forkserver.logconfig.
 ACCESS_LOGGER_NAME = "forkserver_access"
+LOSS_REPORT_INTERVAL = 60.0  # seconds between two reports of lost log lines
 ERROR_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 ERROR_LOG_DATEFMT = "%Y-%m-%d %H:%M:%S %z"
 
@@ -36,6 +41,7 @@ class LogFile:
     def __init__(self, path: str, setting: str, standard_fd: int) -> None:
         self.path = path
         self.captured: tuple[int, ...] = ()  # standard descriptors pointed here too (capture_stdio)
+        self.forget_losses()
         if path == "-":
             self.fd = standard_fd
             return
@@ -50,21 +56,63 @@ class LogFile:
         return fd
 
     def write(self, line: bytes) -> None:
-        """Append one complete line; a full disk loses the line, never the server."""
+        """Append one complete line; a full disk loses the line (counted), never the server."""
         try:
             os.write(self.fd, line)
-        except OSError:
-            pass
+        except OSError as exc:
+            self.dropped += line.count(b"\n") or 1  # a batch of access lines is one write
+            self.last_error = exc.strerror or str(exc)
 
-    def reopen(self) -> None:
-        """Point the descriptor at a fresh file at ``path`` (after logrotate moved it)."""
-        if self.path == "-":
+    def close(self) -> None:
+        """Close the file (a standard stream stays open)."""
+        if self.path != "-":
+            os.close(self.fd)
+
+    def forget_losses(self) -> None:
+        """Start counting lost lines from zero (a new worker: the master's count is the master's)."""
+        self.dropped = 0
+        self.reported = 0  # ``dropped`` when the last report was made
+        self.last_error = ""
+        self.next_report = 0.0
+
+    def report_losses(self, now: float) -> None:
+        """Log how many lines were lost since the last report, at most once per LOSS_REPORT_INTERVAL.
+
+        The report may itself be lost (the same full disk); it is then
+        counted, and the next report says so.
+        """
+        if self.dropped == self.reported or now < self.next_report:
             return
-        fresh = self._open("reopen")
-        os.dup2(fresh, self.fd, inheritable=False)
+        lost, self.reported, self.next_report = self.dropped - self.reported, self.dropped, now + LOSS_REPORT_INTERVAL
+        logging.getLogger(LOGGER_NAME).error("%d log line(s) could not be written to %s (%s); %d lost in all",
+                                             lost, self.path, self.last_error, self.dropped)
+
+    def reopen(self) -> bool:
+        """Point the descriptor at a fresh file at ``path`` (after logrotate moved it); False if it failed.
+
+        On failure (the directory is gone, read-only, ...) the old file stays
+        in place and one error says why: rotation must never stop the server.
+        """
+        if self.path == "-":
+            return True
+        try:
+            fresh = self._open("reopen")
+        except (ConfigError, OSError) as exc:  # _open words its failures as ConfigError; anything else too
+            logging.getLogger(LOGGER_NAME).error("%s; still writing to the file it had open", exc)
+            return False
+        self.take(fresh)
         os.close(fresh)
-        for fd in self.captured:
-            os.dup2(self.fd, fd)
+        return True
+
+    def take(self, fd: int) -> None:
+        """Point our descriptor, and the standard ones captured with it, at the open file ``fd``.
+
+        ``dup2`` swaps the file under the number atomically, so a thread
+        writing a line at that moment writes it whole to one file or the other.
+        """
+        os.dup2(fd, self.fd, inheritable=False)
+        for captured in self.captured:
+            os.dup2(self.fd, captured)
 
 
 class LineHandler(logging.Handler):
@@ -305,9 +353,6 @@ class LoggerLines:
     handlers; their files are reopened by ``logconfig.FileHandlers``.
     """
 
-    fd = -1
-    captured: tuple[int, ...] = ()
-
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
 
@@ -315,12 +360,16 @@ class LoggerLines:
         for line in data.decode("utf-8", "replace").splitlines():
             self.logger.info(line)
 
-    def reopen(self) -> None:
-        """Nothing of its own to reopen."""
+
+def open_access_logfile(path: str) -> LogFile | None:
+    """Open the access log file named by the settings (the master does), or return None when it is off."""
+    if not path:
+        return None
+    return LogFile(path, "access_logfile", 1)
 
 
-def open_access_log(path: str, fmt: str, batched: bool = False) -> AccessLog | None:
-    """Open the access log named by the settings, or return None when it is off.
+def make_access_log(target: LogFile | None, fmt: str, batched: bool = False) -> AccessLog | None:
+    """The access log writing to ``target`` (opened by the master), or None when it is off.
 
     A logging configuration that gave the access logger handlers takes the
     lines instead, each logged as its request ends (so not batched).
@@ -328,6 +377,9 @@ def open_access_log(path: str, fmt: str, batched: bool = False) -> AccessLog | N
     configured = logging.getLogger(ACCESS_LOGGER_NAME)
     if configured.handlers:
         return AccessLog(LoggerLines(configured), fmt)  # type: ignore[arg-type]
-    if not path:
-        return None
-    return AccessLog(LogFile(path, "access_logfile", 1), fmt, batched)
+    return None if target is None else AccessLog(target, fmt, batched)
+
+
+def open_access_log(path: str, fmt: str, batched: bool = False) -> AccessLog | None:
+    """Open the access log named by the settings, or return None when it is off (one process, no fork)."""
+    return make_access_log(open_access_logfile(path), fmt, batched)

@@ -27,6 +27,7 @@ from setproctitle import setproctitle
 from . import __version__, libc, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
+from .collector import StatsCollector
 from .config import AUTO_WORKERS, Config, load_config
 from .containers import available_cpus, read_limits, workers_for_cpus, workers_that_fit
 from .errors import (
@@ -36,10 +37,12 @@ from .errors import (
     ForkserverError,
     WorkerBootError,
 )
+from .handover import LogHandover
 from .hooks import HookContext, Hooks
 from .identity import resolve_identity
 from .loader import load_app, prepare_path
-from .logs import LogFile, capture_stdio, setup_error_log
+from .logs import LogFile, capture_stdio, open_access_logfile, setup_error_log
+from .notices import NoticeReader
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
@@ -48,11 +51,11 @@ from .sampler import ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .sockets import Listener, adopt, bind_all, describe, parse_address, remove_unanswered
-from .stats import drain, new_queue, queue_fd
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 
 if TYPE_CHECKING:
+    from .logconfig import FileHandlers
     from .statsd import StatsdExporter
     from .status import StatusServer
 
@@ -132,7 +135,10 @@ class Master:
         self.desired_before_reload = self.desired  # what an abandoned reload goes back to
         self.listeners: list[Listener] = []
         self.socket_paths: list[str] = []  # UNIX socket files to remove at exit
-        self.log_files: list[LogFile] = []
+        self.log_files: list[LogFile] = []  # the error log, then the access log if on; workers inherit them
+        self.logging_files: FileHandlers | None = None  # with a logging configuration: its handlers' files
+        self.access_logfile: LogFile | None = None
+        self.handover = LogHandover()  # gives workers the reopened logs on USR1
         self.app: Callable[..., Any] | None = None
         self.preloaded_modules: set[str] = set()
         self.pidfile: Pidfile | None = None
@@ -156,6 +162,7 @@ class Master:
         self.reloader: Reloader | None = None  # watches the app's files with ``reload``
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
+        self.collector = StatsCollector(self.stats, self.poller)  # used with stats on
         self.actions: dict[int, Callable[[], None]] = {
             signal.SIGHUP: self.request_reload,
             signal.SIGTERM: lambda: self.stop(graceful=True),
@@ -181,6 +188,9 @@ class Master:
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
         if config.capture_output:
             capture_stdio(self.log_files[0])
+        self.access_logfile = open_access_logfile(config.access_logfile)
+        if self.access_logfile is not None:
+            self.log_files.append(self.access_logfile)
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
         if config.logconfig or config.logconfig_dict:
             # Deferred, as few starts have one. After prepare_path: a handler
@@ -188,7 +198,7 @@ class Master:
             from . import logconfig
 
             logconfig.apply(config, self.start_dir)
-            self.log_files.append(logconfig.FileHandlers())  # type: ignore[arg-type]  # reopened on USR1
+            self.logging_files = logconfig.FileHandlers()
         if config.static:
             # Imported only when configured, and before the fork so that the workers share it.
             from .static import check_roots
@@ -227,6 +237,7 @@ class Master:
                 self.statsd.close()
             raise
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.notices = NoticeReader(self.notify_r)
         if config.reload:
             self.reloader = Reloader(config.reload_extra_file, owner=(self.uid, self.gid))
         self.wakeup = Wakeup(MASTER_SIGNALS)
@@ -260,7 +271,9 @@ class Master:
         os.setsid()
         if os.fork():
             os._exit(EXIT_OK)
-        keep = {f.fd for f in self.log_files} | {fd for f in self.log_files for fd in f.captured}
+        # The error log stays where it is, even on stderr; an access log on stdout goes quiet.
+        keep = {self.log_files[0].fd} | {f.fd for f in self.log_files if f.path != "-"}
+        keep |= {fd for f in self.log_files for fd in f.captured}
         if self.config.enable_stdio_inheritance:
             # gunicorn's -R: output redirected by the shell (> out.log 2>&1) stays there; a terminal does not.
             keep |= {fd for fd in (1, 2) if not os.isatty(fd)}
@@ -293,7 +306,7 @@ class Master:
                     # Always drained (its fd must not stay readable); a reload waits for the one under way.
                     if self.reloader is not None and self.reloader.changed(hold=self.reloading or self.stopping):
                         self.request_reload()
-                    self.drain_stats()
+                    self.collector.drain()
                     self.reap_exited()
                     # After the notices and the reaping, which end a reload under way.
                     self.reload_if_requested()
@@ -308,6 +321,7 @@ class Master:
                         continue
                     self.kill_hung()
                     self.check_memory()
+                    self.report_lost_log_lines()
                     self.spawn_missing()
                 except ForkserverError:
                     raise
@@ -318,26 +332,28 @@ class Master:
         return EXIT_OK
 
     def read_notices(self) -> None:
-        """Act on the lines workers wrote: ``ready PID``, ``failed PID CODE reason``, ``recycle PID why``."""
-        try:
-            data = os.read(self.notify_r, 65536)
-        except BlockingIOError:
-            return
-        for line in data.decode("utf-8", "replace").splitlines():
-            kind, _, rest = line.partition(" ")
-            pid_text, _, reason = rest.partition(" ")
-            handle = self.pool.workers.get(int(pid_text)) if pid_text.isdigit() else None
+        """Act on the lines workers wrote: ``ready PID``, ``failed PID CODE reason``, ``recycle PID why``.
+
+        The pipe is shared, so a line may name another worker than its
+        writer.  A worker that says it is leaving is therefore also told to
+        leave (USR2, which one already on its way ignores): a false notice
+        can only retire a worker, never leave one running uncounted beside
+        its replacement.
+        """
+        for notice in self.notices.read():
+            handle = self.pool.workers.get(notice.pid)
             if handle is None:
                 continue
-            if kind == "ready":
+            if notice.kind == "ready":
                 self.on_ready(handle)
-            elif kind == "failed":
-                code, _, reason = reason.partition(" ")
-                self.on_boot_failure(handle, reason, int(code) if code.isdigit() else 1)
-            elif kind == "recycle":
+            elif notice.kind == "failed":
+                self.on_boot_failure(handle, notice.reason, notice.code)
+                self.signal_worker(handle, signal.SIGUSR2)
+            elif notice.kind == "recycle":
                 handle.retiring = handle.recycled = True  # it leaves on its own; a replacement starts now
                 self.stats.set_state(handle.pid, "retiring")
-                log.info("worker recycling slot=%d pid=%d %s", handle.slot, handle.pid, reason)
+                log.info("worker recycling slot=%d pid=%d %s", handle.slot, handle.pid, notice.reason)
+                self.signal_worker(handle, signal.SIGUSR2)
 
     def on_ready(self, handle: WorkerHandle) -> None:
         handle.ready = True
@@ -404,6 +420,7 @@ class Master:
             handle.board.close()
             self.accept_board.release(pid)
             self.forget_stats(handle)
+            self.handover.forget(pid)
             if not self.stopping and handle.generation == self.generation:
                 self.respawn_due.add(handle.slot)
             if self.stopping or handle.retiring:
@@ -550,11 +567,14 @@ class Master:
     def spawn(self, slot: int) -> None:
         board = Scoreboard(self.config.threads)
         # Workers count requests only for someone who reads the counts: /stats or StatsD.
-        stats_queue = new_queue() if self.status is not None or self.statsd is not None else None
+        stats_ends = self.collector.prepare() if self.status is not None or self.statsd is not None else None
+        log_ends = self.handover.prepare()
         spec = WorkerSpec(
             config=self.config, listeners=self.listeners, slot=slot, generation=self.generation, board=board,
-            notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files), app=self.app,
-            hooks=self.hooks, uid=self.uid, gid=self.gid, stats_queue=stats_queue,
+            notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files),
+            access_logfile=self.access_logfile, log_channel=log_ends[1], app=self.app,
+            hooks=self.hooks, uid=self.uid, gid=self.gid,
+            stats_channel=None if stats_ends is None else stats_ends[1],
             reload_dir=self.reloader.report_dir if self.reloader is not None else "",
             accept_board=self.accept_board, seat=self.accept_board.take(),
         )
@@ -567,8 +587,9 @@ class Master:
             # mapping and a pipe, and try again after a pause.
             self.accept_board.give_back(spec.seat)
             board.close()
-            if stats_queue is not None:
-                stats_queue.close()
+            if stats_ends is not None:
+                self.collector.abandon(stats_ends)
+            self.handover.abandon(log_ends)
             self.respawn_after[slot] = time.monotonic() + FORK_RETRY
             log.error("fork failed slot=%d: %s; retrying in %gs", slot, exc.strerror, FORK_RETRY)
             return
@@ -578,7 +599,8 @@ class Master:
                 self.wakeup.close()
                 os.close(self.notify_r)
                 systemd.hide_from_workers()
-                self.drop_inherited_stats()
+                self.drop_inherited_stats(stats_ends)
+                self.handover.close_inherited(log_ends)
                 random.seed()
                 code = Worker(spec).run()
             except BaseException:
@@ -586,13 +608,14 @@ class Master:
             finally:
                 os._exit(code)
         self.accept_board.bind(spec.seat, pid)
-        self.pool.add(WorkerHandle(slot, pid, self.generation, board, time.monotonic(), stats_queue=stats_queue))
+        self.pool.add(WorkerHandle(slot, pid, self.generation, board, time.monotonic()))
         self.stats.add_worker(pid, pid=pid, slot=slot, generation=self.generation)
         if slot in self.respawn_due:
             self.respawn_due.discard(slot)
             self.stats.note_respawn()
-        if stats_queue is not None:
-            self.poller.register(queue_fd(stats_queue), select.POLLIN)
+        if stats_ends is not None:
+            self.collector.attach(pid, slot, stats_ends)
+        self.handover.attach(pid, log_ends)
         log.debug("worker spawned slot=%d pid=%d gen=%d", slot, pid, self.generation)
 
     def fork(self) -> int:
@@ -633,34 +656,9 @@ class Master:
 
     # -- stats --------------------------------------------------------------------
 
-    def drain_stats(self) -> None:
-        """Take whatever the workers flushed, without ever waiting for more."""
-        for handle in list(self.pool.workers.values()):
-            self.take_stats(handle)
-
-    def take_stats(self, handle: WorkerHandle) -> None:
-        if handle.stats_queue is None:
-            return
-        batch = drain(handle.stats_queue)
-        for message in batch:
-            self.stats.ingest(handle.pid, message)
-        if batch.broken:
-            # Only this worker's queue is lost (one queue per worker); its last
-            # good totals still count.
-            log.warning("stats queue broken slot=%d pid=%d: %s", handle.slot, handle.pid, batch.broken)
-            self.stats.mark_broken(handle.pid, batch.broken)
-            self.close_stats_queue(handle)
-
-    def close_stats_queue(self, handle: WorkerHandle) -> None:
-        self.poller.unregister(queue_fd(handle.stats_queue))
-        handle.stats_queue.close()
-        handle.stats_queue = None
-
     def forget_stats(self, handle: WorkerHandle) -> None:
         """A worker was reaped: read its final flush, then fold it into the retired totals."""
-        self.take_stats(handle)
-        if handle.stats_queue is not None:
-            self.close_stats_queue(handle)
+        self.collector.forget(handle.pid)
         if handle.aborted_at:
             cause = "killed_timeout"
         elif handle.recycled:
@@ -672,15 +670,13 @@ class Master:
         self.stats.worker_exited(handle.pid, cause)
         self.sampler.forget(handle.pid)
 
-    def drop_inherited_stats(self) -> None:
-        """In a new worker: close the stats socket and other workers' queues we inherited."""
+    def drop_inherited_stats(self, own: tuple[Any, Any] | None) -> None:
+        """In a new worker: close the stats socket and the stats channels' read ends we inherited."""
         if self.status is not None:
             self.status.close(unlink=False)
         if self.statsd is not None:
             self.statsd.close()
-        for handle in self.pool.workers.values():
-            if handle.stats_queue is not None:
-                handle.stats_queue.close()
+        self.collector.close_inherited(own)
 
     def stats_snapshot(self) -> dict[str, Any]:
         """The /stats document: the workers' counters plus what only the master can see."""
@@ -696,7 +692,8 @@ class Master:
                                            "elapsed_seconds": round(oldest.elapsed, 3)}
             extra[handle.pid] = info
         self.mark_busy_workers()
-        return self.stats.snapshot(extra, listener_stats(self.listeners))
+        return self.stats.snapshot(extra, listener_stats(self.listeners),
+                                   master_log_lines_dropped=sum(target.dropped for target in self.log_files))
 
     def statsd_snapshot(self) -> dict[str, Any]:
         """The counters StatsD gets: the /stats document without the per-process kernel readings."""
@@ -751,9 +748,20 @@ class Master:
             config = dataclasses.replace(config, bind=self.config.bind)
         if (config.stats_bind, config.stats_allow_ips) != (self.config.stats_bind, self.config.stats_allow_ips):
             log.warning("stats_bind and stats_allow_ips change only on restart or upgrade (USR2)")
+        access_logfile = self.access_logfile
+        if config.access_logfile != self.config.access_logfile:
+            try:
+                access_logfile = open_access_logfile(config.access_logfile)  # workers never open logs
+            except ForkserverError as exc:
+                log.error("reload failed, keeping the running config: %s", exc)
+                systemd.notify("READY=1")
+                return
         if config.preload and not self.reimport(config):
+            if access_logfile is not None and access_logfile is not self.access_logfile:
+                access_logfile.close()
             systemd.notify("READY=1")
             return
+        self.use_access_log(access_logfile)
         if not config.preload:
             self.app = None
         self.config, self.hooks = config, hooks
@@ -766,6 +774,18 @@ class Master:
         self.stats.note_reload()
         self.respawn_after.clear()
         self.spawn_missing()
+
+    def use_access_log(self, target: LogFile | None) -> None:
+        """From now on new workers write their access lines to ``target`` (a reload may change it)."""
+        old = self.access_logfile
+        if target is old:
+            return
+        if old is not None:
+            self.log_files.remove(old)
+            old.close()  # the old generation's workers keep their own copies until they leave
+        self.access_logfile = target
+        if target is not None:
+            self.log_files.append(target)
 
     def reimport(self, config: Config) -> bool:
         """Import the app afresh in the master (preload); False, keeping the old app, if it fails."""
@@ -860,12 +880,24 @@ class Master:
                 log.error("cannot restore pid file %s: %s", self.config.pid, reason(exc))
 
     def reopen_logs(self) -> None:
-        """USR1: reopen our logs and tell every worker to reopen theirs."""
-        for target in self.log_files:
-            target.reopen()
+        """USR1: reopen our log files, hand the new descriptors to every worker, then signal it to take them.
+
+        A file that cannot be reopened keeps its old descriptor (one error
+        line says why), here and in the workers; workers forked later inherit
+        whichever descriptor works.  Requests in flight are not touched.
+        """
+        reopened = [target.reopen() for target in self.log_files]
+        if self.logging_files is not None:
+            reopened.append(self.logging_files.reopen())
         for handle in list(self.pool.workers.values()):
+            self.handover.send(handle.pid, self.log_files)
             self.signal_worker(handle, signal.SIGUSR1)
-        log.info("logs reopened")
+        log.info("logs reopened" if all(reopened) else "logs reopened, except as logged above")
+
+    def report_lost_log_lines(self) -> None:
+        now = time.monotonic()
+        for target in self.log_files:
+            target.report_losses(now)
 
     def stop(self, *, graceful: bool) -> None:
         """TERM stops gracefully; INT and QUIT stop fast."""

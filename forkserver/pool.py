@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Any
 
 from .scoreboard import Scoreboard
 
@@ -30,7 +29,6 @@ class WorkerHandle:
     aborted_at: float = 0.0  # when a hung worker was sent SIGABRT; 0 if never
     killed: bool = False
     recycled: bool = False  # retired for max_requests or memory, not by an operator
-    stats_queue: Any = None  # its own multiprocessing SimpleQueue, or None with stats off
 
 
 def plan(occupied: set[int], desired: int) -> tuple[list[int], list[int]]:

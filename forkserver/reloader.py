@@ -29,6 +29,7 @@ import logging
 import os
 import select
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -45,6 +46,11 @@ SETTLE_INTERVAL = 0.15  # quiet time that ends a burst of saves
 MAX_SETTLE = 1.0  # a burst longer than this reloads anyway
 SCAN_INTERVAL = 1.0  # polling backend: seconds between mtime scans
 REPORT_SUFFIX = ".json"
+# A worker's report is data from app code, read by the master: bounded.  A
+# big Django project imports ~3,000 files, about 300 KB of report.
+MAX_REPORT_BYTES = 4 << 20
+MAX_REPORT_FILES = 50_000
+REPORTS_PER_CALL = 64  # the rest wait for the next call: a flood of files cannot hold the master
 
 # <sys/inotify.h>
 IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x8, 0x40, 0x80
@@ -109,6 +115,34 @@ def _signature(path: str) -> tuple[int, int, int] | None:
     return info.st_mtime_ns, info.st_size, info.st_ino
 
 
+def _load_report(report_fd: int, name: str) -> dict[str, list[int]]:
+    """Read and check one worker's report: ``{"files": {absolute path: [mtime_ns, size]}}``.
+
+    Opened without following links and without waiting (a FIFO planted in
+    the directory must not block the master), read only if it is a regular
+    file, at most MAX_REPORT_BYTES, parsed as JSON (plain data, never code).
+    Raises ValueError (or OSError) for anything else.
+    """
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=report_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = os.read(fd, MAX_REPORT_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_REPORT_BYTES:
+        raise ValueError(f"larger than {MAX_REPORT_BYTES} bytes")
+    document = json.loads(data.decode("utf-8"))
+    files = document.get("files") if isinstance(document, dict) else None
+    if not isinstance(files, dict) or len(files) > MAX_REPORT_FILES:
+        raise ValueError(f"not a report of at most {MAX_REPORT_FILES} files")
+    for path, seen in files.items():
+        if not (os.path.isabs(path) and "\0" not in path and isinstance(seen, list) and len(seen) == 2
+                and all(type(number) is int for number in seen)):
+            raise ValueError(f"not an absolute path and [mtime_ns, size]: {path[:200]!r}")
+    return files
+
+
 class Reloader:
     """Watches the app's files from the master; ``changed()`` says when to reload.
 
@@ -123,6 +157,9 @@ class Reloader:
         self.report_dir = tempfile.mkdtemp(prefix="forkserver-reload-")
         if owner != (None, None):
             os.chown(self.report_dir, -1 if owner[0] is None else owner[0], -1 if owner[1] is None else owner[1])
+        # Workers own the directory and could swap its path for a link to
+        # anywhere; the master reads and deletes only through this descriptor.
+        self.report_fd = os.open(self.report_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.names: dict[str, set[str]] = {}  # directory -> file names in it that matter
         self.whole_dirs: set[str] = set()  # reload_extra_file directories: any entry matters
         self.watches: dict[int, str] = {}  # inotify wd -> directory
@@ -199,7 +236,8 @@ class Reloader:
         else:
             os.close(self._idle_r)
             os.close(self._idle_w)
-        shutil.rmtree(self.report_dir, ignore_errors=True)
+        os.close(self.report_fd)
+        shutil.rmtree(self.report_dir, ignore_errors=True)  # never follows a link (fd-based on Linux)
 
     # -- what the workers imported -----------------------------------------------------
 
@@ -207,19 +245,19 @@ class Reloader:
         """Watch the files workers reported; a file already edited since its import is a change."""
         reason = None
         try:
-            entries = [e for e in os.scandir(self.report_dir) if e.name.endswith(REPORT_SUFFIX)]
+            with os.scandir(self.report_fd) as scan:
+                names = [entry.name for entry in scan if entry.name.endswith(REPORT_SUFFIX)][:REPORTS_PER_CALL]
         except OSError:
             return None
-        for entry in entries:
+        for report in names:
             try:
-                with open(entry.path, encoding="utf-8") as fh:
-                    files = json.load(fh)["files"]
-                os.unlink(entry.path)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("reload: unreadable worker report %s: %s", entry.name, exc)
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                files = _load_report(self.report_fd, report)
+            except (OSError, ValueError) as exc:
+                log.warning("reload: unreadable worker report %r: %s", report[:200], exc)
                 continue
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(report, dir_fd=self.report_fd)
             for path, seen in files.items():
                 directory, name = os.path.split(path)
                 self.watch(os.path.realpath(directory), name)

@@ -16,6 +16,11 @@ beat in between saw a worker silent since boot and killed it.  A slot's
 progress stamp is written before its start and the start is cleared first,
 so a start the master sees always has its progress beside it; a torn path
 in a diagnostic line is harmless.
+
+The worker runs app code and can write anything into its mapping, so the
+master's reads are checked: a stamp that is not a time up to now (NaN, a
+negative or future value) reads as now, and texts keep only what precedes a
+NUL, with control characters replaced, so they cannot forge log lines.
 """
 
 from __future__ import annotations
@@ -31,6 +36,17 @@ TEXTS = struct.Struct("8s200s48s")  # a slot's fields after its two stamps
 STAMP_BYTES = 8
 BEAT = 0  # index of the beat among the mapping's doubles
 assert SLOT.size % STAMP_BYTES == 0  # every slot's stamps stay 8-byte aligned
+# Latin-1 decodes any byte; these are its C0 and C1 control characters and DEL.
+_CONTROL = {code: "?" for code in (*range(32), *range(127, 160))}
+
+
+def _stamp(value: float, now: float) -> float:
+    """A stamp the master can compute with: ``value`` if it is a time up to ``now``, else ``now``."""
+    return value if 0.0 < value <= now else now  # NaN fails the comparison too
+
+
+def _text(raw: bytes) -> str:
+    return raw.partition(b"\0")[0].decode("latin-1").translate(_CONTROL)
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +116,8 @@ class Scoreboard:
 
     def last_beat_age(self) -> float:
         """Seconds since the worker's loop last beat."""
-        return time.monotonic() - self._stamps[BEAT]
+        now = time.monotonic()
+        return now - _stamp(self._stamps[BEAT], now)
 
     def in_flight(self) -> list[InFlight]:
         """Requests being served right now, oldest first."""
@@ -110,10 +127,10 @@ class Scoreboard:
         for thread, start in enumerate(self._starts):
             started = stamps[start]  # read through the same view the worker writes, each stamp whole
             if started:
-                progressed = stamps[start + 1]
+                started = _stamp(started, now)
+                progressed = _stamp(stamps[start + 1], now)
                 method, path, client = TEXTS.unpack_from(self._map, (start + 2) * STAMP_BYTES)
-                found.append(InFlight(thread, method.rstrip(b"\0").decode("latin-1"),
-                                      path.rstrip(b"\0").decode("latin-1"), client.rstrip(b"\0").decode("latin-1"),
+                found.append(InFlight(thread, _text(method), _text(path), _text(client),
                                       now - started, now - max(started, progressed)))
         return sorted(found, key=lambda request: -request.elapsed)
 

@@ -1,11 +1,16 @@
 """Request statistics in a worker: counted in plain integers, shipped in batches.
 
-A worker's ``Reporter`` counts each request and now and then puts one small
-cumulative message (``CountersFlushed``) on its own ``SimpleQueue``; the
-master reads the queues with ``drain``, without ever waiting, and sums them
-in ``aggregator.Aggregator``.  This module never blocks: a worker never
-waits on a full pipe, the master never on an empty one, and the master
-never puts on a queue.
+A worker's ``Reporter`` counts each request and now and then sends one small
+cumulative message (``CountersFlushed``) down its own one-way channel; the
+master reads the channels without ever waiting (``forkserver.collector``)
+and sums them in ``aggregator.Aggregator``.  This module never blocks: a
+worker never waits on a full pipe, the master never on an empty one, and the
+master never writes to a channel.
+
+A message is plain numbers in a fixed layout (``WIRE``), never a pickle: the
+worker runs app code, perhaps as an unprivileged user, and whatever it sends
+the master must be data that ``decode`` checks, not objects that run code
+while they are rebuilt.
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from multiprocessing.queues import SimpleQueue
+    from multiprocessing.connection import Connection
 
 # multiprocessing is imported where it is used, not here: workers import this
-# module for ``Reporter`` and the master imports it at start, but queues are
+# module for ``Reporter`` and the master imports it at start, but channels are
 # made only with stats on (``stats_bind``).  Imported unused, it costs every
 # start milliseconds and the master memory.
 
@@ -36,11 +43,13 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # starts (0 for none yet counts as 1xx): one table lookup, where
 # min(max(...)) cost 0.5 µs, and one increment per request for both tallies.
 _ROW_START = tuple((min(max(code // 100, 1), 5) - 1) * len(HISTOGRAM_BUCKETS) for code in range(1000))
-MAX_DRAIN = 1000  # messages per queue per call: a flood cannot hold the master's loop
 
 
 class CountersFlushed(NamedTuple):
-    """A worker's counters since it started; each message supersedes the one before."""
+    """A worker's counters since it started; each message supersedes the one before.
+
+    ``pid`` is not sent: the master knows it from the channel the message came on.
+    """
 
     pid: int
     requests: int
@@ -51,61 +60,72 @@ class CountersFlushed(NamedTuple):
     duration_sum: float
     cpu_seconds: float
     dropped_flushes: int  # earlier flushes that found the pipe full
+    dropped_log_lines: int = 0  # log lines the worker could not write (a full disk)
 
 
-# -- queues -------------------------------------------------------------------------
+# -- the wire format ------------------------------------------------------------------
+
+WIRE_VERSION = 1
+WIRE_KIND_COUNTERS = 1
+# Version and kind, then requests, status classes, bytes in and out, the
+# histogram, duration and CPU sums, dropped flushes and dropped log lines;
+# little-endian, no padding.  Well under PIPE_BUF with its 4-byte frame header.
+WIRE = struct.Struct(f"<HHq{len(STATUS_CLASSES)}qqq{len(HISTOGRAM_BUCKETS)}qddqq")
+_COUNTS = slice(2, 2 + 1 + len(STATUS_CLASSES) + 2 + len(HISTOGRAM_BUCKETS))
+# Anything above these is a lie, not a count: 2**53 requests or bytes would
+# take a worker millennia, and a float sum past 1e12 s is 30,000 years.
+MAX_COUNT = 2**53
+MAX_SECONDS = 1e12
 
 
-def new_queue() -> SimpleQueue[Any]:
-    """Make a worker's stats queue; the master calls this before forking that worker.
+def encode(message: CountersFlushed) -> bytes:
+    """The bytes a worker sends for ``message``."""
+    return WIRE.pack(WIRE_VERSION, WIRE_KIND_COUNTERS, message.requests, *message.status, message.bytes_in,
+                     message.bytes_out, *message.histogram, message.duration_sum, message.cpu_seconds,
+                     message.dropped_flushes, message.dropped_log_lines)
 
-    The fork context is explicit: under "spawn" its locks would start a
-    resource-tracker process from the master.  The read end is made
-    non-blocking so that even a torn message makes ``drain`` fail, not wait.
+
+def decode(data: bytes, pid: int) -> CountersFlushed:
+    """Check and unpack a message that came on worker ``pid``'s channel; ValueError says what is wrong.
+
+    Nothing in ``data`` is trusted: its length, tag, every number's range,
+    and that the status classes and histogram each add up to the requests.
+    """
+    if len(data) != WIRE.size:
+        raise ValueError(f"{len(data)} bytes, not {WIRE.size}")
+    fields = WIRE.unpack(data)
+    if fields[:2] != (WIRE_VERSION, WIRE_KIND_COUNTERS):
+        raise ValueError(f"unknown version/kind {fields[0]}/{fields[1]}")
+    if not all(0 <= count <= MAX_COUNT for count in fields[_COUNTS] + fields[-2:]):
+        raise ValueError("a count out of range")
+    if not all(0.0 <= seconds <= MAX_SECONDS for seconds in fields[_COUNTS.stop:_COUNTS.stop + 2]):
+        raise ValueError("a time that is negative, too large or not a number")  # NaN fails every comparison
+    classes = len(STATUS_CLASSES)
+    requests, status = fields[2], tuple(fields[3:3 + classes])
+    bytes_in, bytes_out = fields[3 + classes:5 + classes]
+    histogram = tuple(fields[5 + classes:_COUNTS.stop])
+    if sum(status) != requests or sum(histogram) != requests:
+        raise ValueError("status classes or histogram do not add up to the requests")
+    duration_sum, cpu_seconds, dropped_flushes, dropped_log_lines = fields[_COUNTS.stop:]
+    return CountersFlushed(pid, requests, status, bytes_in, bytes_out, histogram, duration_sum, cpu_seconds,
+                           dropped_flushes, dropped_log_lines)
+
+
+def new_channel() -> tuple[Connection, Connection]:
+    """Make a worker's stats channel, (master's read end, worker's write end), before forking it.
+
+    A one-way ``multiprocessing.Pipe``: an os.pipe underneath, so a message
+    sent in one write of at most PIPE_BUF bytes arrives whole or not at all.
+    The fork context is explicit: under "spawn" it could start a
+    resource-tracker process from the master.  Both ends are non-blocking:
+    the master never waits for a message, a worker never for room.
     """
     import multiprocessing
 
-    queue: SimpleQueue[Any] = multiprocessing.get_context("fork").SimpleQueue()
-    os.set_blocking(queue_fd(queue), False)
-    os.set_blocking(_writer_fd(queue), False)  # see Reporter: a full pipe drops a flush, never waits
-    return queue
-
-
-def queue_fd(queue: SimpleQueue[Any]) -> int:
-    """Return the descriptor the master reads ``queue`` from.
-
-    SimpleQueue has no public way to get it, so this relies on the private
-    ``_reader`` connection (stable since Python 3.3); a test pins it down.
-    """
-    reader = queue._reader  # type: ignore[attr-defined]
-    return int(reader.fileno())
-
-
-def _writer_fd(queue: SimpleQueue[Any]) -> int:
-    return int(queue._writer.fileno())  # type: ignore[attr-defined]  # see queue_fd
-
-
-class Drained(list[Any]):
-    """Messages read from one queue; ``broken`` names the failure that ended the read, if any."""
-
-    broken: str = ""
-
-
-def drain(queue: SimpleQueue[Any], limit: int = MAX_DRAIN) -> Drained:
-    """Read what ``queue`` holds right now, without ever waiting.
-
-    Never raises: an unreadable queue (EOF, a torn or unpicklable message)
-    comes back as ``broken``, and the master should stop reading it.
-    """
-    found = Drained()
-    try:
-        while len(found) < limit and not queue.empty():
-            found.append(queue.get())
-    # EOFError: every writer is gone; OSError (BlockingIOError): a torn message;
-    # unpickling garbage can raise nearly anything else.
-    except Exception as exc:  # noqa: BLE001
-        found.broken = f"{type(exc).__name__}: {exc}"
-    return found
+    reader, writer = multiprocessing.get_context("fork").Pipe(duplex=False)
+    os.set_blocking(reader.fileno(), False)
+    os.set_blocking(writer.fileno(), False)  # see Reporter: a full pipe drops a flush, never waits
+    return reader, writer
 
 
 # -- worker side ----------------------------------------------------------------------
@@ -114,19 +134,21 @@ def drain(queue: SimpleQueue[Any], limit: int = MAX_DRAIN) -> Drained:
 class Reporter:
     """Counts requests in a worker and flushes cumulative totals to the master.
 
-    Why a SimpleQueue and small messages: ``put`` pickles the message and
-    sends a 4-byte length plus the payload in one ``write``.  A pipe write of
-    at most PIPE_BUF (4096 on Linux) bytes is atomic (POSIX), so a worker
-    SIGKILLed at any moment leaves a whole message or none, never half of one
-    that would wedge the reader.  There is no feeder thread to die with locks
-    held.  The write end is non-blocking: if the master falls behind and the
-    pipe fills, the flush is dropped, which loses nothing because the next one
-    carries the same totals and more.
+    Why small fixed messages: ``send_bytes`` writes a 4-byte length plus the
+    payload in one ``write``.  A pipe write of at most PIPE_BUF (4096 on
+    Linux) bytes is atomic (POSIX), so a worker SIGKILLed at any moment leaves
+    a whole message or none, never half of one.  There is no feeder thread to
+    die with locks held.  The write end is non-blocking: if the master falls
+    behind and the pipe fills, the flush is dropped, which loses nothing
+    because the next one carries the same totals and more.
+    ``dropped_log_lines`` says how many log lines this process lost so far.
     """
 
-    def __init__(self, queue: SimpleQueue[Any], *, pid: int, slot: int, generation: int,
-                 interval: float = 1.0, threaded: bool = False) -> None:
-        self.queue = queue
+    def __init__(self, channel: Connection, *, pid: int, slot: int, generation: int,
+                 interval: float = 1.0, threaded: bool = False,
+                 dropped_log_lines: Callable[[], int] = lambda: 0) -> None:
+        self.channel = channel
+        self.dropped_log_lines = dropped_log_lines
         self.pid = pid
         self.slot = slot
         self.generation = generation
@@ -138,8 +160,9 @@ class Reporter:
         self.duration_sum = 0.0
         self.dropped_flushes = 0
         self._flushed_requests = -1
+        self._flushed_log_drops = 0
         self._next_flush = 0.0
-        os.set_blocking(_writer_fd(queue), False)
+        os.set_blocking(channel.fileno(), False)
         self.record = self._add if self._lock is None else self._locked_add  # type: ignore[method-assign]
 
     def record(self, status: int, bytes_in: int, bytes_out: int, duration: float) -> None:
@@ -162,27 +185,28 @@ class Reporter:
         self.duration_sum += duration
 
     def flush_if_due(self, now: float) -> None:
-        """Flush if ``interval`` has passed since the last check and a request was counted since.
+        """Flush if ``interval`` has passed since the last check and a request (or a lost log line) was counted since.
 
         The first call always flushes, so the master hears from every worker.
         """
         if now < self._next_flush:
             return
         self._next_flush = now + self.interval
-        if sum(self.cells) != self._flushed_requests:
+        if sum(self.cells) != self._flushed_requests or self.dropped_log_lines() != self._flushed_log_drops:
             self.flush()
 
     def flush(self) -> bool:
-        """Put the current totals on the queue now; False if the pipe was full."""
+        """Send the current totals now; False if the pipe was full."""
         message = self.message()
         try:
-            self.queue.put(message)
+            self.channel.send_bytes(encode(message))
         except BlockingIOError:
             self.dropped_flushes += 1
             return False
         except OSError:  # the master closed its end: nobody is listening
             return False
         self._flushed_requests = message.requests
+        self._flushed_log_drops = message.dropped_log_lines
         return True
 
     def message(self) -> CountersFlushed:
@@ -199,4 +223,4 @@ class Reporter:
         status = tuple(sum(cells[start:start + width]) for start in range(0, len(cells), width))
         histogram = tuple(sum(cells[bucket::width]) for bucket in range(width))
         return CountersFlushed(self.pid, sum(status), status, bytes_in, bytes_out, histogram, duration_sum,
-                               time.process_time(), self.dropped_flushes)
+                               time.process_time(), self.dropped_flushes, self.dropped_log_lines())

@@ -113,6 +113,11 @@ def render_prometheus(snapshot: dict[str, Any]) -> str:
     out.family("forkserver_workers_respawned_total", "counter", "Workers started to replace one that ended.",
                [("", {}, counters["workers_respawned"])])
     out.family("forkserver_reloads_total", "counter", "Reloads (HUP) started.", [("", {}, counters["reloads"])])
+    out.family("forkserver_stats_messages_rejected_total", "counter",
+               "Stats messages from workers dropped as malformed.", [("", {}, counters["stats_messages_rejected"])])
+    out.family("forkserver_log_lines_dropped_total", "counter",
+               "Log lines the master and workers could not write (a full disk).",
+               [("", {}, counters["log_lines_dropped"])])
     out.family("forkserver_uptime_seconds", "gauge", "Seconds since the master started.",
                [("", {}, snapshot["uptime_seconds"])])
     out.family("forkserver_start_time_seconds", "gauge", "Unix time the master started.",

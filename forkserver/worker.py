@@ -26,11 +26,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import libc, reloader
+from . import handover, libc, reloader
 from .backoff import AcceptPause
 from .balance import RECHECK, AcceptBoard
 from .config import Config
@@ -41,13 +41,16 @@ from .http.parser import Limits
 from .http.response import DateHeader
 from .identity import drop_privileges
 from .loader import load_app, prepare_path
-from .logs import AccessLog, LogFile, open_access_log
+from .logs import AccessLog, LogFile, make_access_log
 from .proxy import Trust
 from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .sockets import Listener
 from .stats import Reporter
 from .wsgi import ClientGone, base_environ
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection as StatsChannel
 
 log = logging.getLogger("forkserver")
 
@@ -81,12 +84,14 @@ class WorkerSpec:
     board: Scoreboard
     notify_fd: int
     master_pid: int
-    log_files: list[LogFile]
+    log_files: list[LogFile]  # the master's, inherited: the error log first
+    access_logfile: LogFile | None  # one of log_files, or None with the access log off
+    log_channel: socket.socket  # where the master sends reopened log descriptors (forkserver.handover)
     app: Callable[..., Any] | None
     hooks: Hooks
     uid: int | None
     gid: int | None
-    stats_queue: Any  # a multiprocessing SimpleQueue of our own, or None with stats off
+    stats_channel: StatsChannel | None  # the write end of our own stats channel, None with stats off
     reload_dir: str = ""  # with reload: where to report the files the app imported
     accept_board: AcceptBoard | None = None  # shared with the other workers, to spread connections
     seat: int = -1  # our entry on it
@@ -133,7 +138,7 @@ class Worker:
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self.served = 0
         self.inline = self.config.threads == 1  # requests are served by the loop itself
-        self.access_log: AccessLog | None = None  # opened once the app has loaded
+        self.access_log: AccessLog | None = None  # set up once the app has loaded
         self.title_busy = True  # so the first idle moment replaces "booting"
         self.shown_method = self.shown_path = ""  # the request the busy title names
         self.max_requests = 0
@@ -186,6 +191,8 @@ class Worker:
         # On SIGABRT (sent by the master to a hung worker) dump every thread's
         # stack into the error log before dying: the operator sees where it hung.
         faulthandler.enable(file=_Descriptor(spec.log_files[0].fd), all_threads=True)
+        for target in spec.log_files:
+            target.forget_losses()  # from here on they count this worker's lost lines
         keep_heap_warm()
         spec.hooks.run("post_fork", self._context())
         try:
@@ -227,14 +234,15 @@ class Worker:
     def _build_service(self, app: Callable[..., Any]) -> Service:
         config = self.config
         self.reporter = None
-        if self.spec.stats_queue is not None:
-            self.reporter = Reporter(self.spec.stats_queue, pid=self.pid, slot=self.spec.slot,
-                                     generation=self.spec.generation, threaded=config.threads > 1)
+        if self.spec.stats_channel is not None:
+            log_files = self.spec.log_files
+            self.reporter = Reporter(self.spec.stats_channel, pid=self.pid, slot=self.spec.slot,
+                                     generation=self.spec.generation, threaded=config.threads > 1,
+                                     dropped_log_lines=lambda: sum(target.dropped for target in log_files))
+        # Opened by the master, never here: we may run as a user who could not.
         # Lines are batched only where one thread writes them: the loop's.
-        self.access_log = open_access_log(config.access_logfile, config.access_logformat,
+        self.access_log = make_access_log(self.spec.access_logfile, config.access_logformat,
                                           batched=config.threads == 1)
-        if self.access_log is not None:
-            self.spec.log_files.append(self.access_log.target)
         if config.static:
             from . import static  # imported by the master before the fork; unused, never loaded
 
@@ -373,9 +381,14 @@ class Worker:
             elif signum == signal.SIGUSR2:
                 self._begin_stop(drain=False)
             elif signum == signal.SIGUSR1:
+                # The master has sent the reopened files' descriptors; lines
+                # batched so far belong in the old file.
                 self._flush_access_log()
-                for target in self.spec.log_files:
-                    target.reopen()
+                handover.receive(self.spec.log_channel, self.spec.log_files)
+                if self.config.logconfig or self.config.logconfig_dict:
+                    from .logconfig import FileHandlers  # imported by the master already, with the config
+
+                    FileHandlers().reopen()
 
     def _set_accepting(self, on: bool) -> None:
         """Start or stop taking new connections from the listeners (never while an accept pause lasts)."""
@@ -558,6 +571,8 @@ class Worker:
             else:
                 log.info("keep-alive timeout remote=%s: closing", connection.remote[0] or "unix")
             self._close(connection)
+        for target in self.spec.log_files:
+            target.report_losses(now)
         if not self.stopping and os.getppid() != self.spec.master_pid:
             log.warning("master died; worker exiting pid=%d", self.pid)
             self._begin_stop(drain=True)

@@ -44,7 +44,7 @@ from forkserver.http.parser import Limits, RequestParser  # noqa: E402
 from forkserver.http.response import DateHeader  # noqa: E402
 from forkserver.logs import open_access_log  # noqa: E402
 from forkserver.scoreboard import Scoreboard  # noqa: E402
-from forkserver.stats import Reporter, new_queue  # noqa: E402
+from forkserver.stats import Reporter, new_channel  # noqa: E402
 from forkserver.wsgi import Response, base_environ, build_environ, run_app  # noqa: E402
 
 ROUNDS = 5  # the best of this many rounds is reported: the least disturbed by the rest of the machine
@@ -118,12 +118,13 @@ def main() -> int:
     answer = bytearray(1 << 18)  # the client's read buffer, reused: a 64 KiB response and its head fit
     server_side, client = socket.socketpair()
     server_side.setblocking(False)
+    stats_ends = new_channel()  # both ends kept open: flushes land in the pipe as in a worker
     with tempfile.TemporaryDirectory() as tmp:
         access_log = open_access_log(os.path.join(tmp, "access.log"), DEFAULT_ACCESS_LOG_FORMAT,
                                      batched=True) if args.access_log else None
         service = Service(app=bench_apps.app, limits=Limits(), date=DateHeader(), access_log=access_log,
                           io_timeout=None, keep_alive=lambda: True, board=Scoreboard(1),
-                          stats=Reporter(new_queue(), pid=os.getpid(), slot=0, generation=1) if args.stats else None,
+                          stats=Reporter(stats_ends[1], pid=os.getpid(), slot=0, generation=1) if args.stats else None,
                           show=lambda method, path: None)
         connection = Connection(server_side, ("127.0.0.1", "40000"), base_environ("127.0.0.1", "8000", False),
                                 service)

@@ -307,3 +307,42 @@ def test_close_removes_the_report_directory():
     assert os.path.isdir(path)
     reloader.close()
     assert not os.path.exists(path)
+
+
+def test_hostile_reports_are_refused_without_blocking_or_following_links(tmp_path, caplog):
+    """Workers own the report directory and run app code: nothing they put there stalls or misleads the master."""
+    from forkserver.reloader import MAX_REPORT_BYTES
+
+    reloader = Reloader(use_inotify=False)
+    try:
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        secret = outside / "keep.json"
+        secret.write_text('{"files": {}}')
+        reports = Path(reloader.report_dir)
+        os.mkfifo(reports / "1.json")  # opened with a plain open(), this waits for a writer forever
+        (reports / "2.json").symlink_to(secret)
+        (reports / "3.json").write_bytes(b'{"files": {"/a": [1, 2]}, "pad": "' + b"x" * MAX_REPORT_BYTES + b'"}')
+        (reports / "4.json").write_text('{"files": {"relative/path.py": [1, 2]}}')
+        (reports / "5.json").write_text('{"files": {"/x.py": ["1", 2]}}')
+        (reports / "6.json").write_text('[1, 2]')
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (reloader.changed(), done.set()), daemon=True)
+        thread.start()
+        assert done.wait(10), "the master blocked on a worker's report"
+        assert sorted(os.listdir(reports)) == []  # each refused report is removed
+        assert secret.exists()
+        refused = [r.getMessage() for r in caplog.records if "unreadable worker report" in r.getMessage()]
+        assert len(refused) == 6, refused
+
+        # The directory's path swapped for a link to another directory: the master keeps
+        # reading (and deleting in) the directory it made, never the link's target.
+        moved = tmp_path / "moved"
+        os.rename(reports, moved)
+        reports.symlink_to(outside)
+        reloader.changed()
+        assert secret.exists()
+        os.unlink(reports)
+        os.rename(moved, reports)
+    finally:
+        reloader.close()

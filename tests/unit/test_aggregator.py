@@ -62,14 +62,19 @@ def test_counters_stay_monotonic_across_worker_restarts():
     assert [w["pid"] for w in later["workers"]] == [11]
 
 
-def test_ingest_ignores_strangers_junk_and_regressions():
+def test_ingest_ignores_strangers_and_junk_and_refuses_regressions():
     agg = Aggregator()
     agg.add_worker(1, pid=1, slot=0, generation=1)
-    agg.ingest(1, counters(requests=5))
-    agg.ingest(1, counters(requests=3))  # cannot happen on one pipe; must not undo counts if it does
+    agg.ingest(1, counters(requests=5, bytes_out=50))
+    # Cannot happen on one pipe (a lie, then): must not undo counts, and is refused loudly.
+    with pytest.raises(ValueError, match="lower"):
+        agg.ingest(1, counters(requests=3))
+    with pytest.raises(ValueError, match="lower"):
+        agg.ingest(1, counters(requests=6, bytes_out=10))  # more requests, fewer bytes
     agg.ingest(1, ("not", "a", "message"))
     agg.ingest(2, counters(requests=100))  # unknown worker (already gone)
-    assert agg.snapshot()["totals"]["requests"] == 5
+    doc = agg.snapshot()
+    assert doc["totals"]["requests"] == 5 and doc["totals"]["bytes_out"] == 50
 
 
 def test_states_exits_reloads_and_bad_names():
@@ -162,3 +167,23 @@ def test_prometheus_text_parses_and_follows_the_conventions():
     (uss,) = families["forkserver_worker_memory_uss_bytes"].samples
     assert uss.labels == {"worker": "0", "pid": "1"}
     assert families["forkserver_worker_memory_pss_bytes"].samples == []  # unknown: no sample, not a zero
+
+
+def test_lost_log_lines_and_rejected_messages_only_ever_grow():
+    """Workers' lost log lines stay counted after they exit; the master's own are added; so are rejects."""
+    agg = Aggregator()
+    agg.add_worker(1, pid=1, slot=0, generation=1)
+    agg.add_worker(2, pid=2, slot=1, generation=1)
+    agg.ingest(1, counters(1)._replace(dropped_log_lines=5))
+    agg.ingest(2, counters(2)._replace(dropped_log_lines=1))
+    agg.note_rejected(2)
+    agg.note_rejected(99)  # a worker already forgotten still counts server-wide
+    doc = agg.snapshot(master_log_lines_dropped=3)
+    assert doc["counters"]["log_lines_dropped"] == 9 and doc["counters"]["stats_messages_rejected"] == 2
+    assert [(w["dropped_log_lines"], w["stats_messages_rejected"]) for w in doc["workers"]] == [(5, 0), (1, 1)]
+    agg.worker_exited(1, "died")
+    assert agg.snapshot(master_log_lines_dropped=3)["counters"]["log_lines_dropped"] == 9
+    text = agg.prometheus(agg.snapshot(master_log_lines_dropped=3))
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["forkserver_log_lines_dropped"].samples[0].value == 9
+    assert families["forkserver_stats_messages_rejected"].samples[0].value == 2

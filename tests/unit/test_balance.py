@@ -62,3 +62,19 @@ def test_a_peer_asleep_in_epoll_counts_as_responsive_while_it_sleeps():
     board.publish(sleeper, 0, True, sleeping_for=5.0)
     time.sleep(AVAILABLE_WITHIN * 2)
     assert not board.may_accept(me, 5)
+
+
+def test_a_scribbled_header_neither_misleads_the_master_nor_breaks_the_others():
+    """A worker can write anything into the shared table; the master never reads it back."""
+    from forkserver.balance import HEADER, MAX_SEATS
+
+    board = AcceptBoard()
+    first = board.take()
+    board.bind(first, 1001)
+    HEADER.pack_into(board._map, 0, 2**31 - 1)  # a hostile worker claims every seat is in use
+    second = board.take()
+    assert second == first + 1 and HEADER.unpack_from(board._map, 0)[0] == second + 1
+    HEADER.pack_into(board._map, 0, -7)
+    assert board.may_accept(first, 5) in (True, False)  # reads a bounded table, raises nothing
+    HEADER.pack_into(board._map, 0, MAX_SEATS * 4)
+    assert board.may_accept(first, 5) in (True, False)

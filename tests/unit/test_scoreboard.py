@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import time
 
-from forkserver.scoreboard import HEADER, SLOT, Scoreboard
+from forkserver.scoreboard import HEADER, SLOT, TEXTS, Scoreboard
 
 
 def test_with_nothing_in_flight_the_loop_beat_decides():
@@ -76,3 +78,27 @@ def test_a_master_reading_while_the_worker_beats_never_sees_a_stale_beat():
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_what_a_hostile_worker_writes_reads_as_sane_numbers_and_printable_text():
+    """The worker can write anything into its mapping; the master's reads stay finite and log-safe."""
+    board = Scoreboard(3)
+    try:
+        stamps = memoryview(board._map).cast("d")
+        for thread, (start, progress) in enumerate(((math.nan, math.nan), (-5.0, math.inf), (1e300, 1e300))):
+            offset = (HEADER.size + thread * SLOT.size) // 8
+            stamps[offset], stamps[offset + 1] = start, progress
+            TEXTS.pack_into(board._map, (offset + 2) * 8, b"GET\n", b"/a\r\n[x] forged line\0hidden", b"\x1b[2J")
+        stamps[0] = math.nan
+        stamps.release()
+        assert math.isfinite(board.last_beat_age()) and board.last_beat_age() >= 0
+        found = board.in_flight()
+        assert len(found) == 3
+        for request in found:
+            assert math.isfinite(request.elapsed) and math.isfinite(request.stalled)
+            assert request.elapsed >= 0 and request.stalled >= 0
+            assert (request.method, request.path, request.client) == ("GET?", "/a??[x] forged line", "?[2J")
+            assert "\n" not in request.describe()
+        json.dumps([request.elapsed for request in found], allow_nan=False)
+    finally:
+        board.close()
