@@ -944,8 +944,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
         out.append("")
 
     if results["startup"] or results["memory"] or results["memory_hello"]:
-        out.append("| server | startup to first 200 (median, min–max) | tree PSS after hello | tree PSS after the run "
-                   "| processes |")
+        out.append("| server | startup to first 200 (median, min–max) | tree PSS after hello "
+                   "| tree PSS after the run | processes |")
         out.append("|---|---:|---:|---:|---:|")
         for name in args.servers:
             st = results["startup"].get(name)
@@ -1011,8 +1011,8 @@ def side_by_side(results: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Each cell: req/s over gunicorn sync's in the same run (median of the rounds), and in brackets the "
-                 "server CPU per request. n/a: the server does not take part (the floor runs the two hello scenarios only, "
-                 "nginx-static serves only the 64 KiB file). "
+                 "server CPU per request. n/a: the server does not take part (the floor runs the two hello "
+                 "scenarios only, nginx-static serves only the 64 KiB file). "
                  + " ".join(f"{n}: {configs[n].note}." for n in args.servers if configs[n].kind not in
                             ("forkserver", "gunicorn") and n not in results["missing"]) + "\n")
     return "\n".join(lines)
@@ -1059,7 +1059,8 @@ def peer_targets(results: dict[str, Any]) -> str:
             measured("64k", "granian", "rps"), 1.0, True, "req/s")
     against("64 KiB req/s ≥ 0.9x nginx's static file", measured("64k", fs, "rps"), "nginx-static",
             measured("64k", "nginx-static", "rps"), 0.9, True, "req/s")
-    others = {n: v["rps"] for n, v in scen.get("upload", {}).get("servers", {}).items() if n != fs and v["rps"] == v["rps"]}
+    upload = scen.get("upload", {}).get("servers", {})
+    others = {n: v["rps"] for n, v in upload.items() if n != fs and v["rps"] == v["rps"]}
     best = max(others, key=others.__getitem__, default="")
     against(f"1 MiB upload req/s the best of all ({len(others)} others measured)", measured("upload", fs, "rps"),
             best or "any other server", others.get(best, nan), 1.0, True, "req/s")
