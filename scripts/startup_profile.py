@@ -17,7 +17,9 @@ process first asks the kernel for a socket operation
 stamps the first 200 on the same clock. So the report is exact about what
 was imported where and in which order (the same on every run), and its
 milliseconds are one start's, which on a shared machine vary by tens of
-percent: the module lists and counts are the deterministic part.
+percent: the module lists and counts are the deterministic part. Last, it
+times a bare ``python -c pass`` and ``python -c 'import APP_MODULE'``: no
+server of this app can answer sooner than the second.
 
 Every process started is stopped by its PID (SIGINT, then SIGKILL).
 """
@@ -30,6 +32,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +41,7 @@ from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
 TIMEOUT = 30.0  # seconds the server gets to answer its first request
+FLOOR_RUNS = 5  # starts of a bare interpreter, and of one importing the app, for comparison
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")
 
 
@@ -151,7 +155,27 @@ def main() -> int:
             stop(proc, pids)
         times = import_times(Path(stderr_path).read_text(errors="replace"))
     report(events, times, began, answered, proc.pid, args)
+    print_floor(args.app, env)
     return 0
+
+
+def print_floor(app: str, env: dict[str, str]) -> None:
+    """What any server of this app pays before it can answer: starting Python, and importing the app."""
+    module = app.partition(":")[0]
+
+    def wall_ms(code: str) -> float:
+        samples = []
+        for _ in range(FLOOR_RUNS):
+            began = time.monotonic()
+            subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(SCRIPTS), timeout=60)
+            samples.append((time.monotonic() - began) * 1000)
+        return statistics.median(samples)
+
+    bare = wall_ms("pass")
+    loaded = wall_ms(f"import {module}")
+    print(f"for comparison (median of {FLOOR_RUNS} runs each): python -c pass {bare:.0f} ms; "
+          f"python -c 'import {module}' {loaded:.0f} ms, so importing the app in a fresh interpreter "
+          f"costs {loaded - bare:.0f} ms")
 
 
 def report(events: list[list[str]], times: dict[str, tuple[int, int, int]], began: float, answered: float,
