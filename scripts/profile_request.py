@@ -226,7 +226,8 @@ def profile_connection(mode: str, path: str, count: int, show_profile: bool) -> 
     print(f"new connection ({mode}), GET {path}: {total * 1e6:.1f} us per cycle, of which {socket_floor * 1e6:.1f} us "
           f"connect/accept/recv/send/close with no Python in between (floor): "
           f"{(total - socket_floor) * 1e6:.1f} us of forkserver and app")
-    print_parts(worker, entrance, address, request)
+    if close:
+        print_phases(worker, entrance, address, request, rounds)
     print_bytecodes(cycle, "connection", 25, c_calls=True)
     if show_profile:
         profiler = cProfile.Profile()
@@ -235,50 +236,77 @@ def profile_connection(mode: str, path: str, count: int, show_profile: bool) -> 
     listener.close()
 
 
-def print_parts(worker: Worker, entrance: Entrance, address: tuple[str, int], request: bytes) -> None:
-    """The per-connection steps alone, each timed on its own (warm caches: what each adds at most)."""
-    queued = 200  # connections made in advance for the accept timing: bounded by the listen backlog
-    clients = []
-    for _ in range(queued):
+def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], request: bytes, count: int) -> None:
+    """Time the steps of ``Worker._accept`` one by one, in sequence, on fresh connections.
+
+    The steps are restated here (accept and wrap, Connection, receive, serve,
+    close, the batch's failed accept) so a clock can sit between them: keep
+    them in step with ``Worker._accept`` when it changes. Each step is timed
+    where it really runs, cold caches and all, unlike a step repeated alone.
+    """
+    names = ("accept + socket object + setblocking", "Connection() and its parser", "receive (recv + parse)",
+             "serve (environ, app, response, send)", "close", "the batch's failed accept (EAGAIN)")
+    spent = [0.0] * len(names)
+    answer = bytearray(1 << 18)
+    clock = time.perf_counter
+    for turn in range(count + 200):  # the first 200 warm up
         client = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM)
         client.connect(address)
-        clients.append(client)
-    accepted = []
-
-    def accept() -> None:  # what Worker._accept does before it makes the Connection
+        client.send(request)
+        stamps = [clock()]
         fd, peer = entrance.sock._accept()
-        conn = socket.SocketType(entrance.family, socket.SOCK_STREAM, 0, fd)
-        conn.setblocking(False)
-        accepted.append((conn, (peer[0], str(peer[1]))))
-
-    started = time.perf_counter()
-    for _ in range(queued):
-        accept()
-    accept_us = (time.perf_counter() - started) / queued * 1e6
-    sock, remote = accepted[0]
-    service = worker.service
-
-    def connection() -> None:
-        Connection(sock, remote, entrance.environ, service).parser.release()
-
-    parsed = RequestParser(service.limits).feed(request)[0]
-    poller = select.epoll()
-
-    def watch() -> None:
-        poller.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
-        poller.unregister(sock.fileno())
-
-    count = 5000
-    print(f"  alone: accept + socket object + setblocking {accept_us:.1f} us, Connection() with its parser "
-          f"{best_per_call(connection, count) * 1e6:.1f} us (RequestParser() "
-          f"{best_per_call(lambda: RequestParser(service.limits), count) * 1e6:.1f} us), the first request's "
-          f"environ {best_per_call(lambda: build_environ(parsed, entrance.environ, remote), count) * 1e6:.1f} us, "
-          f"epoll register + unregister {best_per_call(watch, count) * 1e6:.1f} us")
-    poller.close()
-    for conn, _ in accepted:
-        conn.close()
-    for client in clients:
+        sock = socket.SocketType(entrance.family, socket.SOCK_STREAM, 0, fd)
+        sock.setblocking(False)
+        stamps.append(clock())
+        connection = Connection(sock, (peer[0], str(peer[1])), entrance.environ, worker.service)
+        stamps.append(clock())
+        connection.receive()
+        stamps.append(clock())
+        connection.serve(0)
+        stamps.append(clock())
+        connection.close()
+        stamps.append(clock())
+        try:
+            entrance.sock._accept()
+        except BlockingIOError:
+            pass
+        stamps.append(clock())
+        if turn >= 200:
+            for step in range(len(names)):
+                spent[step] += stamps[step + 1] - stamps[step]
+        while client.recv_into(answer):
+            pass
         client.close()
+    print(f"  in steps (server side, {count} connections, Connection: close): "
+          + ", ".join(f"{name} {total / count * 1e6:.1f} us" for name, total in zip(names, spent))
+          + f"; in all {sum(spent) / count * 1e6:.1f} us")
+    # The same steps with nothing but the system calls (as scripts/floor_server.py makes them).
+    canned = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nHello, World!"
+    bare = [0.0] * 4
+    for turn in range(count + 200):
+        client = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM)
+        client.connect(address)
+        client.send(request)
+        stamps = [clock()]
+        fd, _ = entrance.sock._accept()
+        sock = socket.SocketType(entrance.family, socket.SOCK_STREAM, 0, fd)
+        sock.setblocking(False)
+        stamps.append(clock())
+        sock.recv(65536)
+        stamps.append(clock())
+        sock.send(canned)
+        stamps.append(clock())
+        sock.close()
+        stamps.append(clock())
+        if turn >= 200:
+            for step in range(4):
+                bare[step] += stamps[step + 1] - stamps[step]
+        while client.recv_into(answer):
+            pass
+        client.close()
+    print("  the floor's steps: " + ", ".join(f"{name} {total / count * 1e6:.1f} us" for name, total in zip(
+        ("accept + socket object + setblocking", "recv", "send", "close"), bare))
+          + f"; in all {sum(bare) / count * 1e6:.1f} us")
 
 
 def main() -> int:
