@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from stopping import stop, tree
 
 SCRIPTS = Path(__file__).resolve().parent
 REQUEST = b"GET / HTTP/1.1\r\nHost: syscalls\r\nConnection: close\r\n\r\n"
@@ -45,16 +46,6 @@ def request_once(port: int) -> None:
         conn.sendall(REQUEST)
         while conn.recv(65536):
             pass
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def measure(server: str, seconds: int, tmp: Path) -> None:
@@ -114,12 +105,7 @@ def measure(server: str, seconds: int, tmp: Path) -> None:
     finally:
         if tracer is not None:
             stop(tracer)
-        stop(proc)
-        for child in psutil.Process().children(recursive=True):  # a worker the master left, by PID
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
+        stop(proc, tree(proc))
         listener.close()
 
 

@@ -51,7 +51,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -236,77 +236,84 @@ def profile_connection(mode: str, path: str, count: int, show_profile: bool) -> 
     listener.close()
 
 
-def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], request: bytes, count: int) -> None:
-    """Time the steps of ``Worker._accept`` one by one, in sequence, on fresh connections.
+def time_steps(address: tuple[str, int], request: bytes, count: int, serve: Callable[[], Iterator[None]],
+               names: Sequence[str]) -> None:
+    """Print the server-side seconds between ``serve``'s yields, averaged over ``count`` fresh connections.
 
-    The steps are restated here (accept and wrap, Connection, receive, serve,
-    close, the batch's failed accept) so a clock can sit between them: keep
-    them in step with ``Worker._accept`` when it changes. Each step is timed
-    where it really runs, cold caches and all, unlike a step repeated alone.
+    For each connection a client connects and sends ``request``; ``serve``
+    takes it from the listener, yielding after each of its steps; then the
+    client reads the answer to the end and closes. The first 200 are warm-up.
     """
-    names = ("accept + socket object + setblocking", "Connection() and its parser", "receive (recv + parse)",
-             "serve (environ, app, response, send)", "close", "the batch's failed accept (EAGAIN)")
     spent = [0.0] * len(names)
     answer = bytearray(1 << 18)
     clock = time.perf_counter
-    for turn in range(count + 200):  # the first 200 warm up
+    for turn in range(count + 200):
         client = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM)
         client.connect(address)
         client.send(request)
         stamps = [clock()]
-        fd, peer = entrance.sock._accept()
-        sock = socket.SocketType(entrance.family, socket.SOCK_STREAM, 0, fd)
-        sock.setblocking(False)
-        stamps.append(clock())
-        connection = Connection(sock, (peer[0], str(peer[1])), entrance.environ, worker.service)
-        stamps.append(clock())
-        connection.receive()
-        stamps.append(clock())
-        connection.serve(0)
-        stamps.append(clock())
-        connection.close()
-        stamps.append(clock())
-        try:
-            entrance.sock._accept()
-        except BlockingIOError:
-            pass
-        stamps.append(clock())
+        for _ in serve():
+            stamps.append(clock())
         if turn >= 200:
             for step in range(len(names)):
                 spent[step] += stamps[step + 1] - stamps[step]
         while client.recv_into(answer):
             pass
         client.close()
-    print(f"  in steps (server side, {count} connections, Connection: close): "
-          + ", ".join(f"{name} {total / count * 1e6:.1f} us" for name, total in zip(names, spent))
+    print(", ".join(f"{name} {total / count * 1e6:.1f} us" for name, total in zip(names, spent))
           + f"; in all {sum(spent) / count * 1e6:.1f} us")
-    # The same steps with nothing but the system calls (as scripts/floor_server.py makes them).
+
+
+def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], request: bytes, count: int) -> None:
+    """Time the steps of ``Worker._accept`` one by one, in sequence, on fresh connections; and the floor's.
+
+    The steps are restated here (accept and wrap, Connection, receive, serve,
+    close, the batch's failed accept) so a clock can sit between them: keep
+    them in step with ``Worker._accept`` when it changes. Each step is timed
+    where it really runs, cold caches and all, unlike a step repeated alone.
+    """
+    listener = entrance.sock
     canned = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nHello, World!"
-    bare = [0.0] * 4
-    for turn in range(count + 200):
-        client = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM)
-        client.connect(address)
-        client.send(request)
-        stamps = [clock()]
-        fd, _ = entrance.sock._accept()
+
+    def accept() -> tuple[socket.SocketType, tuple[str, str]]:
+        fd, peer = listener._accept()
         sock = socket.SocketType(entrance.family, socket.SOCK_STREAM, 0, fd)
         sock.setblocking(False)
-        stamps.append(clock())
-        sock.recv(65536)
-        stamps.append(clock())
-        sock.send(canned)
-        stamps.append(clock())
-        sock.close()
-        stamps.append(clock())
-        if turn >= 200:
-            for step in range(4):
-                bare[step] += stamps[step + 1] - stamps[step]
-        while client.recv_into(answer):
+        return sock, (peer[0], str(peer[1]))
+
+    def forkserver_steps() -> Iterator[None]:
+        sock, remote = accept()
+        yield
+        connection = Connection(sock, remote, entrance.environ, worker.service)
+        yield
+        connection.receive()
+        yield
+        connection.serve(0)
+        yield
+        connection.close()
+        yield
+        try:
+            listener._accept()
+        except BlockingIOError:
             pass
-        client.close()
-    print("  the floor's steps: " + ", ".join(f"{name} {total / count * 1e6:.1f} us" for name, total in zip(
-        ("accept + socket object + setblocking", "recv", "send", "close"), bare))
-          + f"; in all {sum(bare) / count * 1e6:.1f} us")
+        yield
+
+    def floor_steps() -> Iterator[None]:  # system calls only, as scripts/floor_server.py makes them
+        sock, _ = accept()
+        yield
+        sock.recv(65536)
+        yield
+        sock.send(canned)
+        yield
+        sock.close()
+        yield
+
+    print(f"  in steps (server side, {count} connections, Connection: close): ", end="")
+    time_steps(address, request, count, forkserver_steps,
+               ("accept + socket object + setblocking", "Connection() and its parser", "receive (recv + parse)",
+                "serve (environ, app, response, send)", "close", "the batch's failed accept (EAGAIN)"))
+    print("  the floor's steps: ", end="")
+    time_steps(address, request, count, floor_steps, ("accept + socket object + setblocking", "recv", "send", "close"))
 
 
 def main() -> int:

@@ -7,9 +7,9 @@
 
 forkserver is started as scripts/bench.py starts it (on a pre-bound loopback
 socket, so a client's connect succeeds at once and its answer comes when the
-first worker serves), but under ``python -X importtime`` and through this
-script, which installs an audit hook before running ``python -m forkserver``
-in the same interpreter. The hook writes one line per event to a file, with
+first worker serves), but under ``python -X importtime`` and through
+scripts/startup_hook.py, which installs an audit hook and then runs
+``python -m forkserver`` in the same interpreter. The hook writes one line per event to a file, with
 the process's PID and the system-wide monotonic clock: every module import
 (``import``: only modules not imported yet), every ``os.fork``, and when a
 process first asks the kernel for a socket operation
@@ -30,7 +30,6 @@ import argparse
 import collections
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -39,31 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from stopping import stop, tree
+
 SCRIPTS = Path(__file__).resolve().parent
 TIMEOUT = 30.0  # seconds the server gets to answer its first request
 FLOOR_RUNS = 5  # starts of a bare interpreter, and of one importing the app, for comparison
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")
-
-
-def inside(log_path: str) -> None:
-    """Run ``python -m forkserver`` here, with an audit hook logging imports and forks."""
-    import runpy
-
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    monotonic, getpid, write = time.monotonic, os.getpid, os.write
-
-    def hook(event: str, args: tuple) -> None:
-        if event == "import":
-            write(log_fd, f"{monotonic():.6f} {getpid()} import {args[0]}\n".encode())
-        elif event == "os.fork":
-            write(log_fd, f"{monotonic():.6f} {getpid()} fork -\n".encode())
-        elif event == "os._exit" or event.startswith("socket."):
-            write(log_fd, f"{monotonic():.6f} {getpid()} {event} -\n".encode())
-
-    write(log_fd, f"{monotonic():.6f} {getpid()} start -\n".encode())
-    sys.addaudithook(hook)
-    sys.argv = ["forkserver", *sys.argv[3:]]
-    runpy.run_module("forkserver", run_name="__main__", alter_sys=True)
 
 
 def first_response(port: int, proc: subprocess.Popen[bytes]) -> float:
@@ -90,24 +70,6 @@ def first_response(port: int, proc: subprocess.Popen[bytes]) -> float:
     return stamp
 
 
-def stop(proc: subprocess.Popen[bytes], pids: set[int]) -> None:
-    """SIGINT to the master, then SIGKILL to whatever of its processes is left; all by PID."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    for pid in pids - {proc.pid}:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == proc.pid:  # still a child of our master
-                    os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            pass
-
-
 def import_times(stderr: str) -> dict[str, tuple[int, int, int]]:
     """``-X importtime``'s lines: module -> (self us, cumulative us, nesting depth)."""
     times = {}
@@ -119,9 +81,6 @@ def import_times(stderr: str) -> dict[str, tuple[int, int, int]]:
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] == "--inside":
-        inside(sys.argv[2])
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--app", default="bench_apps:app", help="the app to serve (default bench_apps:app)")
     parser.add_argument("-w", "--workers", type=int, default=2, help="workers (default 2, as scripts/bench.py)")
@@ -139,9 +98,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="forkserver-startup-") as tmp:
         events_path = os.path.join(tmp, "events")
         stderr_path = os.path.join(tmp, "stderr")
-        cmd = [sys.executable, "-X", "importtime", __file__, "--inside", events_path,
+        cmd = [sys.executable, "-X", "importtime", str(SCRIPTS / "startup_hook.py"), events_path,
                args.app, "-w", str(args.workers), "-b", f"fd://{listener.fileno()}", "--log-level", "warning"]
-        pids: set[int] = set()
         with open(stderr_path, "wb") as stderr:
             began = time.monotonic()
             proc = subprocess.Popen(cmd, pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL,
@@ -149,10 +107,8 @@ def main() -> int:
         try:
             answered = first_response(port, proc)
         finally:
-            events = [line.split(" ", 3) for line in Path(events_path).read_text().splitlines()] \
-                if os.path.exists(events_path) else []
-            pids = {int(pid) for _, pid, _, _ in events}
-            stop(proc, pids)
+            stop(proc, tree(proc))
+        events = [line.split(" ", 3) for line in Path(events_path).read_text().splitlines()]
         times = import_times(Path(stderr_path).read_text(errors="replace"))
     report(events, times, began, answered, proc.pid, args)
     print_floor(args.app, env)
@@ -193,7 +149,7 @@ def report(events: list[list[str]], times: dict[str, tuple[int, int, int]], bega
     for pid, items in sorted(by_pid.items(), key=lambda kv: kv[1][0][0]):
         role = "master" if pid == master else "worker"
         imports = [(stamp, name) for stamp, event, name in items if event == "import"]
-        forks = [stamp for stamp, event, _ in items if event == "fork"]
+        forks = [stamp for stamp, event, _ in items if event == "os.fork"]
         first_socket = next((stamp for stamp, event, _ in items if event.startswith("socket.")), None)
         print(f"  {role} {pid}: first event {ms(items[0][0])}, {len(imports)} modules imported"
               + (f" ({ms(imports[0][0]).strip()} to {ms(imports[-1][0]).strip()})" if imports else "")
@@ -203,7 +159,7 @@ def report(events: list[list[str]], times: dict[str, tuple[int, int, int]], bega
 
     # The path to the first 200: the master until its first fork, then the first worker.
     mine = by_pid.get(master, [])
-    fork = next((stamp for stamp, event, _ in mine if event == "fork"), None)
+    fork = next((stamp for stamp, event, _ in mine if event == "os.fork"), None)
     workers = [items for pid, items in by_pid.items() if pid != master]
     if mine and fork is not None and workers:
         first = min(workers, key=lambda items: items[0][0])
