@@ -750,6 +750,9 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
                 results["skipped"].append(note)
                 continue
         elif not taking_part(scenario.key):
+            note = f"skipped '{scenario.key}': none of the servers selected takes part in it"
+            log(note)
+            results["skipped"].append(note)
             continue
         runnable.append(scenario)
 
