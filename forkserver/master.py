@@ -27,7 +27,7 @@ from setproctitle import setproctitle
 from . import libc, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
-from .config import Config, load_config
+from .config import Config, environment_of, load_config
 from .errors import (
     EXIT_APP_LOAD,
     EXIT_OK,
@@ -158,6 +158,7 @@ class Master:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
+        os.environ.update(environment_of(config))  # gunicorn's raw_env: before hooks and the app load
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
         if config.static:
             # Imported only when configured, and before the fork so that the workers share it.
@@ -166,6 +167,7 @@ class Master:
             check_roots(config)  # static directories are relative to chdir, as the workers see it
         self.hooks = Hooks(config)
         self.uid, self.gid = resolve_user(config.user), resolve_group(config.group)
+        self.hooks.run("nworkers_changed", self.context(), values=(self.desired, None))
         self.hooks.run("on_starting", self.context(), fatal=True)
         if config.umask:
             os.umask(int(config.umask, 8))
@@ -314,6 +316,10 @@ class Master:
         error line.
         """
         self.hooks.run("when_ready", self.context(), fatal=True)
+        for line in self.config.warnings:
+            log.warning("%s", line)
+        for line in self.config.notices:
+            log.info("%s", line)
         for listener in self.listeners:
             log.info("listening at %s", describe(listener))
         log.info("master started pid=%d workers=%d threads=%d", self.pid, self.desired, self.config.threads)
@@ -351,6 +357,7 @@ class Master:
                 continue
             handle.board.close()
             self.accept_board.release(pid)
+            self.hooks.run("child_exit", HookContext(self.config, self.pid, handle.slot, handle.generation, pid))
             self.forget_stats(handle)
             if not self.stopping and handle.generation == self.generation:
                 self.respawn_due.add(handle.slot)
@@ -605,8 +612,9 @@ class Master:
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
             config = load_config(self.argv, self.environ, self.start_dir).config
+            os.environ.update(environment_of(config))
             prepare_path(config.chdir, config.pythonpath)
-            hooks = Hooks(config)
+            hooks = Hooks(config, spawned=self.hooks.spawned)
         except ForkserverError as exc:  # AppImportError from a bad chdir, too
             log.error("reload failed, keeping the running config: %s", exc)
             systemd.notify("READY=1")
@@ -622,7 +630,7 @@ class Master:
             self.app = None
         self.config, self.hooks = config, hooks
         self.hooks.run("on_reload", self.context())
-        self.desired = config.workers
+        self.set_desired(config.workers)
         self.generation += 1
         self.reloading = True
         self.stats.note_reload()
@@ -672,9 +680,16 @@ class Master:
 
     def scale(self, delta: int) -> None:
         """TTIN/TTOU: one worker more or fewer, never fewer than one."""
-        self.desired = max(1, self.desired + delta)
+        self.set_desired(max(1, self.desired + delta))
         log.info("workers now %d", self.desired)
         systemd.notify(self.status_line())
+
+    def set_desired(self, count: int) -> None:
+        """Change how many workers should run, telling a gunicorn nworkers_changed hook."""
+        old, self.desired = self.desired, count
+        self.hooks.workers = count
+        if count != old:
+            self.hooks.run("nworkers_changed", self.context(), values=(count, old))
 
     def stop_workers(self) -> None:
         """WINCH (daemonized only): stop every worker gracefully, keep the master.
@@ -686,7 +701,7 @@ class Master:
             log.info("WINCH ignored: only a daemonized master stops its workers on WINCH")
             return
         log.info("stopping all workers (WINCH)")
-        self.desired = 0
+        self.set_desired(0)
 
     def upgrade(self) -> None:
         """USR2: start a new master on our listeners; both serve until one is stopped."""
@@ -696,6 +711,7 @@ class Master:
         if self.pidfile is not None:
             os.replace(self.pidfile.path, oldbin_path(self.config.pid))
             self.pidfile.path = oldbin_path(self.config.pid)
+        self.hooks.run("pre_exec", self.context())
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)  # see fork()
         try:
             self.new_master = start_new_master(self.listeners, self.argv, self.environ, previous)

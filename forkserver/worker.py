@@ -160,6 +160,12 @@ class Worker:
         self.spec.hooks.run("worker_int", self._context())
         os._exit(EXIT_OK)
 
+    def _on_abort(self, signum: int, frame: object) -> None:
+        """ABRT with a gunicorn worker_abort hook: call it, dump the stacks, and die as ABRT would."""
+        self.spec.hooks.run("worker_abort", self._context())
+        faulthandler.dump_traceback(file=_Descriptor(self.spec.log_files[0].fd), all_threads=True)
+        os._exit(1)
+
     # -- boot -----------------------------------------------------------------
 
     def run(self) -> int:
@@ -184,11 +190,13 @@ class Worker:
         # On SIGABRT (sent by the master to a hung worker) dump every thread's
         # stack into the error log before dying: the operator sees where it hung.
         faulthandler.enable(file=_Descriptor(spec.log_files[0].fd), all_threads=True)
+        if spec.hooks.defines("worker_abort"):  # gunicorn's hook runs first, then the stacks are dumped
+            signal.signal(signal.SIGABRT, self._on_abort)
         keep_heap_warm()
         spec.hooks.run("post_fork", self._context())
         try:
             drop_privileges(spec.uid, spec.gid)
-            app = spec.app or self._load_app()
+            app = spec.hooks.wrap_requests(spec.app or self._load_app(), self._context())
             self.service = self._build_service(app)
             spec.hooks.run("post_worker_init", self._context(), fatal=True)
         except AppImportError as exc:

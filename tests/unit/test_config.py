@@ -217,7 +217,7 @@ def test_unknown_env_var_with_did_you_mean():
 
 
 def test_env_vars_without_the_prefix_are_ignored():
-    assert load(env={"WORKERS": "x", "GUNICORN_CMD_ARGS": "-w 9", "FORKSERVER": "1"}).workers == load().workers
+    assert load(env={"WORKERS": "x", "FORKSERVER": "1"}).workers == load().workers
 
 
 def test_unknown_cli_flag_with_did_you_mean():
@@ -301,7 +301,12 @@ def test_bad_choice_lists_the_choices(toml):
     path = toml('log_level = "loud"\n')
     assert_mentions(config_error("-c", path), path, "log_level", "one of debug, info, warning, error, critical",
                     "'loud'")
-    assert_mentions(config_error("--log-level", "INFO"), "command line --log-level", "one of debug")
+    assert_mentions(config_error("--log-level", "LOUD"), "command line --log-level", "one of debug")
+
+
+@pytest.mark.parametrize("given", ["INFO", "Info", "info"])
+def test_log_level_in_any_case_as_gunicorn_reads_it(given):
+    assert load("--log-level", given).log_level == "info"
 
 
 @pytest.mark.parametrize("name, value", [
