@@ -419,7 +419,7 @@ class Config:
     notices: tuple[str, ...] = field(default=(), compare=False, repr=False)
     warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)  # the same, worth a look
     # Hooks defined as functions in a gunicorn config file, called with gunicorn's arguments.
-    gunicorn_hooks: Mapping[str, Callable[..., Any]] = field(default_factory=dict, compare=False, repr=False)
+    gunicorn_hooks: Mapping[str, Callable[..., Any] | str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def proc_name(self) -> str:
@@ -901,7 +901,7 @@ class _Sources:
     problems: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    hooks: dict[str, Callable[..., Any] | str] = field(default_factory=dict)
     hook_file: str = ""
     proxy_allow_ips: tuple[str, Any] | None = None  # (where, value) of the last one given
 

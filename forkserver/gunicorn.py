@@ -15,6 +15,7 @@ written it: it is code, and the master often runs as root.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -324,7 +325,7 @@ class Translation:
     named: dict[str, str]  # forkserver setting -> the gunicorn name that set it
     notices: list[str]
     problems: list[str]
-    hooks: dict[str, Callable[..., Any]]
+    hooks: dict[str, Callable[..., Any] | str]
     extras: dict[str, Any]  # gunicorn values settled after the merge (proxy_allow_ips)
 
 
@@ -340,11 +341,13 @@ def translate(raw: Mapping[str, Any], where: Callable[[str], str], available: Ca
         spec = BY_NAME[name]
         kind = spec.disposition(available)
         if kind == "hook":
-            if value is None:
-                continue
-            function = resolve_hook(name, value, where(name), out.problems)
-            if function is not None:
-                out.hooks[name] = function
+            if isinstance(value, str) and value.strip():
+                out.hooks[name] = value.strip()  # imported at start, once pythonpath applies
+            elif value is not None:
+                try:
+                    out.hooks[name] = resolve_hook(name, value)
+                except ConfigError as exc:
+                    out.problems.append(f"{where(name)}: {exc}")
         elif kind == "native":
             try:
                 converted = spec.convert(value) if spec.convert else value
@@ -365,18 +368,20 @@ def translate(raw: Mapping[str, Any], where: Callable[[str], str], available: Ca
     return out
 
 
-def resolve_hook(name: str, value: Any, where: str, problems: list[str]) -> Callable[..., Any] | None:
-    """A hook from a gunicorn config file: a function, or gunicorn's 'module.function' text."""
+def resolve_hook(name: str, value: Any) -> Callable[..., Any]:
+    """A gunicorn hook: a function, or gunicorn's 'module.function' text, imported now.
+
+    Raises:
+        ConfigError: it cannot be imported, is not callable, or takes other arguments than gunicorn passes.
+    """
     if isinstance(value, str):
         module_name, _, attribute = value.rpartition(".")
         try:
-            value = getattr(__import__(module_name, fromlist=[attribute]), attribute)
+            value = getattr(importlib.import_module(module_name), attribute)
         except Exception as exc:
-            problems.append(f"{where}: {name} = {value!r} cannot be loaded: {type(exc).__name__}: {exc}")
-            return None
+            raise ConfigError(f"{name} = {value!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
     if not callable(value):
-        problems.append(f"{where}: {name} must be a function, got {value!r}")
-        return None
+        raise ConfigError(f"{name} must be a function, got {value!r}")
     count = positional_count(value)
     wanted = HOOK_ARITY[name]
     if name == "post_request" and count in (2, 3):
@@ -388,9 +393,8 @@ def resolve_hook(name: str, value: Any, where: str, problems: list[str]) -> Call
 
         return post_request
     if count is not None and count != wanted:
-        problems.append(f"{where}: {name} must take {wanted} argument{'s' if wanted > 1 else ''} "
-                        f"({HOOK_PARAMETERS[name]}), as gunicorn calls it; it takes {count}")
-        return None
+        raise ConfigError(f"{name} must take {wanted} argument{'s' if wanted > 1 else ''} "
+                          f"({HOOK_PARAMETERS[name]}), as gunicorn calls it; it takes {count}")
     return value
 
 
