@@ -745,20 +745,24 @@ def _takes_value(action: argparse.Action) -> bool:
     return action.nargs != 0
 
 
-def _find_option(parser: argparse.ArgumentParser, flag: str) -> tuple[argparse.Action | None, str]:
-    """The action a flag names (exactly, or a unique prefix as argparse allows) and a problem if none."""
+def _find_option(parser: argparse.ArgumentParser, flag: str) -> tuple[argparse.Action | None, str, str]:
+    """The action a flag names (exactly, or by a unique prefix as argparse allows).
+
+    Without one: the problem to report, and the option the user most likely
+    meant (the closest spelling, or the first of an ambiguous prefix's), if any.
+    """
     options = parser._option_string_actions
     if flag in options:
-        return options[flag], ""
+        return options[flag], "", ""
     if flag.startswith("--"):
         matches = sorted({o for o in options if o.startswith(flag)})
         if len(matches) == 1:
-            return options[matches[0]], ""
+            return options[matches[0]], "", ""
         if matches:
-            return None, f"ambiguous option {flag!r}: it could be {', '.join(matches)}"
+            return None, f"ambiguous option {flag!r}: it could be {', '.join(matches)}", matches[0]
     close = difflib.get_close_matches(flag, list(options), n=1, cutoff=0.7)
     hint = f" (did you mean '{close[0]}'?)" if close else " (forkserver --help lists the options)"
-    return None, f"unknown option {flag!r}{hint}"
+    return None, f"unknown option {flag!r}{hint}", close[0] if close else ""
 
 
 def _normalized_argv(parser: argparse.ArgumentParser, argv: Sequence[str], source: str,
@@ -788,14 +792,13 @@ def _normalized_argv(parser: argparse.ArgumentParser, argv: Sequence[str], sourc
         else:
             flag, value = token[:2], token[2:]
             attached = bool(value)
-        action, problem = _find_option(parser, flag)
+        action, problem, meant = _find_option(parser, flag)
         if action is None:
             problems.append(f"{source}: {problem}")
-            close = difflib.get_close_matches(flag, list(parser._option_string_actions), n=1, cutoff=0.7)
-            guess = parser._option_string_actions.get(close[0]) if close else None
+            guess = parser._option_string_actions.get(meant)
             if (not attached and i < len(argv) and not argv[i].startswith("-")
                     and guess is not None and _takes_value(guess)):
-                i += 1
+                i += 1  # its value, not the app
             continue
         if action.dest == "proxy_protocol":
             if not attached and i < len(argv) and argv[i].lower() in gunicorn.PROXY_MODES:
