@@ -683,9 +683,7 @@ def _gunicorn_help(spec: gunicorn.GunicornSetting) -> str:
     kind = spec.disposition(available)
     if kind == "native":
         return f"gunicorn's spelling of {cli_flag(spec.native)}."
-    if kind == "refused":
-        return f"Refused: {spec.reason(available)}."
-    return f"Accepted, not needed: {spec.reason(available)}."
+    return f"Refused: {spec.reason(available)}."
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -727,14 +725,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 *flags, dest=f.name, action="append", metavar=meta["metavar"] or f.name.upper(), help=help_text
             )
-    group = parser.add_argument_group("gunicorn's other spellings")
+    group = parser.add_argument_group(
+        "gunicorn's other spellings",
+        "gunicorn's options that forkserver does not need are accepted too, and named at start with "
+        "the reason; docs/gunicorn.md lists every one.")
     actions = {"value": "store", "append": "append", "flag": "store_true", "off": "store_false"}
     for spec in gunicorn.SETTINGS:
         flags = gunicorn_only_flags(spec)
         if not flags:
             continue
+        unneeded = spec.disposition(_setting_names().__contains__) == "ignored"
         options: dict[str, Any] = {"dest": GUNICORN_DEST + spec.name, "action": actions[spec.takes],
-                                   "help": _gunicorn_help(spec).replace("%", "%%")}
+                                   "help": argparse.SUPPRESS if unneeded else _gunicorn_help(spec).replace("%", "%%")}
         if spec.takes in ("value", "append"):
             options["metavar"] = spec.name.upper()
         group.add_argument(*flags, **options)

@@ -15,7 +15,6 @@ written it: it is code, and the master often runs as root.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import os
@@ -345,7 +344,7 @@ def translate(raw: Mapping[str, Any], where: Callable[[str], str], available: Ca
                 out.hooks[name] = value.strip()  # imported at start, once pythonpath applies
             elif value is not None:
                 try:
-                    out.hooks[name] = resolve_hook(name, value)
+                    out.hooks[name] = check_hook(name, value)
                 except ConfigError as exc:
                     out.problems.append(f"{where(name)}: {exc}")
         elif kind == "native":
@@ -368,18 +367,18 @@ def translate(raw: Mapping[str, Any], where: Callable[[str], str], available: Ca
     return out
 
 
-def resolve_hook(name: str, value: Any) -> Callable[..., Any]:
-    """A gunicorn hook: a function, or gunicorn's 'module.function' text, imported now.
+def as_spec(dotted: str) -> str:
+    """gunicorn's 'package.module.function' as forkserver's 'package.module:function'."""
+    module_name, _, attribute = dotted.rpartition(".")
+    return f"{module_name}:{attribute}"
+
+
+def check_hook(name: str, value: Any) -> Callable[..., Any]:
+    """A gunicorn hook function, checked to take what gunicorn passes it.
 
     Raises:
-        ConfigError: it cannot be imported, is not callable, or takes other arguments than gunicorn passes.
+        ConfigError: it is not callable, or takes other arguments than gunicorn passes.
     """
-    if isinstance(value, str):
-        module_name, _, attribute = value.rpartition(".")
-        try:
-            value = getattr(importlib.import_module(module_name), attribute)
-        except Exception as exc:
-            raise ConfigError(f"{name} = {value!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
     if not callable(value):
         raise ConfigError(f"{name} must be a function, got {value!r}")
     count = positional_count(value)

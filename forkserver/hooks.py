@@ -177,7 +177,11 @@ class Hooks:
     """The configured hooks, resolved once; calling an unset hook does nothing."""
 
     def __init__(self, config: Any, spawned: int = 0) -> None:
-        self._gunicorn = {name: gunicorn.resolve_hook(name, hook) for name, hook in config.gunicorn_hooks.items()}
+        self._gunicorn = {
+            # gunicorn also takes a hook as 'module.function' text, imported once pythonpath applies.
+            name: gunicorn.check_hook(name, resolve(name, gunicorn.as_spec(hook)) if isinstance(hook, str) else hook)
+            for name, hook in config.gunicorn_hooks.items()
+        }
         self._functions = {
             name: resolve(name, getattr(config, name)) for name in HOOK_NAMES
             if getattr(config, name) and name not in self._gunicorn

@@ -105,17 +105,23 @@ COMMAND_LINES = [
 ]
 
 
-@pytest.mark.parametrize("args, expected_log, check", COMMAND_LINES,
-                         ids=[" ".join(line[0]) for line in COMMAND_LINES])
-def test_gunicorn_command_line_serves(server, tmp_path, args, expected_log, check):
-    sock = listening_socket()
-    srv = server(*fill(args, sock.fileno(), tmp_path), sock=sock)
+def assert_serves(srv, check, expected_log: list[str]) -> dict:
+    """The server answers 200, the answer passes ``check``, and the log comes to say each line."""
     status, answer = get(srv.port)
     assert status == b"HTTP/1.1 200 OK"
     if check is not None:
         assert check(answer), answer
     for line in expected_log:
         poll(lambda: line in srv.log(), what=f"{line!r} in the log")
+    return answer
+
+
+@pytest.mark.parametrize("args, expected_log, check", COMMAND_LINES,
+                         ids=[" ".join(line[0]) for line in COMMAND_LINES])
+def test_gunicorn_command_line_serves(server, tmp_path, args, expected_log, check):
+    sock = listening_socket()
+    srv = server(*fill(args, sock.fileno(), tmp_path), sock=sock)
+    assert_serves(srv, check, expected_log)
 
 
 def test_pid_file_and_access_log_of_gunicorn_spellings(server, tmp_path):
@@ -278,12 +284,7 @@ def test_gunicorn_conf_py_serves(server, tmp_path, name):
     path = write_conf(tmp_path, text, sock.fileno())
     args = ["-c", str(path)] + ([] if "wsgi_app" in text else [APP])
     srv = server(*args, env={**env, "MARKS_DIR": str(marks)}, sock=sock)
-    status, answer = get(srv.port)
-    assert status == b"HTTP/1.1 200 OK"
-    if check is not None:
-        assert check(answer), answer
-    for line in expected_log:
-        poll(lambda: line in srv.log(), what=f"{line!r} in the log")
+    answer = assert_serves(srv, check, expected_log)
     if name == "prometheus_multiproc":
         worker = answer["pid"]
         srv.stop()
@@ -431,7 +432,7 @@ def run_forkserver(*args: str, env: dict[str, str] | None = None, cwd: Path | No
                 if not k.startswith("FORKSERVER_") and k not in ("PORT", "WEB_CONCURRENCY", "GUNICORN_CMD_ARGS")}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "forkserver", "--pythonpath", str(APPS), *args],
-                          capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
+                          capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or APPS)
 
 
 def free_port() -> int:

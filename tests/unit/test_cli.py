@@ -45,6 +45,13 @@ def test_help_lists_the_actions_and_renders_percent_signs(help_text):
     assert "%(x)s" in help_text  # argparse would choke on a raw %; the schema's help escapes it
 
 
+def test_help_names_the_stats_and_top_commands_and_gunicorns_spellings(help_text):
+    assert "forkserver stats ADDR" in help_text and "forkserver top ADDR" in help_text
+    for flag in ("--keep-alive", "--log-file", "--limit-request-field_size", "--certfile", "--print-config",
+                 "--worker-class", "docs/gunicorn.md"):
+        assert flag in help_text
+
+
 def test_short_help_flag_too():
     result = forkserver_cli("-h")
     assert result.returncode == 0
