@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import difflib
 import functools
-import json
 import math
 import os
 import re
@@ -484,7 +483,7 @@ def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
         ConfigError: naming ``where`` the value came from, the key and what was expected.
     """
     kind = _kinds()[name]
-    meta = next(f.metadata for f in settings() if f.name == name)
+    meta = _field(name).metadata
     bad = ConfigError(f"{where}: {name} must be {_describe(kind, meta['table'])}, got {value!r}")
     text = isinstance(value, str) and not typed
     if kind is bool:
@@ -562,6 +561,7 @@ def environment_of(config: Config) -> dict[str, str]:
 
 def toml_value(value: Any) -> str:
     """Write a setting's value as TOML (JSON's string escapes are TOML's too)."""
+    import json  # deferred: only --print-config writes TOML
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -600,8 +600,9 @@ def render_toml(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _setting_names() -> set[str]:
-    return {f.name for f in settings()}
+@functools.cache
+def _setting_names() -> frozenset[str]:
+    return frozenset(f.name for f in settings())
 
 
 def _unknown(key: str, where: str) -> str:
@@ -663,13 +664,15 @@ ACTION_FLAGS = ("-c", "--config", "--check-config", "--print-config", "--version
 GUNICORN_DEST = "gunicorn:"
 
 
-def _native_flags() -> set[str]:
+@functools.cache
+def _native_flags() -> frozenset[str]:
+    """Every spelling forkserver's own flags have; computed once, as the parser is built per load."""
     flags = set(ACTION_FLAGS)
     for f in settings():
         flags.update([*f.metadata["flags"], cli_flag(f.name)])
         if _kinds()[f.name] is bool:
             flags.add("--no-" + f.name.replace("_", "-"))
-    return flags
+    return frozenset(flags)
 
 
 def gunicorn_only_flags(spec: gunicorn.GunicornSetting) -> list[str]:
@@ -858,7 +861,8 @@ def _from_cli(namespace: argparse.Namespace) -> dict[str, Any]:
 
 def _gunicorn_from_cli(namespace: argparse.Namespace) -> dict[str, Any]:
     """gunicorn settings given with spellings forkserver's own flags lack, by gunicorn name."""
-    return gunicorn.command_line_settings(iter(vars(namespace).items()))
+    return {dest[len(GUNICORN_DEST):]: value for dest, value in vars(namespace).items()
+            if dest.startswith(GUNICORN_DEST)}
 
 
 def _check_combinations(config: Config) -> list[str]:
@@ -959,11 +963,21 @@ def _config_file_layer(sources: _Sources, path: str) -> None:
 
 def _find_config_file(namespace: argparse.Namespace, env_namespace: argparse.Namespace,
                       environ: Mapping[str, str], base: str, sources: _Sources) -> str:
-    """The config file: -c, else FORKSERVER_CONFIG, else -c in GUNICORN_CMD_ARGS, else ./gunicorn.conf.py."""
+    """The config file: -c, else FORKSERVER_CONFIG, else -c in GUNICORN_CMD_ARGS, else ./gunicorn.conf.py.
+
+    gunicorn's ``file:PATH`` and ``python:MODULE`` forms name a file too; a
+    module is found on the path as it is when forkserver starts.
+    """
     path = (getattr(namespace, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
             or getattr(env_namespace, "config", None) or "")
+    if path.startswith("python:"):  # gunicorn's -c python:package.module
+        try:
+            return gunicorn.module_file(path)
+        except ConfigError as exc:
+            sources.problems.append(str(exc))
+            return ""
     if path:
-        return os.path.join(base, path)
+        return os.path.join(base, path.removeprefix("file:"))
     candidate = os.path.join(base, gunicorn.DEFAULT_FILE)
     if not os.path.isfile(candidate):
         return ""
@@ -1000,8 +1014,8 @@ def _settle(values: dict[str, Any], origins: dict[str, str], sources: _Sources) 
             except ConfigError as exc:
                 sources.problems.append(str(exc))
     if origins.get("bind") == "environment PORT":
-        sources.warnings.append(f"binding all interfaces, {values['bind'][0]}, because PORT is set and no bind "
-                       "is given (as gunicorn does)")
+        sources.warnings.append(f"binding all interfaces, {values['bind'][0]}, because PORT is set and "
+                                "no bind is given (as gunicorn does)")
     if origins.get("workers") == "environment WEB_CONCURRENCY":
         notices.append(f"workers: {values['workers']} from WEB_CONCURRENCY, as no workers setting is given")
     elif "workers" not in values:

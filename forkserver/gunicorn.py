@@ -15,14 +15,11 @@ written it: it is code, and the master often runs as root.
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import stat
 import sys
-import traceback
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +119,8 @@ def _env_entries(value: Any) -> Any:
 def _json_logconfig(value: Any) -> Any:
     if not isinstance(value, str) or not value:
         return value
+    import json  # deferred, as this option is rare
+
     try:
         with open(value, encoding="utf-8") as fh:
             return json.load(fh)
@@ -399,6 +398,8 @@ def check_hook(name: str, value: Any) -> Callable[..., Any]:
 
 def positional_count(function: Callable[..., Any]) -> int | None:
     """How many positional arguments ``function`` takes; None if it takes any number."""
+    import inspect  # deferred: only a gunicorn config file with hooks needs it, and it is slow to import
+
     try:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
@@ -422,6 +423,24 @@ def unsafe_because(path: str) -> str | None:
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"it is writable by {'group and others' if info.st_mode & stat.S_IWOTH and info.st_mode & stat.S_IWGRP else 'group' if info.st_mode & stat.S_IWGRP else 'others'} (mode {stat.S_IMODE(info.st_mode):03o})"
     return None
+
+
+def module_file(location: str) -> str:
+    """The file of gunicorn's ``-c python:package.module``, found without running it.
+
+    Raises:
+        ConfigError: no such module on the path.
+    """
+    import importlib.util  # deferred: this form of -c is rare
+
+    name = location[len("python:"):]
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"{location}: cannot find the module: {exc}") from None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise ConfigError(f"{location}: no Python module {name!r} on the path")
+    return spec.origin
 
 
 def run_python_file(path: str) -> dict[str, Any]:
@@ -451,6 +470,8 @@ def run_python_file(path: str) -> dict[str, Any]:
     except BaseException as exc:  # exit() in the file, too: it must not end the master
         if isinstance(exc, KeyboardInterrupt):
             raise
+        import traceback  # deferred: needed only to name the line that failed
+
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
         line = f":{frames[-1].lineno}" if frames else ""
         raise ConfigError(f"{path}{line}: config file raised {type(exc).__name__}: {exc}") from None
@@ -487,12 +508,6 @@ def split_python_names(names: Mapping[str, Any], native: set[str]) -> tuple[dict
             if close:
                 near.append(f"'{name}' is not a setting and is ignored (did you mean '{close}'?)")
     return gunicorn, own, near
-
-
-def command_line_settings(namespace_items: Iterator[tuple[str, Any]]) -> dict[str, Any]:
-    """gunicorn settings given by gunicorn-only spellings, from the parsed namespace."""
-    prefix = "gunicorn:"
-    return {dest[len(prefix):]: value for dest, value in namespace_items if dest.startswith(prefix)}
 
 
 def evented_threads(connections: int) -> int:

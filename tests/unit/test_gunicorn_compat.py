@@ -316,3 +316,14 @@ def test_the_default_worker_count_is_named_for_a_gunicorn_user():
     assert f"workers: {os.cpu_count() or 1}, one per CPU, forkserver's default (gunicorn's is 1; set workers " \
            "to choose)" in notices
     assert not any(line.startswith("workers:") for line in load("app:app", "-w", "2").notices)
+
+
+def test_gunicorns_file_and_python_forms_of_the_config_option(tmp_path, monkeypatch):
+    python_conf(tmp_path, "workers = 6\n")
+    (tmp_path / "deploy_settings.py").write_text("workers = 7\n")
+    (tmp_path / "deploy_settings.py").chmod(0o644)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load("-c", f"file:{tmp_path}/gunicorn.conf.py", "app:app").workers == 6
+    assert load("-c", "python:deploy_settings", "app:app").workers == 7
+    assert problems("-c", "python:no_such_settings_module", "app:app") == [
+        "python:no_such_settings_module: no Python module 'no_such_settings_module' on the path"]
