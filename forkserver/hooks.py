@@ -145,9 +145,10 @@ class RequestView:
 class ResponseView:
     """gunicorn's ``resp`` for post_request: what the app answered."""
 
-    status: str | None = None
-    status_code: int | None = None
-    headers: list[tuple[str, str]] = []
+    def __init__(self) -> None:
+        self.status: str | None = None
+        self.status_code: int | None = None
+        self.headers: list[tuple[str, str]] = []
 
     def started(self, status: str, headers: list[tuple[str, str]]) -> None:
         self.status, self.headers = status, headers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -414,6 +415,26 @@ def test_worker_abort_runs_when_the_master_aborts_a_hung_worker(server, tmp_path
     assert aborted["pid"] == aborted["os_pid"] != srv.pid
     poll(lambda: "worker received SIGABRT signal" in srv.log(), what="the hook's log line")
     poll(lambda: "Thread" in srv.log() or "Current thread" in srv.log(), what="stacks still dumped")
+
+
+def test_pre_exec_runs_in_the_old_master_before_a_usr2_upgrade(server, tmp_path):
+    record = tmp_path / "pre_exec.txt"
+    conf = write_conf(tmp_path, """
+        import os
+        workers = 1
+
+        def pre_exec(server):
+            server.log.info("Forked child, re-executing.")
+            with open(os.environ["PRE_EXEC_LOG"], "a") as fh:
+                fh.write(f"{server.pid} {os.getpid()}\\n")
+        """, 0)
+    srv = server("-c", str(conf), APP, env={"PRE_EXEC_LOG": str(record)})
+    srv.signal(signal.SIGUSR2)
+    found = poll(lambda: re.search(r"upgrading: new master pid=(\d+)", srv.log()), what="the upgrade")
+    new_master = int(found.group(1))  # the old master's child: the fixture's stop ends it by PID too
+    assert record.read_text().split() == [str(srv.pid), str(srv.pid)]
+    assert "Forked child, re-executing." in srv.log()
+    poll(lambda: f"master started pid={new_master}" in srv.log(), what="the new master to serve")
 
 
 def test_hook_with_the_wrong_arguments_is_refused_before_start(tmp_path):
