@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from . import __version__
 from .config import build_arg_parser, environment_of, load_config, render_toml
 from .errors import ConfigError, ForkserverError
+from .hooks import Hooks
 from .loader import collector_paused, load_app, parse_spec, prepare_path
 from .sockets import parse_address
 
@@ -74,6 +75,7 @@ def run(argv: Sequence[str]) -> int:
             parse_address(address)
         os.environ.update(environment_of(config))
         prepare_path(config.chdir, config.pythonpath)
+        Hooks(config)  # every hook imports and takes the arguments it will be given
         load_app(config.app)
         return check(f"app {config.app!r} imports; {config.workers} worker(s) on {', '.join(config.bind)}")
     with collector_paused():  # the master's own imports, and those it shares with the workers

@@ -571,6 +571,14 @@ def test_worker_classes_that_cannot_serve_exit_78_with_one_line(tmp_path, worker
     assert result.stderr.count("\n") == 1
 
 
+def test_check_config_imports_hooks_given_as_gunicorns_dotted_text(tmp_path):
+    conf = write_conf(tmp_path, 'when_ready = "no_such_hook_module.ready"\n', 0)
+    result = run_forkserver("-c", str(conf), APP, "--check-config")
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr == ("forkserver: error: when_ready: cannot load 'no_such_hook_module:ready': "
+                             "ModuleNotFoundError: No module named 'no_such_hook_module'\n")
+
+
 def test_check_config_accepts_gunicorn_lines(tmp_path):
     result = run_forkserver("--check-config", "-k", "gevent", "--keep-alive", "2", "-w", "2", APP)
     assert result.returncode == 0, result.stderr
