@@ -1048,6 +1048,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str], base_dir: str |
         sources.problems.append(f"environment GUNICORN_CMD_ARGS: cannot split it as a shell would: {exc}")
         env_argv = []
     env_namespace = parse_command_line(parser, env_argv, "environment GUNICORN_CMD_ARGS", sources.problems)
+    if env_argv:
+        sources.notices.append(f"environment GUNICORN_CMD_ARGS read as command-line options: {shlex.join(env_argv)}")
 
     for name, value, source in gunicorn.environment_defaults(environ):
         sources.layers.append(_Layer(lambda key, source=source: source, False, {name: value}))

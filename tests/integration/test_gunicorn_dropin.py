@@ -139,6 +139,8 @@ def test_gunicorn_cmd_args_alone_configure_the_server(server):
                  workers=1)
     assert get(srv.port)[1]["multithread"] is True
     assert "[DEBUG]" in srv.log()
+    poll(lambda: "GUNICORN_CMD_ARGS read as command-line options: --workers 1 -k gthread --threads 3 "
+         "--log-level DEBUG" in srv.log(), what="the start-up log to say GUNICORN_CMD_ARGS was used")
 
 
 # -- gunicorn.conf.py files -------------------------------------------------------------
