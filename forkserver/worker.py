@@ -161,7 +161,11 @@ class Worker:
         os._exit(EXIT_OK)
 
     def _on_abort(self, signum: int, frame: object) -> None:
-        """ABRT with a gunicorn worker_abort hook: call it, dump the stacks, and die as ABRT would."""
+        """ABRT with a gunicorn worker_abort hook: call it, dump the stacks, and exit.
+
+        A Python handler runs between bytecodes of the main thread; should the
+        hang keep it from ever running, the master's KILL a second later still ends us.
+        """
         self.spec.hooks.run("worker_abort", self._context())
         faulthandler.dump_traceback(file=_Descriptor(self.spec.log_files[0].fd), all_threads=True)
         os._exit(1)
