@@ -116,6 +116,11 @@ def _check_env(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _without_tcp_scheme(value: tuple[str, ...]) -> tuple[str, ...]:
+    """gunicorn also takes tcp://HOST:PORT for HOST:PORT."""
+    return tuple(entry.removeprefix("tcp://") for entry in value)
+
+
 def _check_bind(value: tuple[str, ...]) -> str | None:
     return None if value else "at least one address"
 
@@ -192,6 +197,7 @@ class Config:
         help="Address to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. "
         "Repeat it (or give a list) to listen on several.",
         check=_check_bind,
+        normalize=_without_tcp_scheme,
         metavar="ADDRESS",
     )
     workers: int = setting(
@@ -920,7 +926,8 @@ def _command_line_layers(sources: _Sources, namespace: argparse.Namespace, sourc
     flags = {spec.name: gunicorn_only_flags(spec) for spec in gunicorn.SETTINGS}
     given = _gunicorn_from_cli(namespace)
     if given:
-        _add_gunicorn(sources, given, lambda key: f"{source} {flags[key][0]}", typed=False)
+        # Text as typed, or what a conversion made of it (a dict from --log-config-json).
+        _add_gunicorn(sources, given, lambda key: f"{source} {flags[key][0]}", typed=None)
     sources.layers.append(_Layer(lambda key: _cli_source(key, source), False, _from_cli(namespace)))
 
 
@@ -930,6 +937,7 @@ def _add_gunicorn(sources: _Sources, raw: Mapping[str, Any], where: Callable[[st
     translation = gunicorn.translate(raw, where, _setting_names().__contains__)
     sources.problems.extend(translation.problems)
     sources.notices.extend(translation.notices)
+    sources.warnings.extend(translation.warnings)
     if "proxy_allow_ips" in translation.extras:
         sources.proxy_allow_ips = (where("proxy_allow_ips"), translation.extras["proxy_allow_ips"])
     values = dict(native or {})

@@ -322,6 +322,7 @@ class Translation:
     values: dict[str, Any]
     named: dict[str, str]  # forkserver setting -> the gunicorn name that set it
     notices: list[str]
+    warnings: list[str]
     problems: list[str]
     hooks: dict[str, Callable[..., Any] | str]
     extras: dict[str, Any]  # gunicorn values settled after the merge (proxy_allow_ips)
@@ -334,7 +335,7 @@ def translate(raw: Mapping[str, Any], where: Callable[[str], str], available: Ca
     whether this build has a forkserver setting.  Problems are collected, not
     raised, so one run reports them all.
     """
-    out = Translation({}, {}, [], [], {}, {})
+    out = Translation({}, {}, [], [], [], {}, {})
     for name, value in raw.items():
         spec = BY_NAME[name]
         kind = spec.disposition(available)
@@ -361,8 +362,12 @@ def translate(raw: Mapping[str, Any], where: Callable[[str], str], available: Ca
         elif kind == "ignored":
             if name == "proxy_allow_ips" and not is_default(spec, value):
                 out.extras[name] = value
-            if not is_default(spec, value):
-                out.notices.append(f"{where(name)}: {name} accepted but not needed: {spec.reason(available)}")
+            if is_default(spec, value):
+                continue
+            if spec.ignored:
+                out.notices.append(f"{where(name)}: {name} accepted but not needed: {spec.ignored}")
+            else:
+                out.warnings.append(f"{where(name)}: {name} ignored: {spec.reason(available)}")
     return out
 
 

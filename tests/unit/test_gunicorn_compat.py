@@ -70,6 +70,7 @@ def test_every_gunicorn_setting_is_listed_once_and_maps_onto_a_real_setting():
 # (gunicorn's flag and value, forkserver setting, what it must hold)
 CLI_SPELLINGS = [
     (["-b", "127.0.0.1:1"], "bind", ("127.0.0.1:1",)),
+    (["-b", "tcp://127.0.0.1:2", "--bind", ":3"], "bind", ("127.0.0.1:2", ":3")),
     (["-w", "3"], "workers", 3),
     (["-k", "gthread"], "worker_class", "gthread"),
     (["--worker-class", "gunicorn.workers.ggevent.GeventWorker"], "worker_class", "gevent"),
@@ -327,3 +328,12 @@ def test_gunicorns_file_and_python_forms_of_the_config_option(tmp_path, monkeypa
     assert load("-c", "python:deploy_settings", "app:app").workers == 7
     assert problems("-c", "python:no_such_settings_module", "app:app") == [
         "python:no_such_settings_module: no Python module 'no_such_settings_module' on the path"]
+
+
+@pytest.mark.skipif(PARALLEL <= NATIVE, reason="every parallel setting is in this build")
+def test_spellings_of_settings_this_build_lacks_are_accepted_with_a_warning():
+    missing = sorted(PARALLEL - NATIVE)
+    spec = next(s for s in gunicorn.SETTINGS if s.native in missing and s.takes == "flag")
+    config = load("app:app", spec.flags[-1])
+    assert f"command line {spec.flags[-1]}: {spec.name} ignored: not available in this forkserver build" \
+        in config.warnings
