@@ -116,6 +116,12 @@ def _check_env(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _log_level(value: str) -> str:
+    """A log level in any case, with the other names Python's logging knows for two of them."""
+    text = value.strip().lower()
+    return {"warn": "warning", "fatal": "critical"}.get(text, text)
+
+
 def _without_tcp_scheme(value: tuple[str, ...]) -> tuple[str, ...]:
     """gunicorn also takes tcp://HOST:PORT for HOST:PORT."""
     return tuple(entry.removeprefix("tcp://") for entry in value)
@@ -374,7 +380,10 @@ class Config:
     )
     error_logfile: str = setting("-", help="Where to write the error log: a path, or '-' for stderr.")
     log_level: str = setting(
-        "info", choices=LOG_LEVELS, normalize=str.lower, help="Lowest level the error log records, in any case."
+        "info",
+        choices=LOG_LEVELS,
+        normalize=_log_level,
+        help="Lowest level the error log records, in any case ('warn' and 'fatal' too).",
     )
     name: str = setting("", help="Name shown in process titles; defaults to the app spec.")
     pid: str = setting("", help="Write the master's PID to this file.", metavar="FILE")

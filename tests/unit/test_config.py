@@ -304,9 +304,10 @@ def test_bad_choice_lists_the_choices(toml):
     assert_mentions(config_error("--log-level", "LOUD"), "command line --log-level", "one of debug")
 
 
-@pytest.mark.parametrize("given", ["INFO", "Info", "info"])
-def test_log_level_in_any_case_as_gunicorn_reads_it(given):
-    assert load("--log-level", given).log_level == "info"
+@pytest.mark.parametrize("given, level", [("INFO", "info"), ("Info", "info"), ("info", "info"),
+                                          ("WARN", "warning"), ("fatal", "critical")])
+def test_log_level_in_any_case_as_gunicorn_reads_it(given, level):
+    assert load("--log-level", given).log_level == level
 
 
 @pytest.mark.parametrize("name, value", [
