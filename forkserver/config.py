@@ -630,6 +630,11 @@ def _unknown(key: str, where: str) -> str:
     return f"{where}: unknown setting '{key}'{hint}"
 
 
+def _text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
 def read_toml(path: str) -> tuple[dict[str, Any], list[str]]:
     """Read a TOML config file into raw values, and a problem line for each unknown key.
 
@@ -647,7 +652,8 @@ def read_toml(path: str) -> tuple[dict[str, Any], list[str]]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        hint = "; a gunicorn config file must be named *.py" if re.search(r"^\s*(import|def) ", _text(path), re.M) else ""
+        raise ConfigError(f"{path}: invalid TOML: {exc}{hint}") from None
     known = _setting_names()
     problems = [_unknown(key, path) for key in data if key not in known]
     return {key: value for key, value in data.items() if key in known}, problems
@@ -998,7 +1004,7 @@ def _find_config_file(namespace: argparse.Namespace, env_namespace: argparse.Nam
     candidate = os.path.join(base, gunicorn.DEFAULT_FILE)
     if not os.path.isfile(candidate):
         return ""
-    unsafe = gunicorn.unsafe_because(candidate)
+    unsafe = gunicorn.unsafe_because(os.stat(candidate))
     if unsafe:
         sources.warnings.append(f"{candidate}: not loaded, although gunicorn would load it: {unsafe}")
         return ""

@@ -417,16 +417,13 @@ def positional_count(function: Callable[..., Any]) -> int | None:
 
 # -- the Python config file --------------------------------------------------------------
 
-def unsafe_because(path: str) -> str | None:
-    """Why the master must not run ``path`` as code, or None if only root or we can have written it."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None  # reading it names the problem
+def unsafe_because(info: os.stat_result) -> str | None:
+    """Why the master must not run a file with this status as code; None if only root or we can write it."""
     if info.st_uid not in (0, os.geteuid()):
         return f"it is owned by uid {info.st_uid}, not by this user ({os.geteuid()}) or root"
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"it is writable by {'group and others' if info.st_mode & stat.S_IWOTH and info.st_mode & stat.S_IWGRP else 'group' if info.st_mode & stat.S_IWGRP else 'others'} (mode {stat.S_IMODE(info.st_mode):03o})"
+    writers = [who for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if info.st_mode & bit]
+    if writers:
+        return f"it is writable by {' and '.join(writers)} (mode {stat.S_IMODE(info.st_mode):03o})"
     return None
 
 
@@ -454,15 +451,18 @@ def run_python_file(path: str) -> dict[str, Any]:
     Raises:
         ConfigError: it is unsafe to run, cannot be read, or raised; one line with the file and line.
     """
-    unsafe = unsafe_because(path)
-    if unsafe:
-        raise ConfigError(f"{path}: refusing to run this config file: {unsafe}; "
-                          "make it owned by this user or root and not writable by others (chmod go-w)")
     try:
         with open(path, "rb") as fh:
+            # Judged on the file opened, so it cannot be swapped between the check and the read.
+            unsafe = unsafe_because(os.fstat(fh.fileno()))
+            if unsafe:
+                raise ConfigError(f"{path}: refusing to run this config file: {unsafe}; make it owned by "
+                                  "this user or root and not writable by others (chmod go-w)")
             source = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: cannot read config file: it is a directory") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     module = types.ModuleType("__config__")
