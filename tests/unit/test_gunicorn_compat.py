@@ -337,3 +337,11 @@ def test_spellings_of_settings_this_build_lacks_are_accepted_with_a_warning():
     config = load("app:app", spec.flags[-1])
     assert f"command line {spec.flags[-1]}: {spec.name} ignored: not available in this forkserver build" \
         in config.warnings
+
+
+def test_a_python_config_file_without_the_py_name_gets_a_hint(tmp_path):
+    path = tmp_path / "gunicorn.conf"
+    path.write_text("import multiprocessing\nworkers = multiprocessing.cpu_count()\n")
+    [line] = problems("-c", str(path), "app:app")
+    assert line.startswith(f"{path}: invalid TOML: ")
+    assert line.endswith("; a gunicorn config file must be named *.py")
