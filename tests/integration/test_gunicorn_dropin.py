@@ -450,12 +450,20 @@ def test_hook_with_the_wrong_arguments_is_refused_before_start(tmp_path):
 # -- environment: GUNICORN_CMD_ARGS, PORT, WEB_CONCURRENCY ------------------------------
 
 def run_forkserver(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-                   timeout: float = 30) -> subprocess.CompletedProcess[str]:
+                   timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Run a forkserver command that must end by itself; if it serves instead, end it and its workers."""
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith("FORKSERVER_") and k not in ("PORT", "WEB_CONCURRENCY", "GUNICORN_CMD_ARGS")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "forkserver", "--pythonpath", str(APPS), *args],
-                          capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or APPS)
+    command = [sys.executable, "-m", "forkserver", "--pythonpath", str(APPS), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                            cwd=cwd or APPS)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process_tree(proc, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def free_port() -> int:
