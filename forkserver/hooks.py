@@ -97,6 +97,11 @@ class SettingsView:
     def env(self) -> dict[str, str]:
         return dict(entry.split("=", 1) for entry in self._config.env)
 
+    @property
+    def worker_class_str(self) -> str:
+        kind = self._config.worker_class
+        return "gthread" if kind == "sync" and self._config.threads > 1 else kind
+
 
 class ServerView:
     """gunicorn's ``server`` argument: the master."""
@@ -140,6 +145,8 @@ class RequestView:
         self.remote_addr = environ.get("REMOTE_ADDR", "")
         self.headers = [(key[5:].replace("_", "-"), value) for key, value in environ.items()
                         if key.startswith("HTTP_")]
+        self.headers += [(key.replace("_", "-"), environ[key]) for key in ("CONTENT_TYPE", "CONTENT_LENGTH")
+                         if environ.get(key)]
 
 
 class ResponseView:

@@ -20,7 +20,8 @@ def _record(name, **fields):
 
 def on_starting(server):
     server.log.info("on_starting hook: pid %s", server.pid)
-    _record("on_starting", server_pid=server.pid, workers=server.cfg.workers)
+    _record("on_starting", server_pid=server.pid, workers=server.cfg.workers,
+            worker_class=server.cfg.worker_class_str, keepalive=server.cfg.keepalive)
 
 
 def when_ready(server):

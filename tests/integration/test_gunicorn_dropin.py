@@ -367,7 +367,8 @@ def test_every_hook_fires_at_its_moment_with_gunicorns_arguments(server, tmp_pat
     assert names[:2] == ["nworkers_changed", "on_starting"]
     assert by_name["nworkers_changed"][0] == {"hook": "nworkers_changed", "os_pid": master, "server_pid": master,
                                               "new": 1, "old": None}
-    assert by_name["on_starting"][0]["workers"] == 1
+    starting = by_name["on_starting"][0]
+    assert (starting["workers"], starting["worker_class"], starting["keepalive"]) == (1, "gthread", 5.0)
     first_fork = by_name["pre_fork"][0]
     assert first_fork["server_pid"] == master and first_fork["worker_pid"] == "[booting]" and first_fork["age"] == 1
     post_fork = next(h for h in by_name["post_fork"] if h["worker_pid"] == worker)
