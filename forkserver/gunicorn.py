@@ -307,7 +307,6 @@ SETTINGS: tuple[GunicornSetting, ...] = (
     _s("control_socket_disable", "--no-control-socket", takes="flag", default=False, ignored=CONTROL),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
-BY_FLAG = {flag: s for s in SETTINGS for flag in s.flags}
 
 
 def is_default(setting: GunicornSetting, value: Any) -> bool:
