@@ -28,7 +28,7 @@ from . import __version__, libc, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .collector import StatsCollector
-from .config import AUTO_WORKERS, Config, load_config
+from .config import AUTO_WORKERS, Config, environment_of, load_config
 from .containers import available_cpus, read_limits, workers_for_cpus, workers_that_fit
 from .errors import (
     EXIT_APP_LOAD,
@@ -191,6 +191,7 @@ class Master:
         self.access_logfile = open_access_logfile(config.access_logfile)
         if self.access_logfile is not None:
             self.log_files.append(self.access_logfile)
+        os.environ.update(environment_of(config))  # gunicorn's raw_env: before hooks and the app load
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
         if config.logconfig or config.logconfig_dict:
             # Deferred, as few starts have one. After prepare_path: a handler
@@ -205,7 +206,9 @@ class Master:
 
             check_roots(config)  # static directories are relative to chdir, as the workers see it
         self.hooks = Hooks(config)
+        self.hooks.workers = self.desired  # what server.num_workers says: the sized count, also for auto
         self.uid, self.gid = resolve_identity(config.user, config.group)
+        self.hooks.run("nworkers_changed", self.context(), values=(self.desired, None))
         self.hooks.run("on_starting", self.context(), fatal=True)
         if config.umask:
             os.umask(int(config.umask, 8))
@@ -381,6 +384,10 @@ class Master:
         in order: where we listen, what runs, then the workers.
         """
         self.hooks.run("when_ready", self.context(), fatal=True)
+        for line in self.config.warnings:
+            log.warning("%s", line)
+        for line in self.config.notices:
+            log.info("%s", line)
         for listener in self.listeners:
             log.info("listening at %s", describe(listener))
         log.info("master started pid=%d app=%s version=%s workers=%d threads=%d", self.pid, self.config.app,
@@ -419,6 +426,7 @@ class Master:
                 continue
             handle.board.close()
             self.accept_board.release(pid)
+            self.hooks.run("child_exit", HookContext(self.config, self.pid, handle.slot, handle.generation, pid))
             self.forget_stats(handle)
             self.handover.forget(pid)
             if not self.stopping and handle.generation == self.generation:
@@ -537,7 +545,7 @@ class Master:
             log.warning("workers auto: memory limit %.0fMiB holds %d workers (master %.0fMiB, each worker "
                         "%.0fMiB unique at boot); running %d instead of %d", limit / mib, fit, master / mib,
                         worker / mib, fit, self.desired)
-            self.desired = fit
+            self.set_desired(fit)
         else:
             log.info("workers auto: memory limit %.0fMiB holds %d workers (master %.0fMiB, each worker %.0fMiB "
                      "unique at boot); running %d", limit / mib, fit, master / mib, worker / mib, self.desired)
@@ -736,8 +744,9 @@ class Master:
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
             config = load_config(self.argv, self.environ, self.start_dir).config
+            os.environ.update(environment_of(config))
             prepare_path(config.chdir, config.pythonpath)
-            hooks = Hooks(config)
+            hooks = Hooks(config, spawned=self.hooks.spawned)
         except ForkserverError as exc:  # AppImportError from a bad chdir, too
             log.error("reload failed, keeping the running config: %s", exc)
             systemd.notify("READY=1")
@@ -766,7 +775,8 @@ class Master:
             self.app = None
         self.config, self.hooks = config, hooks
         self.hooks.run("on_reload", self.context())
-        self.desired_before_reload, self.desired = self.desired, self.size_pool(config)
+        self.desired_before_reload = self.desired
+        self.set_desired(self.size_pool(config))
         if self.sizing:
             log.info("%s", self.sizing)
         self.generation += 1
@@ -828,14 +838,21 @@ class Master:
         self.reloading = False
         # The old generation's size, not a count of its live workers: one that
         # happened to be dead or failing its boot at this moment keeps its slot.
-        self.desired = self.desired_before_reload
+        self.set_desired(self.desired_before_reload)
         systemd.notify(f"READY=1\n{self.status_line()}")
 
     def scale(self, delta: int) -> None:
         """TTIN/TTOU: one worker more or fewer, never fewer than one."""
-        self.desired = max(1, self.desired + delta)
+        self.set_desired(max(1, self.desired + delta))
         log.info("workers now %d", self.desired)
         systemd.notify(self.status_line())
+
+    def set_desired(self, count: int) -> None:
+        """Change how many workers should run, telling a gunicorn nworkers_changed hook."""
+        old, self.desired = self.desired, count
+        self.hooks.workers = count
+        if count != old:
+            self.hooks.run("nworkers_changed", self.context(), values=(count, old))
 
     def stop_workers(self) -> None:
         """WINCH (daemonized only): stop every worker gracefully, keep the master.
@@ -847,7 +864,7 @@ class Master:
             log.info("WINCH ignored: only a daemonized master stops its workers on WINCH")
             return
         log.info("stopping all workers (WINCH)")
-        self.desired = 0
+        self.set_desired(0)
 
     def upgrade(self) -> None:
         """USR2: start a new master on our listeners; both serve until one is stopped."""
@@ -862,6 +879,7 @@ class Master:
             except OSError as exc:  # the new master would refuse to start on it
                 log.error("USR2 ignored: cannot move the pid file to %s: %s", oldbin_path(self.config.pid), reason(exc))
                 return
+        self.hooks.run("pre_exec", self.context())
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)  # see fork()
         try:
             self.new_master = start_new_master(self.listeners, self.argv, self.environ, previous)

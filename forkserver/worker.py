@@ -167,6 +167,16 @@ class Worker:
         self.spec.hooks.run("worker_int", self._context())
         os._exit(EXIT_OK)
 
+    def _on_abort(self, signum: int, frame: object) -> None:
+        """ABRT with a gunicorn worker_abort hook: call it, dump the stacks, and exit.
+
+        A Python handler runs between bytecodes of the main thread; should the
+        hang keep it from ever running, the master's KILL a second later still ends us.
+        """
+        self.spec.hooks.run("worker_abort", self._context())
+        faulthandler.dump_traceback(file=_Descriptor(self.spec.log_files[0].fd), all_threads=True)
+        os._exit(1)
+
     # -- boot -----------------------------------------------------------------
 
     def run(self) -> int:
@@ -193,11 +203,13 @@ class Worker:
         faulthandler.enable(file=_Descriptor(spec.log_files[0].fd), all_threads=True)
         for target in spec.log_files:
             target.forget_losses()  # from here on they count this worker's lost lines
+        if spec.hooks.defines("worker_abort"):  # gunicorn's hook runs first, then the stacks are dumped
+            signal.signal(signal.SIGABRT, self._on_abort)
         keep_heap_warm()
         spec.hooks.run("post_fork", self._context())
         try:
             drop_privileges(spec.uid, spec.gid)
-            app = spec.app or self._load_app()
+            app = spec.hooks.wrap_requests(spec.app or self._load_app(), self._context())
             self.service = self._build_service(app)
             spec.hooks.run("post_worker_init", self._context(), fatal=True)
         except AppImportError as exc:
