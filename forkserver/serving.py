@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from time import perf_counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from .connection import BodyStream, ClientGone, Connection, Stalled
 from .http.errors import ProtocolError
 from .http.events import Request
-from .http.exchange import Closing
+from .http.exchange import Closing, Exchange
 from .http.parser import Limits
 from .http.response import DateHeader
 from .logs import AccessLog
@@ -69,22 +70,23 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
     connection.thread = thread
     connection.outbox = outbox
     exchange = connection.exchange
-    request = exchange.start()
-    if request.__class__ is not Request:
-        _reject(connection, request)  # a ProtocolError
+    try:
+        request = exchange.start()
+    except ProtocolError as error:
+        _reject(connection, error)
         return False
     service = connection.service
-    clock = time.perf_counter()
+    clock = perf_counter()
     response = Response(exchange, connection, service.codec)
     if request.target == service.health_target and request.method in HEALTH_METHODS:
         return _answer_health(connection, response, clock)
-    spooled = -1
+    environ = environ_for(connection, request).copy()
     if request.chunked:
         # Many apps (Django, bottle, anything that trusts CONTENT_LENGTH)
         # cannot read a body of unknown length, so a chunked body is read
         # before the app runs and handed over with its length, as waitress does.
         try:
-            body, spooled = connection.spool_body()
+            environ["wsgi.input"], size = connection.spool_body()
         except ProtocolError as error:
             _reject(connection, error, response)
             return False
@@ -92,27 +94,24 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
             log.info("%s remote=%s: closing", exc, connection.remote[0] or "unix")
             exchange.abandon()
             return False
-    elif request.content_length:
-        body = io.BufferedReader(BodyStream(connection))
-    else:
-        body = io.BytesIO()  # no body: nothing to stream, and far cheaper to make
-    environ = environ_for(connection, request).copy()
-    environ["wsgi.input"] = body
-    if spooled >= 0:
         # The body is de-chunked and counted now: tell the app its length,
         # and no longer that it is chunked, since it is not any more.
-        environ["CONTENT_LENGTH"] = str(spooled)
+        environ["CONTENT_LENGTH"] = str(size)
         environ.pop("HTTP_TRANSFER_ENCODING", None)
+    elif request.content_length:
+        environ["wsgi.input"] = io.BufferedReader(BodyStream(connection))
+    else:
+        environ["wsgi.input"] = io.BytesIO()  # no body: nothing to stream, and far cheaper to make
     board = service.board
     board.request_started(thread, request.method, environ["PATH_INFO"], environ["REMOTE_ADDR"])
     service.show(request.method, environ["PATH_INFO"])
     try:
-        reusable = _run(connection, environ, response)
+        reusable = _run(connection, exchange, environ, response)
     finally:
         board.request_finished(thread)
     _count(connection, response.code, clock)
     if service.access_log is not None:
-        duration = time.perf_counter() - clock
+        duration = perf_counter() - clock
         service.access_log.log(environ, response, time.time() - duration, duration)
     return reusable
 
@@ -156,13 +155,12 @@ def _count(connection: Connection, status: int, clock: float) -> None:
     connection.requests_served += 1
     stats = connection.service.stats
     if stats is not None:
-        stats.record(status, connection.bytes_in, connection.bytes_out, time.perf_counter() - clock)
+        stats.record(status, connection.bytes_in, connection.bytes_out, perf_counter() - clock)
         connection.bytes_in = connection.bytes_out = 0
 
 
-def _run(connection: Connection, environ: dict[str, Any], response: Response) -> bool:
+def _run(connection: Connection, exchange: Exchange, environ: dict[str, Any], response: Response) -> bool:
     """Run the app for one request, turning every failure into the right answer."""
-    exchange = connection.exchange
     try:
         run_app(connection.service.app, environ, response)
     except Stalled as exc:

@@ -146,10 +146,10 @@ class Codec:
         self._environ_keys: dict[bytes, str] = {}  # header name as sent -> environ key ("" to drop it)
         self._status_lines: dict[str, tuple[int, bytes]] = {}
         self._field_lines: dict[tuple[str, str], tuple[bytes, int | None]] = {}
-        # The last header list encoded, its encoding and its Content-Length:
-        # many apps answer with an equal list every time, and comparing lists
-        # is cheaper than looking up each field.
-        self._last_headers: tuple[list[tuple[str, str]], bytes, int | None] = ([], b"", None)
+        # The last header list encoded, and what ``headers`` made of it: many
+        # apps answer with an equal list every time, and comparing lists is
+        # cheaper than looking up each field.
+        self._last_headers: tuple[list[tuple[str, str]], tuple[bytes, int | None]] = ([], (b"", None))
 
     # -- request header fields to environ entries ------------------------------------
 
@@ -190,10 +190,12 @@ class Codec:
 
     def status(self, status: Any) -> tuple[int, bytes]:
         """Return ``(code, status line)`` for a valid status; raise AppError otherwise."""
-        if status.__class__ is str:
-            known = self._status_lines.get(status)
-            if known is not None:
-                return known
+        try:
+            known = self._status_lines.get(status)  # only valid str statuses are ever stored
+        except TypeError:  # unhashable: not a str either
+            known = None
+        if known is not None:
+            return known
         if not isinstance(status, str):
             raise AppError(f"status must be str, got {type(status).__name__}")
         if not STATUS.match(status):
@@ -211,7 +213,7 @@ class Codec:
         """
         last = self._last_headers
         if headers == last[0] and headers.__class__ is list:
-            return last[1], last[2]  # the same fields as the response before (compared item by item)
+            return last[1]  # the same fields as the response before (compared item by item)
         if not isinstance(headers, list):
             raise AppError(f"response headers must be a list, got {type(headers).__name__}")
         lines = []
@@ -224,10 +226,10 @@ class Codec:
             lines.append(known[0])
             if known[1] is not None:
                 length = known[1]
-        encoded = b"".join(lines)
+        encoded = b"".join(lines), length
         # A copy: the app may change its list later.
-        self._last_headers = (list(headers), encoded, length)
-        return encoded, length
+        self._last_headers = (list(headers), encoded)
+        return encoded
 
     def _encode_field(self, item: Any) -> tuple[bytes, int | None]:
         if not (isinstance(item, tuple) and len(item) == 2):
@@ -380,9 +382,12 @@ class Response:
 
     def finish(self) -> None:
         """The app is done: the head if still unsent, then whatever ends the body."""
-        if self._exchange.our_state is SEND_RESPONSE:
+        exchange = self._exchange
+        if exchange.our_state is DONE:
+            return  # the body already came to the length the head promised
+        if exchange.our_state is SEND_RESPONSE:
             self._output.send(self._head(0))
-        tail = self._exchange.end()
+        tail = exchange.end()
         if tail:
             self._output.send(tail)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import deque
 
 from .errors import ProtocolError
-from .events import END_OF_MESSAGE, BodyChunk, Request
+from .events import END_OF_MESSAGE, BodyChunk, Event, Request
 from .parser import Limits, RequestParser
 from .response import CONTINUE_RESPONSE, LAST_CHUNK, DateHeader, assemble_head, error_response, frame_chunk
 
@@ -47,6 +47,7 @@ MUST_CLOSE = "MUST_CLOSE"  # the connection carries nothing more: close it once 
 # the connection; a larger leftover is cheaper to close than to drain.
 DRAIN_LIMIT_BYTES = 1 << 20
 CONTENT_LENGTH_LINE = b"Content-Length: %d\r\n"
+NO_CONTENT_STATUSES = frozenset({204, 304})  # statuses whose response has no content (RFC 9110 §15.3.5, §15.4.5)
 
 
 class ExchangeError(Exception):
@@ -83,8 +84,13 @@ class Exchange:
     """
 
     def __init__(self, limits: Limits, date: DateHeader, closing: Closing) -> None:
-        self.parser = RequestParser(limits)
-        self.events: deque[Request | BodyChunk | ProtocolError | object] = deque()
+        # Parsed events not yet acted on: the parser appends, we take from the left.
+        self.events: deque[Event | ProtocolError] = deque()
+        self.parser = RequestParser(limits, self.events)
+        # receive(data): parse bytes the client sent, which may hold several
+        # requests or part of one.  The parser's own pump, bound here: called
+        # on every read, it is one call instead of two.
+        self.receive = self.parser.pump
         self.date = date
         self.closing = closing
         self.their_state = IDLE
@@ -105,11 +111,7 @@ class Exchange:
         # When the app declared no Content-Length: the one ``head`` added, or -1.
         self.length_added = -1
 
-    # -- bytes in ------------------------------------------------------------------
-
-    def receive(self, data: bytes) -> None:
-        """Parse bytes the client sent; they may hold several requests, or part of one."""
-        self.events.extend(self.parser.feed(data))
+    # -- bytes in (and receive, bound in __init__) ------------------------------------
 
     def next_is_request(self) -> bool:
         """True when a whole request head (or a refused one) waits to be started."""
@@ -126,8 +128,8 @@ class Exchange:
 
     # -- one exchange --------------------------------------------------------------
 
-    def start(self) -> Request | ProtocolError:
-        """Take the next request, or the ``ProtocolError`` that stands where it would be.
+    def start(self) -> Request:
+        """Take the next request; raise the ``ProtocolError`` that stands where it would be.
 
         After a ProtocolError the only answer is ``refusal()``, then closing.
         """
@@ -138,20 +140,24 @@ class Exchange:
             self.their_state = ERROR
             self.our_state = SEND_RESPONSE
             self.keep_alive = False
-            return event  # type: ignore[return-value]
-        self.request = event
+            raise event  # type: ignore[misc]
+        self.request = event  # type: ignore[assignment]
         self.our_state = SEND_RESPONSE
-        self.keep_alive = event.keep_alive and not self.parser.upgraded
-        if event.chunked or event.content_length:
-            self.their_state = WAIT_CONTINUE if event.expect_continue else SEND_BODY
-        else:
-            events = self.events
-            if events and events[0] is END_OF_MESSAGE:
-                events.popleft()  # the end of a body-less request comes with its head
-                self.their_state = DONE
+        self.keep_alive = event.keep_alive and not self.parser.upgraded  # type: ignore[union-attr]
+        if event.chunked or event.content_length:  # type: ignore[union-attr]
+            if event.expect_continue:  # type: ignore[union-attr]
+                # Until we ask for the body the client holds it, and only a
+                # close can end the exchange (see ask_for_body).
+                self.their_state = WAIT_CONTINUE
+                self.keep_alive = False
             else:
                 self.their_state = SEND_BODY
-        return event
+        else:
+            # The parser emits a body-less request's end together with its head.
+            if self.events.popleft() is not END_OF_MESSAGE:
+                raise ExchangeError("a request without a body not followed by its end")
+            self.their_state = DONE
+        return event  # type: ignore[return-value]
 
     # -- the request body ------------------------------------------------------------
 
@@ -165,7 +171,11 @@ class Exchange:
         if self.their_state is not WAIT_CONTINUE:
             return b""
         self.their_state = SEND_BODY
-        return CONTINUE_RESPONSE if self.our_state is SEND_RESPONSE else b""
+        if self.our_state is not SEND_RESPONSE:
+            return b""
+        request = self.request
+        self.keep_alive = request.keep_alive and not self.parser.upgraded  # type: ignore[union-attr]
+        return CONTINUE_RESPONSE
 
     def next_body_piece(self) -> bytes | None:
         """The next parsed piece of the body; b"" once it is complete; None when more bytes must be received.
@@ -215,6 +225,9 @@ class Exchange:
              known_length: int = -1, whole: bool = False) -> bytes:
         """Decide the response's framing and return its encoded head.
 
+        ``code`` is a final status (200-599): an interim one (1xx) is not
+        framed here (the codec refuses it from an app).
+
         ``fields`` are the app's encoded field lines, ``declared_length`` the
         Content-Length among them.  ``known_length`` >= 0: the size of the
         whole body is known (the app returned it all, or a file); a length
@@ -225,18 +238,15 @@ class Exchange:
         """
         if self.our_state is not SEND_RESPONSE:
             raise ExchangeError(f"head() with our side {self.our_state}")
-        if code < 200:
-            # 1xx are interim responses; a final one must follow (RFC 9110 §15.2).
-            raise ExchangeError(f"{code} is not a final status")
         request = self.request
-        keep_alive = self.keep_alive and not self.closing.active and self.their_state is not WAIT_CONTINUE
+        keep_alive = self.keep_alive and not self.closing.active
         chunked = False
-        if code == 204 or code == 304 or request.method == "HEAD":  # type: ignore[union-attr]
+        if code in NO_CONTENT_STATUSES or request.method == "HEAD":  # type: ignore[union-attr]
             # The head is the whole response (RFC 9110 §6.4.1); for HEAD it
             # still says the length GET would send (§9.3.2).
             left = 0
             if declared_length is None:
-                self.length_added = known_length if code != 204 and code != 304 else -1
+                self.length_added = -1 if code in NO_CONTENT_STATUSES else known_length
                 if self.length_added >= 0:
                     fields += CONTENT_LENGTH_LINE % known_length
         else:
@@ -269,15 +279,19 @@ class Exchange:
                 return b""  # the promised length is complete: more would be the next response
             raise ExchangeError(f"frame() with our side {self.our_state}")
         left = self.left
-        if left is not None:
-            if len(data) >= left:
-                data = data[:left]  # never send more than the head promised
-                self.our_state = DONE
-            self.left = left - len(data)
-        self.sent += len(data)
-        if self.chunked and data:
-            return frame_chunk(data)
-        return data
+        if left is None:  # chunked, or delimited by the close
+            self.sent += len(data)
+            return frame_chunk(data) if self.chunked and data else data
+        size = len(data)
+        if size < left:
+            self.left = left - size
+            self.sent += size
+            return data
+        # This piece completes the length the head promised; never send more.
+        self.our_state = DONE
+        self.left = 0
+        self.sent += left
+        return data if size == left else data[:left]
 
     def file_span(self, available: int) -> int:
         """How many of ``available`` bytes of a file go out as the body, unframed (sendfile)."""

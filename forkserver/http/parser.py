@@ -11,6 +11,7 @@ status; after one, the parser is dead and the connection must close.
 
 from __future__ import annotations
 
+from collections.abc import MutableSequence
 from dataclasses import dataclass
 
 import httptools
@@ -27,6 +28,12 @@ from .errors import (
 from .events import END_OF_MESSAGE, BodyChunk, Event, Request
 
 SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
+# Where the parser is in the byte stream, held in ``RequestParser._phase``.
+BETWEEN = "BETWEEN"  # between messages: the next byte begins a request
+IN_HEAD = "IN_HEAD"  # inside a request head
+IN_BODY = "IN_BODY"  # the head is out as a Request event; its body (maybe empty) is being parsed
+IN_SKIPPED_BODY = "IN_SKIPPED_BODY"  # an Upgrade request's body, which _SkippedBody decodes
+FAILED = "FAILED"  # a ProtocolError was returned: nothing more is parsed
 # The lengths of the header names the parser acts on: Host, Expect,
 # Content-Length, Transfer-Encoding.
 _FRAMING_NAME_LENGTHS = frozenset({4, 6, 14, 17})
@@ -78,24 +85,29 @@ class RequestParser:
     data, so the requests before it are still answered in order); the parser
     then ignores all further input.  Any exception raised is a bug.  The
     ``on_*`` methods are httptools' callbacks, not an API.
+
+    A caller that keeps its own queue of events (the exchange) passes it as
+    ``events`` and calls ``pump(data)`` instead, which appends to that queue:
+    one call and no list per read.
     """
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, events: MutableSequence[Event | ProtocolError] | None = None) -> None:
         self.limits = limits
         # Read on every header field, so kept as plain attributes.
         self._field_bytes = limits.header_field_bytes
         self._max_fields = limits.header_fields
         self._parser = httptools.HttpRequestParser(self)
-        self._events: list[Event] = []
-        # Set once an Upgrade/CONNECT head stopped llhttp: the connection must close.
+        self._events: MutableSequence[Event | ProtocolError] = [] if events is None else events
+        self._phase = BETWEEN
+        # Set once an Upgrade/CONNECT head stopped llhttp: after that message
+        # the bytes are not HTTP/1.1, and the connection must close.
         self.upgraded = False
-        self._failed = False
         self._skipped_body: _SkippedBody | None = None
         self._messages_begun = 0
         self._start_message()
 
     def _start_message(self) -> None:
-        self._in_head = False
+        """Forget the facts of the message before (the phase is not one of them)."""
         self._head_bytes = 0
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -105,26 +117,29 @@ class RequestParser:
         self._expect_continue = False
         self._body_bytes = 0
         self._trailer_fields = 0
-        self._head_done = False
-        self._body_skipped = False
 
     def feed(self, data: bytes) -> list[Event | ProtocolError]:
         """Parse ``data`` and return the events it completed."""
-        skipped = self._skipped_body
-        if self._failed or (self.upgraded and (skipped is None or skipped.done)):
+        events: list[Event | ProtocolError] = []
+        self._events = events
+        self.pump(data)
+        return events
+
+    def pump(self, data: bytes) -> None:
+        """Parse ``data`` and append the events it completed to the queue given at construction."""
+        phase = self._phase
+        if phase is FAILED or (self.upgraded and phase is not IN_SKIPPED_BODY):
             # After an Upgrade request the bytes are not HTTP/1.1, and after
             # an error we cannot know where a message starts: drop them.
-            return []
+            return
         try:
-            if skipped is not None:
-                skipped.feed(data)
+            if phase is IN_SKIPPED_BODY:
+                self._skipped_body.feed(data)  # type: ignore[union-attr]
             else:
                 self._parse(data)
         except ProtocolError as error:
-            self._failed = True
+            self._phase = FAILED
             self._events.append(error)
-        events, self._events = self._events, []
-        return events
 
     def _parse(self, data: bytes) -> None:
         rest = None
@@ -135,9 +150,10 @@ class RequestParser:
             # llhttp stops at the end of an Upgrade (or CONNECT) head.  We do
             # not switch protocols: answer this request as plain HTTP, then close.
             self.upgraded = True
-            if self._body_skipped:
+            if self._phase is IN_SKIPPED_BODY:
                 rest = data[upgrade.args[0]:]
-            elif self._head_done:
+            elif self._phase is IN_BODY:
+                self._phase = BETWEEN
                 self._events.append(END_OF_MESSAGE)
         except httptools.HttpParserCallbackError as exc:
             raise _raised_by_callback(exc) from None
@@ -150,7 +166,7 @@ class RequestParser:
             self._skipped_body = _SkippedBody(self, self._chunked, self._content_length)
             self._skipped_body.feed(rest)
             return
-        if self._in_head:
+        if self._phase is IN_HEAD:
             if self._messages_begun == begun:
                 self._head_bytes += len(data)
             else:
@@ -162,7 +178,8 @@ class RequestParser:
 
     def mid_message(self) -> bool:
         """True between the first byte of a request and the end of its body."""
-        return self._in_head or self._head_done
+        phase = self._phase
+        return phase is IN_HEAD or phase is IN_BODY or phase is IN_SKIPPED_BODY
 
     def release(self) -> None:
         """Let go of llhttp, once the connection is closed: nothing may be fed after.
@@ -189,13 +206,13 @@ class RequestParser:
         spared a callback and a copy.
         """
         length = self._content_length
-        if not self._head_done or self._chunked or length is None or self.upgraded or self._failed:
+        if self._phase is not IN_BODY or self._chunked or length is None or self.upgraded:
             return 0
         left = length - self._body_bytes
         if left <= 0:
             return 0
         self._parser = httptools.HttpRequestParser(self)  # the old one sits mid-body
-        self._head_done = False
+        self._phase = BETWEEN
         return left
 
     # -- httptools callbacks ------------------------------------------------
@@ -203,7 +220,7 @@ class RequestParser:
     def on_message_begin(self) -> None:
         self._messages_begun += 1
         self._start_message()
-        self._in_head = True
+        self._phase = IN_HEAD
 
     def on_url(self, piece: bytes) -> None:
         self._target += piece
@@ -212,7 +229,8 @@ class RequestParser:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
-        if len(name) + len(value) > self._field_bytes or len(headers) >= self._max_fields or self._head_done:
+        if len(name) + len(value) > self._field_bytes or len(headers) >= self._max_fields or \
+                self._phase is not IN_HEAD:
             self._unusual_header(name, value)
             return
         headers.append((name, value))
@@ -236,7 +254,7 @@ class RequestParser:
         """A field over a limit, or a trailer field after a chunked body."""
         if len(name) + len(value) > self._field_bytes:
             raise HeaderTooLarge(f"header field longer than {self._field_bytes} bytes")
-        if self._head_done:
+        if self._phase is not IN_HEAD:
             # A trailer field (RFC 9112 §7.1.2): we may discard it, and do,
             # but count it so trailers cannot stream in without end.
             self._trailer_fields += 1
@@ -276,10 +294,8 @@ class RequestParser:
         limit = self.limits.body_bytes
         if limit and length is not None and length > limit:
             raise BodyTooLarge(f"Content-Length {length} exceeds {limit}")
-        self._in_head = False
-        self._head_done = True
         # httptools makes llhttp skip the body of an Upgrade request; we read it.
-        self._body_skipped = parser.should_upgrade() and (self._chunked or bool(length))
+        self._phase = IN_SKIPPED_BODY if parser.should_upgrade() and (self._chunked or length) else IN_BODY
         self._events.append(
             Request(method, target, version, tuple(self._headers), parser.should_keep_alive(),
                     self._expect_continue and version == "1.1", self._chunked, length)
@@ -310,14 +326,14 @@ class RequestParser:
         self._events.append(BodyChunk(data))
 
     def on_message_complete(self) -> None:
-        if self._body_skipped:
+        if self._phase is IN_SKIPPED_BODY:
             return  # llhttp skipped the body; _SkippedBody ends the message
         self._events.append(END_OF_MESSAGE)
-        self._head_done = False
+        self._phase = BETWEEN
 
     def _end_skipped_body(self) -> None:
-        self._body_skipped = False
-        self.on_message_complete()
+        self._phase = BETWEEN
+        self._events.append(END_OF_MESSAGE)
 
 
 class _SkippedBody:
