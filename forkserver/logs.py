@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from .errors import ConfigError
-from .wsgi import header_key
+from .cgi import header_key
 
 LOGGER_NAME = "forkserver"
 ERROR_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"

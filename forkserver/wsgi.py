@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
+from .cgi import UNPREFIXED, header_key
 from .http.events import Request
 from .http.exchange import DONE, SEND_RESPONSE, Exchange
 from .http.response import header_line, status_line
@@ -79,7 +80,6 @@ def base_environ(server_name: str, server_port: str, multithread: bool) -> dict[
     }
 
 
-_UNPREFIXED = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
 _PROTOCOLS = {"1.0": "HTTP/1.0", "1.1": "HTTP/1.1"}
 # Bounds on what a Codec remembers: names and values that change per request
 # (cookies, lengths, ids) stop being remembered once a table is full, and
@@ -88,12 +88,6 @@ ENVIRON_KEY_CACHE_SIZE = 1024
 STATUS_CACHE_SIZE = 256
 FIELD_CACHE_SIZE = 2048
 DIGITS = re.compile(r"[0-9]+\Z")
-
-
-def header_key(name: str) -> str:
-    """The environ key of a header field: ``HTTP_X_FOO``, or ``CONTENT_TYPE``/``CONTENT_LENGTH``."""
-    key = name.upper().replace("-", "_")
-    return key if key in _UNPREFIXED else "HTTP_" + key
 
 
 def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str], codec: Codec) -> dict[str, Any]:
@@ -168,7 +162,7 @@ class Codec:
             if not key:
                 continue
             text = value.decode("latin-1").strip(" \t")
-            if key not in fields or key in _UNPREFIXED:
+            if key not in fields or key in UNPREFIXED:
                 fields[key] = text
             else:
                 fields[key] += ("; " if key == "HTTP_COOKIE" else ",") + text
