@@ -35,8 +35,8 @@ IN_BODY = "IN_BODY"  # the head is out as a Request event; its body (maybe empty
 IN_SKIPPED_BODY = "IN_SKIPPED_BODY"  # an Upgrade request's body, which _SkippedBody decodes
 FAILED = "FAILED"  # a ProtocolError was returned: nothing more is parsed
 # The lengths of the header names the parser acts on: Host, Expect,
-# Content-Length, Transfer-Encoding.
-_FRAMING_NAME_LENGTHS = frozenset({4, 6, 14, 17})
+# Content-Type, Content-Length, Transfer-Encoding.
+_FRAMING_NAME_LENGTHS = frozenset({4, 6, 12, 14, 17})
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +104,10 @@ class RequestParser:
         self.upgraded = False
         self._skipped_body: _SkippedBody | None = None
         self._messages_begun = 0
+        # The message (by its number in _messages_begun) that last had a
+        # Content-Type: a second one in the same message is refused.
+        self._content_type_in = -1
+        self._codings: list[bytes] = []  # the Transfer-Encoding codings of this message, once it has one
         self._start_message()
 
     def _start_message(self) -> None:
@@ -246,9 +250,19 @@ class RequestParser:
                 # llhttp already rejects signs, junk, overflow and duplicates.
                 self._content_length = int(value)
             elif lowered == b"transfer-encoding":
-                self._on_transfer_encoding(value)
+                # Its lines form one list (RFC 9110 §5.3), judged once the head is complete.
+                if not self._chunked:
+                    self._chunked = True  # for now: "has a Transfer-Encoding"
+                    self._codings = []
+                self._codings += [c.strip().lower() for c in value.split(b",")]
             elif lowered == b"expect":
                 self._expect_continue = value.strip().lower() == b"100-continue"
+            elif lowered == b"content-type":
+                # Which of two media types applies is anyone's guess, and a
+                # proxy may guess otherwise: refuse, as for Host.
+                if self._content_type_in == self._messages_begun:
+                    raise BadRequest("more than one Content-Type header")
+                self._content_type_in = self._messages_begun
 
     def _unusual_header(self, name: bytes, value: bytes) -> None:
         """A field over a limit, or a trailer field after a chunked body."""
@@ -263,18 +277,25 @@ class RequestParser:
             return
         raise HeaderTooLarge(f"more than {self._max_fields} header fields")
 
-    def _on_transfer_encoding(self, value: bytes) -> None:
-        # RFC 9112 §6.1: chunked must be the final coding.  We decode no other
-        # coding, so "chunked" alone is the only value we can frame safely.
-        if self._chunked:
-            raise BadRequest("more than one Transfer-Encoding header")
-        codings = [c.strip().lower() for c in value.split(b",")]
+    def _check_transfer_coding(self, version: str) -> None:
+        """Judge the message's Transfer-Encoding, all its lines together: chunked alone, or refuse.
+
+        The same list gets the same status whether it came on one line or
+        several (RFC 9110 §5.3).
+        """
+        if version == "1.0":
+            # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        codings = self._codings
         if codings == [b"chunked"]:
-            self._chunked = True
-        elif codings[-1] == b"chunked" and all(codings):
-            raise NotImplementedCoding(f"transfer coding {value.decode('latin-1')!r} is not supported")
-        else:
-            raise BadRequest(f"invalid Transfer-Encoding {value.decode('latin-1')!r}")
+            return
+        shown = b", ".join(codings).decode("latin-1")
+        # RFC 9112 §6.1: chunked must be the final coding, applied once.  We
+        # decode no other coding: a well-formed list that ends in chunked is
+        # merely one we cannot serve.
+        if codings[-1] == b"chunked" and codings.count(b"chunked") == 1 and all(codings):
+            raise NotImplementedCoding(f"transfer coding {shown!r} is not supported")
+        raise BadRequest(f"invalid Transfer-Encoding {shown!r}")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -287,9 +308,8 @@ class RequestParser:
             self._check_target(method, target)
         if not self._host_seen and version == "1.1":
             raise BadRequest("HTTP/1.1 request without Host header")  # RFC 9112 §3.2
-        if self._chunked and version == "1.0":
-            # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
-            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        if self._chunked:
+            self._check_transfer_coding(version)
         length = self._content_length
         limit = self.limits.body_bytes
         if limit and length is not None and length > limit:
