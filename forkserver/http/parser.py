@@ -11,6 +11,7 @@ status; after one, the parser is dead and the connection must close.
 
 from __future__ import annotations
 
+import re
 from collections.abc import MutableSequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from .errors import (
     BadRequest,
     BodyTooLarge,
     HeaderTooLarge,
+    MethodNotImplemented,
     NotImplementedCoding,
     ProtocolError,
     RequestLineTooLong,
@@ -33,7 +35,23 @@ BETWEEN = "BETWEEN"  # between messages: the next byte begins a request
 IN_HEAD = "IN_HEAD"  # inside a request head
 IN_BODY = "IN_BODY"  # the head is out as a Request event; its body (maybe empty) is being parsed
 IN_SKIPPED_BODY = "IN_SKIPPED_BODY"  # an Upgrade request's body, which _SkippedBody decodes
+IN_UNKNOWN_METHOD = "IN_UNKNOWN_METHOD"  # llhttp refused the method: its token is read to its end
+UPGRADED = "UPGRADED"  # an Upgrade request is complete: what follows is not HTTP/1.1, and is dropped
 FAILED = "FAILED"  # a ProtocolError was returned: nothing more is parsed
+_LLHTTP_PHASES = frozenset({BETWEEN, IN_HEAD, IN_BODY})  # where llhttp parses the next bytes
+# RFC 9110 §5.6.2: the characters of a token, such as a method.
+TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# An unknown method read this far without its end is answered as it stands.
+METHOD_TOKEN_LIMIT = 64
+# The most bytes kept of reads that began inside a message (see RequestParser._since).
+SINCE_LIMIT_BYTES = 256 * 1024
+
+
+class _Lost(bytes):
+    """The type of LOST: an empty bytes that is told apart by identity."""
+
+
+LOST = _Lost()  # _since when more than SINCE_LIMIT_BYTES would have been kept
 # The lengths of the header names the parser acts on: Host, Expect,
 # Content-Type, Content-Length, Transfer-Encoding.
 _FRAMING_NAME_LENGTHS = frozenset({4, 6, 12, 14, 17})
@@ -96,6 +114,8 @@ class RequestParser:
         # Read on every header field, so kept as plain attributes.
         self._field_bytes = limits.header_field_bytes
         self._max_fields = limits.header_fields
+        self._body_limit = limits.body_bytes
+        self._line_limit = limits.request_line_bytes
         self._parser = httptools.HttpRequestParser(self)
         self._events: MutableSequence[Event | ProtocolError] = [] if events is None else events
         self._phase = BETWEEN
@@ -108,10 +128,23 @@ class RequestParser:
         # Content-Type: a second one in the same message is refused.
         self._content_type_in = -1
         self._codings: list[bytes] = []  # the Transfer-Encoding codings of this message, once it has one
-        self._start_message()
+        # The bytes of every read since the last one that began between
+        # messages (LOST past SINCE_LIMIT_BYTES): where the request line
+        # and an unknown method are looked for, since llhttp does not say
+        # where in a read a message begins.
+        self._since: bytes | bytearray = b""
+        self._since_first = 1  # the number (in _messages_begun) of the first message begun in _since
+        self._method_token = b""  # an unknown method's token so far (IN_UNKNOWN_METHOD)
+        # Where in which _since the last request line checked there ended.
+        self._line_found: tuple[bytes | bytearray, int] = (b"", 0)
+        self.on_message_begin()  # the facts of a message, as a new one starts them
+        self._messages_begun = 0
+        self._phase = BETWEEN
 
-    def _start_message(self) -> None:
-        """Forget the facts of the message before (the phase is not one of them)."""
+    def on_message_begin(self) -> None:
+        """httptools' callback: a message begins; forget the facts of the one before."""
+        self._messages_begun += 1
+        self._phase = IN_HEAD
         self._head_bytes = 0
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -123,7 +156,7 @@ class RequestParser:
         self._trailer_fields = 0
 
     def feed(self, data: bytes) -> list[Event | ProtocolError]:
-        """Parse ``data`` and return the events it completed."""
+        """Parse ``data`` and return the events it completed (then the ProtocolError that ends them, if any)."""
         events: list[Event | ProtocolError] = []
         self._events = events
         self.pump(data)
@@ -132,22 +165,14 @@ class RequestParser:
     def pump(self, data: bytes) -> None:
         """Parse ``data`` and append the events it completed to the queue given at construction."""
         phase = self._phase
-        if phase is FAILED or (self.upgraded and phase is not IN_SKIPPED_BODY):
-            # After an Upgrade request the bytes are not HTTP/1.1, and after
-            # an error we cannot know where a message starts: drop them.
+        if phase not in _LLHTTP_PHASES:
+            self._pump_elsewhere(phase, data)
             return
-        try:
-            if phase is IN_SKIPPED_BODY:
-                self._skipped_body.feed(data)  # type: ignore[union-attr]
-            else:
-                self._parse(data)
-        except ProtocolError as error:
-            self._phase = FAILED
-            self._events.append(error)
-
-    def _parse(self, data: bytes) -> None:
-        rest = None
-        begun = self._messages_begun
+        if phase is BETWEEN:
+            self._since = data
+            self._since_first = self._messages_begun + 1
+        else:
+            self._keep_since(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -155,30 +180,116 @@ class RequestParser:
             # not switch protocols: answer this request as plain HTTP, then close.
             self.upgraded = True
             if self._phase is IN_SKIPPED_BODY:
-                rest = data[upgrade.args[0]:]
-            elif self._phase is IN_BODY:
-                self._phase = BETWEEN
-                self._events.append(END_OF_MESSAGE)
-        except httptools.HttpParserCallbackError as exc:
-            raise _raised_by_callback(exc) from None
-        except httptools.HttpParserError as exc:
-            raise BadRequest(str(exc)) from None
-        if rest is not None:
-            # httptools made llhttp skip the body, but it is the app's.  (Fed
-            # outside the except block, which would overwrite the callback
-            # error's __context__.)
-            self._skipped_body = _SkippedBody(self, self._chunked, self._content_length)
-            self._skipped_body.feed(rest)
-            return
-        if self._phase is IN_HEAD:
-            if self._messages_begun == begun:
-                self._head_bytes += len(data)
+                self._skipped_body = _SkippedBody(self, self._chunked, self._content_length, data[upgrade.args[0]:])
             else:
-                # The head began inside ``data``, after an unknown number of
-                # bytes of earlier messages: count only what is surely its own.
-                self._head_bytes = len(self._target) + sum(len(n) + len(v) for n, v in self._headers)
-            if self._head_bytes > self.limits.head_bytes:
-                raise HeaderTooLarge(f"request head exceeds {self.limits.head_bytes} bytes")
+                if self._phase is IN_BODY:
+                    self._events.append(END_OF_MESSAGE)
+                self._phase = UPGRADED
+        except httptools.HttpParserCallbackError as exc:
+            self._fail(_raised_by_callback(exc))
+            return
+        except httptools.HttpParserInvalidMethodError as exc:
+            self._unknown_method(str(exc))
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(BadRequest(str(exc)))
+            return
+        if self._phase is not BETWEEN:
+            self._read_ended_inside(data)
+
+    def _read_ended_inside(self, data: bytes) -> None:
+        """``data`` ended inside a message: count an unfinished head, or start an Upgrade body."""
+        phase = self._phase
+        if phase is IN_HEAD:
+            self._head_continues(data)
+        elif phase is IN_SKIPPED_BODY:
+            # httptools made llhttp skip the body, but it is the app's.  (Fed
+            # here, outside pump's except block, which would overwrite the
+            # callback error's __context__.)
+            self._pump_elsewhere(IN_SKIPPED_BODY, self._skipped_body.first)  # type: ignore[union-attr]
+
+    def _keep_since(self, data: bytes) -> None:
+        """Add a read that began inside a message to ``_since``, up to its limit."""
+        since = self._since
+        if since is LOST:
+            return
+        if len(since) + len(data) > SINCE_LIMIT_BYTES:
+            self._since = LOST
+        elif since.__class__ is bytearray:
+            since += data  # type: ignore[operator]
+        else:
+            self._since = bytearray(since) + data
+
+    def _pump_elsewhere(self, phase: str, data: bytes) -> None:
+        """Bytes llhttp does not parse now: an Upgrade body, an unknown method's token, or nothing."""
+        if phase is IN_SKIPPED_BODY and not self._skipped_body.done:  # type: ignore[union-attr]
+            try:
+                self._skipped_body.feed(data)  # type: ignore[union-attr]
+            except ProtocolError as error:
+                self._fail(error)
+        elif phase is IN_UNKNOWN_METHOD:
+            self._read_method(self._method_token + data)
+        # After an Upgrade request the bytes are not HTTP/1.1, and after an
+        # error we cannot know where a message starts: drop them.
+
+    def _fail(self, error: BaseException) -> None:
+        """End parsing with ``error``: a ProtocolError is the last event; anything else is a bug, raised."""
+        if not isinstance(error, ProtocolError):
+            raise error
+        self._phase = FAILED
+        self._events.append(error)
+
+    def _head_continues(self, data: bytes) -> None:
+        """A head is unfinished at the end of ``data``: count it against the limit."""
+        if self._head_bytes:  # it began in an earlier read
+            self._head_bytes += len(data)
+        else:
+            # The head began inside ``data``, after an unknown number of
+            # bytes of earlier messages: count only what is surely its own.
+            self._head_bytes = len(self._target) + sum(len(n) + len(v) for n, v in self._headers) or 1
+        if self._head_bytes > self.limits.head_bytes:
+            self._fail(HeaderTooLarge(f"request head exceeds {self.limits.head_bytes} bytes"))
+
+    def _unknown_method(self, detail: str) -> None:
+        """llhttp refused the method: read the token to its end, to answer 501 or 400.
+
+        RFC 9110 §9.1: a method we do not know, but well formed, is "not
+        implemented" (501); anything else is a bad request.  llhttp does not
+        say where the refused message began, so the reads since the last
+        message boundary are parsed again, by a parser that only counts,
+        for the shortest prefix in which the refused message has begun.
+        """
+        since = self._since
+        if since is LOST:
+            self._fail(BadRequest(detail))  # more than SINCE_LIMIT_BYTES back: not worth finding
+            return
+        since = bytes(since)
+        messages = _count_messages(since)
+        low, high = 1, len(since)
+        while low < high:  # the shortest prefix in which all those messages have begun
+            middle = (low + high) // 2
+            if _count_messages(since[:middle]) < messages:
+                low = middle + 1
+            else:
+                high = middle
+        self._phase = IN_UNKNOWN_METHOD
+        self._read_method(since[low - 1:])
+
+    def _read_method(self, start: bytes) -> None:
+        """Judge the method token at the start of ``start`` once its end (or the limit) is in sight."""
+        for length, byte in enumerate(start[:METHOD_TOKEN_LIMIT]):
+            if byte not in TCHAR:
+                token = start[:length].decode("latin-1")
+                if byte == 0x20 and token:  # SP: a whole, well-formed token
+                    self._fail(MethodNotImplemented(f"method {token!r} is not implemented"))
+                else:
+                    self._fail(BadRequest(f"invalid method {start[:length + 1].decode('latin-1')!r}"))
+                return
+        if len(start) >= METHOD_TOKEN_LIMIT:
+            self._fail(MethodNotImplemented(f"method {start[:METHOD_TOKEN_LIMIT].decode('latin-1')!r}... "
+                                            "is not implemented"))
+            return
+        self._method_token = bytes(start)  # the token goes on in the next read
 
     def mid_message(self) -> bool:
         """True between the first byte of a request and the end of its body."""
@@ -221,14 +332,10 @@ class RequestParser:
 
     # -- httptools callbacks ------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._messages_begun += 1
-        self._start_message()
-        self._phase = IN_HEAD
-
     def on_url(self, piece: bytes) -> None:
-        self._target += piece
-        if len(self._target) > self.limits.request_line_bytes:
+        target = self._target + piece
+        self._target = target
+        if len(target) > self._line_limit:
             raise RequestLineTooLong(f"request target longer than {self.limits.request_line_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -303,7 +410,11 @@ class RequestParser:
         if version not in SUPPORTED_VERSIONS:
             raise VersionNotSupported(f"HTTP/{version} is not supported")
         target = self._target
-        method = parser.get_method().decode("ascii")
+        raw_method = parser.get_method()
+        if self._messages_begun != self._since_first or \
+                not self._since.startswith(b"%b %b HTTP/" % (raw_method, target)):
+            self._check_request_line(raw_method, target)
+        method = raw_method.decode("ascii")
         if target[:1] != b"/":
             self._check_target(method, target)
         if not self._host_seen and version == "1.1":
@@ -311,7 +422,7 @@ class RequestParser:
         if self._chunked:
             self._check_transfer_coding(version)
         length = self._content_length
-        limit = self.limits.body_bytes
+        limit = self._body_limit
         if limit and length is not None and length > limit:
             raise BodyTooLarge(f"Content-Length {length} exceeds {limit}")
         # httptools makes llhttp skip the body of an Upgrade request; we read it.
@@ -320,6 +431,44 @@ class RequestParser:
             Request(method, target, version, tuple(self._headers), parser.should_keep_alive(),
                     self._expect_continue and version == "1.1", self._chunked, length)
         )
+
+    def _check_request_line(self, method: bytes, target: bytes) -> None:
+        """Refuse a request line whose protocol is not HTTP (RFC 9112 §2.3, §3).
+
+        llhttp also parses RTSP/1.0 and ICE/1.0 requests, and reports
+        their version alone.  The line is looked for in the bytes it came
+        in (its usual place, the start of the read, was checked already):
+        from where the last line found ended, up to the first occurrence
+        that says HTTP.  The request's own line is always among them, so a
+        valid request is never refused; another occurrence saying HTTP
+        before it (a body quoting a request line) lets one through, which
+        llhttp framed like any HTTP request anyway.
+        """
+        buffer = self._since
+        if buffer is LOST:
+            return  # more than SINCE_LIMIT_BYTES back: llhttp's own check of the line stands
+        mark, start = self._line_found
+        if mark is not buffer:
+            # The first message in these bytes starts them; if this is not
+            # that one, the fast check in on_headers_complete took its line.
+            start = 0 if self._messages_begun == self._since_first else 1
+        # Usually (pipelined requests) the next occurrence is this request's
+        # own line, saying HTTP with single spaces: two finds tell.
+        http_line = b"%b %b HTTP/" % (method, target)
+        found = buffer.find(http_line, start)
+        if found >= 0 and found == buffer.find(http_line[:-5], start):
+            self._line_found = (buffer, found + len(http_line))
+            return
+        line = re.compile(re.escape(method) + rb" +" + re.escape(target) + rb" +([^ /\r\n]*)/")
+        other = b""
+        for found_line in line.finditer(buffer, start):
+            protocol = found_line.group(1)
+            if protocol == b"HTTP":
+                self._line_found = (buffer, found_line.end())  # the next request's line comes after it
+                return
+            other = other or protocol
+        if other:
+            raise BadRequest(f"protocol {other.decode('latin-1')!r} is not HTTP")
 
     @staticmethod
     def _check_target(method: str, target: bytes) -> None:
@@ -340,7 +489,7 @@ class RequestParser:
 
     def on_body(self, data: bytes) -> None:
         self._body_bytes += len(data)
-        limit = self.limits.body_bytes
+        limit = self._body_limit
         if limit and self._body_bytes > limit:
             raise BodyTooLarge(f"request body exceeds {limit} bytes")
         self._events.append(BodyChunk(data))
@@ -352,8 +501,30 @@ class RequestParser:
         self._phase = BETWEEN
 
     def _end_skipped_body(self) -> None:
-        self._phase = BETWEEN
+        self._phase = UPGRADED
         self._events.append(END_OF_MESSAGE)
+
+
+class _MessageCounter:
+    """httptools' protocol for a parser that only counts the messages begun (see _count_messages)."""
+
+    __slots__ = ("begun",)
+
+    def __init__(self) -> None:
+        self.begun = 0
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+
+def _count_messages(data: bytes) -> int:
+    """How many messages begin in ``data`` parsed from a message boundary, up to any error."""
+    counter = _MessageCounter()
+    try:
+        httptools.HttpRequestParser(counter).feed_data(data)
+    except httptools.HttpParserError:
+        pass
+    return counter.begun
 
 
 class _SkippedBody:
@@ -365,8 +536,9 @@ class _SkippedBody:
     dropped: the connection closes after an Upgrade request.
     """
 
-    def __init__(self, owner: RequestParser, chunked: bool, content_length: int | None) -> None:
+    def __init__(self, owner: RequestParser, chunked: bool, content_length: int | None, first: bytes) -> None:
         self._owner = owner
+        self.first = first  # the body's bytes in the read that ended the head
         self._in_body = False
         self.done = False
         self._parser = httptools.HttpRequestParser(self)
