@@ -447,11 +447,20 @@ class RequestParser:
         buffer = self._since
         if buffer is LOST:
             return  # more than SINCE_LIMIT_BYTES back: llhttp's own check of the line stands
+        if self._messages_begun == self._since_first:
+            # The first message in these bytes starts them, after any empty lines.
+            start = 0
+            while buffer.startswith(b"\r\n", start):
+                start += 2
+            line = re.compile(re.escape(method) + rb" +" + re.escape(target) + rb" +([^ /\r\n]*)/").match(buffer, start)
+            if line is not None:
+                self._line_found = (buffer, line.end())
+                if line.group(1) != b"HTTP":
+                    raise BadRequest(f"protocol {line.group(1).decode('latin-1')!r} is not HTTP")
+                return
         mark, start = self._line_found
         if mark is not buffer:
-            # The first message in these bytes starts them; if this is not
-            # that one, the fast check in on_headers_complete took its line.
-            start = 0 if self._messages_begun == self._since_first else 1
+            start = 1  # the first message's line, which starts these bytes, was checked at 0
         # Usually (pipelined requests) the next occurrence is this request's
         # own line, saying HTTP with single spaces: two finds tell.
         http_line = b"%b %b HTTP/" % (method, target)

@@ -553,3 +553,9 @@ def test_an_http_line_elsewhere_does_not_hide_an_rtsp_request():
     events, _ = feed_all(request_with(b"Content-Length: %d\r\n" % len(body), method=b"POST", body=body)
                          + b"GET /s RTSP/1.0\r\nHost: a\r\n\r\n")
     assert last_status(events) == 400 and "RTSP" in events[-1].detail
+
+
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_an_rtsp_request_pipelined_before_an_http_one_with_the_same_line_is_refused(step):
+    events, _ = feed_all(b"GET / RTSP/1.0\r\nHost: a\r\n\r\n" + GET, step=step)
+    assert last_status(events) == 400 and not any(isinstance(e, Request) for e in events)
