@@ -183,7 +183,7 @@ class Codec:
     # -- the app's status and headers to bytes ---------------------------------------
 
     def status(self, status: Any) -> tuple[int, bytes]:
-        """Return ``(code, status line)`` for a valid status; raise AppError otherwise."""
+        """Return ``(code, status line)`` for a valid final status; raise AppError otherwise."""
         try:
             known = self._status_lines.get(status)  # only valid str statuses are ever stored
         except TypeError:  # unhashable: not a str either
@@ -194,6 +194,10 @@ class Codec:
             raise AppError(f"status must be str, got {type(status).__name__}")
         if not STATUS.match(status):
             raise AppError(f"status {status!r} is not 'NNN Reason'")
+        if status[0] == "1":
+            # Interim responses (100 Continue, 101 Switching Protocols, 103)
+            # are the server's to send; a WSGI response is the final one.
+            raise AppError(f"status {status!r} is informational (1xx); a WSGI response needs a final status")
         known = int(status[:3]), status_line(status)
         if len(self._status_lines) < STATUS_CACHE_SIZE:
             self._status_lines[status] = known
@@ -203,7 +207,8 @@ class Codec:
         """Return the encoded field lines and the declared Content-Length (None if absent).
 
         Raises AppError unless ``headers`` is a list of (str, str) tuples with
-        token names, no control characters and no hop-by-hop fields.
+        token names, no control characters, no hop-by-hop fields and no two
+        different Content-Length values.
         """
         last = self._last_headers
         if headers == last[0] and headers.__class__ is list:
@@ -219,6 +224,10 @@ class Codec:
                 known = self._encode_field(item)
             lines.append(known[0])
             if known[1] is not None:
+                if length is not None and known[1] != length:
+                    # Which one frames the body?  A client and a proxy may
+                    # each pick a different one (RFC 9110 §8.6).
+                    raise AppError(f"two different Content-Length headers: {length} and {known[1]}")
                 length = known[1]
         encoded = b"".join(lines), length
         # A copy: the app may change its list later.

@@ -224,11 +224,19 @@ def test_exc_info_replaces_an_unsent_response_and_reraises_after_the_head():
     (app_returning([b"x"], headers=[("X", "\u20ac")]), "not latin-1"),
     (app_returning(["text"]), "not bytes"),
     (app_returning(b"bare"), "bare bytes"),
+    (app_returning([b"x"], status="101 Switching Protocols"), "informational"),
+    (app_returning([b"x"], status="103 Early Hints"), "informational"),
+    (app_returning([b"x"], headers=[("Content-Length", "1"), ("Content-Length", "2")]), "two different Content-Length"),
     (lambda environ, start_response: [b"x"], "without calling start_response"),
 ])
 def test_violations_are_app_errors_and_nothing_is_sent(app, message):
     with pytest.raises(AppError, match=message):
         serve(app)
+
+
+def test_the_same_content_length_twice_is_sent_as_given():
+    _, output, _ = serve(app_returning([b"x"], headers=[("Content-Length", "1"), ("Content-Length", "1")]))
+    assert output.wire.count(b"Content-Length: 1\r\n") == 2
 
 
 def test_start_response_twice_without_exc_info_is_an_app_error():
