@@ -39,6 +39,8 @@ IN_UNKNOWN_METHOD = "IN_UNKNOWN_METHOD"  # llhttp refused the method: its token 
 UPGRADED = "UPGRADED"  # an Upgrade request is complete: what follows is not HTTP/1.1, and is dropped
 FAILED = "FAILED"  # a ProtocolError was returned: nothing more is parsed
 _LLHTTP_PHASES = frozenset({BETWEEN, IN_HEAD, IN_BODY})  # where llhttp parses the next bytes
+# llhttp's reason for a method it knows only from RTSP or ICE.
+_RTSP_METHOD_IN_HTTP = "Invalid method for HTTP/x.x request"
 # RFC 9110 §5.6.2: the characters of a token, such as a method.
 TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # An unknown method read this far without its end is answered as it stands.
@@ -192,7 +194,12 @@ class RequestParser:
             self._unknown_method(str(exc))
             return
         except httptools.HttpParserError as exc:
-            self._fail(BadRequest(str(exc)))
+            detail = str(exc)
+            if detail == _RTSP_METHOD_IN_HTTP:  # DESCRIBE, SETUP, ...: a method, just not an HTTP one
+                self._fail(MethodNotImplemented(f"method {self._parser.get_method().decode('latin-1')!r} "
+                                                "is not implemented"))
+            else:
+                self._fail(BadRequest(detail))
             return
         if self._phase is not BETWEEN:
             self._read_ended_inside(data)

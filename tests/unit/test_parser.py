@@ -530,6 +530,7 @@ def last_status(events: list) -> int | None:
     (b"FROB / HTTP/1.1", 501),
     (b"get / HTTP/1.1", 501),
     (b"GE / HTTP/1.1", 501),  # a prefix of a method llhttp knows is still unknown
+    (b"DESCRIBE / HTTP/1.1", 501),  # a method llhttp knows from RTSP alone
     (b"G@T / HTTP/1.1", 400),
     (b"GET / RTSP/1.0", 400),
     (b"SOURCE / ICE/1.0", 400),
