@@ -18,9 +18,11 @@ import os
 import select
 import socket
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .http.errors import BodyTooLarge
 from .http.exchange import Exchange
 from .proxy import MalformedProxyHeader, ProxyHeaderReader
 
@@ -31,6 +33,9 @@ log = logging.getLogger("forkserver")
 
 RECV_BYTES = 65536
 SPOOL_MEMORY_BYTES = 1 << 20  # a spooled body larger than this waits in a temporary file
+# Without limit_request_body, a chunked body is spooled up to this much,
+# then refused with 413: a client must not fill the disk through one request.
+SPOOL_LIMIT_BYTES = 1 << 30
 # A body this small is copied behind the head and sent with send(); a
 # larger one goes out with sendmsg() straight from the app's buffer.
 SEND_JOIN_BYTES = 16384
@@ -43,6 +48,9 @@ DEFER_MAX_PARTS = 64
 # against 80 us when each went out as it was made (compare_checkouts.py
 # --path /64k, 6 rounds: 16.9k against 14.8k req/s).
 DEFER_MAX_BYTES = 128 * 1024
+# After refusing a request whose body is still arriving, how long we read
+# and drop the rest before closing (see Connection.linger).
+LINGER_SECONDS = 1.0
 
 
 class ClientGone(Exception):
@@ -316,15 +324,51 @@ class Connection:
     def spool_body(self) -> tuple[Any, int]:
         """Read a whole body into memory (a file past SPOOL_MEMORY_BYTES); return it and its size.
 
-        Limits and timeouts apply while it arrives, exactly as when streaming.
+        Limits and timeouts apply while it arrives, exactly as when
+        streaming; limit_request_body, or else SPOOL_LIMIT_BYTES, bounds it
+        (BodyTooLarge).  A temporary directory that cannot take it raises
+        the OSError; the file is gone either way.
         """
+        limit = 0 if self.service.limits.body_bytes else SPOOL_LIMIT_BYTES  # (the parser checks the other)
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
         size = 0
-        while piece := self.pull_body():
-            spool.write(piece)
-            size += len(piece)
-        spool.seek(0)
+        try:
+            while piece := self.pull_body():
+                size += len(piece)
+                if limit and size > limit:
+                    raise BodyTooLarge(f"a chunked body over {limit} bytes, the spool limit")
+                spool.write(piece)
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
         return spool, size
+
+    def linger(self) -> None:
+        """After refusing a request whose body is still arriving: let the client read the answer.
+
+        Closing a socket with bytes unread sends a reset, which can reach
+        the client before it has read the answer, and make it discard it.
+        So stop sending (the client sees the end of the answer), then read
+        and drop what still comes until the client closes, or for at most
+        LINGER_SECONDS, which bounds what a client can hold us for.
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        buffer = bytearray(RECV_BYTES)
+        deadline = time.monotonic() + LINGER_SECONDS
+        while (left := deadline - time.monotonic()) > 0 and poller.poll(left * 1000):
+            try:
+                if not self.sock.recv_into(buffer):
+                    return
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
 
     def reject(self, data: bytes) -> None:
         """Send a refusal (after anything deferred), best effort: the connection closes next."""

@@ -89,10 +89,18 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
             environ["wsgi.input"], size = connection.spool_body()
         except ProtocolError as error:
             _reject(connection, error, response)
+            connection.linger()
             return False
         except ClientGone as exc:
             log.info("%s remote=%s: closing", exc, connection.remote[0] or "unix")
             exchange.abandon()
+            return False
+        except OSError as exc:
+            # The temporary directory is full or gone: the client may try again later.
+            log.error("spooling a request body failed remote=%s: %s", connection.remote[0] or "unix", exc)
+            response.code = 503
+            connection.reject(exchange.failure(503, "Service Unavailable"))
+            connection.linger()
             return False
         # The body is de-chunked and counted now: tell the app its length,
         # and no longer that it is chunked, since it is not any more.

@@ -329,14 +329,14 @@ class Exchange:
         self.sent = 0
         return error_response(error.status, error.reason, self.date.line())
 
-    def failure(self) -> bytes:
-        """The answer when the app failed: a 500 if no head went out, else b"" (the close says it)."""
+    def failure(self, status: int = 500, reason: str = "Internal Server Error") -> bytes:
+        """The answer when the server failed: ``status`` if no head went out, else b"" (the close says it)."""
         state = self.our_state
         self.our_state = MUST_CLOSE
         self.keep_alive = False
         if state is SEND_RESPONSE:
             self.sent = 0
-            return error_response(500, "Internal Server Error", self.date.line())
+            return error_response(status, reason, self.date.line())
         return b""
 
     def abandon(self) -> None:

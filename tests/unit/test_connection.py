@@ -17,7 +17,8 @@ from forkserver.connection import (
     Connection,
     Stalled,
 )
-from forkserver.http.errors import BadRequest
+from forkserver import connection as connection_module
+from forkserver.http.errors import BadRequest, BodyTooLarge
 from forkserver.http.exchange import DONE, SEND_BODY, Closing
 from forkserver.http.parser import Limits
 from forkserver.http.response import CONTINUE_RESPONSE, DateHeader
@@ -202,3 +203,26 @@ def test_reject_and_close_send_what_was_deferred_first(pair):
     connection.send_pair(b"C", b"", last=True)
     connection.close()
     assert recv_exactly(client, 1) == b"C" and client.recv(1) == b""
+
+
+def test_a_chunked_body_over_the_spool_limit_is_too_large(pair, monkeypatch):
+    connection, client = pair
+    monkeypatch.setattr(connection_module, "SPOOL_LIMIT_BYTES", 4)  # the default is 1 GiB: too big to send here
+    client.sendall(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n")
+    connection.receive()
+    connection.exchange.start()
+    with pytest.raises(BodyTooLarge) as raised:
+        connection.spool_body()
+    assert raised.value.status == 413
+
+
+def test_linger_lets_the_client_read_the_answer_and_ends_when_it_closes(pair):
+    connection, client = pair
+    client.sendall(b"x" * 1000)  # a body we will never read
+    connection.reject(b"HTTP/1.1 413 Content Too Large\r\n\r\n")
+    closer = threading.Timer(0.1, client.close)
+    started = time.monotonic()
+    answer = recv_exactly(client, 34)
+    closer.start()
+    connection.linger()
+    assert answer.startswith(b"HTTP/1.1 413 ") and time.monotonic() - started < 0.9
