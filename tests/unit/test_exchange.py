@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httptools
 import pytest
 
 from forkserver.http.errors import BadRequest, ProtocolError
@@ -30,6 +29,7 @@ from forkserver.http.exchange import (
 )
 from forkserver.http.parser import Limits
 from forkserver.http.response import CONTINUE_RESPONSE, LAST_CHUNK, DateHeader
+from harness import ParsedResponse as Read
 from test_corpus import INVALID, VALID, Case, expected_requests, splits
 
 OK = b"HTTP/1.1 200 OK\r\n"
@@ -49,36 +49,6 @@ def started(data: bytes, closing: Closing | None = None) -> Exchange:
     exchange = exchange_for(data, closing)
     exchange.start()
     return exchange
-
-
-class Read:
-    """One response read back by llhttp, as a client would."""
-
-    def __init__(self, data: bytes, head_request: bool = False) -> None:
-        self.headers: dict[bytes, bytes] = {}
-        self.body = b""
-        self.complete = 0
-        self.keep_alive = False
-        self.parser = httptools.HttpResponseParser(self)
-        if head_request:
-            # llhttp cannot know the request was HEAD: give it the head alone, with no length.
-            head = data.split(b"\r\n\r\n", 1)[0]
-            data = b"\r\n".join(line for line in head.split(b"\r\n") if not line.startswith(b"Content-Length"))
-            data += b"\r\nContent-Length: 0\r\n\r\n"
-        self.parser.feed_data(data)
-        self.status = self.parser.get_status_code()
-
-    def on_headers_complete(self) -> None:
-        self.keep_alive = self.parser.should_keep_alive()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
-
-    def on_body(self, data: bytes) -> None:
-        self.body += data
-
-    def on_message_complete(self) -> None:
-        self.complete += 1
 
 
 # -- bytes in ---------------------------------------------------------------------------
@@ -140,7 +110,7 @@ def test_an_unknown_length_is_chunked_in_http11():
     assert exchange.end() == LAST_CHUNK and exchange.our_state is DONE
     read = Read(wire + LAST_CHUNK)
     assert (read.body, read.complete, read.keep_alive) == (b"hello world", 1, True)
-    assert read.headers[b"transfer-encoding"] == b"chunked"
+    assert read.header(b"transfer-encoding") == [b"chunked"]
     assert exchange.sent == 11 and exchange.reuse() is True
 
 

@@ -10,8 +10,9 @@ import os
 import sys
 from typing import Any
 
-import httptools
 import pytest
+
+from harness import ParsedResponse as Parsed
 
 from forkserver.http.exchange import DONE, MUST_CLOSE, SEND_RESPONSE, Closing, Exchange
 from forkserver.http.parser import Limits
@@ -20,7 +21,6 @@ from forkserver.wsgi import (
     FIELD_CACHE_SIZE,
     AppError,
     Codec,
-    FileWrapper,
     Response,
     base_environ,
     build_environ,
@@ -50,31 +50,6 @@ class Recorded:
         self.calls.append(("sendfile", len(data)))
         self.wire += data
         return len(data)
-
-
-class Parsed:
-    def __init__(self, data: bytes) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body = b""
-        self.complete = 0
-        self.parser = httptools.HttpResponseParser(self)
-        self.parser.feed_data(data)
-        self.status = self.parser.get_status_code()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self.keep_alive = self.parser.should_keep_alive()
-
-    def on_body(self, data: bytes) -> None:
-        self.body += data
-
-    def on_message_complete(self) -> None:
-        self.complete += 1
-
-    def header(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.headers if n == name]
 
 
 def serve(app: Any, request: bytes = GET, codec: Codec | None = None) -> tuple[Response, Recorded, Exchange]:
