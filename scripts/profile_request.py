@@ -171,7 +171,7 @@ def main() -> int:
         if args.bytecodes:
             per_function, calls = bytecodes_per_call(one_request, 100)
             print(f"{sum(per_function.values()):.0f} bytecodes and {calls} calls per request; by function:")
-            for name, run in per_function.most_common(int(os.environ.get("TOP", "15"))):
+            for name, run in per_function.most_common(15):
                 print(f"  {run:5.0f}  {name}")
         if args.profile:
             profiler = cProfile.Profile()

@@ -96,8 +96,9 @@ class Exchange:
         self.their_state = IDLE
         self.our_state = IDLE
         self.request: Request | None = None
-        # The keep-alive verdict so far: starts as the client's wish, and only
-        # ever turns False while one exchange runs.
+        # The keep-alive verdict so far: starts as the client's wish, and
+        # turns False for good once anything rules reuse out (a body the
+        # client holds until asked for counts only until it is asked for).
         self.keep_alive = False
         # Body bytes past the parser: the rest of a Content-Length body the
         # caller reads off the wire itself (see raw_body_left).
