@@ -137,8 +137,11 @@ class RequestParser:
         self._since: bytes | bytearray = b""
         self._since_first = 1  # the number (in _messages_begun) of the first message begun in _since
         self._method_token = b""  # an unknown method's token so far (IN_UNKNOWN_METHOD)
-        # Where in which _since the last request line checked there ended.
+        # Where in which _since the last request line checked there ended;
+        # and which _since (by its length, as it grows), method and target
+        # were found to have only HTTP lines.
         self._line_found: tuple[bytes | bytearray, int] = (b"", 0)
+        self._all_http: tuple[bytes | bytearray, int, bytes, bytes] = (b"", -1, b"", b"")
         self.on_message_begin()  # the facts of a message, as a new one starts them
         self._messages_begun = 0
         self._phase = BETWEEN
@@ -444,9 +447,11 @@ class RequestParser:
 
         llhttp also parses RTSP/1.0 and ICE/1.0 requests, and reports
         their version alone.  The line is looked for in the bytes it came
-        in (its usual place, the start of the read, was checked already):
-        from where the last line found ended, up to the first occurrence
-        that says HTTP.  The request's own line is always among them, so a
+        in (its usual place, the start of the read, was checked already).
+        If every line there with this method and target says HTTP, so does
+        this one.  Otherwise the first message's is read at the start, and
+        a later one's looked for from where the last line found ended, up
+        to the first occurrence that says HTTP.  The request's own line is always among them, so a
         valid request is never refused; another occurrence saying HTTP
         before it (a body quoting a request line) lets one through, which
         llhttp framed like any HTTP request anyway.
@@ -454,16 +459,26 @@ class RequestParser:
         buffer = self._since
         if buffer is LOST:
             return  # more than SINCE_LIMIT_BYTES back: llhttp's own check of the line stands
+        checked = (buffer, len(buffer), method, target)
+        if checked == self._all_http:
+            return
+        line = re.compile(re.escape(method) + rb" +" + re.escape(target) + rb" +([^ /\r\n]*)/")
+        if set(line.findall(buffer)) == {b"HTTP"}:
+            # Every line with this method and target in these bytes says
+            # HTTP, this request's among them: pipelined requests alike
+            # (the usual kind) are settled by one scan for all of them.
+            self._all_http = checked
+            return
         if self._messages_begun == self._since_first:
             # The first message in these bytes starts them, after any empty lines.
             start = 0
             while buffer.startswith(b"\r\n", start):
                 start += 2
-            line = re.compile(re.escape(method) + rb" +" + re.escape(target) + rb" +([^ /\r\n]*)/").match(buffer, start)
-            if line is not None:
-                self._line_found = (buffer, line.end())
-                if line.group(1) != b"HTTP":
-                    raise BadRequest(f"protocol {line.group(1).decode('latin-1')!r} is not HTTP")
+            first = line.match(buffer, start)
+            if first is not None:
+                self._line_found = (buffer, first.end())
+                if first.group(1) != b"HTTP":
+                    raise BadRequest(f"protocol {first.group(1).decode('latin-1')!r} is not HTTP")
                 return
         mark, start = self._line_found
         if mark is not buffer:
@@ -475,7 +490,6 @@ class RequestParser:
         if found >= 0 and found == buffer.find(http_line[:-5], start):
             self._line_found = (buffer, found + len(http_line))
             return
-        line = re.compile(re.escape(method) + rb" +" + re.escape(target) + rb" +([^ /\r\n]*)/")
         other = b""
         for found_line in line.finditer(buffer, start):
             protocol = found_line.group(1)
