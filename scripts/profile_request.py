@@ -8,7 +8,7 @@
     python3 scripts/profile_request.py --connection close       # a new connection per request, as
     python3 scripts/profile_request.py --connection keep-alive  # nginx without upstream keepalive opens
 
-A real ``forkserver.connection.Connection`` serves ``scripts/bench_apps.py``
+A real ``forkserver.connection.Connection``, served by ``forkserver.serving.serve``, answers ``scripts/bench_apps.py``
 over a UNIX socketpair in this one process: the client side writes a request
 (what wrk sends), the connection reads, parses and answers it, the client
 reads the answer.  What is left once the socketpair's own send/recv pairs
@@ -59,16 +59,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_apps  # noqa: E402
 
 from forkserver.config import DEFAULT_ACCESS_LOG_FORMAT, Config  # noqa: E402
-from forkserver.connection import Connection, Service  # noqa: E402
+from forkserver.connection import Connection  # noqa: E402
 from forkserver.hooks import Hooks  # noqa: E402
+from forkserver.http.exchange import Closing, Exchange  # noqa: E402
 from forkserver.http.parser import Limits, RequestParser  # noqa: E402
 from forkserver.http.response import DateHeader  # noqa: E402
 from forkserver.logs import open_access_log  # noqa: E402
 from forkserver.scoreboard import Scoreboard  # noqa: E402
+from forkserver.serving import Service, serve  # noqa: E402
 from forkserver.sockets import bind, parse_address  # noqa: E402
 from forkserver.stats import Reporter, new_channel  # noqa: E402
 from forkserver.worker import Entrance, Worker, WorkerSpec  # noqa: E402
-from forkserver.wsgi import Response, base_environ, build_environ, run_app  # noqa: E402
+from forkserver.wsgi import Codec, Response, base_environ, build_environ, run_app  # noqa: E402
 
 ROUNDS = 5  # the best of this many rounds is reported: the least disturbed by the rest of the machine
 
@@ -127,8 +129,8 @@ def best_per_call(action, count: int) -> float:
     return best
 
 
-class NullSink:
-    """A response sink that sends nothing: the response's own cost, alone."""
+class NullOutput:
+    """A response output that sends nothing: the response's own cost, alone."""
 
     def send(self, data: bytes) -> None:
         pass
@@ -138,9 +140,6 @@ class NullSink:
 
     def sendfile(self, in_fd: int, offset: int, count: int) -> int:
         return 0
-
-    def must_close(self) -> bool:
-        return False
 
 
 def print_bytecodes(action: Callable[[], None], what: str, top: int, c_calls: bool = False) -> None:
@@ -289,7 +288,7 @@ def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], r
         yield
         connection.receive()
         yield
-        connection.serve(0)
+        serve(connection, 0)
         yield
         connection.close()
         yield
@@ -342,7 +341,7 @@ def main() -> int:
         access_log = open_access_log(os.path.join(tmp, "access.log"), DEFAULT_ACCESS_LOG_FORMAT,
                                      batched=True) if args.access_log else None
         service = Service(app=bench_apps.app, limits=Limits(), date=DateHeader(), access_log=access_log,
-                          io_timeout=None, keep_alive=lambda: True, board=Scoreboard(1),
+                          io_timeout=None, closing=Closing(), board=Scoreboard(1),
                           stats=Reporter(stats_ends[1], pid=os.getpid(), slot=0, generation=1) if args.stats else None,
                           show=lambda method, path: None)
         connection = Connection(server_side, ("127.0.0.1", "40000"), base_environ("127.0.0.1", "8000", False),
@@ -351,7 +350,7 @@ def main() -> int:
         def one_request() -> None:
             client.send(request)
             connection.receive()
-            connection.serve(0)
+            serve(connection, 0)
             client.recv_into(answer)
 
         def floor() -> None:
@@ -369,18 +368,26 @@ def main() -> int:
         request_parser = RequestParser(service.limits)
         parsed = request_parser.feed(request)[0]
         base = base_environ("127.0.0.1", "8000", False)
-        environ = build_environ(parsed, base, ("127.0.0.1", "40000"))
+        codec = Codec()
+        environ = build_environ(parsed, base, ("127.0.0.1", "40000"), codec)
         environ["wsgi.input"] = io.BytesIO()
-        sink = NullSink()
+        output = NullOutput()
+        exchange = Exchange(service.limits, service.date, service.closing)
+
+        def respond_once() -> None:
+            exchange.receive(request)
+            exchange.start()
+            run_app(bench_apps.app, dict(environ), Response(exchange, output, codec))
+            exchange.reuse()
+
         parse = best_per_call(lambda: request_parser.feed(request), count)
-        build = best_per_call(lambda: build_environ(parsed, base, ("127.0.0.1", "40000")), count)
-        respond = best_per_call(lambda: run_app(bench_apps.app, dict(environ),
-                                                Response(sink, service.date.line, False, False, True)), count)
+        build = best_per_call(lambda: build_environ(parsed, base, ("127.0.0.1", "40000"), codec), count)
+        respond = best_per_call(respond_once, count)
 
         print(f"GET {args.path}: {total * 1e6:.1f} us per request, of which {socket_floor * 1e6:.1f} us "
               f"socketpair send/recv (floor): {(total - socket_floor) * 1e6:.1f} us of forkserver and app")
         print(f"  alone: parse {parse * 1e6:.1f} us, environ {build * 1e6:.1f} us (built once per connection), "
-              f"app + start_response + head {respond * 1e6:.1f} us")
+              f"parse + app + start_response + head {respond * 1e6:.1f} us")
         if args.bytecodes:
             print_bytecodes(one_request, "request", 15)
         if args.profile:
