@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import build_arg_parser, environment_of, load_config, render_toml
+from .config import environment_of
+from .sources import build_arg_parser, load_config, render_toml
 from .errors import ConfigError, ForkserverError
 from .hooks import Hooks
 from .loader import collector_paused, load_app, parse_spec, prepare_path

@@ -28,7 +28,8 @@ from . import __version__, libc, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .collector import StatsCollector
-from .config import AUTO_WORKERS, Config, environment_of, load_config
+from .config import AUTO_WORKERS, Config, environment_of
+from .sources import load_config
 from .containers import available_cpus, read_limits, workers_for_cpus, workers_that_fit
 from .errors import (
     EXIT_APP_LOAD,

@@ -18,7 +18,8 @@ from typing import Any
 
 from doc_block import rewrite_block
 
-from forkserver.config import Config, cli_flag, default_of, env_name, settings, toml_value
+from forkserver.config import Config, cli_flag, default_of, env_name, settings
+from forkserver.sources import toml_value
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "docs" / "options.md"
