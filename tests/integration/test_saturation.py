@@ -6,7 +6,6 @@ fall back after, on /stats and on /metrics, parsed as Prometheus parses them.
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -16,21 +15,10 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import poll, read_all
+from test_stats_live import fetch, stats
 
 SLOW = 5.0  # seconds each holding request sleeps: long enough to look at, short enough to wait for
 DEADLINE = 20.0  # for a loaded 2-core machine
-
-
-def fetch(path: str, what: str) -> bytes:
-    with socket.socket(socket.AF_UNIX) as conn:
-        conn.settimeout(5)
-        conn.connect(path)
-        conn.sendall(f"GET {what} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        return read_all(conn).partition(b"\r\n\r\n")[2]
-
-
-def stats(path: str) -> dict:
-    return json.loads(fetch(path, "/stats"))
 
 
 def metrics(path: str) -> dict[str, list]:
