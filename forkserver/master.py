@@ -47,7 +47,7 @@ from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .reloader import Reloader
 from .safefiles import check_locations, reason
-from .sampler import ProcessSampler, listener_stats
+from .sampler import BACKLOG_SAMPLE_INTERVAL, BacklogWatch, ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .sockets import Listener, adopt, bind_all, describe, parse_address, remove_unanswered
@@ -160,6 +160,7 @@ class Master:
         self.sampler = ProcessSampler()
         self.status: StatusServer | None = None
         self.statsd: StatsdExporter | None = None
+        self.backlog: BacklogWatch | None = None  # accept-queue high-water marks, with stats on
         self.reloader: Reloader | None = None  # watches the app's files with ``reload``
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
@@ -225,6 +226,9 @@ class Master:
                 from .statsd import StatsdExporter  # deferred, as the status server
 
                 self.statsd = StatsdExporter(config.statsd_host, config.statsd_prefix)
+            readers = (("/stats", "/metrics") if self.status else ()) + (("statsd",) if self.statsd else ())
+            if readers:
+                self.backlog = BacklogWatch(readers)
             if config.preload:
                 self.preload()
             if config.daemon:
@@ -302,7 +306,7 @@ class Master:
             self.spawn_missing()
             while True:
                 try:
-                    poller.poll(self.tick() * 1000)
+                    self.wait_for_events(self.tick())
                     self.feed_watchdog()
                     for signum in self.wakeup.drain():
                         self.actions.get(signum, lambda: None)()
@@ -507,6 +511,24 @@ class Master:
             wait = min(wait, max(0.0, self.next_watchdog - now))
         return wait
 
+    def wait_for_events(self, seconds: float) -> None:
+        """Sleep until a descriptor the loop watches is ready, or for ``seconds``.
+
+        With stats on, the accept queues are sampled for their high-water
+        marks every BACKLOG_SAMPLE_INTERVAL meanwhile, in this small loop
+        rather than by turning the whole master loop that often.
+        """
+        backlog = self.backlog
+        if backlog is None:
+            self.poller.poll(seconds * 1000)
+            return
+        deadline = time.monotonic() + seconds
+        while True:
+            backlog.sample(self.listeners)
+            left = deadline - time.monotonic()
+            if left <= 0 or self.poller.poll(min(left, BACKLOG_SAMPLE_INTERVAL) * 1000):
+                return
+
     def feed_watchdog(self) -> None:
         """Tell systemd's watchdog (``WatchdogSec=``) that this loop still turns."""
         now = time.monotonic()
@@ -687,27 +709,42 @@ class Master:
             self.statsd.close()
         self.collector.close_inherited(own)
 
-    def stats_snapshot(self) -> dict[str, Any]:
-        """The /stats document: the workers' counters plus what only the master can see."""
-        extra: dict[int, dict[str, Any]] = {}
+    def stats_snapshot(self, reader: str = "/stats") -> dict[str, Any]:
+        """The /stats document: the workers' counters plus what only the master can see.
+
+        ``reader`` is the path asked for ("/stats" or "/metrics"): each keeps
+        its own accept-queue high-water marks (``sampler.BacklogWatch``).
+        """
+        extra = self.board_readings()
         for handle in self.pool.workers.values():
-            info = dict(self.sampler.read(handle.pid))
-            in_flight = handle.board.in_flight()
-            info["heartbeat_age_seconds"] = round(handle.board.last_beat_age(), 3)
-            info["current_request"] = None
-            if in_flight:
-                oldest = in_flight[0]
-                info["current_request"] = {"method": oldest.method, "path": oldest.path,
-                                           "elapsed_seconds": round(oldest.elapsed, 3)}
-            extra[handle.pid] = info
+            extra[handle.pid].update(self.sampler.read(handle.pid))
         self.mark_busy_workers()
-        return self.stats.snapshot(extra, listener_stats(self.listeners),
+        return self.stats.snapshot(extra, listener_stats(self.listeners, self.backlog, reader),
                                    master_log_lines_dropped=sum(target.dropped for target in self.log_files))
 
     def statsd_snapshot(self) -> dict[str, Any]:
         """The counters StatsD gets: the /stats document without the per-process kernel readings."""
         self.mark_busy_workers()
-        return self.stats.snapshot()
+        return self.stats.snapshot(self.board_readings(), listener_stats(self.listeners, self.backlog, "statsd"))
+
+    def board_readings(self) -> dict[int, dict[str, Any]]:
+        """What each worker's scoreboard says now: its threads and the requests they run, and since when."""
+        readings: dict[int, dict[str, Any]] = {}
+        for handle in self.pool.workers.values():
+            in_flight = handle.board.in_flight()
+            info: dict[str, Any] = {
+                "heartbeat_age_seconds": round(handle.board.last_beat_age(), 3),
+                "current_request": None,
+                "threads": handle.board.threads,
+                "requests_in_flight": len(in_flight),
+                "in_flight_seconds": sum(request.elapsed for request in in_flight),
+            }
+            if in_flight:
+                oldest = in_flight[0]
+                info["current_request"] = {"method": oldest.method, "path": oldest.path,
+                                           "elapsed_seconds": round(oldest.elapsed, 3)}
+            readings[handle.pid] = info
+        return readings
 
     def mark_busy_workers(self) -> None:
         """Tell the aggregator which serving workers have a request in flight right now."""
