@@ -72,6 +72,9 @@ class Connection:
     a kept-alive request about 3 us).
     """
 
+    # Only a TLS connection (forkserver.tls) ever has a handshake to finish first.
+    handshaking = False
+
     def __init__(self, sock: socket.SocketType, remote: tuple[str, str], base_environ: dict[str, Any],
                  service: Service, *, trusted: bool = False) -> None:
         self.sock = sock
