@@ -97,7 +97,7 @@ def written_files(config: Config) -> list[tuple[str, str]]:
     places = [(name, path) for name, path in (("error_logfile", config.error_logfile),
                                                ("access_logfile", config.access_logfile),
                                                ("pid", config.pid)) if path and path != "-"]
-    for name, addresses in (("bind", config.bind), ("stats_bind", (config.stats_bind,))):
+    for name, addresses in (("bind", config.bind), ("tls_bind", config.tls_bind), ("stats_bind", (config.stats_bind,))):
         places += [(name, parse_address(text).path) for text in addresses if text.startswith("unix:")]
     return places
 
@@ -222,9 +222,10 @@ class Master:
             os.umask(int(config.umask, 8))
         self.listeners = self.open_listeners()
         if config.certfile:
-            tls = set(config.tls_bind)
+            from .tls import serves_tls
+
             self.tls_listeners = tuple(listener for listener in self.listeners
-                                       if not tls or listener.address.text in tls)
+                                       if serves_tls(config, listener.address.text))
         share_stdlib()
         try:
             if config.stats_bind:

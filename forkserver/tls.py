@@ -51,11 +51,12 @@ class HandshakeFailed(Exception):
     """The client's handshake cannot succeed; the message says why, for the log."""
 
 
-def tls_addresses(config: Config) -> frozenset[str]:
-    """The bind addresses served over TLS: ``tls_bind``, or with only ``bind`` given, all of them."""
-    if not config.certfile:
-        return frozenset()
-    return frozenset(config.tls_bind or config.bind)
+def serves_tls(config: Config, address: str) -> bool:
+    """Does the listener bound from ``address`` speak TLS: one of ``tls_bind``, or any at all without it?
+
+    (Any at all: sockets systemd hands over are named after its units, not a bind address.)
+    """
+    return bool(config.certfile) and (not config.tls_bind or address in config.tls_bind)
 
 
 def listen_addresses(config: Config) -> tuple[str, ...]:
