@@ -519,6 +519,8 @@ class Worker:
                 connection = Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
             else:
                 connection = self._tls_connection(entrance, conn_sock, remote, trusted)
+                if connection is None:
+                    continue
             # The request usually arrives with the connection: read it now.
             # A connection whose whole exchange happens here never costs an
             # epoll registration; one that waits is watched with the header timeout.
@@ -527,11 +529,20 @@ class Worker:
                 return  # serving it began our stop (max_requests), which closed the listeners
 
     def _tls_connection(self, entrance: Entrance, sock: socket.socket, remote: tuple[str, str],
-                        trusted: bool) -> Connection:
-        """Wrap an accepted socket for TLS; its handshake starts with the first readiness (``_handshake``)."""
+                        trusted: bool) -> Connection | None:
+        """Wrap an accepted socket for TLS; its handshake starts with the first readiness (``_handshake``).
+
+        None when the client reset the connection while it waited in the
+        queue: ``ssl`` looks at the peer as it wraps, and refuses then.
+        """
         from .tls import TLSConnection  # imported by the master before the fork, with the context
 
-        wrapped = entrance.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            wrapped = entrance.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            log.debug("client gone before the TLS handshake remote=%s: %s", remote[0] or "unix", exc)
+            sock.close()  # (already detached into the failed wrapper, which closed it, if it got that far)
+            return None
         return TLSConnection(wrapped, remote, entrance.environ, self.service, trusted=trusted)
 
     def _handshake(self, connection: Any, fresh: bool) -> bool:

@@ -209,6 +209,23 @@ def test_plain_http_and_garbage_on_the_tls_port_are_turned_away_and_the_worker_s
     assert "Traceback" not in log
 
 
+def test_connections_reset_before_the_worker_accepts_them_cost_nothing(server, pki):
+    srv = start_tls(server, pki)
+    worker = srv.worker_pids()[0]
+    os.kill(worker, signal.SIGSTOP)  # the resets all land while the connections wait in the queue
+    try:
+        for i in range(20):
+            conn = socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT)
+            if i % 2:
+                conn.sendall(half_client_hello(pki))
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.close()  # with SO_LINGER 0: a reset
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert echo(srv.port, client_context(pki))["pid"] == worker
+    assert "Traceback" not in srv.log()
+
+
 def half_client_hello(pki: Path) -> bytes:
     """The first half of a real ClientHello, as a client that stalls mid-handshake sends it."""
     outgoing = ssl.MemoryBIO()
