@@ -87,6 +87,10 @@ def _pem_has(path: str, marker: bytes) -> bool:
 def build_context(config: Config) -> ssl.SSLContext:
     """The server context the settings describe, every file read and checked now.
 
+    Built in the master, so every worker inherits one context: the key that
+    encrypts session tickets with it, so a client resumes its session with
+    whichever worker takes its next connection (until the next HUP).
+
     Raises:
         ConfigError: one line naming the setting and file (or value) at fault.
     """
@@ -114,9 +118,8 @@ def build_context(config: Config) -> ssl.SSLContext:
         except ssl.SSLError:
             raise ConfigError(f"ciphers {config.ciphers!r}: OpenSSL knows no cipher of that list") from None
     context.set_alpn_protocols(["http/1.1"])
-    # Each worker is its own process: a session cache in one is useless to
-    # the others, so resumption comes from tickets, which any worker reads.
-    context.options |= ssl.OP_NO_COMPRESSION
+    # A client must not make a worker redo the costly part of a handshake at will.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     return context
 
 

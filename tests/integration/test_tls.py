@@ -133,8 +133,9 @@ def test_https_verifies_and_the_app_sees_an_https_request(server, pki):
     assert "SSL_CLIENT_S_DN" not in environ  # no client certificate was asked for
 
 
-def test_keep_alive_and_pipelining_over_tls(server, pki):
-    srv = start_tls(server, pki)
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_keep_alive_and_pipelining_over_tls(server, pki, threads):
+    srv = start_tls(server, pki, "--threads", threads)
     request = b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n"
     with connect(srv.port, client_context(pki)) as conn:
         pids = set()
@@ -152,9 +153,10 @@ def test_keep_alive_and_pipelining_over_tls(server, pki):
     assert data.index(b'"PATH_INFO": "/9"') < data.index(b'"PATH_INFO": "/last"')
 
 
-def test_a_request_behind_a_body_in_the_same_tls_record_is_answered(server, pki):
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_a_request_behind_a_body_in_the_same_tls_record_is_answered(server, pki, threads):
     """The body is read exactly, so OpenSSL keeps the next request decrypted where epoll cannot see it."""
-    srv = start_tls(server, pki, "--keep-alive", "30")
+    srv = start_tls(server, pki, "--keep-alive", "30", "--threads", threads)
     with connect(srv.port, client_context(pki)) as conn:
         conn.sendall(b"POST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n")
         time.sleep(0.2)  # the head is read (and the app waits for the body) before the rest arrives
