@@ -25,7 +25,7 @@ import ssl
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .connection import ClientGone, Connection
+from .connection import Connection
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -194,6 +194,8 @@ class TLSConnection(Connection):
     some (the loop then watches for that instead).
     """
 
+    would_block = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
     def __init__(self, sock: ssl.SSLSocket, *args: Any, **kwargs: Any) -> None:
         super().__init__(sock, *args, **kwargs)
         self.handshaking = True
@@ -240,72 +242,38 @@ class TLSConnection(Connection):
         The loop waits on epoll next, which cannot see bytes already
         decrypted and held by OpenSSL: they are taken now.
         """
-        sock = self.sock
-        try:
-            data = sock.recv(65536)
-            while held := sock.pending():
-                data += sock.recv(held)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return True
-        except OSError:
-            return False
-        if not data:
-            return False
-        self.bytes_in += len(data)
-        self.exchange.receive(data)
-        return True
+        alive = super().receive()
+        while alive and self.sock.pending():
+            alive = super().receive()
+        return alive
 
     def next_is_request(self) -> bool:
         if self.sock.pending():  # a pipelined request, decrypted while a body was read
             self.receive()
         return self.exchange.next_is_request()
 
-    def _wait_for(self, exc: ssl.SSLError) -> None:
-        self._wait(select.POLLOUT if isinstance(exc, ssl.SSLWantWriteError) else select.POLLIN)
+    def _wait_blocked(self, exc: OSError, event: int) -> None:
+        """OpenSSL may need to write to go on reading, or to read to go on writing: wait for what it says."""
+        if isinstance(exc, ssl.SSLWantWriteError):
+            event = select.POLLOUT
+        elif isinstance(exc, ssl.SSLWantReadError):
+            event = select.POLLIN
+        self._wait(event)
 
     def _send_all(self, parts: Sequence[bytes], size: int) -> None:
-        """Send ``parts`` in order; an SSL socket has no sendmsg, so small ones are joined first."""
-        if len(parts) > 1 and size <= JOIN_BYTES:
-            parts = (b"".join(parts),)
-        for part in parts:
-            self._send_whole(part)
-
-    def _send_whole(self, data: bytes) -> None:
-        """Encrypt and send all of ``data``, waiting on the deadline while the peer is slow.
+        """Send ``parts`` in order; an SSL socket has no sendmsg, so small ones are joined first.
 
         OpenSSL writes all or nothing here, and a write that would block must
-        be retried with the same bytes: the view advances only on success.
+        be retried with the same bytes, which is what ``_send_rest`` does.
         """
-        view = memoryview(data)
-        while view:
-            try:
-                written = self.sock.send(view)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
-                self._wait_for(exc)
-                continue
-            except OSError as exc:
-                raise ClientGone(str(exc)) from None
-            self.bytes_out += written
-            view = view[written:]
+        if len(parts) > 1 and size <= JOIN_BYTES:
+            parts = (b"".join(parts),)
+        self._send_rest(parts, 0)
 
     def sendfile(self, in_fd: int, offset: int, count: int) -> int:
         """Send up to ``count`` bytes of a file: read and encrypted here, as the kernel cannot."""
         if self.unsent:
             self.flush()
         chunk = os.pread(in_fd, min(count, FILE_CHUNK_BYTES), offset)
-        self._send_whole(chunk)
+        self._send_rest((chunk,), 0)
         return len(chunk)
-
-    def _receive_into(self, buffer: Any, want: int) -> int:
-        while True:
-            try:
-                received = self.sock.recv_into(buffer, want)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
-                self._wait_for(exc)
-                continue
-            except OSError as exc:
-                raise ClientGone(str(exc)) from None
-            if not received:
-                raise ClientGone("peer closed while sending the body")
-            self.bytes_in += received
-            return received
