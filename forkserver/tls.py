@@ -41,8 +41,9 @@ FILE_CHUNK_BYTES = 256 * 1024
 JOIN_BYTES = 256 * 1024
 # What nginx answers a plain HTTP request on a TLS port with, in plain text:
 # the client learns what went wrong instead of seeing a reset.
-PLAIN_HTTP_ANSWER = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 51\r\n"
-                     b"Connection: close\r\n\r\nThe plain HTTP request was sent to an HTTPS port.\r\n\r\n")
+PLAIN_HTTP_REFUSAL = b"The plain HTTP request was sent to an HTTPS port.\n"
+PLAIN_HTTP_ANSWER = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (len(PLAIN_HTTP_REFUSAL), PLAIN_HTTP_REFUSAL))
 EPOLL_READ = select.EPOLLIN | select.EPOLLRDHUP
 EPOLL_WRITE = select.EPOLLOUT | select.EPOLLRDHUP
 
