@@ -407,7 +407,9 @@ class Master:
             log.info("%s", line)
         for listener in self.listeners:
             where = describe(listener)
-            log.info("listening at %s", where.replace("http://", "https://") if listener in self.tls_listeners else where)
+            if listener in self.tls_listeners:  # a URL says https; a UNIX socket's path gets a word
+                where = where.replace("http://", "https://") if "http://" in where else f"{where} (TLS)"
+            log.info("listening at %s", where)
         log.info("master started pid=%d app=%s version=%s workers=%d threads=%d", self.pid, self.config.app,
                  __version__, self.desired, self.config.threads)
         if self.sizing:

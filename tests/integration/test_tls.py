@@ -396,3 +396,19 @@ def test_unreadable_or_mismatched_files_stop_the_start_with_one_line(pki, tmp_pa
     result = refused_start(tmp_path, "--certfile", str(pki / "server.key"), "--keyfile", str(pki / "server.key"))
     assert result.returncode == EXIT_CONFIG
     assert result.stderr.splitlines() == [f"forkserver: error: certfile {pki / 'server.key'}: no PEM certificate in it"]
+
+
+def test_tls_on_a_unix_socket_beside_a_plain_tcp_bind(server, pki, tmp_path):
+    tls_path = tmp_path / "tls.sock"
+    plain = listening_socket()
+    srv = server("basic:echo", "-w", "1", "-b", f"fd://{plain.fileno()}", "--tls-bind", f"unix:{tls_path}",
+                 "--certfile", str(pki / "server.pem"), "--keyfile", str(pki / "server.key"), sock=plain,
+                 workers=1)  # ready: the harness's plain HTTP request on the TCP socket was answered
+    raw = socket.socket(socket.AF_UNIX)
+    raw.settimeout(TIMEOUT)
+    raw.connect(str(tls_path))
+    with client_context(pki).wrap_socket(raw, server_hostname="localhost") as conn:
+        environ = json.loads(ParsedResponse(exchange(
+            conn, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")).body)
+    assert environ["wsgi.url_scheme"] == "https" and environ["HTTPS"] == "on"
+    assert f"listening at unix:{tls_path} (TLS)" in srv.log()
