@@ -412,3 +412,16 @@ def test_tls_on_a_unix_socket_beside_a_plain_tcp_bind(server, pki, tmp_path):
             conn, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")).body)
     assert environ["wsgi.url_scheme"] == "https" and environ["HTTPS"] == "on"
     assert f"listening at unix:{tls_path} (TLS)" in srv.log()
+
+
+def test_a_gunicorn_tls_command_line_serves_https_with_only_the_first_word_changed(server, pki):
+    srv = start_tls(server, pki, "--ca-certs", str(pki / "ca.pem"), "--cert-reqs", "2", "--ssl-version", "TLSv1_2",
+                    "--ciphers", "ECDHE+AESGCM", "--do-handshake-on-connect", "--suppress-ragged-eofs",
+                    client="client")
+    assert echo(srv.port, client_context(pki, "client"))["SSL_CLIENT_S_DN_CN"] == "client-1"
+    tls12 = client_context(pki, "client")
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    with connect(srv.port, tls12) as conn:
+        assert conn.version() == "TLSv1.2"
+        assert conn.cipher()[0].startswith("ECDHE-") and "GCM" in conn.cipher()[0]
+    assert "do_handshake_on_connect accepted but not needed" in srv.log()
