@@ -14,11 +14,12 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import build_arg_parser, environment_of, load_config, render_toml
+from .config import environment_of
 from .errors import ConfigError, ForkserverError
 from .hooks import Hooks
 from .loader import collector_paused, load_app, parse_spec, prepare_path
 from .sockets import parse_address
+from .sources import build_arg_parser, load_config, render_toml
 
 
 def check(config_summary: str) -> int:
@@ -43,11 +44,20 @@ def run_viewer(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv[1:])
     from . import top  # deferred: serving never needs the viewer
 
-    if command == "stats":
-        return top.main_stats(args.address, raw=args.json)
-    if not args.interval > 0:
-        parser.error("--interval must be greater than 0")
-    return top.main_top(args.address, interval=args.interval)
+    if command == "top":
+        if not args.interval > 0:
+            parser.error("--interval must be greater than 0")
+        return top.main_top(args.address, interval=args.interval)
+    try:
+        code = top.main_stats(args.address, raw=args.json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (forkserver stats ADDR --json | head): not an error
+        # worth a traceback. Python would try to flush again at exit, into the
+        # same closed pipe, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return code
 
 
 def run(argv: Sequence[str]) -> int:

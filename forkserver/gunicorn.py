@@ -4,7 +4,7 @@ A gunicorn user switches by changing the first word of the command, so every
 gunicorn setting is listed here once, with its command-line spellings and what
 forkserver does with it: sets one of forkserver's own settings (``native``),
 accepts it and says at start why it is not needed (``ignored``), or refuses
-it with the reason (``refused``).  ``forkserver.config`` merges the values
+it with the reason (``refused``).  ``forkserver.sources`` merges the values
 this module translates through the one settings schema; this module never
 decides precedence, never prints and never exits.
 

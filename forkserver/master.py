@@ -28,7 +28,7 @@ from . import __version__, libc, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .collector import StatsCollector
-from .config import AUTO_WORKERS, Config, environment_of, load_config
+from .config import AUTO_WORKERS, Config, environment_of
 from .containers import available_cpus, read_limits, workers_for_cpus, workers_that_fit
 from .errors import (
     EXIT_APP_LOAD,
@@ -51,6 +51,7 @@ from .sampler import ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .sockets import Listener, adopt, bind_all, describe, parse_address, remove_unanswered
+from .sources import load_config
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from doc_block import rewrite_block
+
 from forkserver.config import cli_flag
 from forkserver.gunicorn import HOOK_PARAMETERS, SETTINGS, GunicornSetting
 
@@ -58,19 +60,7 @@ def table() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = GUIDE.read_text()
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        print(f"{GUIDE}: markers {BEGIN} ... {END} not found", file=sys.stderr)
-        return 2
-    updated = text[:start] + table() + text[end + len(END):]
-    if "--check" in argv:
-        if updated != text:
-            print("docs/gunicorn.md table is out of date: run python scripts/gen_gunicorn_table.py", file=sys.stderr)
-            return 1
-        return 0
-    GUIDE.write_text(updated)
-    return 0
+    return rewrite_block(GUIDE, BEGIN, END, table(), argv, "python scripts/gen_gunicorn_table.py")
 
 
 if __name__ == "__main__":

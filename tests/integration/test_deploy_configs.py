@@ -32,7 +32,7 @@ import psutil
 import pytest
 from harness import APPS, ROOT, listening_socket, poll, read_all
 
-from forkserver.config import load_config
+from forkserver.sources import load_config
 
 CONF = ROOT / "conf"
 SERVICE, SOCKET = CONF / "systemd" / "forkserver.service", CONF / "systemd" / "forkserver.socket"

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 import forkserver
-from forkserver.config import cli_flag, load_config, settings
+from forkserver.config import cli_flag, settings
+from forkserver.sources import load_config
 from forkserver.errors import EXIT_APP_LOAD, EXIT_CONFIG
 
 

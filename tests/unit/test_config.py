@@ -24,11 +24,10 @@ from forkserver.config import (
     cli_flag,
     default_of,
     env_name,
-    load_config,
-    render_toml,
     settings,
 )
 from forkserver.errors import EXIT_CONFIG, ConfigError
+from forkserver.sources import load_config, render_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_CONF = ROOT / "conf" / "forkserver.toml"

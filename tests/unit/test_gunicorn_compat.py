@@ -15,13 +15,8 @@ from pathlib import Path
 import pytest
 
 from forkserver import gunicorn
-from forkserver.config import (
-    HEADER_FIELD_CEILING,
-    HEADER_FIELDS_CEILING,
-    REQUEST_LINE_CEILING,
-    load_config,
-    settings,
-)
+from forkserver.config import HEADER_FIELD_CEILING, HEADER_FIELDS_CEILING, REQUEST_LINE_CEILING, settings
+from forkserver.sources import load_config
 from forkserver.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -103,7 +103,7 @@ def reached(module: str, stop_at: str = "") -> set[str]:
 
 HTTP_FILES = sorted((PACKAGE / "http").glob("*.py"))
 FORBIDDEN_IN_HTTP = ("socket", "os", "select", "selectors", "asyncio", "io", "tempfile", "subprocess", "ssl",
-                     "logging", "mmap", "shutil", "forkserver.config", "forkserver.worker")
+                     "logging", "mmap", "shutil", "forkserver.config", "forkserver.sources", "forkserver.worker")
 # Built-ins that read or write outside the process.
 IO_CALLS = frozenset({"open", "print", "input"})
 # What speaks HTTP: the supervising side loads it only as the worker it forks.

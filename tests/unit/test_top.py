@@ -154,6 +154,22 @@ def test_stats_command_prints_a_table_and_json(tmp_path):
     assert raw.returncode == 0 and json.loads(raw.stdout)["workers"][3]["pid"] == 31003
 
 
+def test_stats_into_a_pipe_whose_reader_left_is_quiet(tmp_path):
+    # forkserver stats ADDR --json | head -1: head exits before the document is written.
+    snapshot = fixture_snapshot()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with stats_server(f"unix:{tmp_path / 's.sock'}", lambda: snapshot) as real:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FORKSERVER_")}
+            result = subprocess.run([sys.executable, "-m", "forkserver", "stats", "--json", real], stdout=write_end,
+                                    stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0
+    assert result.stderr == ""
+
+
 def test_stats_command_reports_an_unreachable_server_in_one_line(tmp_path):
     result = forkserver_cli("stats", f"unix:{tmp_path / 'gone.sock'}")
     assert result.returncode == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from forkserver.config import load_config
+from forkserver.sources import load_config
 from forkserver.tls import distinguished_name, listen_addresses, serves_tls
 
 
