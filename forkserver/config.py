@@ -129,6 +129,26 @@ def _without_tcp_scheme(value: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(entry.removeprefix("tcp://") for entry in value)
 
 
+CERT_REQS_WORDS = {"none": "none", "optional": "optional", "required": "required",
+                   "0": "none", "1": "optional", "2": "required",
+                   "cert_none": "none", "cert_optional": "optional", "cert_required": "required"}
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+def _cert_reqs(value: str) -> str:
+    """none/optional/required in any case, gunicorn's 0/1/2, or ssl's CERT_* names."""
+    text = value.strip().lower()
+    return CERT_REQS_WORDS.get(text, text)
+
+
+def _tls_version(value: str) -> str:
+    """1.2 or 1.3, also written TLSv1.2, TLSv1_3 or tls1.3."""
+    text = value.strip().lower().replace("_", ".")
+    for prefix in ("tlsv", "tls"):
+        text = text.removeprefix(prefix)
+    return text
+
+
 def _check_bind(value: tuple[str, ...]) -> str | None:
     return None if value else "at least one address"
 
@@ -304,6 +324,42 @@ class Config:
         False,
         help="Require a PROXY protocol v1 or v2 header at the start of every connection "
         "from a trusted peer, and take the client address from it.",
+    )
+    certfile: str = setting(
+        "",
+        help="Serve TLS with this PEM certificate (chain); every bind address becomes HTTPS, or only "
+        "the tls_bind ones when those are given. HUP reads it again. See docs/tls.md.",
+        metavar="FILE",
+    )
+    keyfile: str = setting(
+        "", help="PEM private key of certfile (unencrypted); empty if certfile holds it.", metavar="FILE"
+    )
+    tls_bind: tuple[str, ...] = setting(
+        (),
+        normalize=_without_tcp_scheme,
+        help="Addresses served over TLS while bind stays plain HTTP (HOST:PORT, unix:PATH, fd://N); "
+        "empty makes every bind address TLS when certfile is set.",
+        metavar="ADDRESS",
+    )
+    ca_certs: str = setting(
+        "", help="PEM file of the CAs a client certificate must be signed by (with cert_reqs).", metavar="FILE"
+    )
+    cert_reqs: str = setting(
+        "none",
+        choices=("none", "optional", "required"),
+        normalize=_cert_reqs,
+        help="Client certificates: none (not asked for), optional (checked if sent) or required; "
+        "gunicorn's 0, 1, 2 too. The subject reaches the app as SSL_CLIENT_S_DN.",
+    )
+    ciphers: str = setting(
+        "", help="OpenSSL cipher list for TLS 1.2; empty keeps Python's secure default.", metavar="LIST"
+    )
+    tls_min_version: str = setting(
+        "1.2",
+        choices=tuple(TLS_VERSIONS),
+        normalize=_tls_version,
+        help="Oldest TLS version accepted: 1.2 or 1.3 (TLS 1.0 and 1.1 are not offered).",
+        metavar="VERSION",
     )
     preload: bool = setting(
         False,
@@ -674,12 +730,32 @@ def combination_problems(config: Config) -> list[str]:
             f"{config.source_of('reload')}: reload cannot be combined with preload "
             f"(from {config.source_of('preload')}): preload imports the app once in the master, "
             "so new code would never be loaded; drop one of them")
+    problems += _tls_combinations(config)
     prefixes = {entry.partition("=")[0].strip().rstrip("/") or "/" for entry in config.static}
     for entry in config.static_cache_control:
         prefix = entry.partition("=")[0].strip().rstrip("/") or "/"
         if entry.startswith("/") and prefix not in prefixes:
             problems.append(f"{config.source_of('static_cache_control')}: static_cache_control entry "
                             f"{entry!r} names {prefix}, which is not a static prefix")
+    return problems
+
+
+def _tls_combinations(config: Config) -> list[str]:
+    """TLS settings that need one another (the files themselves are read at start: forkserver.tls)."""
+    problems = []
+    need_cert = [name for name in ("keyfile", "tls_bind", "ca_certs") if getattr(config, name)]
+    if config.cert_reqs != "none":
+        need_cert.append("cert_reqs")
+    if need_cert and not config.certfile:
+        problems.append(f"{config.source_of(need_cert[0])}: {need_cert[0]} is set but certfile is not; "
+                        "TLS needs a certificate")
+    if config.certfile and config.cert_reqs != "none" and not config.ca_certs:
+        problems.append(f"{config.source_of('cert_reqs')}: cert_reqs {config.cert_reqs} needs ca_certs, "
+                        "the CAs client certificates are checked against")
+    if config.certfile and config.proxy_protocol:
+        problems.append(f"{config.source_of('proxy_protocol')}: proxy_protocol cannot be combined with TLS "
+                        f"(certfile from {config.source_of('certfile')}): the PROXY header would arrive "
+                        "before the handshake; terminate TLS in the proxy, or drop one of them")
     return problems
 
 

@@ -72,6 +72,11 @@ class Connection:
     a kept-alive request about 3 us).
     """
 
+    # Only a TLS connection (forkserver.tls) ever has a handshake to finish
+    # first, and raises more than BlockingIOError when a call must wait.
+    handshaking = False
+    would_block: tuple[type[OSError], ...] = (BlockingIOError,)
+
     def __init__(self, sock: socket.SocketType, remote: tuple[str, str], base_environ: dict[str, Any],
                  service: Service, *, trusted: bool = False) -> None:
         self.sock = sock
@@ -107,7 +112,7 @@ class Connection:
         """Read what is available and hand it to the exchange; False once the peer has closed."""
         try:
             data = self.sock.recv(RECV_BYTES)
-        except BlockingIOError:
+        except self.would_block:
             return True
         except OSError:
             return False
@@ -182,6 +187,10 @@ class Connection:
             raise Stalled(f"{what} timeout: no progress for {timeout:g}s")
         self.service.board.request_progressed(self.thread)
 
+    def _wait_blocked(self, exc: OSError, event: int) -> None:
+        """Wait for ``event``, what the call that raised ``exc`` needs (TLS may need the other one)."""
+        self._wait(event)
+
     def send(self, data: bytes) -> None:
         """Send all of ``data``, waiting for the peer as long as it keeps up."""
         if self.unsent:
@@ -238,8 +247,8 @@ class Connection:
             while view:
                 try:
                     written = self.sock.send(view)
-                except BlockingIOError:
-                    self._wait(select.POLLOUT)
+                except self.would_block as exc:
+                    self._wait_blocked(exc, select.POLLOUT)
                     continue
                 except OSError as exc:
                     raise ClientGone(str(exc)) from None
@@ -265,8 +274,8 @@ class Connection:
         while True:
             try:
                 received = self.sock.recv_into(buffer, want)
-            except BlockingIOError:
-                self._wait(select.POLLIN)
+            except self.would_block as exc:
+                self._wait_blocked(exc, select.POLLIN)
                 continue
             except OSError as exc:
                 raise ClientGone(str(exc)) from None

@@ -98,7 +98,7 @@ def written_files(config: Config) -> list[tuple[str, str]]:
     places = [(name, path) for name, path in (("error_logfile", config.error_logfile),
                                                ("access_logfile", config.access_logfile),
                                                ("pid", config.pid)) if path and path != "-"]
-    for name, addresses in (("bind", config.bind), ("stats_bind", (config.stats_bind,))):
+    for name, addresses in (("bind", config.bind), ("tls_bind", config.tls_bind), ("stats_bind", (config.stats_bind,))):
         places += [(name, parse_address(text).path) for text in addresses if text.startswith("unix:")]
     return places
 
@@ -135,6 +135,8 @@ class Master:
         self.desired = self.size_pool(config)
         self.desired_before_reload = self.desired  # what an abandoned reload goes back to
         self.listeners: list[Listener] = []
+        self.tls_context: Any = None  # an ssl.SSLContext with certfile set; workers inherit it (forkserver.tls)
+        self.tls_listeners: tuple[Listener, ...] = ()  # those of self.listeners that serve TLS
         self.socket_paths: list[str] = []  # UNIX socket files to remove at exit
         self.log_files: list[LogFile] = []  # the error log, then the access log if on; workers inherit them
         self.logging_files: FileHandlers | None = None  # with a logging configuration: its handlers' files
@@ -187,6 +189,12 @@ class Master:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
         check_locations(written_files(config))  # before any of them exists: all problems at once
+        if config.certfile:
+            # Deferred: a start without TLS does not import ssl.  Read here, by
+            # the master, before anything is bound: a bad file is one line.
+            from .tls import build_context
+
+            self.tls_context = build_context(config)
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
         if config.capture_output:
             capture_stdio(self.log_files[0])
@@ -215,6 +223,11 @@ class Master:
         if config.umask:
             os.umask(int(config.umask, 8))
         self.listeners = self.open_listeners()
+        if config.certfile:
+            from .tls import serves_tls
+
+            self.tls_listeners = tuple(listener for listener in self.listeners
+                                       if serves_tls(config, listener.address.text))
         share_stdlib()
         try:
             if config.stats_bind:
@@ -261,6 +274,10 @@ class Master:
         names = {listener.address.text for listener in adopted}
         # With sockets handed over, the default bind is not also wanted.
         wanted = () if adopted and config.source_of("bind") == "default" else config.bind
+        if config.tls_bind:
+            from .tls import listen_addresses
+
+            wanted = listen_addresses(config)  # bind left at its default beside tls_bind is not wanted
         fresh = bind_all(tuple(a for a in wanted if a not in names), backlog=config.backlog,
                          reuse_port=config.reuse_port, unix_mode=int(config.unix_socket_mode, 8))
         return adopted + fresh
@@ -394,7 +411,10 @@ class Master:
         for line in self.config.notices:
             log.info("%s", line)
         for listener in self.listeners:
-            log.info("listening at %s", describe(listener))
+            where = describe(listener)
+            if listener in self.tls_listeners:  # a URL says https; a UNIX socket's path gets a word
+                where = where.replace("http://", "https://") if "http://" in where else f"{where} (TLS)"
+            log.info("listening at %s", where)
         log.info("master started pid=%d app=%s version=%s workers=%d threads=%d", self.pid, self.config.app,
                  __version__, self.desired, self.config.threads)
         if self.sizing:
@@ -608,6 +628,7 @@ class Master:
             stats_channel=None if stats_ends is None else stats_ends[1],
             reload_dir=self.reloader.report_dir if self.reloader is not None else "",
             accept_board=self.accept_board, seat=self.accept_board.take(),
+            tls_context=self.tls_context, tls_listeners=self.tls_listeners,
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
         try:
@@ -793,6 +814,7 @@ class Master:
             log.warning("bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(self.config.bind), ",".join(config.bind))
             config = dataclasses.replace(config, bind=self.config.bind)
+        config, tls_context = self.reload_tls(config)
         if (config.stats_bind, config.stats_allow_ips) != (self.config.stats_bind, self.config.stats_allow_ips):
             log.warning("stats_bind and stats_allow_ips change only on restart or upgrade (USR2)")
         access_logfile = self.access_logfile
@@ -812,6 +834,7 @@ class Master:
         if not config.preload:
             self.app = None
         self.config, self.hooks = config, hooks
+        self.tls_context = tls_context
         self.hooks.run("on_reload", self.context())
         self.desired_before_reload = self.desired
         self.set_desired(self.size_pool(config))
@@ -822,6 +845,34 @@ class Master:
         self.stats.note_reload()
         self.respawn_after.clear()
         self.spawn_missing()
+
+    def reload_tls(self, config: Config) -> tuple[Config, Any]:
+        """The TLS context the new generation serves with: the files read again (certificate rotation).
+
+        Which listeners speak TLS is fixed at start, like the listeners
+        themselves.  A certificate or key that does not load keeps the
+        running context (the rest of the reload goes on), and says why.
+        """
+        old = self.config
+        if config.tls_bind != old.tls_bind:
+            log.warning("tls_bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
+                        ",".join(old.tls_bind), ",".join(config.tls_bind))
+            config = dataclasses.replace(config, tls_bind=old.tls_bind)
+        if bool(config.certfile) != bool(old.certfile):
+            log.warning("TLS is turned on or off only on restart or upgrade (USR2); keeping it %s",
+                        "on, with the running certificate" if old.certfile else "off")
+            return config, self.tls_context
+        if not config.certfile:
+            return config, None
+        from .tls import build_context  # imported at start already
+
+        try:
+            context = build_context(config)
+        except ForkserverError as exc:
+            log.error("TLS reload failed, keeping the running certificate: %s", exc)
+            return config, self.tls_context
+        log.info("TLS certificate loaded from %s", config.certfile)
+        return config, context
 
     def use_access_log(self, target: LogFile | None) -> None:
         """From now on new workers write their access lines to ``target`` (a reload may change it)."""

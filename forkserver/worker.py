@@ -97,15 +97,18 @@ class WorkerSpec:
     reload_dir: str = ""  # with reload: where to report the files the app imported
     accept_board: AcceptBoard | None = None  # shared with the other workers, to spread connections
     seat: int = -1  # our entry on it
+    tls_context: Any = None  # the master's ssl.SSLContext, with certfile set (forkserver.tls)
+    tls_listeners: tuple[Listener, ...] = ()  # the listeners whose connections speak TLS
 
 
 class Entrance:
     """A socket this worker accepts on, and what every connection from it needs, looked up once."""
 
-    __slots__ = ("sock", "listener", "family", "tcp", "environ")
+    __slots__ = ("sock", "listener", "family", "tcp", "environ", "tls")
 
-    def __init__(self, listener: Listener, environ: dict[str, Any]) -> None:
+    def __init__(self, listener: Listener, environ: dict[str, Any], tls: Any = None) -> None:
         self.listener = listener
+        self.tls = tls  # the SSLContext its connections are wrapped in, or None for plain HTTP
         self.sock = listener.worker_socket()
         self.family = self.sock.family  # an enum conversion, too slow to repeat per connection
         self.tcp = listener.is_tcp
@@ -224,7 +227,11 @@ class Worker:
         self.finished_r, self.finished_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.epoll.register(self.finished_r, select.EPOLLIN)
         for listener in spec.listeners:
-            entrance = Entrance(listener, base_environ(*listener.name, multithread=self.config.threads > 1))
+            environ = base_environ(*listener.name, multithread=self.config.threads > 1)
+            tls = spec.tls_context if listener in spec.tls_listeners else None
+            if tls is not None:
+                environ["wsgi.url_scheme"] = "https"
+            entrance = Entrance(listener, environ, tls)
             self.listening[entrance.sock.fileno()] = entrance
         self._set_accepting(True)
         for thread in range(self.config.threads if self.config.threads > 1 else 0):
@@ -508,13 +515,57 @@ class Worker:
             else:
                 remote = ("", "")
                 trusted = True  # a local process, as trusted as the socket file's mode made it
-            connection = Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
+            if entrance.tls is None:
+                connection = Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
+            else:
+                connection = self._tls_connection(entrance, conn_sock, remote, trusted)
+                if connection is None:
+                    continue
             # The request usually arrives with the connection: read it now.
             # A connection whose whole exchange happens here never costs an
             # epoll registration; one that waits is watched with the header timeout.
             self._on_readable(connection, fresh=True)
             if self.stopping and not self.listening:
                 return  # serving it began our stop (max_requests), which closed the listeners
+
+    def _tls_connection(self, entrance: Entrance, sock: socket.socket, remote: tuple[str, str],
+                        trusted: bool) -> Connection | None:
+        """Wrap an accepted socket for TLS; its handshake starts with the first readiness (``_handshake``).
+
+        None when the client reset the connection while it waited in the
+        queue: ``ssl`` looks at the peer as it wraps, and refuses then.
+        """
+        from .tls import TLSConnection  # imported by the master before the fork, with the context
+
+        try:
+            wrapped = entrance.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            log.debug("client gone before the TLS handshake remote=%s: %s", remote[0] or "unix", exc)
+            sock.close()  # (already detached into the failed wrapper, which closed it, if it got that far)
+            return None
+        return TLSConnection(wrapped, remote, entrance.environ, self.service, trusted=trusted)
+
+    def _handshake(self, connection: Any, fresh: bool) -> bool:
+        """Advance a TLS handshake; True once done and the connection can be read.
+
+        Until then the connection waits in the loop like any idle one, under
+        the header timeout set when it was accepted; a failed handshake is
+        the client's problem, logged at info, and costs the worker nothing.
+        """
+        from .tls import EPOLL_READ, EPOLL_WRITE, HandshakeFailed
+
+        wanted_write = connection.wants_write
+        try:
+            done = connection.handshake()
+        except HandshakeFailed as exc:
+            log.info("TLS handshake failed remote=%s: %s", connection.remote[0] or "unix", exc)
+            self._close(connection)
+            return False
+        if not done and fresh:
+            self._watch(connection, self.config.header_timeout)
+        if connection.wants_write != wanted_write and connection.fd in self.connections:
+            self.epoll.modify(connection.fd, EPOLL_WRITE if connection.wants_write else EPOLL_READ)
+        return done
 
     def _watch(self, connection: Connection, timeout: float) -> None:
         """Put a connection under the loop's eye with an idle deadline."""
@@ -555,6 +606,8 @@ class Worker:
         connection.close()
 
     def _on_readable(self, connection: Connection, fresh: bool = False) -> None:
+        if connection.handshaking and not self._handshake(connection, fresh):
+            return
         if not connection.receive():
             self._close(connection)
         elif connection.next_is_request():
@@ -579,7 +632,9 @@ class Worker:
             if deadline > now:
                 continue
             connection = self.connections[fd]
-            if connection.mid_request():
+            if connection.handshaking:
+                log.info("TLS handshake timeout remote=%s: closing", connection.remote[0] or "unix")
+            elif connection.mid_request():
                 log.info("header timeout remote=%s: closing", connection.remote[0] or "unix")
             else:
                 log.info("keep-alive timeout remote=%s: closing", connection.remote[0] or "unix")
