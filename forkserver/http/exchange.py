@@ -111,6 +111,9 @@ class Exchange:
         self.sent = 0  # body bytes that went out (chunk framing not counted)
         # When the app declared no Content-Length: the one ``head`` added, or -1.
         self.length_added = -1
+        # The start of the next request's body, gathered before the request
+        # is started (see ``gather_body``); the first body piece once it is.
+        self.early: bytearray | None = None
 
     # -- bytes in (and receive, bound in __init__) ------------------------------------
 
@@ -126,6 +129,53 @@ class Exchange:
     def release(self) -> None:
         """The connection is closed: let go of the parser (see ``RequestParser.release``)."""
         self.parser.release()
+
+    def gather_body(self, limit: int) -> bool:
+        """Before the next request starts: gather its body into memory; True while more must be received.
+
+        The caller (the worker's loop) then keeps receiving, and starts the
+        request once this says False: its body is complete (or an error in
+        it is parsed), at least ``limit`` bytes of it are gathered, or it
+        has none to wait for.  A request with ``Expect: 100-continue`` is not
+        waited for: its client holds the body until the app asks for it.
+        Parsed pieces are joined into one buffer, so a body sent one byte at
+        a time costs its size in memory, not an object per byte.  The rest
+        of a Content-Length body is handed over (``raw_body_left``) and
+        comes back through ``raw_body_gathered``.
+        """
+        events = self.events
+        request = events[0]
+        if request.__class__ is not Request or not (request.chunked or request.content_length):  # type: ignore[union-attr]
+            return False
+        if request.expect_continue or not limit:  # type: ignore[union-attr]
+            return False
+        early = self.early
+        if early is None:
+            early = self.early = bytearray()
+        if len(events) > 1:
+            events.popleft()
+            while events and events[0].__class__ is BodyChunk:
+                early += events.popleft().data  # type: ignore[union-attr]
+            events.appendleft(request)
+            if len(events) > 1:
+                return False  # what follows its last piece is its end, or an error in it
+        if len(early) >= limit:
+            return False
+        if not self.raw_left:
+            self.raw_left = self.parser.hand_over_body()
+        return True
+
+    def gathered(self) -> int:
+        """Body bytes ``gather_body`` holds for the next request."""
+        early = self.early
+        return 0 if early is None else len(early)
+
+    def raw_body_gathered(self, data: bytes) -> None:
+        """Handed-over body bytes of the next request were received before it started (see ``gather_body``)."""
+        self.early += data  # type: ignore[operator]
+        self.raw_left -= len(data)
+        if not self.raw_left:
+            self.events.append(END_OF_MESSAGE)  # the parser was handed the rest: its end is ours to tell
 
     # -- one exchange --------------------------------------------------------------
 
@@ -189,6 +239,11 @@ class Exchange:
             return b""  # (after an error, the ProtocolError was raised once already)
         if state is not SEND_BODY:
             raise ExchangeError(f"body read with their side {state}")
+        early = self.early
+        if early is not None:
+            self.early = None
+            if early:
+                return early
         events = self.events
         if not events:
             return None
@@ -212,6 +267,8 @@ class Exchange:
         left = self.raw_left
         if not left and not self.events and self.their_state is SEND_BODY:
             left = self.raw_left = self.parser.hand_over_body()
+        if left and self.early is not None:
+            return 0  # what was gathered early goes first (next_body_piece)
         return left
 
     def raw_body_received(self, count: int) -> None:
