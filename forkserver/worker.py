@@ -75,6 +75,10 @@ MALLOC_KEEP_BYTES = 4 << 20
 # What the loop polls a connection for; only its close while the body memory is full.
 WATCH_EVENTS = select.EPOLLIN | select.EPOLLRDHUP
 PAUSED_EVENTS = select.EPOLLRDHUP
+# Reading paused at body_buffer_total resumes once bodies in memory are down
+# to this share of it: resuming at the first byte freed would pause again at
+# once, and log both each time.
+RESUME_FRACTION = 0.75
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
 
@@ -137,6 +141,7 @@ class Worker:
         self.gathering: dict[int, int] = {}
         self.gathered = 0
         self.bodies_paused = False
+        self.favoured = -1  # while paused: the one body still read (see _pause_bodies)
         self.next_sweep = 0.0
         self.listening: dict[int, Entrance] = {}
         self.busy = 0
@@ -594,7 +599,8 @@ class Worker:
         """
         fd = connection.fd
         now = time.monotonic()
-        if progressed or self.bodies_paused:
+        paused = self.bodies_paused and fd != self.favoured
+        if progressed or paused:
             connection.idle_since = now  # (a stall while we do not read is not the client's)
         elif self.config.body_timeout and now - connection.idle_since >= self.config.body_timeout:
             log.info("body timeout: no progress for %gs remote=%s: closing", self.config.body_timeout,
@@ -606,10 +612,10 @@ class Worker:
             clock = connection.body_clock = BodyClock(self.service.body, now, connection.bytes_in)
             if fd not in self.connections:  # fresh from accept
                 self.connections[fd] = connection
-                self.epoll.register(fd, PAUSED_EVENTS if self.bodies_paused else WATCH_EVENTS)
-            elif self.bodies_paused:
+                self.epoll.register(fd, PAUSED_EVENTS if paused else WATCH_EVENTS)
+            elif paused:
                 self.epoll.modify(fd, PAUSED_EVENTS)
-        elif self.bodies_paused:
+        elif paused:
             clock.wait_from(now)  # not reading it is not the client's fault
         else:
             clock.waited_until(now)
@@ -638,28 +644,53 @@ class Worker:
             return
         self.gathered -= size
         if self.bodies_paused:
-            if fd in self.connections:
+            if fd in self.connections and fd != self.favoured:
                 self.epoll.modify(fd, WATCH_EVENTS)  # served inline, it stays registered
-            if self.gathered < self.config.body_buffer_total:
+            if fd == self.favoured:
+                self.favoured = -1
+            if self.gathered <= self.config.body_buffer_total * RESUME_FRACTION:
                 self._pause_bodies(False)
+            elif self.favoured < 0 and self.gathering:
+                self._favour(time.monotonic())
+
+    def _favour(self, now: float) -> None:
+        """While paused: go on reading the body being gathered that has the least left to come."""
+        limit = self.service.body.buffer_size
+        connections = self.connections
+        fd = min(self.gathering, key=lambda fd: connections[fd].exchange.gather_left(limit))
+        self.favoured = fd
+        self.epoll.modify(fd, WATCH_EVENTS)
+        connection = connections[fd]
+        connection.body_clock.wait_from(now)  # type: ignore[union-attr]
+        connection.idle_since = now
 
     def _pause_bodies(self, paused: bool) -> None:
         """Stop (or resume) reading every body being gathered: memory is full (or has been freed).
 
-        While paused, only a client's close is watched for, so that leaving
-        frees its memory; the rate rule's clock stops, the deadline does not.
+        While paused, only a client's close is watched for, and the rate
+        rule's clock stops (the deadline does not); except that the body
+        with the least left to come is still read, under every rule: either
+        it completes and is served, or its client is too slow and leaves,
+        and either way memory is freed.  Stopping them all could wait on
+        one another until the deadline, and a client that closed with body
+        bytes still queued to us would not be noticed until then.
         """
         self.bodies_paused = paused
         now = time.monotonic()
         events = PAUSED_EVENTS if paused else WATCH_EVENTS
         for fd in self.gathering:
+            if fd == self.favoured:
+                continue
             self.epoll.modify(fd, events)
             clock = self.connections[fd].body_clock
             if paused:
                 clock.waited_until(now)  # type: ignore[union-attr]
             else:
                 clock.wait_from(now)  # type: ignore[union-attr]
-        if not paused:
+        if paused:
+            self._favour(now)
+        else:
+            self.favoured = -1
             log.info("request bodies in memory below body_buffer_total again: reading resumed pid=%d", self.pid)
 
     def _sweep_idle(self) -> None:

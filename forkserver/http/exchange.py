@@ -170,6 +170,12 @@ class Exchange:
         early = self.early
         return 0 if early is None else len(early)
 
+    def gather_left(self, limit: int) -> int:
+        """Body bytes still to receive before ``gather_body`` lets the next request start."""
+        request = self.events[0]
+        wanted = limit if request.chunked else min(limit, request.content_length)  # type: ignore[union-attr]
+        return wanted - self.gathered()
+
     def raw_body_gathered(self, data: bytes) -> None:
         """Handed-over body bytes of the next request were received before it started (see ``gather_body``)."""
         self.early += data  # type: ignore[operator]
