@@ -60,15 +60,13 @@ REFUSE_DRAIN_READS = 16
 
 @dataclass(frozen=True, slots=True)
 class BodyRules:
-    """How request bodies are read: gathered in the loop, and how slow or late they may be.
+    """How slow or late a request body may be, wherever it is read (the loop, or the app's thread).
 
-    ``buffer_size``: body bytes the worker's loop reads before the app runs
-    (0: none); ``min_rate`` bytes a second, averaged over each ``window``
-    seconds spent waiting for the client (0: no minimum); ``deadline``
-    seconds for a whole body (0: none).  See ``BodyClock``.
+    ``min_rate`` bytes a second, averaged over each ``window`` seconds spent
+    waiting for the client (0: no minimum); ``deadline`` seconds for a whole
+    body from the end of its head (0: none).  See ``BodyClock``.
     """
 
-    buffer_size: int = 0
     min_rate: int = 0
     window: float = 10.0
     deadline: float = 0.0
@@ -212,10 +210,6 @@ class Connection:
         self.bytes_in += len(data)
         exchange.raw_body_gathered(data)
         return True
-
-    def gathering_body(self) -> bool:
-        """Loop side, with a request head in: True while its body is still being gathered in memory."""
-        return self.exchange.gather_body(self.service.body.buffer_size)
 
     def _take_proxy_header(self, reader: ProxyHeaderReader, data: bytes) -> bytes:
         """Feed the PROXY header reader; return the bytes after the header (``b""`` until it is complete)."""

@@ -142,6 +142,7 @@ class Worker:
         self.gathered = 0
         self.bodies_paused = False
         self.favoured = -1  # while paused: the one body still read (see _pause_bodies)
+        self.body_buffer_size = self.config.body_buffer_size
         self.next_sweep = 0.0
         self.listening: dict[int, Entrance] = {}
         self.busy = 0
@@ -288,8 +289,7 @@ class Worker:
             trust=Trust(config.forwarded_allow_ips),
             proxy_protocol=config.proxy_protocol,
             health_target=config.health_path.encode("ascii"),
-            body=BodyRules(config.body_buffer_size, config.body_min_rate, config.body_rate_window,
-                           config.body_deadline),
+            body=BodyRules(config.body_min_rate, config.body_rate_window, config.body_deadline),
         )
 
     def _notify(self, message: str) -> None:
@@ -577,7 +577,7 @@ class Worker:
         if not connection.receive():
             self._close(connection)
         elif connection.next_is_request():
-            if connection.gathering_body():
+            if connection.exchange.gather_body(self.body_buffer_size):
                 self._gather(connection)
             elif self.inline:
                 self._serve_inline(connection)
@@ -655,7 +655,7 @@ class Worker:
 
     def _favour(self, now: float) -> None:
         """While paused: go on reading the body being gathered that has the least left to come."""
-        limit = self.service.body.buffer_size
+        limit = self.body_buffer_size
         connections = self.connections
         fd = min(self.gathering, key=lambda fd: connections[fd].exchange.gather_left(limit))
         self.favoured = fd
@@ -771,7 +771,7 @@ class Worker:
                 self._recycle()
             if not keep:
                 return False
-            if not connection.next_is_request() or connection.gathering_body():
+            if not connection.next_is_request() or connection.exchange.gather_body(self.body_buffer_size):
                 return True  # (a pipelined request's body is read by the loop, see _keep)
 
     def _recycle(self) -> None:
