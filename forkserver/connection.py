@@ -198,17 +198,20 @@ class Connection:
         return True
 
     def _receive_early(self, exchange: Exchange) -> bool:
-        """Read more of a Content-Length body being gathered before its request starts (see Exchange.gather_body)."""
+        """Read more of a Content-Length body gathered before its request starts (see Exchange.gather_body).
+
+        (Before a request starts, only such a body leaves bytes handed over.)
+        """
         try:
-            data = self.sock.recv(min(RECV_BYTES, exchange.raw_left))
+            received = self.sock.recv_into(exchange.gather_into())
         except BlockingIOError:
             return True
         except OSError:
             return False
-        if not data:
+        if not received:
             return False
-        self.bytes_in += len(data)
-        exchange.raw_body_gathered(data)
+        self.bytes_in += received
+        exchange.raw_body_gathered(received)
         return True
 
     def _take_proxy_header(self, reader: ProxyHeaderReader, data: bytes) -> bytes:

@@ -112,8 +112,10 @@ class Exchange:
         # When the app declared no Content-Length: the one ``head`` added, or -1.
         self.length_added = -1
         # The start of the next request's body, gathered before the request
-        # is started (see ``gather_body``); the first body piece once it is.
+        # is started (see ``gather_body``), and how many bytes of it are
+        # filled; the first body piece once the request is started.
         self.early: bytearray | None = None
+        self.early_size = 0
 
     # -- bytes in (and receive, bound in __init__) ------------------------------------
 
@@ -140,8 +142,10 @@ class Exchange:
         waited for: its client holds the body until the app asks for it.
         Parsed pieces are joined into one buffer, so a body sent one byte at
         a time costs its size in memory, not an object per byte.  The rest
-        of a Content-Length body is handed over (``raw_body_left``) and
-        comes back through ``raw_body_gathered``.
+        of a Content-Length body is handed over: it is received straight
+        into the buffer, sized for it once (``gather_into``, then
+        ``raw_body_gathered``), so a body read this way is copied no more
+        often than one the app reads from the socket itself.
         """
         events = self.events
         request = events[0]
@@ -157,18 +161,22 @@ class Exchange:
             while events and events[0].__class__ is BodyChunk:
                 early += events.popleft().data  # type: ignore[union-attr]
             events.appendleft(request)
+            self.early_size = len(early)
             if len(events) > 1:
                 return False  # what follows its last piece is its end, or an error in it
-        if len(early) >= limit:
+        size = self.early_size
+        if size >= limit:
             return False
         if not self.raw_left:
-            self.raw_left = self.parser.hand_over_body()
+            left = self.raw_left = self.parser.hand_over_body()
+            if left:
+                buffer = self.early = bytearray(size + min(left, limit - size))
+                buffer[:size] = early
         return True
 
     def gathered(self) -> int:
         """Body bytes ``gather_body`` holds for the next request."""
-        early = self.early
-        return 0 if early is None else len(early)
+        return 0 if self.early is None else self.early_size
 
     def gather_left(self, limit: int) -> int:
         """Body bytes still to receive before ``gather_body`` lets the next request start."""
@@ -176,10 +184,14 @@ class Exchange:
         wanted = limit if request.chunked else min(limit, request.content_length)  # type: ignore[union-attr]
         return wanted - self.gathered()
 
-    def raw_body_gathered(self, data: bytes) -> None:
-        """Handed-over body bytes of the next request were received before it started (see ``gather_body``)."""
-        self.early += data  # type: ignore[operator]
-        self.raw_left -= len(data)
+    def gather_into(self) -> memoryview:
+        """Where handed-over body bytes of the next request go, before it starts (see ``gather_body``)."""
+        return memoryview(self.early)[self.early_size:]  # type: ignore[arg-type]
+
+    def raw_body_gathered(self, count: int) -> None:
+        """``count`` bytes were received into ``gather_into``."""
+        self.early_size += count
+        self.raw_left -= count
         if not self.raw_left:
             self.events.append(END_OF_MESSAGE)  # the parser was handed the rest: its end is ours to tell
 
@@ -248,7 +260,8 @@ class Exchange:
         early = self.early
         if early is not None:
             self.early = None
-            if early:
+            if self.early_size:
+                del early[self.early_size:]  # (only after an error: the buffer is full when a request starts)
                 return early
         events = self.events
         if not events:

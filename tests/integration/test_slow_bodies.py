@@ -57,6 +57,18 @@ class Trickler(threading.Thread):
             self.sock.close()
 
 
+def trickle(port: int, head: bytes, piece: bytes) -> bytes:
+    """Send ``head``, then ``piece`` every 0.1 s until the server answers (or TRICKLE_SECONDS); return the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
+        conn.sendall(head)
+        for _ in range(int(TRICKLE_SECONDS * 10)):
+            readable, _, _ = select.select([conn], [], [], 0.1)
+            if readable:
+                return read_all(conn)
+            conn.sendall(piece)
+    return b""
+
+
 def start_tricklers(port: int, count: int, chunked: bool, path: str = "/") -> list[Trickler]:
     tricklers = [Trickler(port, chunked, path) for _ in range(count)]
     for trickler in tricklers:
@@ -91,30 +103,14 @@ def test_a_body_past_the_buffer_streams_to_the_app_under_the_rate_rule(server):
     """Past body_buffer_size the app reads the body itself; a trickle there still ends in a 408."""
     srv = server("basic:echo", "-w", "1", "--body-buffer-size", "1024", *RATE_ARGS)
     body = b"x" * 1500  # the first 1024 bytes gathered, the rest trickled to the app
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as conn:
-        conn.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + body)
-        answer = b""
-        for _ in range(int(TRICKLE_SECONDS * 10)):
-            readable, _, _ = select.select([conn], [], [], 0.1)
-            if readable:
-                answer = read_all(conn)
-                break
-            conn.sendall(b"x")
+    answer = trickle(srv.port, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + body, b"x")
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     poll(lambda: "status=408: body too slow" in srv.log(), what="the log line of the serving side")
 
 
 def test_the_body_deadline_ends_a_body_that_keeps_coming(server):
     srv = server("basic:echo", "-w", "1", "--body-deadline", "2", "--body-min-rate", "0")
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as conn:
-        conn.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n")
-        answer = b""
-        for _ in range(int(TRICKLE_SECONDS * 10)):
-            readable, _, _ = select.select([conn], [], [], 0.1)
-            if readable:
-                answer = read_all(conn)
-                break
-            conn.sendall(b"x" * 10)
+    answer = trickle(srv.port, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n", b"x" * 10)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     poll(lambda: "body deadline: not complete after 2s" in srv.log(), what="the log line")
 
