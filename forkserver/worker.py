@@ -79,6 +79,8 @@ PAUSED_EVENTS = select.EPOLLRDHUP
 # to this share of it: resuming at the first byte freed would pause again at
 # once, and log both each time.
 RESUME_FRACTION = 0.75
+# Worker._serve's answer when the next request's body is still on its way.
+GATHER = 2
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
 
@@ -152,7 +154,7 @@ class Worker:
         # With reuse_port the kernel spreads connections over the workers' own
         # sockets, and one queued to ours can only be taken by us: no turns.
         self.accept_board = None if any(listener.reuse_port for listener in spec.listeners) else spec.accept_board
-        self.finished: deque[tuple[Connection, bool]] = deque()
+        self.finished: deque[tuple[Connection, int]] = deque()
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self.served = 0
         self.inline = self.config.threads == 1  # requests are served by the loop itself
@@ -732,17 +734,18 @@ class Worker:
         self.deadlines.pop(connection.fd, None)
         if self.gathering:
             self._stop_gathering(connection.fd)
-        if self._serve(connection, 0):
-            self._keep(connection)
+        keep = self._serve(connection, 0)
+        if keep:
+            self._keep(connection, keep)
         else:
             self._close(connection)
         if self.served == self.max_requests and not self.stopping:
             self._begin_stop(drain=False)  # see _recycle; we are the loop: stop before accepting again
 
-    def _keep(self, connection: Connection) -> None:
+    def _keep(self, connection: Connection, keep: int) -> None:
         """Take a served connection back: idle until its next request, or reading a pipelined one's body."""
         self._watch(connection, self.config.keepalive)
-        if connection.next_is_request():
+        if keep == GATHER:
             self._gather(connection)
 
     def _dispatch(self, connection: Connection) -> None:
@@ -753,8 +756,11 @@ class Worker:
             self._set_accepting(False)
         self.jobs.put(connection)
 
-    def _serve(self, connection: Connection, thread: int) -> bool:
-        """Answer every complete request queued on ``connection``; True to keep it open.
+    def _serve(self, connection: Connection, thread: int) -> int:
+        """Answer every complete request queued on ``connection``; whether to keep it open.
+
+        0: close it; 1: keep it; GATHER: keep it, and read the body of the
+        request pipelined next in the loop (see _gather).
 
         ``thread`` is the scoreboard slot of the thread doing the serving.
         """
@@ -770,9 +776,11 @@ class Worker:
             if self.served == self.max_requests:
                 self._recycle()
             if not keep:
-                return False
-            if not connection.next_is_request() or connection.exchange.gather_body(self.body_buffer_size):
-                return True  # (a pipelined request's body is read by the loop, see _keep)
+                return 0
+            if not connection.next_is_request():
+                return 1
+            if connection.exchange.gather_body(self.body_buffer_size):
+                return GATHER
 
     def _recycle(self) -> None:
         """The request that reached ``max_requests`` is done: retire gracefully."""
@@ -809,7 +817,7 @@ class Worker:
             connection, keep = self.finished.popleft()
             self.busy -= 1
             if keep:
-                self._keep(connection)
+                self._keep(connection, keep)
         if self.busy < self.config.threads and not self.stopping and not self.balancing:
             self._set_accepting(True)
 

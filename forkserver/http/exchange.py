@@ -46,6 +46,8 @@ MUST_CLOSE = "MUST_CLOSE"  # the connection carries nothing more: close it once 
 # Request body left unread by the app that is still read and dropped to keep
 # the connection; a larger leftover is cheaper to close than to drain.
 DRAIN_LIMIT_BYTES = 1 << 20
+# A body gathered before its request starts joins its pieces up to this size.
+EARLY_PIECE_BYTES = 65536
 CONTENT_LENGTH_LINE = b"Content-Length: %d\r\n"
 NO_CONTENT_STATUSES = frozenset({204, 304})  # statuses whose response has no content (RFC 9110 §15.3.5, §15.4.5)
 
@@ -112,9 +114,9 @@ class Exchange:
         # When the app declared no Content-Length: the one ``head`` added, or -1.
         self.length_added = -1
         # The start of the next request's body, gathered before the request
-        # is started (see ``gather_body``), and how many bytes of it are
-        # filled; the first body piece once the request is started.
-        self.early: bytearray | None = None
+        # is started (see ``gather_body``), in pieces, and their total size;
+        # the first body pieces once the request is started.
+        self.early: deque[bytes | bytearray] | None = None
         self.early_size = 0
 
     # -- bytes in (and receive, bound in __init__) ------------------------------------
@@ -140,12 +142,14 @@ class Exchange:
         it is parsed), at least ``limit`` bytes of it are gathered, or it
         has none to wait for.  A request with ``Expect: 100-continue`` is not
         waited for: its client holds the body until the app asks for it.
-        Parsed pieces are joined into one buffer, so a body sent one byte at
-        a time costs its size in memory, not an object per byte.  The rest
-        of a Content-Length body is handed over: it is received straight
-        into the buffer, sized for it once (``gather_into``, then
-        ``raw_body_gathered``), so a body read this way is copied no more
-        often than one the app reads from the socket itself.
+        Small pieces are joined (up to EARLY_PIECE_BYTES), so a body sent
+        one byte at a time costs its size in memory, not an object per
+        byte.  The rest of a Content-Length body is handed over
+        (``raw_left``): the caller receives it and gives the pieces back
+        through ``raw_body_gathered``.  Large pieces are kept as they came,
+        so a body read this way is copied no more often than one the app
+        reads from the socket itself, and the memory it holds is what
+        arrived, never what was announced.
         """
         events = self.events
         request = events[0]
@@ -153,26 +157,33 @@ class Exchange:
             return False
         if request.expect_continue or not limit:  # type: ignore[union-attr]
             return False
-        early = self.early
-        if early is None:
-            early = self.early = bytearray()
+        if self.early is None:
+            self.early = deque()
         if len(events) > 1:
             events.popleft()
             while events and events[0].__class__ is BodyChunk:
-                early += events.popleft().data  # type: ignore[union-attr]
+                self._keep_early(events.popleft().data)  # type: ignore[union-attr]
             events.appendleft(request)
-            self.early_size = len(early)
             if len(events) > 1:
                 return False  # what follows its last piece is its end, or an error in it
-        size = self.early_size
-        if size >= limit:
+        if self.early_size >= limit:
             return False
         if not self.raw_left:
-            left = self.raw_left = self.parser.hand_over_body()
-            if left:
-                buffer = self.early = bytearray(size + min(left, limit - size))
-                buffer[:size] = early
+            self.raw_left = self.parser.hand_over_body()
         return True
+
+    def _keep_early(self, piece: bytes | bytearray) -> None:
+        """Add a piece to the gathered body: joined to the last one while both are small."""
+        early = self.early
+        size = len(piece)
+        if early and len(early[-1]) + size <= EARLY_PIECE_BYTES:  # type: ignore[arg-type]
+            last = early[-1]  # type: ignore[index]
+            if last.__class__ is not bytearray:
+                last = early[-1] = bytearray(last)  # type: ignore[index]
+            last += piece  # type: ignore[operator]
+        else:
+            early.append(piece)  # type: ignore[union-attr]
+        self.early_size += size
 
     def gathered(self) -> int:
         """Body bytes ``gather_body`` holds for the next request."""
@@ -184,14 +195,10 @@ class Exchange:
         wanted = limit if request.chunked else min(limit, request.content_length)  # type: ignore[union-attr]
         return wanted - self.gathered()
 
-    def gather_into(self) -> memoryview:
-        """Where handed-over body bytes of the next request go, before it starts (see ``gather_body``)."""
-        return memoryview(self.early)[self.early_size:]  # type: ignore[arg-type]
-
-    def raw_body_gathered(self, count: int) -> None:
-        """``count`` bytes were received into ``gather_into``."""
-        self.early_size += count
-        self.raw_left -= count
+    def raw_body_gathered(self, piece: bytes) -> None:
+        """Handed-over body bytes of the next request were received before it started (see ``gather_body``)."""
+        self._keep_early(piece)
+        self.raw_left -= len(piece)
         if not self.raw_left:
             self.events.append(END_OF_MESSAGE)  # the parser was handed the rest: its end is ours to tell
 
@@ -259,10 +266,11 @@ class Exchange:
             raise ExchangeError(f"body read with their side {state}")
         early = self.early
         if early is not None:
-            self.early = None
-            if self.early_size:
-                del early[self.early_size:]  # (only after an error: the buffer is full when a request starts)
-                return early
+            if len(early) < 2:
+                self.early = None  # this was the last piece: the rest comes by events or off the wire
+                self.early_size = 0
+            if early:
+                return early.popleft()
         events = self.events
         if not events:
             return None

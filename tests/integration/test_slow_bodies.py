@@ -163,3 +163,18 @@ def test_stalled_bodies_stay_within_the_memory_budget_and_reading_resumes(server
     poll(lambda: "reading resumed" in srv.log(), what="reading to resume")
     answer = requests.post(srv.url, data=b"w" * 300000, timeout=10)
     assert answer.status_code == 200 and len(answer.json()["body"]) == 300000
+
+
+def test_a_body_pipelined_behind_a_request_is_read_by_the_loop_too(server):
+    srv = server("basic:echo", "-w", "1", *RATE_ARGS)
+    head = (b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n")
+    result: list[bytes] = []
+    pipelined = threading.Thread(target=lambda: result.append(trickle(srv.port, head, b"x")), daemon=True)
+    pipelined.start()
+    time.sleep(0.5)  # the GET is answered, and the POST's head is in
+    assert requests.get(srv.url, timeout=15).status_code == 200
+    assert pipelined.is_alive()  # served while the pipelined body was still awaited
+    pipelined.join(TRICKLE_SECONDS + 5)
+    assert result and result[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"HTTP/1.1 408 Request Timeout\r\n" in result[0]

@@ -432,7 +432,8 @@ def test_a_chunked_body_trickled_byte_by_byte_is_gathered_into_one_buffer():
     for _ in range(100):
         exchange.receive(b"1\r\nx\r\n")
         assert exchange.gather_body(1 << 20)
-    assert exchange.gathered() == 100 and len(exchange.events) == 1  # no object per byte kept
+    assert exchange.gathered() == 100 and len(exchange.events) == 1
+    assert len(exchange.early) == 1  # joined: no object per byte kept
     exchange.receive(b"0\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert not exchange.gather_body(1 << 20)
     assert body_of(exchange) == b"x" * 100
@@ -443,12 +444,10 @@ def test_the_rest_of_a_content_length_body_is_gathered_off_the_wire():
     exchange = exchange_for(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
     assert exchange.gather_body(1 << 20)
     assert exchange.raw_left == 8  # handed over: the parser expects the next request
-    exchange.gather_into()[:4] = b"cdef"
-    exchange.raw_body_gathered(4)
+    exchange.raw_body_gathered(bytearray(b"cdef"))
     assert exchange.gather_body(1 << 20) and exchange.gather_left(1 << 20) == 4
-    assert len(exchange.gather_into()) == 4  # never past the body
-    exchange.gather_into()[:4] = b"ghij"
-    exchange.raw_body_gathered(4)
+    assert exchange.raw_left == 4  # what the caller may still read off the wire
+    exchange.raw_body_gathered(bytearray(b"ghij"))
     assert not exchange.gather_body(1 << 20)
     assert body_of(exchange) == b"abcdefghij" and exchange.their_state is DONE
 
