@@ -303,6 +303,33 @@ class Config:
         help="Seconds a request body read or response write may stall before the "
         "connection is closed; 0 waits forever.",
     )
+    body_buffer_size: int = setting(
+        1 << 20,
+        minimum=0,
+        help="Bytes of a request body the worker reads in its event loop before the app runs, "
+        "so a slow upload holds a descriptor, not a worker or thread; 0 hands every body to the app at once.",
+    )
+    body_buffer_total: int = setting(
+        32 << 20,
+        minimum=1,
+        help="Bytes of request bodies one worker holds in memory that way, in all; once reached "
+        "it stops reading bodies until some are freed.",
+    )
+    body_min_rate: int = setting(
+        500,
+        minimum=0,
+        help="Bytes a second a request body must arrive at, averaged over each body_rate_window "
+        "seconds spent waiting for it; slower gets 408. 0 disables.",
+    )
+    body_rate_window: float = setting(
+        10.0, minimum=0.1, help="Seconds over which body_min_rate is averaged."
+    )
+    body_deadline: float = setting(
+        600.0,
+        minimum=0,
+        help="Seconds from the end of a request head to the end of its body; later gets 408. "
+        "0 disables.",
+    )
     backlog: int = setting(2048, minimum=1, help="Listen queue length of each socket.")
     reuse_port: bool = setting(
         False,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .connection import BodyStream, ClientGone, Connection, Stalled
+from .connection import BodyRules, BodyStream, ClientGone, Connection, Stalled
 from .http.errors import ProtocolError
 from .http.events import Request
 from .http.exchange import Closing, Exchange
@@ -58,6 +58,7 @@ class Service:
     proxy_protocol: bool = False
     health_target: bytes = b""  # ``health_path`` as a request target; b"" (never a target) when off
     codec: Codec = field(default_factory=Codec)
+    body: BodyRules = field(default_factory=BodyRules)
 
 
 def serve(connection: Connection, thread: int, outbox: list[Connection] | None = None) -> bool:
@@ -161,6 +162,7 @@ def _count(connection: Connection, status: int, clock: float) -> None:
     (A graceful stop treats a connection that has served none as waiting for its first.)
     """
     connection.requests_served += 1
+    connection.body_clock = None  # the next body's rules start afresh
     stats = connection.service.stats
     if stats is not None:
         stats.record(status, connection.bytes_in, connection.bytes_out, perf_counter() - clock)
@@ -180,10 +182,12 @@ def _run(connection: Connection, exchange: Exchange, environ: dict[str, Any], re
         exchange.abandon()
         return False
     except ProtocolError as error:
+        # In the body (too large, malformed, too slow): the client may still be sending it.
         if response.head_sent:
             exchange.abandon()
         else:
             _reject(connection, error, response)
+            connection.linger()
         return False
     except AppError as exc:
         log.error("app broke PEP 3333 path=%s: %s", environ["PATH_INFO"], exc)

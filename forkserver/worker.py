@@ -34,9 +34,10 @@ from . import handover, libc, reloader
 from .backoff import AcceptPause
 from .balance import RECHECK, AcceptBoard
 from .config import Config
-from .connection import ClientGone, Connection
+from .connection import BodyClock, BodyRules, ClientGone, Connection
 from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
 from .hooks import HookContext, Hooks
+from .http.errors import RequestTimeout
 from .http.exchange import Closing
 from .http.parser import Limits
 from .http.response import DateHeader
@@ -71,6 +72,15 @@ SWEEP_INTERVAL = 0.25
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MALLOC_KEEP_BYTES = 4 << 20
+# What the loop polls a connection for; only its close while the body memory is full.
+WATCH_EVENTS = select.EPOLLIN | select.EPOLLRDHUP
+PAUSED_EVENTS = select.EPOLLRDHUP
+# Reading paused at body_buffer_total resumes once bodies in memory are down
+# to this share of it: resuming at the first byte freed would pause again at
+# once, and log both each time.
+RESUME_FRACTION = 0.75
+# Worker._serve's answer when the next request's body is still on its way.
+GATHER = 2
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
 
@@ -130,6 +140,14 @@ class Worker:
         self.stop_deadline = 0.0
         self.connections: dict[int, Connection] = {}
         self.deadlines: dict[int, float] = {}  # fd -> when an idle connection is closed
+        # Connections whose request body the loop is reading before the app
+        # runs (fd -> bytes of it in memory), the sum of those bytes, and
+        # whether reading them is paused because it reached body_buffer_total.
+        self.gathering: dict[int, int] = {}
+        self.gathered = 0
+        self.bodies_paused = False
+        self.favoured = -1  # while paused: the one body still read (see _pause_bodies)
+        self.body_buffer_size = self.config.body_buffer_size
         self.next_sweep = 0.0
         self.listening: dict[int, Entrance] = {}
         self.busy = 0
@@ -139,7 +157,7 @@ class Worker:
         # With reuse_port the kernel spreads connections over the workers' own
         # sockets, and one queued to ours can only be taken by us: no turns.
         self.accept_board = None if any(listener.reuse_port for listener in spec.listeners) else spec.accept_board
-        self.finished: deque[tuple[Connection, bool]] = deque()
+        self.finished: deque[tuple[Connection, int]] = deque()
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self.served = 0
         self.inline = self.config.threads == 1  # requests are served by the loop itself
@@ -280,6 +298,7 @@ class Worker:
             trust=Trust(config.forwarded_allow_ips),
             proxy_protocol=config.proxy_protocol,
             health_target=config.health_path.encode("ascii"),
+            body=BodyRules(config.body_min_rate, config.body_rate_window, config.body_deadline),
         )
 
     def _notify(self, message: str) -> None:
@@ -572,7 +591,7 @@ class Worker:
         fd = connection.fd
         if fd not in self.connections:
             self.connections[fd] = connection
-            self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+            self.epoll.register(fd, WATCH_EVENTS)
         connection.idle_since = time.monotonic()
         self.deadlines[fd] = connection.idle_since + timeout
 
@@ -587,6 +606,8 @@ class Worker:
         so most ``Connection: close`` requests pay nothing for this.)
         """
         fd = connection.fd
+        if self.gathering:
+            self._stop_gathering(fd)
         if self.connections.pop(fd, None) is not None:
             self.epoll.unregister(fd)
         self.deadlines.pop(fd, None)
@@ -611,12 +632,121 @@ class Worker:
         if not connection.receive():
             self._close(connection)
         elif connection.next_is_request():
-            if self.inline:
+            if connection.exchange.gather_body(self.body_buffer_size):
+                self._gather(connection)
+            elif self.inline:
                 self._serve_inline(connection)
             else:
                 self._dispatch(connection)
         elif fresh:
             self._watch(connection, self.config.header_timeout)
+
+    # -- request bodies read by the loop ------------------------------------------------
+
+    def _gather(self, connection: Connection, progressed: bool = True) -> None:
+        """A request head is in and its body is still arriving: keep reading it here, under the body rules.
+
+        The connection stays in epoll and the request is served once its
+        body is in memory (or body_buffer_size of it): a slow upload costs a
+        descriptor and some memory, never a worker or a thread.  Also called
+        by the sweep, when the body clock says a rule is due for a check
+        (``progressed`` False: nothing was received).
+        """
+        fd = connection.fd
+        now = time.monotonic()
+        paused = self.bodies_paused and fd != self.favoured
+        if progressed or paused:
+            connection.idle_since = now  # (a stall while we do not read is not the client's)
+        elif self.config.body_timeout and now - connection.idle_since >= self.config.body_timeout:
+            log.info("body timeout: no progress for %gs remote=%s: closing", self.config.body_timeout,
+                     connection.remote[0] or "unix")
+            self._close(connection)
+            return
+        clock = connection.body_clock
+        if clock is None:
+            clock = connection.body_clock = BodyClock(self.service.body, now, connection.bytes_in)
+            if fd not in self.connections:  # fresh from accept
+                self.connections[fd] = connection
+                self.epoll.register(fd, PAUSED_EVENTS if paused else WATCH_EVENTS)
+            elif paused:
+                self.epoll.modify(fd, PAUSED_EVENTS)
+        elif paused:
+            clock.wait_from(now)  # not reading it is not the client's fault
+        else:
+            clock.waited_until(now)
+        size = connection.exchange.gathered()
+        self.gathered += size - self.gathering.get(fd, 0)
+        self.gathering[fd] = size
+        try:
+            check_at = clock.check(now, connection.bytes_in)
+        except RequestTimeout as error:
+            log.info("%s remote=%s: 408, closing", error.detail, connection.remote[0] or "unix")
+            connection.refuse_now(connection.exchange.refusal(error))
+            self._close(connection)
+            return
+        if self.config.body_timeout:
+            check_at = min(check_at, connection.idle_since + self.config.body_timeout)
+        self.deadlines[fd] = check_at
+        if self.gathered >= self.config.body_buffer_total and not self.bodies_paused:
+            log.info("request bodies in memory reached body_buffer_total=%d: reading them paused pid=%d",
+                     self.config.body_buffer_total, self.pid)
+            self._pause_bodies(True)
+
+    def _stop_gathering(self, fd: int) -> None:
+        """The connection's body is no longer the loop's to read (complete, or closing): free its share."""
+        size = self.gathering.pop(fd, None)
+        if size is None:
+            return
+        self.gathered -= size
+        if self.bodies_paused:
+            if fd in self.connections and fd != self.favoured:
+                self.epoll.modify(fd, WATCH_EVENTS)  # served inline, it stays registered
+            if fd == self.favoured:
+                self.favoured = -1
+            if self.gathered <= self.config.body_buffer_total * RESUME_FRACTION:
+                self._pause_bodies(False)
+            elif self.favoured < 0 and self.gathering:
+                self._favour(time.monotonic())
+
+    def _favour(self, now: float) -> None:
+        """While paused: go on reading the body being gathered that has the least left to come."""
+        limit = self.body_buffer_size
+        connections = self.connections
+        fd = min(self.gathering, key=lambda fd: connections[fd].exchange.gather_left(limit))
+        self.favoured = fd
+        self.epoll.modify(fd, WATCH_EVENTS)
+        connection = connections[fd]
+        connection.body_clock.wait_from(now)  # type: ignore[union-attr]
+        connection.idle_since = now
+
+    def _pause_bodies(self, paused: bool) -> None:
+        """Stop (or resume) reading every body being gathered: memory is full (or has been freed).
+
+        While paused, only a client's close is watched for, and the rate
+        rule's clock stops (the deadline does not); except that the body
+        with the least left to come is still read, under every rule: either
+        it completes and is served, or its client is too slow and leaves,
+        and either way memory is freed.  Stopping them all could wait on
+        one another until the deadline, and a client that closed with body
+        bytes still queued to us would not be noticed until then.
+        """
+        self.bodies_paused = paused
+        now = time.monotonic()
+        events = PAUSED_EVENTS if paused else WATCH_EVENTS
+        for fd in self.gathering:
+            if fd == self.favoured:
+                continue
+            self.epoll.modify(fd, events)
+            clock = self.connections[fd].body_clock
+            if paused:
+                clock.waited_until(now)  # type: ignore[union-attr]
+            else:
+                clock.wait_from(now)  # type: ignore[union-attr]
+        if paused:
+            self._favour(now)
+        else:
+            self.favoured = -1
+            log.info("request bodies in memory below body_buffer_total again: reading resumed pid=%d", self.pid)
 
     def _sweep_idle(self) -> None:
         """Close connections past their deadline, and check that the master lives.
@@ -632,6 +762,9 @@ class Worker:
             if deadline > now:
                 continue
             connection = self.connections[fd]
+            if fd in self.gathering:
+                self._gather(connection, progressed=False)  # a body rule is due for a check
+                continue
             if connection.handshaking:
                 log.info("TLS handshake timeout remote=%s: closing", connection.remote[0] or "unix")
             elif connection.mid_request():
@@ -654,12 +787,21 @@ class Worker:
         registered with epoll, saving two epoll_ctl calls per request.
         """
         self.deadlines.pop(connection.fd, None)
-        if self._serve(connection, 0):
-            self._watch(connection, self.config.keepalive)
+        if self.gathering:
+            self._stop_gathering(connection.fd)
+        keep = self._serve(connection, 0)
+        if keep:
+            self._keep(connection, keep)
         else:
             self._close(connection)
         if self.served == self.max_requests and not self.stopping:
             self._begin_stop(drain=False)  # see _recycle; we are the loop: stop before accepting again
+
+    def _keep(self, connection: Connection, keep: int) -> None:
+        """Take a served connection back: idle until its next request, or reading a pipelined one's body."""
+        self._watch(connection, self.config.keepalive)
+        if keep == GATHER:
+            self._gather(connection)
 
     def _dispatch(self, connection: Connection) -> None:
         """With threads: hand the connection to the pool, and stop accepting when it is full."""
@@ -669,8 +811,11 @@ class Worker:
             self._set_accepting(False)
         self.jobs.put(connection)
 
-    def _serve(self, connection: Connection, thread: int) -> bool:
-        """Answer every complete request queued on ``connection``; True to keep it open.
+    def _serve(self, connection: Connection, thread: int) -> int:
+        """Answer every complete request queued on ``connection``; whether to keep it open.
+
+        0: close it; 1: keep it; GATHER: keep it, and read the body of the
+        request pipelined next in the loop (see _gather).
 
         ``thread`` is the scoreboard slot of the thread doing the serving.
         """
@@ -686,9 +831,11 @@ class Worker:
             if self.served == self.max_requests:
                 self._recycle()
             if not keep:
-                return False
+                return 0
             if not connection.next_is_request():
-                return True
+                return 1
+            if connection.exchange.gather_body(self.body_buffer_size):
+                return GATHER
 
     def _recycle(self) -> None:
         """The request that reached ``max_requests`` is done: retire gracefully."""
@@ -725,7 +872,7 @@ class Worker:
             connection, keep = self.finished.popleft()
             self.busy -= 1
             if keep:
-                self._watch(connection, self.config.keepalive)
+                self._keep(connection, keep)
         if self.busy < self.config.threads and not self.stopping and not self.balancing:
             self._set_accepting(True)
 
