@@ -125,6 +125,8 @@ class Worker:
         self.stopping = False
         self.term_received = False
         self.stop_deadline = 0.0
+        # TERM with shutdown_delay: when the delay ends and the drain begins; 0 otherwise.
+        self.drain_at = 0.0
         self.connections: dict[int, Connection] = {}
         self.deadlines: dict[int, float] = {}  # fd -> when an idle connection is closed
         self.next_sweep = 0.0
@@ -153,6 +155,9 @@ class Worker:
         # While the loop serves a batch of ready connections: those whose
         # last response waits to go out at the end of the batch.
         self.outbox: list[Connection] | None = None
+        # Idle timeouts: a trusted proxy's connection outlives the proxy's own (see Config.proxy_keepalive).
+        self.keepalive = self.config.keepalive
+        self.proxy_keepalive = self.config.proxy_keepalive
 
     def _context(self) -> HookContext:
         return HookContext(self.config, self.pid, self.spec.slot, self.spec.generation)
@@ -320,7 +325,7 @@ class Worker:
                     # before every wait, which under load comes between most
                     # connections and would retitle the process twice per request.
                     self._show_idle()
-            if self.term_received and not self.stopping:
+            if self.term_received and not self.stopping and not self.drain_at:
                 # A stop signal that came with (or just after) these events is
                 # handled first: a retired worker must not take one more connection.
                 self._handle_signals()
@@ -345,6 +350,8 @@ class Worker:
                 self._set_accepting(self._willing() and not self.balancing)
             if time.monotonic() >= self.next_sweep:
                 self._sweep_idle()
+            if self.drain_at and not self.stopping and time.monotonic() >= self.drain_at:
+                self._begin_stop(drain=True)  # the shutdown delay is over
 
     def _flush_access_log(self) -> None:
         if self.access_log is not None:
@@ -373,6 +380,8 @@ class Worker:
             interval = min(interval, RECHECK)  # look again soon: the others may fill up
         if self.accept_pause.resume_at:
             interval = min(interval, max(0.0, self.accept_pause.resume_at - time.monotonic()))
+        if self.drain_at:
+            interval = min(interval, max(0.0, self.drain_at - time.monotonic()))
         if self.deadlines:
             return max(0.0, min(interval, self.next_sweep - time.monotonic()))
         return interval
@@ -389,7 +398,7 @@ class Worker:
     def _handle_signals(self) -> None:
         for signum in self.wakeup.drain():
             if signum == signal.SIGTERM:
-                self._begin_stop(drain=True)
+                self._leave_rotation()
             elif signum == signal.SIGUSR2:
                 self._begin_stop(drain=False)
             elif signum == signal.SIGUSR1:
@@ -417,6 +426,21 @@ class Worker:
                 self.epoll.register(fd, select.EPOLLIN)
             else:
                 self.epoll.unregister(fd)
+
+    def _leave_rotation(self) -> None:
+        """TERM: the health path says 503 from now on; drain at once, or after ``shutdown_delay``.
+
+        Through the delay we accept and serve as usual, so nothing is refused
+        while load balancers notice the 503 and stop sending; every response
+        already says Connection: close (``closing``, set by the signal
+        handler), and idle kept-alive connections stay open until the drain.
+        """
+        self.service.rotation.leaving = True
+        delay = self.config.shutdown_delay
+        if not delay or self.stopping:
+            self._begin_stop(drain=True)
+        elif not self.drain_at:
+            self.drain_at = time.monotonic() + delay
 
     def _begin_stop(self, *, drain: bool) -> None:
         """Graceful stop: stop listening, finish what we hold, then leave.
@@ -600,7 +624,7 @@ class Worker:
         """
         self.deadlines.pop(connection.fd, None)
         if self._serve(connection, 0):
-            self._watch(connection, self.config.keepalive)
+            self._watch(connection, self.proxy_keepalive if connection.trusted else self.keepalive)
         else:
             self._close(connection)
         if self.served == self.max_requests and not self.stopping:
@@ -670,7 +694,7 @@ class Worker:
             connection, keep = self.finished.popleft()
             self.busy -= 1
             if keep:
-                self._watch(connection, self.config.keepalive)
+                self._watch(connection, self.proxy_keepalive if connection.trusted else self.keepalive)
         if self.busy < self.config.threads and not self.stopping and not self.balancing:
             self._set_accepting(True)
 
