@@ -145,7 +145,9 @@ class HAProxy:
         (directory / "haproxy.cfg").write_text(
             "global\n    maxconn 512\n"
             "defaults\n    mode http\n    retries 0\n    timeout connect 5s\n"
-            "    timeout client 30s\n    timeout server 30s\n"
+            # A check may take 5 s to answer: on a loaded machine the default
+            # (inter) would mark the instance that stays down too.
+            "    timeout client 30s\n    timeout server 30s\n    timeout check 5s\n"
             f"frontend web\n    bind fd@{self.front.fileno()}\n    default_backend app\n"
             "backend app\n    balance roundrobin\n"
             "    option httpchk\n    http-check send meth GET uri /healthz ver HTTP/1.1 hdr Host check\n"
