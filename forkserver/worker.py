@@ -155,7 +155,7 @@ class Worker:
         # While the loop serves a batch of ready connections: those whose
         # last response waits to go out at the end of the batch.
         self.outbox: list[Connection] | None = None
-        # Idle timeouts: a trusted proxy's connection outlives the proxy's own (see Config.proxy_keepalive).
+        # Idle timeouts of kept-alive connections (see _idle_timeout).
         self.keepalive = self.config.keepalive
         self.proxy_keepalive = self.config.proxy_keepalive
 
@@ -380,7 +380,7 @@ class Worker:
             interval = min(interval, RECHECK)  # look again soon: the others may fill up
         if self.accept_pause.resume_at:
             interval = min(interval, max(0.0, self.accept_pause.resume_at - time.monotonic()))
-        if self.drain_at:
+        if self.drain_at and not self.stopping:  # wake when the shutdown delay ends
             interval = min(interval, max(0.0, self.drain_at - time.monotonic()))
         if self.deadlines:
             return max(0.0, min(interval, self.next_sweep - time.monotonic()))
@@ -549,6 +549,10 @@ class Worker:
         connection.idle_since = time.monotonic()
         self.deadlines[fd] = connection.idle_since + timeout
 
+    def _idle_timeout(self, connection: Connection) -> float:
+        """How long a kept-alive connection may idle: a trusted proxy's outlives the proxy's own timeout."""
+        return self.proxy_keepalive if connection.trusted else self.keepalive
+
     def _unwatch(self, connection: Connection) -> None:
         """Take a connection from the loop (a serving thread owns it now, or it is being closed).
 
@@ -624,7 +628,7 @@ class Worker:
         """
         self.deadlines.pop(connection.fd, None)
         if self._serve(connection, 0):
-            self._watch(connection, self.proxy_keepalive if connection.trusted else self.keepalive)
+            self._watch(connection, self._idle_timeout(connection))
         else:
             self._close(connection)
         if self.served == self.max_requests and not self.stopping:
@@ -694,7 +698,7 @@ class Worker:
             connection, keep = self.finished.popleft()
             self.busy -= 1
             if keep:
-                self._watch(connection, self.proxy_keepalive if connection.trusted else self.keepalive)
+                self._watch(connection, self._idle_timeout(connection))
         if self.busy < self.config.threads and not self.stopping and not self.balancing:
             self._set_accepting(True)
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from harness import listening_socket, poll, read_all, stop_process_tree
 
@@ -101,6 +102,26 @@ def test_term_with_shutdown_delay_leaves_rotation_serves_through_the_delay_then_
         idle.close()
         used.close()
     assert "graceful stop after a shutdown delay of 5s" in srv.log(), srv.log()
+
+
+def test_a_worker_draining_after_the_delay_waits_for_its_request_instead_of_spinning(server):
+    srv = server(APP, "-w", "1", "--threads", "2", "--shutdown-delay", "0.5", workers=1)
+    srv.sock.close()  # so the drain's closed listener refuses
+    (worker,) = [psutil.Process(pid) for pid in srv.worker_pids()]
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as conn:
+        conn.sendall(b"GET /slow?4 HTTP/1.1\r\nHost: t\r\n\r\n")
+        poll(lambda: "busy GET /slow" in " ".join(worker.cmdline()), DEADLINE, what="the slow request to start")
+        srv.signal(signal.SIGTERM)
+        poll(lambda: refused(srv.port), DEADLINE, what="the drain to begin")
+        # The loop now waits on the serving thread: it has nothing to do but poll.
+        before = worker.cpu_times()
+        time.sleep(1.0)
+        after = worker.cpu_times()
+        answer = read_all(conn)
+    used = after.user + after.system - before.user - before.system
+    assert used < 0.2, f"the draining worker's loop used {used:.2f} s of CPU in 1 s while waiting"
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in answer, answer[:300]
+    assert srv.wait_exit(30) == 0
 
 
 def test_a_trusted_proxys_idle_connection_outlives_the_default_keepalive(server):
