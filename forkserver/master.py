@@ -935,9 +935,9 @@ class Master:
         systemd.notify("STOPPING=1")
         # Closing our copies means the sockets vanish once the workers, which
         # first serve everything already queued, close theirs.  Through the
-        # shutdown delay the workers keep accepting, and so the sockets must
-        # stay; the workers' delay started a moment after ours, so we still
-        # close first and the last holder is a worker that drains the queue.
+        # shutdown delay the workers keep accepting, and so the sockets stay;
+        # the workers start their drain a moment after the delay (see
+        # worker.DRAIN_AFTER_MASTER), so the last holder is one that drains.
         if delay:
             self.close_listeners_at = time.monotonic() + delay
         else:

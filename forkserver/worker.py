@@ -64,6 +64,11 @@ MAX_POLL_INTERVAL = 1.0
 # On a graceful stop, a keep-alive connection used this recently may have a
 # request in flight to us; it gets this long to arrive before we close.
 IDLE_GRACE = 1.0
+# With shutdown_delay, the master closes its copies of the listeners when the
+# delay is over; we start draining this much later, so the last holder of a
+# socket is a worker that empties its queue even when the master's loop runs
+# a little late (a queue closed by the master would reset what waits in it).
+DRAIN_AFTER_MASTER = 0.5
 SWEEP_INTERVAL = 0.25
 # TERM: the server stops, so serve what is queued on the listeners first.
 # USR2: this worker is retired while others go on; they take the queue.
@@ -440,7 +445,7 @@ class Worker:
         if not delay or self.stopping:
             self._begin_stop(drain=True)
         elif not self.drain_at:
-            self.drain_at = time.monotonic() + delay
+            self.drain_at = time.monotonic() + delay + DRAIN_AFTER_MASTER
 
     def _begin_stop(self, *, drain: bool) -> None:
         """Graceful stop: stop listening, finish what we hold, then leave.
