@@ -130,7 +130,8 @@ class Worker:
         self.stopping = False
         self.term_received = False
         self.stop_deadline = 0.0
-        # TERM with shutdown_delay: when the delay ends and the drain begins; 0 otherwise.
+        # TERM with shutdown_delay: when it came, and when the drain begins; 0 otherwise.
+        self.term_at = 0.0
         self.drain_at = 0.0
         self.connections: dict[int, Connection] = {}
         self.deadlines: dict[int, float] = {}  # fd -> when an idle connection is closed
@@ -170,6 +171,10 @@ class Worker:
     def _on_term(self, signum: int, frame: object) -> None:
         self.term_received = True
         self.closing.active = True
+        if signum == signal.SIGTERM and not self.term_at:
+            # The shutdown delay counts from here: an inline worker may be
+            # in a long request and handle the TERM only when it ends.
+            self.term_at = time.monotonic()
 
     def _exit_now(self, signum: int, frame: object) -> None:
         """INT/QUIT: a fast stop means now, even in the middle of app code."""
@@ -445,7 +450,7 @@ class Worker:
         if not delay or self.stopping:
             self._begin_stop(drain=True)
         elif not self.drain_at:
-            self.drain_at = time.monotonic() + delay + DRAIN_AFTER_MASTER
+            self.drain_at = (self.term_at or time.monotonic()) + delay + DRAIN_AFTER_MASTER
 
     def _begin_stop(self, *, drain: bool) -> None:
         """Graceful stop: stop listening, finish what we hold, then leave.

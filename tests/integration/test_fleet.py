@@ -104,6 +104,20 @@ def test_term_with_shutdown_delay_leaves_rotation_serves_through_the_delay_then_
     assert "graceful stop after a shutdown delay of 5s" in srv.log(), srv.log()
 
 
+def test_graceful_timeout_counts_from_the_end_of_the_shutdown_delay(server):
+    # Counted from TERM, the master would kill the worker 1 s + 1 s later, in the middle of this request.
+    srv = server(APP, "-w", "1", "--shutdown-delay", "2", "--graceful-timeout", "1", workers=1)
+    (worker,) = [psutil.Process(pid) for pid in srv.worker_pids()]
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as conn:
+        conn.sendall(b"GET /slow?2.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+        poll(lambda: "busy GET /slow" in " ".join(worker.cmdline()), DEADLINE, what="the slow request to start")
+        srv.signal(signal.SIGTERM)
+        answer = read_all(conn)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert srv.wait_exit(30) == 0
+    assert "did not stop in time" not in srv.log() and "graceful timeout" not in srv.log(), srv.log()
+
+
 def test_a_worker_draining_after_the_delay_waits_for_its_request_instead_of_spinning(server):
     srv = server(APP, "-w", "1", "--threads", "2", "--shutdown-delay", "0.5", workers=1)
     srv.sock.close()  # so the drain's closed listener refuses
