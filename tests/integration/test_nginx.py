@@ -580,14 +580,14 @@ def test_two_instances_behind_one_upstream_survive_one_stopping(server, nginx):
 
 
 class Latency:
-    """A UNIX-socket relay between nginx and forkserver that delivers everything ``delay`` late.
+    """A UNIX-socket relay between nginx and forkserver that delivers everything at least ``delay`` late.
 
     On loopback a close reaches nginx within microseconds, which hides the
     race a real network exposes: for one network delay after forkserver
     closes an idle connection, nginx still believes it open and may send a
     request down it.  Each direction here is a real socket pair whose bytes,
-    and whose end of stream, arrive ``delay`` after they were sent, as over a
-    link with that latency.
+    and whose end of stream, arrive at least ``delay`` after they were sent,
+    as over a link with that latency.
     """
 
     def __init__(self, listen_path: Path, target_path: Path, delay: float) -> None:
