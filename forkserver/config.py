@@ -36,6 +36,12 @@ HEADER_FIELDS_CEILING = 32768
 HEADER_FIELD_CEILING = 65536
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+# The idle timeout of a keep-alive connection from a trusted proxy when
+# ``keepalive`` is not set: above nginx's upstream keepalive_timeout and AWS
+# ALB's idle timeout (60 s each), so the proxy, which knows when it sends,
+# always closes an idle connection first and never sends a request down one
+# we are closing at that moment.
+PROXY_KEEPALIVE = 75.0
 AUTO_WORKERS = 0  # ``workers = "auto"``: the master sizes the pool (forkserver.sizing)
 
 
@@ -289,10 +295,18 @@ class Config:
     graceful_timeout: float = setting(
         30.0, minimum=0, help="Seconds workers get to finish their requests on a graceful stop."
     )
+    shutdown_delay: float = setting(
+        0.0,
+        minimum=0,
+        help="On TERM, keep accepting and serving for this many seconds while the health_path "
+        "answers 503, so load balancers take the instance out of rotation first; then drain.",
+    )
     keepalive: float = setting(
         5.0,
         minimum=0,
-        help="Seconds an idle keep-alive connection is kept open; 0 closes after each response.",
+        help="Seconds an idle keep-alive connection is kept open; 0 closes after each response. "
+        f"Unless set, peers in forwarded_allow_ips get {PROXY_KEEPALIVE:g} s, longer than "
+        "proxies keep idle upstream connections.",
     )
     header_timeout: float = setting(
         10.0, minimum=0.1, help="Seconds a new connection has to send a complete request head."
@@ -593,6 +607,15 @@ class Config:
     def proc_name(self) -> str:
         """The name in process titles and logs: ``name`` or else the app spec."""
         return self.name or self.app or "forkserver"
+
+    @property
+    def proxy_keepalive(self) -> float:
+        """The idle timeout of keep-alive connections from ``forwarded_allow_ips`` peers.
+
+        A ``keepalive`` that was set (0 included: keep-alive off) applies to
+        every peer; otherwise proxies get PROXY_KEEPALIVE.
+        """
+        return self.keepalive if self.source_of("keepalive") != "default" else PROXY_KEEPALIVE
 
     def source_of(self, name: str) -> str:
         """Say where a setting's value came from: default, a file, env or CLI."""

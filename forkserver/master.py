@@ -148,6 +148,7 @@ class Master:
         self.new_master = 0  # PID of the master a USR2 started, while it runs
         self.stopping = False
         self.stop_deadline = 0.0
+        self.close_listeners_at = 0.0  # TERM with shutdown_delay: when our copies of the listeners go
         self.started = False  # a worker of the first generation became ready
         self.first_fork = 0.0  # when the first worker was forked (see SOLO_BOOT)
         self.reloading = False
@@ -342,6 +343,8 @@ class Master:
                     if self.stopping:
                         if not self.pool.workers:
                             break
+                        if self.close_listeners_at and time.monotonic() >= self.close_listeners_at:
+                            self.close_listeners()  # the shutdown delay is over; the workers drain
                         self.enforce_stop_deadline()
                         continue
                     self.kill_hung()
@@ -529,6 +532,8 @@ class Master:
             wait = min(wait, solo_left)
         if self.watchdog_interval:
             wait = min(wait, max(0.0, self.next_watchdog - now))
+        if self.close_listeners_at and self.listeners:
+            wait = min(wait, max(0.0, self.close_listeners_at - now))
         return wait
 
     def wait_for_events(self, seconds: float) -> None:
@@ -1007,17 +1012,26 @@ class Master:
             target.report_losses(now)
 
     def stop(self, *, graceful: bool) -> None:
-        """TERM stops gracefully; INT and QUIT stop fast."""
+        """TERM stops gracefully, after ``shutdown_delay``; INT and QUIT stop fast."""
         if self.stopping and graceful:
             return
         self.stopping = True
+        delay = self.config.shutdown_delay if graceful else 0.0
         grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
-        self.stop_deadline = time.monotonic() + grace + (1.0 if graceful else 0.0)
-        log.log(logging.INFO if self.started else logging.DEBUG, "%s stop", "graceful" if graceful else "fast")
+        self.stop_deadline = time.monotonic() + delay + grace + (1.0 if graceful else 0.0)
+        log.log(logging.INFO if self.started else logging.DEBUG, "%s stop%s", "graceful" if graceful else "fast",
+                f" after a shutdown delay of {delay:g}s" if delay else "")
         systemd.notify("STOPPING=1")
-        # Closing our copies now means the sockets vanish once the workers,
-        # which first serve everything already queued, close theirs.
-        self.close_listeners()
+        # Closing our copies means the sockets vanish once the workers, which
+        # first serve everything already queued, close theirs.  Through the
+        # shutdown delay the workers keep accepting, and so the sockets stay;
+        # the workers start their drain a moment after the delay (see
+        # worker.DRAIN_AFTER_MASTER), so the last holder is one that drains.
+        if delay:
+            self.close_listeners_at = time.monotonic() + delay
+        else:
+            self.close_listeners_at = 0.0
+            self.close_listeners()
         for handle in list(self.pool.workers.values()):
             self.signal_worker(handle, signal.SIGTERM if graceful else signal.SIGQUIT)
 

@@ -65,6 +65,11 @@ MAX_POLL_INTERVAL = 1.0
 # On a graceful stop, a keep-alive connection used this recently may have a
 # request in flight to us; it gets this long to arrive before we close.
 IDLE_GRACE = 1.0
+# With shutdown_delay, the master closes its copies of the listeners when the
+# delay is over; we start draining this much later, so the last holder of a
+# socket is a worker that empties its queue even when the master's loop runs
+# a little late (a queue closed by the master would reset what waits in it).
+DRAIN_AFTER_MASTER = 0.5
 SWEEP_INTERVAL = 0.25
 # TERM: the server stops, so serve what is queued on the listeners first.
 # USR2: this worker is retired while others go on; they take the queue.
@@ -138,6 +143,9 @@ class Worker:
         self.stopping = False
         self.term_received = False
         self.stop_deadline = 0.0
+        # TERM with shutdown_delay: when it came, and when the drain begins; 0 otherwise.
+        self.term_at = 0.0
+        self.drain_at = 0.0
         self.connections: dict[int, Connection] = {}
         self.deadlines: dict[int, float] = {}  # fd -> when an idle connection is closed
         # Connections whose request body the loop is reading before the app
@@ -174,6 +182,9 @@ class Worker:
         # While the loop serves a batch of ready connections: those whose
         # last response waits to go out at the end of the batch.
         self.outbox: list[Connection] | None = None
+        # Idle timeouts of kept-alive connections (see _idle_timeout).
+        self.keepalive = self.config.keepalive
+        self.proxy_keepalive = self.config.proxy_keepalive
 
     def _context(self) -> HookContext:
         return HookContext(self.config, self.pid, self.spec.slot, self.spec.generation)
@@ -181,6 +192,10 @@ class Worker:
     def _on_term(self, signum: int, frame: object) -> None:
         self.term_received = True
         self.closing.active = True
+        if signum == signal.SIGTERM and not self.term_at:
+            # The shutdown delay counts from here: an inline worker may be
+            # in a long request and handle the TERM only when it ends.
+            self.term_at = time.monotonic()
 
     def _exit_now(self, signum: int, frame: object) -> None:
         """INT/QUIT: a fast stop means now, even in the middle of app code."""
@@ -346,7 +361,7 @@ class Worker:
                     # before every wait, which under load comes between most
                     # connections and would retitle the process twice per request.
                     self._show_idle()
-            if self.term_received and not self.stopping:
+            if self.term_received and not self.stopping and not self.drain_at:
                 # A stop signal that came with (or just after) these events is
                 # handled first: a retired worker must not take one more connection.
                 self._handle_signals()
@@ -371,6 +386,8 @@ class Worker:
                 self._set_accepting(self._willing() and not self.balancing)
             if time.monotonic() >= self.next_sweep:
                 self._sweep_idle()
+            if self.drain_at and not self.stopping and time.monotonic() >= self.drain_at:
+                self._begin_stop(drain=True)  # the shutdown delay is over
 
     def _flush_access_log(self) -> None:
         if self.access_log is not None:
@@ -399,6 +416,8 @@ class Worker:
             interval = min(interval, RECHECK)  # look again soon: the others may fill up
         if self.accept_pause.resume_at:
             interval = min(interval, max(0.0, self.accept_pause.resume_at - time.monotonic()))
+        if self.drain_at and not self.stopping:  # wake when the shutdown delay ends
+            interval = min(interval, max(0.0, self.drain_at - time.monotonic()))
         if self.deadlines:
             return max(0.0, min(interval, self.next_sweep - time.monotonic()))
         return interval
@@ -415,7 +434,7 @@ class Worker:
     def _handle_signals(self) -> None:
         for signum in self.wakeup.drain():
             if signum == signal.SIGTERM:
-                self._begin_stop(drain=True)
+                self._leave_rotation()
             elif signum == signal.SIGUSR2:
                 self._begin_stop(drain=False)
             elif signum == signal.SIGUSR1:
@@ -443,6 +462,21 @@ class Worker:
                 self.epoll.register(fd, select.EPOLLIN)
             else:
                 self.epoll.unregister(fd)
+
+    def _leave_rotation(self) -> None:
+        """TERM: the health path says 503 from now on; drain at once, or after ``shutdown_delay``.
+
+        Through the delay we accept and serve as usual, so nothing is refused
+        while load balancers notice the 503 and stop sending; every response
+        already says Connection: close (``closing``, set by the signal
+        handler), and idle kept-alive connections stay open until the drain.
+        """
+        self.service.rotation.leaving = True
+        delay = self.config.shutdown_delay
+        if not delay or self.stopping:
+            self._begin_stop(drain=True)
+        elif not self.drain_at:
+            self.drain_at = (self.term_at or time.monotonic()) + delay + DRAIN_AFTER_MASTER
 
     def _begin_stop(self, *, drain: bool) -> None:
         """Graceful stop: stop listening, finish what we hold, then leave.
@@ -594,6 +628,10 @@ class Worker:
             self.epoll.register(fd, WATCH_EVENTS)
         connection.idle_since = time.monotonic()
         self.deadlines[fd] = connection.idle_since + timeout
+
+    def _idle_timeout(self, connection: Connection) -> float:
+        """How long a kept-alive connection may idle: a trusted proxy's outlives the proxy's own timeout."""
+        return self.proxy_keepalive if connection.trusted else self.keepalive
 
     def _unwatch(self, connection: Connection) -> None:
         """Take a connection from the loop (a serving thread owns it now, or it is being closed).
@@ -799,7 +837,7 @@ class Worker:
 
     def _keep(self, connection: Connection, keep: int) -> None:
         """Take a served connection back: idle until its next request, or reading a pipelined one's body."""
-        self._watch(connection, self.config.keepalive)
+        self._watch(connection, self._idle_timeout(connection))
         if keep == GATHER:
             self._gather(connection)
 
