@@ -119,7 +119,9 @@ def test_worker_titles_show_what_is_running(server):
     poll(lambda: psutil.Process(worker).cmdline()[0].startswith("forkserver: worker [shop] idle"),
          what="an idle title")
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as conn:
-        conn.sendall(b"GET /stuck?2 HTTP/1.1\r\nHost: t\r\n\r\n")
+        # Connection: close, so read_all ends with the answer: a loopback client
+        # counts as a trusted proxy, whose idle connection stays open 75 s.
+        conn.sendall(b"GET /stuck?2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         poll(lambda: psutil.Process(worker).cmdline()[0] == "forkserver: worker [shop] busy GET /stuck",
              what="the request in the title")
         read_all(conn)
