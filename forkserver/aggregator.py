@@ -16,7 +16,7 @@ from typing import Any
 
 from .stats import HISTOGRAM_BUCKETS, STATUS_CLASSES, CountersFlushed
 
-WORKER_STATES = ("booting", "idle", "busy", "retiring")
+WORKER_STATES = ("booting", "idle", "busy", "retiring", "mold")
 EXIT_CAUSES = ("exited", "died", "killed_timeout", "recycled")
 PERCENTILES = (0.5, 0.9, 0.99)
 # Per-worker fields the master may supply to ``snapshot`` from psutil and
@@ -176,7 +176,7 @@ class Aggregator:
             worker.broken = reason
 
     def set_state(self, key: Hashable, state: str) -> None:
-        """Record ``booting``, ``idle``, ``busy`` or ``retiring``."""
+        """Record ``booting``, ``idle``, ``busy``, ``retiring`` or ``mold`` (forkserver.refork)."""
         if state not in WORKER_STATES:
             raise ValueError(f"unknown worker state {state!r}")
         worker = self.workers.get(key)
