@@ -21,8 +21,9 @@ EXIT_CAUSES = ("exited", "died", "killed_timeout", "recycled")
 PERCENTILES = (0.5, 0.9, 0.99)
 # Per-worker fields the master may supply to ``snapshot`` from psutil and
 # shared memory; anything else in its dicts is ignored, so /stats keeps its schema.
-EXTRA_FIELDS = ("state", "current_request", "memory_uss_bytes", "memory_pss_bytes", "cpu_seconds",
-                "heartbeat_age_seconds")
+EXTRA_FIELDS = ("state", "current_request", "memory_uss_bytes", "memory_pss_bytes", "memory_shared_bytes",
+                "cpu_seconds", "heartbeat_age_seconds", "forked_by")
+MASTER_FIELDS = ("memory_uss_bytes", "memory_pss_bytes", "memory_shared_bytes", "cpu_seconds")
 SCHEMA_VERSION = 1
 
 
@@ -204,11 +205,13 @@ class Aggregator:
         self.respawns += 1
 
     def snapshot(self, extra_workers_info: dict[Hashable, dict[str, Any]] | None = None,
-                 listeners: Sequence[dict[str, Any]] = (), master_log_lines_dropped: int = 0) -> dict[str, Any]:
+                 listeners: Sequence[dict[str, Any]] = (), master_log_lines_dropped: int = 0,
+                 master: dict[str, Any] | None = None) -> dict[str, Any]:
         """Return the /stats document (schema: docs/stats.md); plain JSON types only.
 
         ``master_log_lines_dropped``: lines the master's own logs lost; the
-        workers' come with their messages.
+        workers' come with their messages.  ``master``: the master's own
+        memory and CPU readings, for its row beside the workers'.
         """
         now = self.clock()
         extra_workers_info = extra_workers_info or {}
@@ -226,6 +229,7 @@ class Aggregator:
         return {
             "schema": SCHEMA_VERSION,
             "master_pid": os.getpid(),
+            "master": {"pid": os.getpid(), **{name: (master or {}).get(name) for name in MASTER_FIELDS}},
             "uptime_seconds": round(now - self.started_at, 3),
             "started_at_unix": round(self.started_at_unix, 3),
             "histogram_bounds_seconds": list(HISTOGRAM_BUCKETS[:-1]),
@@ -257,6 +261,8 @@ class Aggregator:
             "current_request": None,
             "memory_uss_bytes": None,
             "memory_pss_bytes": None,
+            "memory_shared_bytes": None,
+            "forked_by": None,
             "age_seconds": round(now - worker.started_at, 3),
             "heartbeat_age_seconds": None,
             "report_age_seconds": None if worker.reported_at is None else round(now - worker.reported_at, 3),

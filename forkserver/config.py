@@ -406,7 +406,7 @@ class Config:
         0,
         minimum=0,
         help="Recycle a worker after its current request once its unique memory (USS) "
-        "exceeds this many MiB; 0 never.",
+        "exceeds this many MiB in three samples in a row (five seconds apart); 0 never.",
         metavar="MIB",
     )
     refork_after: tuple[int, ...] = setting(

@@ -521,7 +521,12 @@ class Master:
             self.signal_worker(handle, signal.SIGABRT)
 
     def check_memory(self) -> None:
-        """Every few seconds, retire a worker whose unique memory is over the limit."""
+        """Every few seconds, retire a worker whose unique memory was over the limit MEMORY_SAMPLES times in a row.
+
+        One sample over is not enough: a request that briefly needs a lot
+        (an export, a big upload) would recycle the worker, and the warm
+        state it built (or shares with a refork mold) with it.
+        """
         limit = self.config.max_worker_memory
         now = time.monotonic()
         if not limit or now < self.next_memory_check:
@@ -537,11 +542,18 @@ class Master:
                 uss = psutil.Process(handle.pid).memory_full_info().uss
             except psutil.Error:
                 continue
-            if uss > limit * 1024 * 1024:
-                log.warning("worker over memory slot=%d pid=%d uss=%.1fMiB limit=%dMiB; recycling",
-                            handle.slot, handle.pid, uss / 1048576, limit)
-                handle.recycled = True
-                self.retire(handle)
+            if uss <= limit * 1024 * 1024:
+                handle.over_memory = 0
+                continue
+            handle.over_memory += 1
+            if handle.over_memory < MEMORY_SAMPLES:
+                log.info("worker over memory slot=%d pid=%d uss=%.1fMiB limit=%dMiB (sample %d of %d)",
+                         handle.slot, handle.pid, uss / 1048576, limit, handle.over_memory, MEMORY_SAMPLES)
+                continue
+            log.warning("worker over memory slot=%d pid=%d uss=%.1fMiB limit=%dMiB for %d samples; recycling",
+                        handle.slot, handle.pid, uss / 1048576, limit, MEMORY_SAMPLES)
+            handle.recycled = True
+            self.retire(handle)
 
     def tick(self) -> float:
         """Seconds the loop may sleep: a second, or until the solo boot is over or the watchdog is due."""
@@ -1017,6 +1029,7 @@ class Master:
             info = dict(self.sampler.read(handle.pid))
             in_flight = handle.board.in_flight()
             info["heartbeat_age_seconds"] = round(handle.board.last_beat_age(), 3)
+            info["forked_by"] = handle.mold or None  # the refork mold's pid; None: forked by the master
             info["current_request"] = None
             if in_flight:
                 oldest = in_flight[0]
@@ -1025,7 +1038,8 @@ class Master:
             extra[handle.pid] = info
         self.mark_busy_workers()
         return self.stats.snapshot(extra, listener_stats(self.listeners),
-                                   master_log_lines_dropped=sum(target.dropped for target in self.log_files))
+                                   master_log_lines_dropped=sum(target.dropped for target in self.log_files),
+                                   master=self.sampler.read(self.pid))
 
     def statsd_snapshot(self) -> dict[str, Any]:
         """The counters StatsD gets: the /stats document without the per-process kernel readings."""

@@ -69,11 +69,11 @@ def test_render_computes_rates_from_the_previous_snapshot():
     after = fixture_snapshot(requests=120, uptime=12.0)  # each slot did 20*(slot+1) more in 2 s
     lines = render(after, previous=before)
     rows = {line.split()[1]: line for line in lines if re.match(r"\s+\d+\s+310\d\d ", line)}
-    assert rows["31000"].split()[5] == "10.0"
-    assert rows["31003"].split()[5] == "40.0"
+    assert rows["31000"].split()[6] == "10.0"
+    assert rows["31003"].split()[6] == "40.0"
     assert "(100.0/s)" in lines[1]  # 200 more requests in all, over 2 s
     # Without a previous snapshot there is no rate to show.
-    assert all(line.split()[5] == "-" for line in render(after) if re.match(r"\s+\d+\s+310\d\d ", line))
+    assert all(line.split()[6] == "-" for line in render(after) if re.match(r"\s+\d+\s+310\d\d ", line))
 
 
 def test_render_falls_back_to_the_interval_when_uptime_did_not_move():
