@@ -24,13 +24,27 @@ from collections.abc import Iterable
 log = logging.getLogger("forkserver")
 
 
-def open_descriptors() -> set[int]:
-    """The descriptors this process has open now."""
-    listing = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return {int(name) for name in os.listdir(listing)} - {listing}
-    finally:
-        os.close(listing)
+def open_descriptors() -> dict[int, tuple[int, int]]:
+    """The descriptors this process has open now, each with its file's identity (device, inode).
+
+    The identity tells a descriptor the app opened from a later one that
+    got the same number after the app closed its own.  The listing's own
+    descriptor, gone by the time it is looked at, is left out.
+    """
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            status = os.fstat(int(name))
+        except OSError:
+            continue
+        found[int(name)] = (status.st_dev, status.st_ino)
+    return found
+
+
+def still_open(opened: dict[int, tuple[int, int]]) -> list[int]:
+    """Those of ``opened`` that are still open on the same file."""
+    now = open_descriptors()
+    return [fd for fd, identity in opened.items() if now.get(fd) == identity]
 
 
 def describe(fd: int) -> str:

@@ -30,7 +30,7 @@ from .balance import AcceptBoard
 from .collector import StatsCollector
 from .config import AUTO_WORKERS, Config, load_config
 from .containers import available_cpus, read_limits, workers_for_cpus, workers_that_fit
-from .forksafety import ForkSafety, open_descriptors
+from .forksafety import ForkSafety, open_descriptors, still_open
 from .errors import (
     EXIT_APP_LOAD,
     EXIT_OK,
@@ -171,7 +171,7 @@ class Master:
         self.handover = LogHandover()  # gives workers the reopened logs on USR1
         self.app: Callable[..., Any] | None = None
         self.preloaded_modules: set[str] = set()
-        self.app_descriptors: set[int] = set()  # what the preloaded app opened (forkserver.forksafety)
+        self.app_descriptors: dict[int, tuple[int, int]] = {}  # what the preloaded app opened (forkserver.forksafety)
         self.fork_safety = ForkSafety("master")
         self.refork: ReforkState | None = None  # with refork_after (forkserver.refork)
         self.pidfile: Pidfile | None = None
@@ -300,7 +300,8 @@ class Master:
         prepare_path(self.config.chdir, self.config.pythonpath)
         descriptors_before = open_descriptors()
         self.app = load_app(self.config.app)
-        self.app_descriptors = open_descriptors() - descriptors_before
+        self.app_descriptors = {fd: identity for fd, identity in open_descriptors().items()
+                                if descriptors_before.get(fd) != identity}
         self.preloaded_modules = set(sys.modules) - self._modules_before_app
 
     def daemonize(self) -> None:
@@ -543,6 +544,9 @@ class Master:
             except psutil.Error:
                 continue
             if uss <= limit * 1024 * 1024:
+                if handle.over_memory:
+                    log.info("worker back under the memory limit slot=%d pid=%d uss=%.1fMiB after %d sample(s) "
+                             "over; kept", handle.slot, handle.pid, uss / 1048576, handle.over_memory)
                 handle.over_memory = 0
                 continue
             handle.over_memory += 1
@@ -746,7 +750,7 @@ class Master:
         into each worker.  The master unfreezes at once, so its own garbage
         is still collected (a reload with ``preload`` drops a whole app).
         """
-        self.fork_safety.check(self.app_descriptors & open_descriptors() if self.app_descriptors else ())
+        self.fork_safety.check(still_open(self.app_descriptors) if self.app_descriptors else ())
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         gc.freeze()
         pid = -1

@@ -84,7 +84,9 @@ class Mold:
 
     def app_descriptors(self) -> set[int]:
         """Descriptors open now that the server did not give this worker: the app opened them."""
-        return open_descriptors() - self.worker.server_descriptors - {self.channel.fileno()}
+        given = self.worker.server_descriptors
+        return {fd for fd, identity in open_descriptors().items()
+                if given.get(fd) != identity and fd != self.channel.fileno()}
 
     def answer_requests(self) -> bool:
         """Fork a worker for each request waiting; False once the master's end is gone."""

@@ -150,7 +150,7 @@ class Worker:
         # the mold, and the descriptors the server gave us (the rest the app opened).
         self.warm_marks = list(self.config.refork_after) if spec.refork_channel is not None else []
         self.becoming_mold = False
-        self.server_descriptors: set[int] = set()
+        self.server_descriptors: dict[int, tuple[int, int]] = {}
         self.max_requests = 0
         if self.config.max_requests:
             self.max_requests = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)

@@ -1,0 +1,248 @@
+"""Refork on real processes: the mold, its workers under the master, and losing nothing when any of them dies."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+import requests
+
+from forkserver.top import fetch
+
+from harness import poll
+
+READY = 30.0  # deadline for promotions and rollovers on a shared, loaded machine
+MAX_LOAD_REQUESTS = 20000  # the load loop stops here at the latest (or after LOAD_SECONDS)
+LOAD_SECONDS = 120.0
+
+
+class LoadLoop:
+    """Sequential requests on fresh connections in a thread, each failure recorded; pausable."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.served = 0
+        self.failures: list[str] = []
+        self.answers: list[dict] = []
+        self.stop = threading.Event()
+        self.gate = threading.Lock()  # held by the test: no request is in flight meanwhile
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        deadline = psutil.time.monotonic() + LOAD_SECONDS
+        while not self.stop.is_set() and self.served < MAX_LOAD_REQUESTS and psutil.time.monotonic() < deadline:
+            with self.gate:
+                try:
+                    response = requests.get(self.url, headers={"Connection": "close"}, timeout=10)
+                    if response.status_code != 200:
+                        self.failures.append(f"status {response.status_code}")
+                    else:
+                        self.answers.append(response.json())
+                except requests.RequestException as exc:
+                    self.failures.append(repr(exc))
+                self.served += 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        with self.gate:
+            yield
+
+
+@contextmanager
+def load(url: str) -> Iterator[LoadLoop]:
+    loop = LoadLoop(url)
+    loop.thread.start()
+    try:
+        yield loop
+    finally:
+        loop.stop.set()
+        loop.thread.join(30)
+
+
+def title(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def the_mold(srv) -> int | None:
+    return next((pid for pid in srv.worker_pids() if "forkserver: mold" in title(pid)), None)
+
+
+def serving(srv) -> list[int]:
+    """The master's children that serve: not the mold, not booting."""
+    return [pid for pid in srv.worker_pids() if "forkserver: worker" in title(pid) and "booting" not in title(pid)]
+
+
+def all_forked_by(srv, mold: int, count: int) -> bool:
+    """``count`` workers serve, and every one of them is the master's child and was forked by ``mold``."""
+    workers = serving(srv)
+    return len(workers) == count and all(worker_came_from(srv, pid) == mold for pid in workers)
+
+
+def worker_came_from(srv, pid: int) -> int | None:
+    """Where the app a worker runs was imported: its own pid if the master forked it, the mold's if the mold did.
+
+    Read from the process itself (its parent, and the mold's title on its
+    ancestry is gone), so the master's bookkeeping is not what is tested:
+    /proc tells who the parent is, the app tells which process imported it.
+    """
+    try:
+        process = psutil.Process(pid)
+        if process.ppid() != srv.pid:
+            return None
+    except psutil.NoSuchProcess:
+        return None
+    return IMPORTED.get(pid)
+
+
+IMPORTED: dict[int, int] = {}  # worker pid -> where it imported the app, from the load loop's answers
+
+
+def learn(loop: LoadLoop) -> None:
+    for answer in list(loop.answers):
+        IMPORTED[answer["pid"]] = answer["imported_in"]
+
+
+def wait_rolled_over(srv, loop: LoadLoop, workers: int) -> int:
+    """Wait for a mold and for every serving worker to be one it forked; return the mold's pid."""
+    mold = poll(lambda: the_mold(srv), timeout=READY, what="a worker to become the mold")
+
+    def rolled() -> bool:
+        learn(loop)
+        return all_forked_by(srv, mold, workers)
+
+    poll(rolled, timeout=READY, what="every worker to be forked from the mold")
+    return mold
+
+
+def test_mold_is_promoted_at_the_count_and_its_workers_are_the_masters_children(server, tmp_path):
+    stats = tmp_path / "stats.sock"
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "20", "--stats-bind", f"unix:{stats}", workers=2)
+    originals = set(srv.worker_pids())
+    with load(srv.url) as loop:
+        mold = wait_rolled_over(srv, loop, 2)
+    assert loop.failures == []
+    assert mold in originals, "the mold is a worker that served, not a fresh process"
+    assert title(mold).startswith("forkserver: mold [refork_app:app]")
+    assert re.search(rf"promoting worker slot=\d pid={mold} gen=1 to mold after 20 requests", srv.log())
+    workers = serving(srv)
+    assert not set(workers) & originals
+    assert all(psutil.Process(pid).ppid() == srv.pid for pid in workers)
+    document = fetch(f"unix:{stats}")
+    rows = {row["pid"]: row for row in document["workers"]}
+    assert rows[mold]["state"] == "mold" and rows[mold]["forked_by"] is None
+    assert all(rows[pid]["forked_by"] == mold for pid in workers), rows
+    assert document["master"]["pid"] == srv.pid and document["master"]["memory_uss_bytes"] > 0
+    assert all(rows[pid]["memory_shared_bytes"] > 0 for pid in workers)
+    assert "about to fork" not in srv.log(), "a plain app opens nothing a fork would share"
+
+
+def test_killing_a_worker_the_mold_forked_loses_nothing(server):
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "20", workers=2)
+    with load(srv.url) as loop:
+        mold = wait_rolled_over(srv, loop, 2)
+        with loop.paused():  # between two requests: the victim holds none
+            victim = serving(srv)[0]
+            os.kill(victim, signal.SIGKILL)
+        before = loop.served
+
+        def replaced() -> bool:
+            learn(loop)
+            return victim not in srv.worker_pids() and all_forked_by(srv, mold, 2) and loop.served > before + 20
+
+        poll(replaced, timeout=READY, what="the killed worker to be replaced from the mold")
+    assert loop.failures == []
+    assert the_mold(srv) == mold
+
+
+def test_killing_the_mold_loses_nothing_and_a_warm_worker_takes_over(server):
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "20", workers=2)
+    with load(srv.url) as loop:
+        mold = wait_rolled_over(srv, loop, 2)
+        before = set(serving(srv))
+        os.kill(mold, signal.SIGKILL)
+        poll(lambda: f"dropping mold pid={mold}" in srv.log(), timeout=READY, what="the master to drop the mold")
+        successor = poll(lambda: (pid := the_mold(srv)) not in (None, mold) and pid, timeout=READY,
+                         what="a warmed worker to become the new mold")
+        assert successor in before, "the new mold is a worker that served"
+
+        def rolled_again() -> bool:
+            # The app was imported once, in the first mold's process, and
+            # inherited since: new workers that report it came from a mold.
+            learn(loop)
+            return all_forked_by(srv, mold, 2) and not set(serving(srv)) & before
+
+        poll(rolled_again, timeout=READY, what="the pool to be forked from the new mold")
+    assert loop.failures == []
+    assert psutil.Process(successor).ppid() == srv.pid
+
+
+def test_a_worker_the_mold_forked_that_fails_to_boot_falls_back_to_the_master(server):
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "20", "--on-mold", "refork_app:on_mold",
+                 "--post-worker-init", "refork_app:refuse_after_mold", workers=2)
+    with load(srv.url) as loop:
+        poll(lambda: "refork is off for generation 1" in srv.log(), timeout=READY,
+             what="the master to turn refork off")
+
+        def from_the_master() -> bool:
+            learn(loop)
+            workers = serving(srv)
+            # The hooks live in the app's module, so the master imported it
+            # to resolve them: a worker it forks reports the master's pid.
+            return the_mold(srv) is None and len(workers) == 2 and all(
+                worker_came_from(srv, pid) == srv.pid for pid in workers)
+
+        poll(from_the_master, timeout=READY, what="two workers forked from the master, and no mold")
+    assert loop.failures == []
+    assert "this worker was forked from the mold" in srv.log()
+
+
+def fork_warnings(srv, who: str) -> list[str]:
+    return [line for line in srv.log().splitlines() if f"{who} is about to fork" in line]
+
+
+def test_fork_safety_names_a_thread_and_a_socket_the_preloaded_app_opened(server):
+    srv = server("refork_app:app", "-w", "2", "--preload", workers=2,
+                 env={"REFORK_APP_THREAD": "1", "REFORK_APP_SOCKET": "1"})
+    warnings = fork_warnings(srv, "master")
+    assert len(warnings) == 2, "each problem once, not once per fork: " + srv.log()
+    assert "1 other thread(s) running: import-time-poller" in warnings[0]
+    assert re.search(r"descriptor\(s\) the app opened: \d+ \(socket:\[\d+\]\), \d+ \(socket:\[\d+\]\);", warnings[1])
+
+
+def test_fork_safety_in_the_mold_names_what_the_app_opened_in_the_worker(server):
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "20", workers=2,
+                 env={"REFORK_APP_THREAD": "1", "REFORK_APP_SOCKET": "1"})
+    with load(srv.url) as loop:
+        wait_rolled_over(srv, loop, 2)
+    warnings = fork_warnings(srv, "mold")
+    assert len(warnings) == 2, srv.log()
+    assert "import-time-poller" in warnings[0]
+    assert "socket:[" in warnings[1] and "on_mold hook" in warnings[1]
+    assert not fork_warnings(srv, "master"), "nothing of the app runs in the master without preload"
+
+
+def test_memory_limit_recycles_only_after_consecutive_samples(server):
+    srv = server("refork_app:app", "-w", "1", "--max-worker-memory", "60", workers=1)
+    (worker,) = srv.worker_pids()
+    assert requests.get(f"{srv.url}/grow?80", timeout=30).json()["pid"] == worker
+    poll(lambda: "(sample 1 of 3)" in srv.log(), timeout=READY, what="one sample over the limit")
+    requests.get(f"{srv.url}/shrink", timeout=30)
+    poll(lambda: "back under the memory limit" in srv.log(), timeout=READY, what="a sample under the limit")
+    assert srv.worker_pids() == [worker] and "recycling" not in srv.log(), "one sample over is a spike, not a leak"
+    requests.get(f"{srv.url}/grow?80", timeout=30)
+    line = poll(lambda: next((ln for ln in srv.log().splitlines() if "for 3 samples; recycling" in ln), None),
+                timeout=READY, what="three samples in a row over the limit")
+    assert f"pid={worker}" in line
+    over = [ln for ln in srv.log().splitlines() if "worker over memory" in ln]
+    assert [re.search(r"sample (\d) of 3|for 3 samples", ln).group(0) for ln in over] == \
+        ["sample 1 of 3", "sample 1 of 3", "sample 2 of 3", "for 3 samples"]
+    poll(lambda: requests.get(srv.url, timeout=10).json()["pid"] != worker, timeout=READY,
+         what="a new worker to serve")
