@@ -731,7 +731,7 @@ class Master:
             self.poller.register(ours.fileno(), select.POLLIN)
             if mold:
                 handle.lineage = self.refork.lineage
-            for notice in self.refork.early.pop(pid, []):
+            for notice in self.refork.claim_early(pid):
                 self.act_on_notice(handle, notice)
         log.debug("worker spawned slot=%d pid=%d gen=%d%s", slot, pid, generation,
                   f" from mold pid={mold}" if mold else "")
@@ -825,7 +825,9 @@ class Master:
                 elif kind in ("forked", "unforked"):
                     pending = state.pending.get(int(message[1]))
                     if pending is None or pending.mold != pid:
-                        continue  # not a request this process was asked
+                        if kind == "forked":
+                            self.stop_stray(int(message[2]))  # an answer after we gave up on it
+                        continue
                     del state.pending[pending.token]
                     if kind == "forked":
                         self.adopt(pending, int(message[2]))
@@ -844,8 +846,9 @@ class Master:
 
     def adopt(self, pending: PendingFork, pid: int) -> None:
         """Take a worker the mold forked, once the kernel confirms it is our child."""
-        if refork.parent_of(pid) != self.pid:
-            # The mold runs app code: a pid it names may be anybody's. Never signal it.
+        if pid in self.pool.workers or pid == self.new_master or refork.parent_of(pid) != self.pid:
+            # The mold runs app code: a pid it names may be anybody's, or a
+            # worker we have already. Never signal it, never adopt it twice.
             log.warning("refork: mold pid=%d named pid=%d, which is not a child of the master; not adopted",
                         pending.mold, pid)
             self.give_back(pending.provisions)
@@ -853,6 +856,17 @@ class Master:
             return
         self.admit(pid, pending.slot, pending.generation, pending.provisions, mold=pending.mold,
                    replaces=pending.replaces)
+
+    def stop_stray(self, pid: int) -> None:
+        """A worker a mold forked that we never adopted: if it is our child, let it finish and leave (TERM)."""
+        if pid in self.pool.workers or pid == self.new_master or refork.parent_of(pid) != self.pid:
+            return
+        log.warning("refork: pid=%d is a worker nobody adopted (its mold failed before reporting it); "
+                    "stopping it", pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
     def drop_mold(self, pid: int, reason: str, *, kill: bool = False) -> None:
         """Stop forking from mold ``pid``: its unanswered requests are given back and the master forks instead."""
@@ -905,8 +919,8 @@ class Master:
         state = self.refork
         assert state is not None
         now = time.monotonic()
-        if not state.pending:
-            state.early.clear()
+        for pid in state.strays():
+            self.stop_stray(pid)
         for pending in list(state.pending.values()):
             if now - pending.asked_at > refork.ANSWER_TIMEOUT:
                 self.drop_mold(pending.mold, f"no answer to a fork request in {refork.ANSWER_TIMEOUT:g}s", kill=True)
@@ -992,15 +1006,22 @@ class Master:
         own.refork_ends[0].close()
 
     def restart_refork(self) -> None:
-        """A reload: the new generation starts from the master again, the old mold leaves."""
+        """A reload: the new generation starts from the master again, the old mold leaves.
+
+        The reloaded ``refork_after`` applies from here; once on, the master
+        stays a subreaper and keeps the channels even if it is emptied.
+        """
         state = self.refork
         if state is None:
+            if self.config.refork_after and not self.config.reload and refork.become_subreaper():
+                self.refork = ReforkState(self.config.refork_after)
             return
         for pid in [state.mold, *state.retired_molds]:
             if pid:
                 self.drop_mold(pid, "reloading")
         state.retired_molds.clear()
         state.stage = 0
+        state.counts = self.config.refork_after
 
     # -- stats --------------------------------------------------------------------
 

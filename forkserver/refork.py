@@ -72,7 +72,7 @@ log = logging.getLogger("forkserver")
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 MAX_MESSAGE = 128  # bytes; the longest real message is about 40
 MAX_MESSAGES = 16  # per channel and turn of the master's loop
-ANSWER_TIMEOUT = 10.0  # seconds a mold has to answer a fork request
+ANSWER_TIMEOUT = 5.0  # seconds a mold has to answer a fork request (a fork takes milliseconds)
 MAX_FDS = 4  # a fork request's descriptors: scoreboard, log handover, refork channel, stats
 MAX_EARLY = 64  # notices held for workers a mold forked but the master has not adopted yet
 _FROM_WORKER = re.compile(rb"(warm) ([0-9]{1,12})|(molded)|(forked) ([0-9]{1,12}) ([0-9]{1,10})"
@@ -173,6 +173,7 @@ class ReforkState:
     pending: dict[int, PendingFork] = field(default_factory=dict)  # token -> the fork asked for
     next_token: int = 1
     early: dict[int, list[Any]] = field(default_factory=dict)  # pid -> notices that came before its adoption
+    early_since: dict[int, float] = field(default_factory=dict)  # pid -> when its first early notice came
 
     def next_count(self) -> int:
         """The request count that promotes the next mold; 0 once every count has."""
@@ -203,20 +204,39 @@ class ReforkState:
         return found
 
     def hold_early(self, notice: Any) -> None:
-        """Keep a notice from an unknown pid while forks are pending: a mold's worker may be faster than its mold.
+        """Keep a notice from an unknown pid: a mold's worker may be faster than its mold.
 
         The worker writes ``ready`` on the notice pipe, the mold its pid on
         the channel; either may be read first.  Held ones are acted on at
-        adoption; nothing is held once no fork is pending, and never more than
-        ``MAX_EARLY`` in all, so a worker writing made-up pids fills nothing.
+        adoption; one still unclaimed after ``ANSWER_TIMEOUT`` names a stray
+        (see ``strays``).  Never more than ``MAX_EARLY`` are held, so a
+        worker writing made-up pids fills nothing.
         """
-        if not self.pending:
-            self.early.clear()
-        elif sum(map(len, self.early.values())) < MAX_EARLY:
+        if sum(map(len, self.early.values())) < MAX_EARLY:
             self.early.setdefault(notice.pid, []).append(notice)
+            self.early_since.setdefault(notice.pid, time.monotonic())
+
+    def strays(self) -> list[int]:
+        """Pids whose notices went unclaimed for ``ANSWER_TIMEOUT``: dropped from the table and returned.
+
+        A mold killed between its fork and its report, or one that answers
+        after the master gave up on it, leaves a worker nobody supervises;
+        its ``ready`` notice is how the master learns of it.
+        """
+        now = time.monotonic()
+        late = [pid for pid, since in self.early_since.items() if now - since > ANSWER_TIMEOUT]
+        for pid in late:
+            self.early.pop(pid, None)
+            del self.early_since[pid]
+        return late
+
+    def claim_early(self, pid: int) -> list[Any]:
+        """The notices held for a worker being adopted now."""
+        self.early_since.pop(pid, None)
+        return self.early.pop(pid, [])
 
     def forget(self, pid: int) -> socket.socket | None:
         """A worker was reaped: drop its channel (the caller unregisters and closes it)."""
-        self.early.pop(pid, None)
+        self.claim_early(pid)
         self.retired_molds.discard(pid)
         return self.channels.pop(pid, None)

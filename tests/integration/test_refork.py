@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psutil
+import pytest
 import requests
 
 from forkserver.top import fetch
@@ -122,9 +124,23 @@ def wait_rolled_over(srv, loop: LoadLoop, workers: int) -> int:
     return mold
 
 
-def test_mold_is_promoted_at_the_count_and_its_workers_are_the_masters_children(server, tmp_path):
+@pytest.mark.parametrize("options", [(), ("--threads", "4"), ("--reuse-port",)], ids=["plain", "threads", "reuse-port"])
+def test_mold_is_promoted_at_the_count_and_its_workers_are_the_masters_children(server, tmp_path, options):
     stats = tmp_path / "stats.sock"
-    srv = server("refork_app:app", "-w", "2", "--refork-after", "20", "--stats-bind", f"unix:{stats}", workers=2)
+    # Under reuse_port each worker binds the address itself: hold a port with
+    # SO_REUSEPORT (bound, never listening) so nobody takes it meanwhile.
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    bind = ("-b", f"127.0.0.1:{holder.getsockname()[1]}") if "--reuse-port" in options else ()
+    try:
+        srv = server("refork_app:app", "-w", "2", "--refork-after", "20", "--stats-bind", f"unix:{stats}",
+                     *options, *bind, wait=False)
+        if bind:
+            srv.port = holder.getsockname()[1]
+        srv.wait_ready(workers=2)
+    finally:
+        holder.close()
     originals = set(srv.worker_pids())
     with load(srv.url) as loop:
         mold = wait_rolled_over(srv, loop, 2)
@@ -182,6 +198,27 @@ def test_killing_the_mold_loses_nothing_and_a_warm_worker_takes_over(server):
         poll(rolled_again, timeout=READY, what="the pool to be forked from the new mold")
     assert loop.failures == []
     assert psutil.Process(successor).ppid() == srv.pid
+
+
+def test_hup_starts_again_from_the_master_and_a_new_mold_forms(server):
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "20", workers=2)
+    with load(srv.url) as loop:
+        mold = wait_rolled_over(srv, loop, 2)
+        srv.signal(signal.SIGHUP)
+        poll(lambda: "reload complete gen=2" in srv.log(), timeout=READY, what="generation 2")
+        poll(lambda: mold not in srv.worker_pids(), timeout=READY, what="the old mold to leave")
+        successor = poll(lambda: the_mold(srv), timeout=READY, what="a mold of generation 2")
+        assert re.search(rf"promoting worker slot=\d pid={successor} gen=2 ", srv.log())
+
+        def generation_two_rolled() -> bool:
+            learn(loop)
+            # Generation 2 was forked from the master, so each of its first
+            # workers imported the app itself: the new mold's workers report it.
+            return all_forked_by(srv, IMPORTED.get(successor, -1), 2)
+
+        poll(generation_two_rolled, timeout=READY, what="generation 2 to roll over to its own mold")
+    assert loop.failures == []
+    assert IMPORTED[successor] == successor
 
 
 def test_a_worker_the_mold_forked_that_fails_to_boot_falls_back_to_the_master(server):
