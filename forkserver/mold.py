@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import logging
 import os
+import random
 import select
 import signal
 import socket
@@ -175,6 +176,7 @@ class Mold:
         if spec.stats_channel is not None:
             spec.stats_channel.close()
         worker.wakeup.close()
+        random.seed()  # not the mold's sequence, shared with every sibling
         from .worker import Worker  # the module that imported us
 
         code = 1

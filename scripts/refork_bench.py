@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -377,6 +376,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="warm-up requests (then half as many more)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--refork-after", default="150", help="forkserver's --refork-after for the refork runs")
+    parser.add_argument("--only", default="", help="measure only the servers whose name contains this (the "
+                        "preload run is always measured: it is the base of the ratios)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="refork-bench-") as directory:
         root = Path(directory)
@@ -388,13 +389,16 @@ def main() -> int:
             ("forkserver --preload --refork-after", ["--preload", "--refork-after", args.refork_after], True),
         ]
         results: dict[str, dict[str, float]] = {}
+        servers = [entry for entry in servers if args.only in entry[0] or entry[0] == "forkserver --preload"]
         for name, options, refork in servers:
             port = free_port()
             command = [sys.executable, "-m", "forkserver", "site_wsgi:application", "-w", str(args.workers),
                        "-b", f"127.0.0.1:{port}", "--pythonpath", str(root), *options]
             results[name] = measure(name, command, port, root, args.requests, args.workers, refork)
             print(f"{name:38} measured", file=sys.stderr)
-        if shutil.which("gunicorn") or _has_module("gunicorn"):
+        if args.only and args.only not in "gunicorn --preload":
+            pass
+        elif _has_module("gunicorn"):
             port = free_port()
             command = [sys.executable, "-m", "gunicorn", "site_wsgi:application", "-w", str(args.workers),
                        "-b", f"127.0.0.1:{port}", "--preload", "--access-logfile", "/dev/null"]
