@@ -552,7 +552,7 @@ def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
         if not isinstance(items, list | tuple):
             raise bad
         try:
-            return tuple(coerce_item(item) for item in items if not isinstance(item, str) or item.strip())
+            return tuple(coerce_item(item, text) for item in items if not isinstance(item, str) or item.strip())
         except ValueError:
             raise bad from None
     # tuple[str, ...]: a list, or one string of comma-separated items.
@@ -571,11 +571,13 @@ def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
     raise bad
 
 
-def coerce_item(item: Any) -> int:
-    """One item of an integer list: an int (not a bool) or its digits; ValueError otherwise."""
-    if isinstance(item, bool) or not isinstance(item, int | str):
+def coerce_item(item: Any, text: bool) -> int:
+    """One item of an integer list: its digits in a text source, an int (not a bool) in a file; else ValueError."""
+    if text:
+        return int(item.strip())
+    if isinstance(item, bool) or not isinstance(item, int):
         raise ValueError(item)
-    return int(item.strip()) if isinstance(item, str) else item
+    return item
 
 
 def _validate(f: dataclasses.Field[Any], value: Any, where: str) -> None:
