@@ -30,7 +30,6 @@ from .balance import AcceptBoard
 from .collector import StatsCollector
 from .config import AUTO_WORKERS, Config, load_config
 from .containers import available_cpus, read_limits, workers_for_cpus, workers_that_fit
-from .forksafety import ForkSafety, open_descriptors, still_open
 from .errors import (
     EXIT_APP_LOAD,
     EXIT_OK,
@@ -38,6 +37,7 @@ from .errors import (
     ForkserverError,
     WorkerBootError,
 )
+from .forksafety import ForkSafety, open_descriptors, still_open
 from .handover import LogHandover
 from .hooks import HookContext, Hooks
 from .identity import resolve_identity
@@ -999,11 +999,16 @@ class Master:
             log.info("mold exited slot=%d pid=%d gen=%d %s", handle.slot, handle.pid, handle.generation, how)
 
     def drop_inherited_refork(self, own: Provisions) -> None:
-        """In a new worker: close the master's ends of every refork channel, our own included."""
+        """In a new worker: close the master's ends of every refork channel, our own included, and
+        both ends of what was made for workers a mold is forking right now (else we could speak as them)."""
         assert self.refork is not None and own.refork_ends is not None
         for sock in self.refork.channels.values():
             sock.close()
         own.refork_ends[0].close()
+        for pending in self.refork.pending.values():
+            theirs = pending.provisions
+            for end in (*(theirs.stats_ends or ()), *theirs.log_ends, *(theirs.refork_ends or ())):
+                end.close()
 
     def restart_refork(self) -> None:
         """A reload: the new generation starts from the master again, the old mold leaves.
