@@ -687,7 +687,6 @@ class Worker:
         if self.busy < self.config.threads and not self.stopping and not self.balancing:
             self._set_accepting(True)
 
-
     def stop_serving(self) -> None:
         """Becoming the refork mold: end the request threads and close what only serving needs.
 

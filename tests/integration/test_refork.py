@@ -200,6 +200,24 @@ def test_killing_the_mold_loses_nothing_and_a_warm_worker_takes_over(server):
     assert psutil.Process(successor).ppid() == srv.pid
 
 
+def test_a_hung_mold_is_killed_and_the_master_forks_instead(server):
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "20", workers=2)
+    with load(srv.url) as loop:
+        mold = wait_rolled_over(srv, loop, 2)
+        os.kill(mold, signal.SIGSTOP)  # alive, but answers nothing
+        with loop.paused():
+            victim = serving(srv)[0]
+            os.kill(victim, signal.SIGKILL)
+        poll(lambda: f"dropping mold pid={mold}: no answer to a fork request" in srv.log(), timeout=READY,
+             what="the master to give up on the hung mold")
+
+        served = loop.served
+        # The killed slot is forked by the master (the other worker, warm, may become the next mold).
+        poll(lambda: mold not in srv.worker_pids() and len(serving(srv)) == 2 and victim not in serving(srv)
+             and loop.served > served + 20, timeout=READY, what="the hung mold gone and two workers serving")
+    assert loop.failures == []
+
+
 def test_hup_starts_again_from_the_master_and_a_new_mold_forms(server):
     srv = server("refork_app:app", "-w", "2", "--refork-after", "20", workers=2)
     with load(srv.url) as loop:
