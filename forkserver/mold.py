@@ -84,10 +84,16 @@ class Mold:
                 return EXIT_OK
 
     def app_descriptors(self) -> set[int]:
-        """Descriptors open now that the server did not give this worker: the app opened them."""
+        """Descriptors open now that the server did not give this worker: the app opened them.
+
+        The logs are the server's even when a reopen (USR1) put another file
+        behind the same number, and so are the standard streams.
+        """
         given = self.worker.server_descriptors
+        logs = {target.fd for target in self.spec.log_files}
+        logs.update(fd for target in self.spec.log_files for fd in target.captured)
         return {fd for fd, identity in open_descriptors().items()
-                if given.get(fd) != identity and fd != self.channel.fileno()}
+                if given.get(fd) != identity and fd not in logs and fd > 2 and fd != self.channel.fileno()}
 
     def answer_requests(self) -> bool:
         """Fork a worker for each request waiting; False once the master's end is gone."""

@@ -301,3 +301,24 @@ def test_memory_limit_recycles_only_after_consecutive_samples(server):
         ["sample 1 of 3", "sample 1 of 3", "sample 2 of 3", "for 3 samples"]
     poll(lambda: requests.get(srv.url, timeout=10).json()["pid"] != worker, timeout=READY,
          what="a new worker to serve")
+
+
+def test_after_log_rotation_the_molds_new_workers_write_to_the_new_file(server, tmp_path):
+    error_log = tmp_path / "error.log"
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "20", "--log-level", "debug",
+                 "--error-logfile", str(error_log), workers=2)
+    srv.log = lambda: error_log.read_text(errors="replace")  # the harness reads stderr otherwise
+    with load(srv.url) as loop:
+        mold = wait_rolled_over(srv, loop, 2)
+    assert loop.failures == []
+    error_log.rename(tmp_path / "error.log.1")
+    srv.signal(signal.SIGUSR1)
+    poll(lambda: error_log.exists() and "logs reopened" in error_log.read_text(), timeout=READY,
+         what="the master to reopen its log")
+    before = set(srv.worker_pids())
+    srv.signal(signal.SIGTTIN)
+    new = poll(lambda: next(iter(set(serving(srv)) - before), None), timeout=READY, what="a third worker")
+    poll(lambda: f"[{new}] [DEBUG] worker ready" in error_log.read_text(), timeout=READY,
+         what="the new worker's own line in the new file")
+    assert psutil.Process(new).ppid() == srv.pid and the_mold(srv) == mold
+    assert "about to fork" not in error_log.read_text(), "a reopened log is the server's, not the app's"
