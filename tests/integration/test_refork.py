@@ -16,7 +16,7 @@ import requests
 
 from forkserver.top import fetch
 
-from harness import poll
+from harness import poll, read_all
 
 READY = 30.0  # deadline for promotions and rollovers on a shared, loaded machine
 MAX_LOAD_REQUESTS = 20000  # the load loop stops here at the latest (or after LOAD_SECONDS)
@@ -157,6 +157,16 @@ def test_mold_is_promoted_at_the_count_and_its_workers_are_the_masters_children(
     assert all(rows[pid]["forked_by"] == mold for pid in workers), rows
     assert document["master"]["pid"] == srv.pid and document["master"]["memory_uss_bytes"] > 0
     assert all(rows[pid]["memory_shared_bytes"] > 0 for pid in workers)
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(stats))
+        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        metrics = read_all(conn).decode()
+    assert re.search(rf'forkserver_worker_info{{[^}}]*pid="{mold}"[^}}]*state="mold",forked_by=""}} 1', metrics)
+    for pid in workers:
+        assert re.search(rf'forkserver_worker_info{{[^}}]*pid="{pid}"[^}}]*forked_by="{mold}"}} 1', metrics)
+    assert re.search(r"forkserver_master_memory_uss_bytes \d+", metrics)
+    assert re.search(rf'forkserver_worker_memory_shared_bytes{{worker="\d",pid="{workers[0]}"}} \d+', metrics)
     assert "about to fork" not in srv.log(), "a plain app opens nothing a fork would share"
 
 
