@@ -124,9 +124,14 @@ def wait_rolled_over(srv, loop: LoadLoop, workers: int) -> int:
     return mold
 
 
-@pytest.mark.parametrize("options", [(), ("--threads", "4"), ("--reuse-port",)], ids=["plain", "threads", "reuse-port"])
+@pytest.mark.parametrize("options", [(), ("--threads", "4"), ("--reuse-port",), ("--static",)],
+                         ids=["plain", "threads", "reuse-port", "static"])
 def test_mold_is_promoted_at_the_count_and_its_workers_are_the_masters_children(server, tmp_path, options):
     stats = tmp_path / "stats.sock"
+    if options == ("--static",):
+        (tmp_path / "public").mkdir()
+        (tmp_path / "public" / "hello.txt").write_text("static hello")
+        options = ("--static", f"/files={tmp_path / 'public'}")
     # Under reuse_port each worker binds the address itself: hold a port with
     # SO_REUSEPORT (bound, never listening) so nobody takes it meanwhile.
     holder = socket.socket()
@@ -168,6 +173,22 @@ def test_mold_is_promoted_at_the_count_and_its_workers_are_the_masters_children(
     assert re.search(r"forkserver_master_memory_uss_bytes \d+", metrics)
     assert re.search(rf'forkserver_worker_memory_shared_bytes{{worker="\d",pid="{workers[0]}"}} \d+', metrics)
     assert "about to fork" not in srv.log(), "a plain app opens nothing a fork would share"
+    if "--static" in options:
+        assert requests.get(f"{srv.url}/files/hello.txt", timeout=10).text == "static hello"
+        assert requests.get(srv.url, timeout=10).json()["pid"] in workers
+
+
+def test_refork_is_off_under_reload(server):
+    srv = server("refork_app:app", "-w", "1", "--refork-after", "5", "--reload", workers=1)
+    (worker,) = srv.worker_pids()
+    for _ in range(30):
+        assert requests.get(srv.url, headers={"Connection": "close"}, timeout=10).json()["pid"] == worker
+    assert "refork_after is off under reload" in srv.log()
+    # With refork on, the promotion would follow within a second (the worker
+    # reports its count at its next sweep); give it three, then look.
+    with pytest.raises(AssertionError, match="timed out"):
+        poll(lambda: "promoting" in srv.log(), timeout=3.0, what="a promotion")
+    assert srv.worker_pids() == [worker]
 
 
 def test_killing_a_worker_the_mold_forked_loses_nothing(server):
