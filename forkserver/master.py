@@ -868,8 +868,11 @@ class Master:
         except ProcessLookupError:
             pass
 
-    def drop_mold(self, pid: int, reason: str, *, kill: bool = False) -> None:
-        """Stop forking from mold ``pid``: its unanswered requests are given back and the master forks instead."""
+    def drop_mold(self, pid: int, reason: str, *, kill: bool = False, expected: bool = False) -> None:
+        """Stop forking from mold ``pid``: its unanswered requests are given back and the master forks instead.
+
+        ``expected``: a reload retires it, which is no cause for a warning.
+        """
         state = self.refork
         assert state is not None
         for token, pending in list(state.pending.items()):
@@ -879,7 +882,8 @@ class Master:
                 self.clear_rolling(pending.replaces)
         if pid == state.mold:
             state.mold, state.mold_ready = 0, False
-            log.warning("refork: dropping mold pid=%d: %s; new workers fork from the master", pid, reason)
+            log.log(logging.INFO if expected else logging.WARNING,
+                    "refork: dropping mold pid=%d: %s; new workers fork from the master", pid, reason)
         handle = self.pool.workers.get(pid)
         if handle is not None:
             self.signal_worker(handle, signal.SIGKILL if kill else signal.SIGTERM)
@@ -1023,7 +1027,7 @@ class Master:
             return
         for pid in [state.mold, *state.retired_molds]:
             if pid:
-                self.drop_mold(pid, "reloading")
+                self.drop_mold(pid, "reloading", expected=True)
         state.retired_molds.clear()
         state.stage = 0
         state.counts = self.config.refork_after
