@@ -4,6 +4,16 @@ The ``Aggregator`` keeps the latest ``CountersFlushed`` per live worker and
 folds a dead worker's last one into its slot's retired totals, so every
 server-wide and per-slot counter only ever grows.  It reads nothing itself
 (``collector.StatsCollector`` does) and serves nothing (``status.py`` does).
+
+Saturation, for autoscalers, comes from two sources.  The master's reading
+of each worker's scoreboard says how many threads it has and which run a
+request right now (``requests_in_flight``, ``threads_busy_ratio``).  And
+``thread_busy_seconds`` is a counter of thread time spent on requests: the
+durations of finished requests, which workers report, plus how long each
+request in flight has run so far, so that a long request shows while it
+runs, not all at once when it ends.  Its ``rate()`` is the number of busy
+threads averaged over the whole window, whatever moments the scrapes
+happen to look at.
 """
 
 from __future__ import annotations
@@ -22,8 +32,11 @@ PERCENTILES = (0.5, 0.9, 0.99)
 # Per-worker fields the master may supply to ``snapshot`` from psutil and
 # shared memory; anything else in its dicts is ignored, so /stats keeps its schema.
 EXTRA_FIELDS = ("state", "current_request", "memory_uss_bytes", "memory_pss_bytes", "memory_shared_bytes",
-                "cpu_seconds", "heartbeat_age_seconds", "forked_by")
+                "cpu_seconds", "heartbeat_age_seconds", "threads", "requests_in_flight", "forked_by")
 MASTER_FIELDS = ("memory_uss_bytes", "memory_pss_bytes", "memory_shared_bytes", "cpu_seconds")
+# A worker's threads are capacity only while it takes connections; a
+# retiring worker's busy threads still count, as their requests are served.
+SERVING_STATES = ("idle", "busy")
 SCHEMA_VERSION = 1
 
 
@@ -102,6 +115,29 @@ def percentiles(counts: Sequence[int]) -> dict[str, float | None]:
     return found
 
 
+def _saturation(workers: Sequence[dict[str, Any]], busy_seconds: float) -> dict[str, Any]:
+    """The server-wide saturation figures from the workers' entries of a snapshot.
+
+    ``threads`` is what can serve now: every thread of the workers taking
+    connections, plus the busy ones of workers that are retiring, so the
+    ratio stays within 0..1 through a reload.  A worker not yet booted has none.
+    """
+    in_flight = threads = 0
+    for worker in workers:
+        running = worker["requests_in_flight"] or 0
+        in_flight += running
+        if worker["state"] in SERVING_STATES:
+            threads += worker["threads"] or 0
+        else:
+            threads += running
+    return {
+        "threads": threads,
+        "requests_in_flight": in_flight,
+        "threads_busy_ratio": round(in_flight / threads, 6) if threads else 0.0,
+        "thread_busy_seconds": round(busy_seconds, 6),
+    }
+
+
 def _never_less(new: CountersFlushed, old: CountersFlushed) -> bool:
     """Is every counter of ``new`` at least what it was in ``old``?"""
     return (new.requests >= old.requests and new.bytes_in >= old.bytes_in and new.bytes_out >= old.bytes_out
@@ -124,6 +160,21 @@ class _Worker:
         self.reported_at: float | None = None
         self.broken = ""
         self.rejected = 0  # messages on its channel that failed validation
+        self.busy_seconds = 0.0  # thread_busy_seconds as last shown: never shown lower
+
+    def update_busy(self, in_flight_seconds: float) -> float:
+        """Thread-seconds on requests so far: the finished ones' durations plus the running ones' ages.
+
+        The running requests' ages move into the durations only when the
+        worker's next report arrives (up to a second after they end), so in
+        between the sum can dip; what was shown once is kept instead, so the
+        counter never goes down and the dip is made up by that report.
+        (A finished request's duration is at least the age its scoreboard
+        slot showed: it is timed from before the app is called.)
+        """
+        finished = self.last.duration_sum if self.last is not None else 0.0
+        self.busy_seconds = max(self.busy_seconds, finished + in_flight_seconds)
+        return self.busy_seconds
 
 
 class Aggregator:
@@ -139,6 +190,7 @@ class Aggregator:
         self.started_at_unix = time.time()
         self.workers: dict[Hashable, _Worker] = {}
         self.retired: dict[int, Totals] = {}  # slot -> counters of its dead workers
+        self.retired_busy: dict[int, float] = {}  # slot -> thread_busy_seconds of its dead workers
         self.exits = dict.fromkeys(EXIT_CAUSES, 0)
         self.respawns = 0
         self.reloads = 0
@@ -192,6 +244,7 @@ class Aggregator:
         if worker is None:
             return
         self.retired.setdefault(worker.slot, Totals()).merge(worker.last)
+        self.retired_busy[worker.slot] = self.retired_busy.get(worker.slot, 0.0) + worker.update_busy(0.0)
         if worker.last is not None:
             self.retired_log_lines_dropped += worker.last.dropped_log_lines
         self.exits[cause] += 1
@@ -210,16 +263,22 @@ class Aggregator:
         """Return the /stats document (schema: docs/stats.md); plain JSON types only.
 
         ``master_log_lines_dropped``: lines the master's own logs lost; the
-        workers' come with their messages.  ``master``: the master's own
-        memory and CPU readings, for its row beside the workers'.
+        workers' come with their messages.  Besides ``EXTRA_FIELDS``, a
+        worker's extras may carry ``in_flight_seconds``, the summed ages of
+        its requests in flight, for ``thread_busy_seconds``.  ``master``: the
+        master's own memory and CPU readings, for its row beside the workers'.
         """
         now = self.clock()
         extra_workers_info = extra_workers_info or {}
         slots = {slot: totals.copy() for slot, totals in self.retired.items()}
+        slots_busy = dict(self.retired_busy)
         workers = []
         for key, worker in sorted(self.workers.items(), key=lambda kv: (kv[1].slot, kv[1].generation, kv[1].pid)):
+            extra = extra_workers_info.get(key, {})
             slots.setdefault(worker.slot, Totals()).merge(worker.last)
-            workers.append(self._worker_json(worker, now, extra_workers_info.get(key, {})))
+            busy = worker.update_busy(extra.get("in_flight_seconds", 0.0))
+            slots_busy[worker.slot] = slots_busy.get(worker.slot, 0.0) + busy
+            workers.append(self._worker_json(worker, now, extra))
         everything = Totals()
         for totals in slots.values():
             everything.merge(totals)
@@ -244,9 +303,11 @@ class Aggregator:
                 "log_lines_dropped": master_log_lines_dropped + self.retired_log_lines_dropped + sum(
                     worker.last.dropped_log_lines for worker in self.workers.values() if worker.last is not None),
             },
-            "slots": [{"slot": slot, **slots[slot].as_json(histogram=False)} for slot in sorted(slots)],
+            "slots": [{"slot": slot, **slots[slot].as_json(histogram=False),
+                       "thread_busy_seconds": round(slots_busy.get(slot, 0.0), 6)} for slot in sorted(slots)],
             "workers": workers,
             "listeners": [dict(listener) for listener in listeners],
+            "saturation": _saturation(workers, sum(slots_busy.values())),
         }
 
     def _worker_json(self, worker: _Worker, now: float, extra: dict[str, Any]) -> dict[str, Any]:
@@ -270,6 +331,9 @@ class Aggregator:
             "stats_error": worker.broken or None,
             "stats_messages_rejected": worker.rejected,
             "dropped_log_lines": worker.last.dropped_log_lines if worker.last else 0,
+            "threads": None,
+            "requests_in_flight": None,
+            "thread_busy_seconds": round(worker.busy_seconds, 6),
         }
         entry.update((name, extra[name]) for name in EXTRA_FIELDS if name in extra)
         return entry

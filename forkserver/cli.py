@@ -2,7 +2,8 @@
 
 This is the only module that prints usage or calls ``sys.exit``.  Every
 startup problem arrives here as a ``ForkserverError`` and leaves as one line
-on stderr and that error's exit code: no traceback, no half-started workers.
+on stderr (one per problem, when the settings had several) and that error's
+exit code: no traceback, no half-started workers.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import build_arg_parser, load_config
-from .errors import ForkserverError
+from .config import environment_of
+from .errors import ConfigError, ForkserverError
+from .hooks import Hooks
 from .loader import collector_paused, load_app, parse_spec, prepare_path
 from .sockets import parse_address
+from .sources import build_arg_parser, load_config, render_toml
 
 
 def check(config_summary: str) -> int:
@@ -41,11 +44,20 @@ def run_viewer(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv[1:])
     from . import top  # deferred: serving never needs the viewer
 
-    if command == "stats":
-        return top.main_stats(args.address, raw=args.json)
-    if not args.interval > 0:
-        parser.error("--interval must be greater than 0")
-    return top.main_top(args.address, interval=args.interval)
+    if command == "top":
+        if not args.interval > 0:
+            parser.error("--interval must be greater than 0")
+        return top.main_top(args.address, interval=args.interval)
+    try:
+        code = top.main_stats(args.address, raw=args.json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (forkserver stats ADDR --json | head): not an error
+        # worth a traceback. Python would try to flush again at exit, into the
+        # same closed pipe, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return code
 
 
 def run(argv: Sequence[str]) -> int:
@@ -55,17 +67,25 @@ def run(argv: Sequence[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         build_arg_parser().print_help()
         return 0
-    if "--version" in argv:  # before the settings, so a broken config cannot hide it
+    if "--version" in argv or "-v" in argv:  # before the settings, so a broken config cannot hide it
         print(f"forkserver {__version__}")
         return 0
     invocation = load_config(argv, os.environ)
     config = invocation.config
-    parse_spec(config.app)  # a missing or malformed spec fails before anything is bound
+    if invocation.print_config:
+        print(render_toml(config), end="")
+        return 0
+    if not config.app:
+        raise ConfigError("no app given: pass MODULE:CALLABLE, or set 'app' in the config file "
+                          "(wsgi_app in a gunicorn config file)")
+    parse_spec(config.app)  # a malformed spec fails before anything is bound
     if invocation.check_only:
         # Check the addresses and import the app as a worker would, but bind nothing and fork nothing.
         for address in config.bind:
             parse_address(address)
+        os.environ.update(environment_of(config))
         prepare_path(config.chdir, config.pythonpath)
+        Hooks(config)  # every hook imports and takes the arguments it will be given
         load_app(config.app)
         workers = config.workers or "auto"  # AUTO_WORKERS: sized by the master at start
         return check(f"app {config.app!r} imports; {workers} worker(s) on {', '.join(config.bind)}")
@@ -82,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except ForkserverError as exc:
-        print(f"forkserver: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"forkserver: error: {line}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         code = 1

@@ -1,27 +1,25 @@
-"""The settings schema, and the merge of defaults, TOML file, environment and CLI.
+"""The settings schema: every setting, its type, default, checks and help, and how a raw value becomes one.
 
 Each setting is declared once, as a field of the frozen ``Config`` dataclass:
 its name, type, default, validation and help text.  The CLI parser, the TOML
 keys, the ``FORKSERVER_*`` environment variables, ``--help`` and the option
-table of docs/options.md are all derived from these fields, so they cannot
-drift apart.
+table of docs/options.md are all derived from these fields (the reading of
+those sources is ``forkserver.sources``), so they cannot drift apart.
 This module never prints and never exits; it raises ``ConfigError``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import functools
 import math
-import os
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import gunicorn
 from .errors import ConfigError
 from .proxy import check_trust_entries
 
@@ -30,6 +28,13 @@ DEFAULT_ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+# Hard ceilings of the request limits, which 0 ("no limit", as in gunicorn)
+# stands for: a request head can then take up to fields * field size bytes of
+# a worker's memory, and gunicorn caps the field count at the same 32768.
+REQUEST_LINE_CEILING = 65536
+HEADER_FIELDS_CEILING = 32768
+HEADER_FIELD_CEILING = 65536
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 AUTO_WORKERS = 0  # ``workers = "auto"``: the master sizes the pool (forkserver.sizing)
 
@@ -48,6 +53,8 @@ def setting(
     separator: str = ",",
     table: bool = False,
     words: Mapping[str, Any] | None = None,
+    normalize: Callable[[Any], Any] | None = None,
+    zero_means: int | None = None,
 ) -> Any:
     """Declare one setting: a dataclass field whose metadata drives every source.
 
@@ -57,6 +64,10 @@ def setting(
     ``table`` a TOML table ``{KEY = "VALUE"}`` is also taken, as ``KEY=VALUE`` items.
     ``words`` names values by a word (any case, from any source), such as
     ``auto`` for ``workers``.
+    ``normalize`` turns an accepted spelling into the one stored (any case of a
+    log level, gunicorn's names of a worker class).  With ``zero_means``, 0
+    means "no limit" as in gunicorn, and stands for that hard ceiling, which
+    no value may exceed: the limit still protects the worker's memory.
     """
     metadata = {
         "help": help,
@@ -69,10 +80,17 @@ def setting(
         "separator": separator,
         "table": table,
         "words": dict(words or {}),
+        "normalize": normalize,
+        "zero_means": zero_means,
     }
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+class Because(str):
+    """A check's answer that is a whole reason ("... is not served: why; what to use"),
+    rather than a description of what was expected."""
 
 
 def _check_octal(value: str) -> str | None:
@@ -85,6 +103,30 @@ def _check_octal(value: str) -> str | None:
 
 def _check_octal_or_empty(value: str) -> str | None:
     return None if value == "" else _check_octal(value)
+
+
+def _check_worker_class(value: str) -> str | None:
+    refusal = gunicorn.worker_class_refusal(value)
+    return Because(f"is not served: {refusal}") if refusal else None
+
+
+def _check_env(value: tuple[str, ...]) -> str | None:
+    for entry in value:
+        key, sep, _ = entry.partition("=")
+        if not sep or not ENV_KEY.fullmatch(key):
+            return f"KEY=VALUE entries with KEY a variable name; entry {entry!r} is not"
+    return None
+
+
+def _log_level(value: str) -> str:
+    """A log level in any case, with the other names Python's logging knows for two of them."""
+    text = value.strip().lower()
+    return {"warn": "warning", "fatal": "critical"}.get(text, text)
+
+
+def _without_tcp_scheme(value: tuple[str, ...]) -> tuple[str, ...]:
+    """gunicorn also takes tcp://HOST:PORT for HOST:PORT."""
+    return tuple(entry.removeprefix("tcp://") for entry in value)
 
 
 def _check_bind(value: tuple[str, ...]) -> str | None:
@@ -192,6 +234,7 @@ class Config:
         help="Address to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. "
         "Repeat it (or give a list) to listen on several.",
         check=_check_bind,
+        normalize=_without_tcp_scheme,
         metavar="ADDRESS",
     )
     workers: int = setting(
@@ -206,6 +249,23 @@ class Config:
     )
     threads: int = setting(
         1, minimum=1, help="Requests each worker runs at once, in threads, for I/O-bound apps."
+    )
+    worker_class: str = setting(
+        "sync",
+        flags=("-k",),
+        check=_check_worker_class,
+        normalize=gunicorn.normalize_worker_class,
+        help="gunicorn's worker class: sync and gthread run as threads says; gevent and eventlet "
+        "run on forkserver's keep-alive loop with worker_connections threads (at most "
+        f"{gunicorn.EVENTED_THREAD_CAP}) unless threads is given. ASGI, WebSocket and custom "
+        "worker classes are refused.",
+        metavar="CLASS",
+    )
+    worker_connections: int = setting(
+        1000,
+        minimum=1,
+        help="With worker_class gevent or eventlet: concurrent requests per worker, served by "
+        f"that many threads (at most {gunicorn.EVENTED_THREAD_CAP}); otherwise unused.",
     )
     timeout: float = setting(
         30.0,
@@ -274,13 +334,25 @@ class Config:
         (), help="Directories to put in front of sys.path, comma-separated.", metavar="DIRS"
     )
     limit_request_line: int = setting(
-        8190, minimum=1, help="Longest request line accepted, in bytes; longer gets 414."
+        8190,
+        minimum=0,
+        zero_means=REQUEST_LINE_CEILING,
+        help=f"Longest request line accepted, in bytes; longer gets 414. 0 means the most "
+        f"allowed, {REQUEST_LINE_CEILING}.",
     )
     limit_request_fields: int = setting(
-        100, minimum=1, help="Most header fields in a request; more gets 431."
+        100,
+        minimum=0,
+        zero_means=HEADER_FIELDS_CEILING,
+        help=f"Most header fields in a request; more gets 431. 0 means the most allowed, "
+        f"{HEADER_FIELDS_CEILING}.",
     )
     limit_request_field_size: int = setting(
-        8190, minimum=1, help="Longest header field (name and value) in bytes; longer gets 431."
+        8190,
+        minimum=0,
+        zero_means=HEADER_FIELD_CEILING,
+        help=f"Longest header field (name and value) in bytes; longer gets 431. 0 means the most "
+        f"allowed, {HEADER_FIELD_CEILING}.",
     )
     limit_request_body: int = setting(
         0, minimum=0, help="Largest request body in bytes; larger gets 413. 0 means unlimited."
@@ -350,7 +422,12 @@ class Config:
         metavar="FORMAT",
     )
     error_logfile: str = setting("-", help="Where to write the error log: a path, or '-' for stderr.")
-    log_level: str = setting("info", choices=LOG_LEVELS, help="Lowest level the error log records.")
+    log_level: str = setting(
+        "info",
+        choices=LOG_LEVELS,
+        normalize=_log_level,
+        help="Lowest level the error log records, in any case ('warn' and 'fatal' too).",
+    )
     capture_output: bool = setting(
         False,
         help="Send the app's stdout and stderr (print(), writes to descriptors 1 and 2) to the "
@@ -394,6 +471,16 @@ class Config:
         check=_check_octal_or_empty,
         help="umask of the server processes, in octal; empty keeps the inherited one.",
     )
+    env: tuple[str, ...] = setting(
+        (),
+        flags=("-e",),
+        check=_check_env,
+        separator="\n",
+        table=True,
+        help="Environment variables set in the master before the app and hooks load, as "
+        "KEY=VALUE (repeatable), or a TOML table {KEY = \"VALUE\"}; gunicorn's raw_env.",
+        metavar="KEY=VALUE",
+    )
     user: str = setting("", help="Run workers as this user (name or uid); the master keeps its own.")
     group: str = setting("", help="Run workers as this group (name or gid).")
     max_requests: int = setting(
@@ -433,6 +520,12 @@ class Config:
     on_exit: str = setting("", help="Hook called in the master just before it exits.")
     daemon: bool = setting(False, flags=("-D",), help="Detach from the terminal and run in the background.")
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # Lines the master logs once at start: gunicorn settings accepted but not
+    # needed, defaults a gunicorn user might not expect, where values came from.
+    notices: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)  # the same, worth a look
+    # Hooks defined as functions in a gunicorn config file, called with gunicorn's arguments.
+    gunicorn_hooks: Mapping[str, Callable[..., Any] | str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def proc_name(self) -> str:
@@ -450,7 +543,7 @@ def settings() -> list[dataclasses.Field[Any]]:
 
 
 @functools.cache
-def _kinds() -> dict[str, Any]:
+def setting_types() -> dict[str, Any]:
     """Each setting's type, evaluated from the annotations once per process.
 
     ``get_type_hints`` compiles every annotation string anew on each call, and
@@ -478,7 +571,7 @@ def default_of(f: dataclasses.Field[Any]) -> Any:
     return f.default
 
 
-def _is_word(f: dataclasses.Field[Any], raw: Any) -> bool:
+def is_word(f: dataclasses.Field[Any], raw: Any) -> bool:
     """Whether ``raw`` names a value by one of the setting's words (exempt from its range check)."""
     return isinstance(raw, str) and raw.strip().lower() in f.metadata["words"]
 
@@ -502,8 +595,8 @@ def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
     Raises:
         ConfigError: naming ``where`` the value came from, the key and what was expected.
     """
-    kind = _kinds()[name]
-    meta = next(f.metadata for f in settings() if f.name == name)
+    kind = setting_types()[name]
+    meta = setting_field(name).metadata
     expected = " or ".join([_describe(kind, meta["table"]), *meta["words"]])
     bad = ConfigError(f"{where}: {name} must be {expected}, got {value!r}")
     if isinstance(value, str) and value.strip().lower() in meta["words"]:
@@ -580,135 +673,43 @@ def coerce_item(item: Any, text: bool) -> int:
     return item
 
 
-def _validate(f: dataclasses.Field[Any], value: Any, where: str) -> None:
+def validate(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
+    """Check a coerced value and return it as stored: normalized, and 0 as its ceiling.
+
+    Raises:
+        ConfigError: naming ``where``, the setting, and what was expected or why not.
+    """
     meta = f.metadata
+    if meta["normalize"] is not None:
+        value = meta["normalize"](value)
     if meta["minimum"] is not None and value < meta["minimum"]:
         raise ConfigError(f"{where}: {f.name} must be at least {meta['minimum']:g}, got {value!r}")
+    ceiling = meta["zero_means"]
+    if ceiling is not None:
+        if value > ceiling:
+            raise ConfigError(f"{where}: {f.name} must be at most {ceiling} (0 also means {ceiling}), got {value!r}")
+        value = value or ceiling
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(f"{where}: {f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
     if meta["check"] is not None:
         expected = meta["check"](value)
+        if isinstance(expected, Because):
+            raise ConfigError(f"{where}: {f.name} {value!r} {expected}")
         if expected:
             raise ConfigError(f"{where}: {f.name} must be {expected}, got {value!r}")
+    return value
 
 
-def _unknown(key: str, where: str) -> ConfigError:
-    names = [f.name for f in settings()]
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else " (forkserver --help lists the settings)"
-    return ConfigError(f"{where}: unknown setting '{key}'{hint}")
+def environment_of(config: Config) -> dict[str, str]:
+    """The variables the ``env`` setting puts into the server's environment."""
+    return dict(entry.split("=", 1) for entry in config.env)
 
 
-def read_toml(path: str) -> dict[str, Any]:
-    """Read a TOML config file into raw values, rejecting unknown keys."""
-    # Deferred: most starts have no config file, and the parser takes milliseconds to import.
-    import tomllib
-
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    known = {f.name for f in settings()}
-    for key in data:
-        if key not in known:
-            raise _unknown(key, path)
-    return data
-
-
-def read_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """Collect ``FORKSERVER_<NAME>`` variables, rejecting ones that name no setting."""
-    known = {f.name for f in settings()}
-    found = {}
-    for var, value in environ.items():
-        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
-            continue
-        key = var[len(ENV_PREFIX) :].lower()
-        if key not in known:
-            raise _unknown(key, f"environment {var}")
-        found[key] = value
-    return found
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises ConfigError instead of printing usage and exiting."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(f"command line: {message}")
-
-    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
-        """Parse, naming the first unknown option with the closest known one."""
-        namespace, extras = self.parse_known_args(args, namespace)
-        if extras:
-            first = extras[0]
-            if not first.startswith("-"):
-                raise ConfigError(f"command line: unexpected argument {first!r} (only one APP may be given)")
-            flag = first.partition("=")[0]
-            close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"command line: unknown option {flag!r}{hint}")
-        return namespace
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """Build the CLI from the schema; flags left out are absent from the namespace."""
-    parser = _ArgumentParser(
-        prog="forkserver",
-        description="Serve a WSGI application from a supervised pool of pre-forked workers.",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("-c", "--config", metavar="FILE", help="Read settings from this TOML file.")
-    parser.add_argument(
-        "--check-config",
-        action="store_true",
-        help="Validate the settings and import the app, then exit: 0 if all is well.",
-    )
-    parser.add_argument("--version", action="store_true", help="Print the version and exit.")
-    kinds = _kinds()
-    for f in settings():
-        meta, kind = f.metadata, kinds[f.name]
-        default = meta["default_text"] or default_of(f)
-        help_text = f"{meta['help']} (default: {default!r})".replace("%", "%%")
-        if f.name == "app":
-            parser.add_argument("app", nargs="?", metavar=meta["metavar"], help=help_text)
-            continue
-        flags = [*meta["flags"], cli_flag(f.name)]
-        if kind is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        elif kind in (str, int, float, dict):
-            parser.add_argument(*flags, dest=f.name, metavar=meta["metavar"] or f.name.upper(), help=help_text)
-        else:
-            parser.add_argument(
-                *flags, dest=f.name, action="append", metavar=meta["metavar"] or f.name.upper(), help=help_text
-            )
-    return parser
-
-
-def _cli_source(key: str) -> str:
-    return "command line" if key == "app" else f"command line {cli_flag(key)}"
-
-
-def _from_cli(namespace: argparse.Namespace) -> dict[str, Any]:
-    """Turn parsed flags into raw values; repeated list flags may also hold commas."""
-    raw = {}
-    for f in settings():
-        if hasattr(namespace, f.name):
-            value = getattr(namespace, f.name)
-            if isinstance(value, list):
-                value = f.metadata["separator"].join(value)
-            if value is not None:
-                raw[f.name] = value
-    return raw
-
-
-def _check_combinations(config: Config) -> None:
-    """Raise ConfigError for settings that are fine alone but not together."""
+def combination_problems(config: Config) -> list[str]:
+    """Problems of settings that are fine alone but not together."""
+    problems = []
     if config.reload and config.preload:
-        raise ConfigError(
+        problems.append(
             f"{config.source_of('reload')}: reload cannot be combined with preload "
             f"(from {config.source_of('preload')}): preload imports the app once in the master, "
             "so new code would never be loaded; drop one of them")
@@ -716,61 +717,10 @@ def _check_combinations(config: Config) -> None:
     for entry in config.static_cache_control:
         prefix = entry.partition("=")[0].strip().rstrip("/") or "/"
         if entry.startswith("/") and prefix not in prefixes:
-            raise ConfigError(f"{config.source_of('static_cache_control')}: static_cache_control entry "
-                              f"{entry!r} names {prefix}, which is not a static prefix")
+            problems.append(f"{config.source_of('static_cache_control')}: static_cache_control entry "
+                            f"{entry!r} names {prefix}, which is not a static prefix")
+    return problems
 
 
-@dataclass(frozen=True, eq=False)
-class Invocation:
-    """What the command line asked for besides settings: the config and an action."""
-
-    config: Config
-    config_path: str
-    check_only: bool
-    show_version: bool
-
-
-def load_config(argv: Sequence[str], environ: Mapping[str, str], base_dir: str | None = None) -> Invocation:
-    """Merge default < TOML file < ``FORKSERVER_*`` env < CLI into one checked Config.
-
-    Raises:
-        ConfigError: for the first problem found, naming where it came from.
-    """
-    namespace = build_arg_parser().parse_args(list(argv))
-    config_path = getattr(namespace, "config", None) or environ.get(ENV_PREFIX + "CONFIG", "")
-    # (where a key's value came from, whether the source is typed, raw values)
-    layers: list[tuple[Callable[[str], str], bool, dict[str, Any]]] = []
-    if config_path:
-        layers.append((lambda key: config_path, True, read_toml(config_path)))
-    layers.append((lambda key: f"environment {env_name(key)}", False, read_env(environ)))
-    layers.append((_cli_source, False, _from_cli(namespace)))
-
-    values: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    fields = {f.name: f for f in settings()}
-    for where_of, typed, raw in layers:
-        for key, value in raw.items():
-            where = where_of(key)
-            coerced = coerce(key, value, where, typed=typed)
-            if not _is_word(fields[key], value):
-                _validate(fields[key], coerced, where)
-            values[key], origins[key] = coerced, where
-    for name, f in fields.items():
-        default = default_of(f)
-        if name not in values and default not in f.metadata["words"].values():
-            _validate(f, default, "default")
-    # Relative directories mean "from where forkserver was started", also when
-    # the master, which changed into ``chdir`` long ago, reads them again on HUP.
-    base = base_dir or os.getcwd()
-    if values.get("chdir"):
-        values["chdir"] = os.path.join(base, values["chdir"])
-    if values.get("pythonpath"):
-        values["pythonpath"] = tuple(os.path.join(base, path) for path in values["pythonpath"])
-    config = Config(**values, origins=origins)
-    _check_combinations(config)
-    return Invocation(
-        config=config,
-        config_path=config_path,
-        check_only=bool(getattr(namespace, "check_config", False)),
-        show_version=bool(getattr(namespace, "version", False)),
-    )
+def setting_field(name: str) -> dataclasses.Field[Any]:
+    return next(f for f in settings() if f.name == name)

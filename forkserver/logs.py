@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from .errors import ConfigError
+from .cgi import header_key
 from .safefiles import open_nofollow, reason
-from .wsgi import header_key
 
 LOGGER_NAME = "forkserver"
 # Outside the "forkserver" tree, so its records propagate to the root logger

@@ -28,7 +28,7 @@ from . import __version__, libc, refork, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .collector import StatsCollector
-from .config import AUTO_WORKERS, Config, load_config
+from .config import AUTO_WORKERS, Config, environment_of
 from .containers import available_cpus, read_limits, workers_for_cpus, workers_that_fit
 from .errors import (
     EXIT_APP_LOAD,
@@ -49,10 +49,11 @@ from .pool import Pool, WorkerHandle, describe_exit, plan
 from .refork import PendingFork, ReforkState
 from .reloader import Reloader
 from .safefiles import check_locations, reason
-from .sampler import ProcessSampler, listener_stats
+from .sampler import BACKLOG_SAMPLE_INTERVAL, BacklogWatch, ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
 from .sockets import Listener, adopt, bind_all, describe, parse_address, remove_unanswered
+from .sources import load_config
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
 
@@ -192,6 +193,7 @@ class Master:
         self.sampler = ProcessSampler()
         self.status: StatusServer | None = None
         self.statsd: StatsdExporter | None = None
+        self.backlog: BacklogWatch | None = None  # accept-queue high-water marks, with stats on
         self.reloader: Reloader | None = None  # watches the app's files with ``reload``
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
@@ -224,6 +226,7 @@ class Master:
         self.access_logfile = open_access_logfile(config.access_logfile)
         if self.access_logfile is not None:
             self.log_files.append(self.access_logfile)
+        os.environ.update(environment_of(config))  # gunicorn's raw_env: before hooks and the app load
         prepare_path(config.chdir, config.pythonpath)  # hook modules live beside the app
         if config.logconfig or config.logconfig_dict:
             # Deferred, as few starts have one. After prepare_path: a handler
@@ -238,7 +241,9 @@ class Master:
 
             check_roots(config)  # static directories are relative to chdir, as the workers see it
         self.hooks = Hooks(config)
+        self.hooks.workers = self.desired  # what server.num_workers says: the sized count, also for auto
         self.uid, self.gid = resolve_identity(config.user, config.group)
+        self.hooks.run("nworkers_changed", self.context(), values=(self.desired, None))
         self.hooks.run("on_starting", self.context(), fatal=True)
         if config.umask:
             os.umask(int(config.umask, 8))
@@ -254,6 +259,9 @@ class Master:
                 from .statsd import StatsdExporter  # deferred, as the status server
 
                 self.statsd = StatsdExporter(config.statsd_host, config.statsd_prefix)
+            readers = (("/stats", "/metrics") if self.status else ()) + (("statsd",) if self.statsd else ())
+            if readers:
+                self.backlog = BacklogWatch(readers)
             if config.preload:
                 self.preload()
             if config.daemon:
@@ -338,7 +346,7 @@ class Master:
             self.spawn_missing()
             while True:
                 try:
-                    poller.poll(self.tick() * 1000)
+                    self.wait_for_events(self.tick())
                     self.feed_watchdog()
                     for signum in self.wakeup.drain():
                         self.actions.get(signum, lambda: None)()
@@ -431,6 +439,10 @@ class Master:
         in order: where we listen, what runs, then the workers.
         """
         self.hooks.run("when_ready", self.context(), fatal=True)
+        for line in self.config.warnings:
+            log.warning("%s", line)
+        for line in self.config.notices:
+            log.info("%s", line)
         for listener in self.listeners:
             log.info("listening at %s", describe(listener))
         log.info("master started pid=%d app=%s version=%s workers=%d threads=%d", self.pid, self.config.app,
@@ -472,6 +484,7 @@ class Master:
                 continue
             handle.board.close()
             self.accept_board.release(pid)
+            self.hooks.run("child_exit", HookContext(self.config, self.pid, handle.slot, handle.generation, pid))
             self.forget_stats(handle)
             self.handover.forget(pid)
             if self.refork is not None:
@@ -570,6 +583,24 @@ class Master:
             wait = min(wait, max(0.0, self.next_watchdog - now))
         return wait
 
+    def wait_for_events(self, seconds: float) -> None:
+        """Sleep until a descriptor the loop watches is ready, or for ``seconds``.
+
+        With stats on, the accept queues are sampled for their high-water
+        marks every BACKLOG_SAMPLE_INTERVAL meanwhile, in this small loop
+        rather than by turning the whole master loop that often.
+        """
+        backlog = self.backlog
+        if backlog is None:
+            self.poller.poll(seconds * 1000)
+            return
+        deadline = time.monotonic() + seconds
+        while True:
+            backlog.sample(self.listeners)
+            left = deadline - time.monotonic()
+            if left <= 0 or self.poller.poll(min(left, BACKLOG_SAMPLE_INTERVAL) * 1000):
+                return
+
     def feed_watchdog(self) -> None:
         """Tell systemd's watchdog (``WatchdogSec=``) that this loop still turns."""
         now = time.monotonic()
@@ -609,7 +640,7 @@ class Master:
             log.warning("workers auto: memory limit %.0fMiB holds %d workers (master %.0fMiB, each worker "
                         "%.0fMiB unique at boot); running %d instead of %d", limit / mib, fit, master / mib,
                         worker / mib, fit, self.desired)
-            self.desired = fit
+            self.set_desired(fit)
         else:
             log.info("workers auto: memory limit %.0fMiB holds %d workers (master %.0fMiB, each worker %.0fMiB "
                      "unique at boot); running %d", limit / mib, fit, master / mib, worker / mib, self.desired)
@@ -1056,29 +1087,44 @@ class Master:
             self.statsd.close()
         self.collector.close_inherited(own)
 
-    def stats_snapshot(self) -> dict[str, Any]:
-        """The /stats document: the workers' counters plus what only the master can see."""
-        extra: dict[int, dict[str, Any]] = {}
+    def stats_snapshot(self, reader: str = "/stats") -> dict[str, Any]:
+        """The /stats document: the workers' counters plus what only the master can see.
+
+        ``reader`` is the path asked for ("/stats" or "/metrics"): each keeps
+        its own accept-queue high-water marks (``sampler.BacklogWatch``).
+        """
+        extra = self.board_readings()
         for handle in self.pool.workers.values():
-            info = dict(self.sampler.read(handle.pid))
-            in_flight = handle.board.in_flight()
-            info["heartbeat_age_seconds"] = round(handle.board.last_beat_age(), 3)
-            info["forked_by"] = handle.mold or None  # the refork mold's pid; None: forked by the master
-            info["current_request"] = None
-            if in_flight:
-                oldest = in_flight[0]
-                info["current_request"] = {"method": oldest.method, "path": oldest.path,
-                                           "elapsed_seconds": round(oldest.elapsed, 3)}
-            extra[handle.pid] = info
+            extra[handle.pid].update(self.sampler.read(handle.pid))
+            extra[handle.pid]["forked_by"] = handle.mold or None  # the refork mold's pid; None: the master
         self.mark_busy_workers()
-        return self.stats.snapshot(extra, listener_stats(self.listeners),
+        return self.stats.snapshot(extra, listener_stats(self.listeners, self.backlog, reader),
                                    master_log_lines_dropped=sum(target.dropped for target in self.log_files),
                                    master=self.sampler.read(self.pid))
 
     def statsd_snapshot(self) -> dict[str, Any]:
         """The counters StatsD gets: the /stats document without the per-process kernel readings."""
         self.mark_busy_workers()
-        return self.stats.snapshot()
+        return self.stats.snapshot(self.board_readings(), listener_stats(self.listeners, self.backlog, "statsd"))
+
+    def board_readings(self) -> dict[int, dict[str, Any]]:
+        """What each worker's scoreboard says now: its threads and the requests they run, and since when."""
+        readings: dict[int, dict[str, Any]] = {}
+        for handle in self.pool.workers.values():
+            in_flight = handle.board.in_flight()
+            info: dict[str, Any] = {
+                "heartbeat_age_seconds": round(handle.board.last_beat_age(), 3),
+                "current_request": None,
+                "threads": handle.board.threads,
+                "requests_in_flight": len(in_flight),
+                "in_flight_seconds": sum(request.elapsed for request in in_flight),
+            }
+            if in_flight:
+                oldest = in_flight[0]
+                info["current_request"] = {"method": oldest.method, "path": oldest.path,
+                                           "elapsed_seconds": round(oldest.elapsed, 3)}
+            readings[handle.pid] = info
+        return readings
 
     def mark_busy_workers(self) -> None:
         """Tell the aggregator which serving workers have a request in flight right now."""
@@ -1116,8 +1162,9 @@ class Master:
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
             config = load_config(self.argv, self.environ, self.start_dir).config
+            os.environ.update(environment_of(config))
             prepare_path(config.chdir, config.pythonpath)
-            hooks = Hooks(config)
+            hooks = Hooks(config, spawned=self.hooks.spawned)
         except ForkserverError as exc:  # AppImportError from a bad chdir, too
             log.error("reload failed, keeping the running config: %s", exc)
             systemd.notify("READY=1")
@@ -1146,7 +1193,8 @@ class Master:
             self.app = None
         self.config, self.hooks = config, hooks
         self.hooks.run("on_reload", self.context())
-        self.desired_before_reload, self.desired = self.desired, self.size_pool(config)
+        self.desired_before_reload = self.desired
+        self.set_desired(self.size_pool(config))
         if self.sizing:
             log.info("%s", self.sizing)
         self.generation += 1
@@ -1209,14 +1257,21 @@ class Master:
         self.reloading = False
         # The old generation's size, not a count of its live workers: one that
         # happened to be dead or failing its boot at this moment keeps its slot.
-        self.desired = self.desired_before_reload
+        self.set_desired(self.desired_before_reload)
         systemd.notify(f"READY=1\n{self.status_line()}")
 
     def scale(self, delta: int) -> None:
         """TTIN/TTOU: one worker more or fewer, never fewer than one."""
-        self.desired = max(1, self.desired + delta)
+        self.set_desired(max(1, self.desired + delta))
         log.info("workers now %d", self.desired)
         systemd.notify(self.status_line())
+
+    def set_desired(self, count: int) -> None:
+        """Change how many workers should run, telling a gunicorn nworkers_changed hook."""
+        old, self.desired = self.desired, count
+        self.hooks.workers = count
+        if count != old:
+            self.hooks.run("nworkers_changed", self.context(), values=(count, old))
 
     def stop_workers(self) -> None:
         """WINCH (daemonized only): stop every worker gracefully, keep the master.
@@ -1228,7 +1283,7 @@ class Master:
             log.info("WINCH ignored: only a daemonized master stops its workers on WINCH")
             return
         log.info("stopping all workers (WINCH)")
-        self.desired = 0
+        self.set_desired(0)
 
     def upgrade(self) -> None:
         """USR2: start a new master on our listeners; both serve until one is stopped."""
@@ -1243,6 +1298,7 @@ class Master:
             except OSError as exc:  # the new master would refuse to start on it
                 log.error("USR2 ignored: cannot move the pid file to %s: %s", oldbin_path(self.config.pid), reason(exc))
                 return
+        self.hooks.run("pre_exec", self.context())
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)  # see fork()
         try:
             self.new_master = start_new_master(self.listeners, self.argv, self.environ, previous)

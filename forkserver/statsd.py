@@ -155,7 +155,43 @@ def metric_lines(before: Mapping[str, Any] | None, now: Mapping[str, Any], prefi
         value = estimate_quantile(q, recent)
         if value is not None:
             lines.append(f"{p}forkserver.request.duration.p{round(q * 100)}:{round(value * 1000, 3):g}|g")
+    lines.extend(saturation_lines(before, now, p))
     return lines
+
+
+def saturation_lines(before: Mapping[str, Any], now: Mapping[str, Any], prefix: str) -> list[str]:
+    """The busy-thread gauges and counter, and each listener's accept-queue gauges.
+
+    Busy thread time goes as whole milliseconds (``thread_busy_ms``):
+    several StatsD servers keep counters as integers and would drop a
+    fraction of a second.  The difference of the truncated totals is sent,
+    so the milliseconds lost to truncation in one send arrive in a later one.
+    A listener's address becomes one name segment (``127_0_0_1_8000``).
+    The peak is the highest depth since the previous send.
+    """
+    saturation = now.get("saturation")
+    if saturation is None:
+        return []
+    old = before.get("saturation") or {"thread_busy_seconds": 0.0}
+    lines = [f"{prefix}forkserver.threads:{saturation['threads']}|g",
+             f"{prefix}forkserver.requests_in_flight:{saturation['requests_in_flight']}|g",
+             f"{prefix}forkserver.threads_busy_ratio:{saturation['threads_busy_ratio']:g}|g"]
+    busy_ms = _delta(int(saturation["thread_busy_seconds"] * 1000), int(old["thread_busy_seconds"] * 1000))
+    if busy_ms:
+        lines.append(f"{prefix}forkserver.thread_busy_ms:{busy_ms}|c")
+    for entry in now.get("listeners", ()):
+        name = f"{prefix}forkserver.listener.{listener_segment(entry['address'])}"
+        lines.extend(f"{name}.{field}:{entry[field]}|g" for field in ("accept_queue", "accept_queue_max",
+                                                                       "accept_queue_peak")
+                     if entry.get(field) is not None)
+    return lines
+
+
+def listener_segment(address: str) -> str:
+    """A listener's address as one StatsD name segment: ``http://127.0.0.1:8000`` -> ``127_0_0_1_8000``."""
+    shown = address.rpartition("(")[2].rstrip(")")  # fd://3 (http://h:p) -> the address it serves
+    shown = shown.removeprefix("http://")
+    return "".join(char if char.isalnum() else "_" for char in shown).strip("_") or "listener"
 
 
 def datagrams(lines: Iterable[str], limit: int = MAX_DATAGRAM) -> list[bytes]:

@@ -4,7 +4,9 @@ The master polls one descriptor (an epoll set holding the listener and every
 client) and calls ``handle_ready``, which reads, answers and closes without
 ever waiting: each client is a small state machine over a non-blocking
 socket, and one that dawdles past ``client_timeout`` is dropped.  This module
-only formats and serves; the numbers come from the ``snapshot`` callable.
+only formats and serves; the numbers come from the ``snapshot`` callable,
+which is told the path asked for: /stats and /metrics each keep their own
+"since the last read" marks (``sampler.BacklogWatch``).
 
 The endpoint has no authentication and shows request paths, so a TCP bind
 that other hosts can reach is refused unless ``allow`` (``stats_allow_ips``)
@@ -146,7 +148,35 @@ def render_prometheus(snapshot: dict[str, Any]) -> str:
     out.family("forkserver_listener_accept_queue", "gauge",
                "Connections waiting to be accepted, by listener (where the kernel tells).",
                (("", {"listener": entry["address"]}, entry.get("accept_queue")) for entry in snapshot["listeners"]))
+    _saturation_families(out, snapshot)
     return out.text()
+
+
+def _saturation_families(out: _Exposition, snapshot: dict[str, Any]) -> None:
+    """What an autoscaler watches: busy threads and the accept queues' limits and high-water marks.
+
+    ``rate(forkserver_thread_busy_seconds_total)`` summed over slots is the
+    number of busy threads averaged over the window; divided by
+    ``forkserver_threads`` it is the utilisation to scale on.  A peak near
+    ``forkserver_listener_accept_queue_max`` means clients already waited.
+    """
+    saturation, listeners = snapshot["saturation"], snapshot["listeners"]
+    out.family("forkserver_threads", "gauge",
+               "Request threads that can serve now (of workers taking connections).",
+               [("", {}, saturation["threads"])])
+    out.family("forkserver_requests_in_flight", "gauge", "Requests being served right now, all workers.",
+               [("", {}, saturation["requests_in_flight"])])
+    out.family("forkserver_threads_busy_ratio", "gauge", "Share of the threads running a request right now.",
+               [("", {}, saturation["threads_busy_ratio"])])
+    out.family("forkserver_thread_busy_seconds_total", "counter",
+               "Thread time spent on requests, in flight ones included, by worker slot.",
+               (("", {"worker": s["slot"]}, s["thread_busy_seconds"]) for s in snapshot["slots"]))
+    out.family("forkserver_listener_accept_queue_max", "gauge",
+               "Connections the kernel queues for a listener before refusing or dropping more.",
+               (("", {"listener": entry["address"]}, entry.get("accept_queue_max")) for entry in listeners))
+    out.family("forkserver_listener_accept_queue_peak", "gauge",
+               "Most connections waiting to be accepted since the previous read of /metrics, by listener.",
+               (("", {"listener": entry["address"]}, entry.get("accept_queue_peak")) for entry in listeners))
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -184,7 +214,7 @@ class _Client:
 class StatusServer:
     """Serves snapshots over HTTP/1.1 from inside the master's loop; never blocks."""
 
-    def __init__(self, address: str, snapshot: Callable[[], dict[str, Any]], *,
+    def __init__(self, address: str, snapshot: Callable[[str], dict[str, Any]], *,
                  allow: Sequence[str] = (), client_timeout: float = CLIENT_TIMEOUT, unix_mode: int = 0o600,
                  clock: Callable[[], float] = time.monotonic) -> None:
         try:
@@ -311,7 +341,7 @@ class StatusServer:
         if method not in (b"GET", b"HEAD"):
             return _plain(405, "only GET and HEAD", extra="Allow: GET, HEAD\r\n")
         try:
-            snapshot = self.snapshot()
+            snapshot = self.snapshot(path)
             if path == "/stats":
                 body, kind = (json.dumps(snapshot) + "\n").encode(), "application/json"
             else:

@@ -140,6 +140,14 @@ def _current(worker: dict[str, Any]) -> str:
     return f"{shown}{current.get('method', '?')} {current.get('path', '?')}"
 
 
+def _threads_busy(saturation: dict[str, Any] | None) -> str:
+    """``  threads busy 3/8 (38%)``, or nothing from a server too old to say."""
+    if not saturation:
+        return ""
+    return (f"  threads busy {saturation['requests_in_flight']}/{saturation['threads']} "
+            f"({saturation['threads_busy_ratio']:.0%})")
+
+
 def _summary(snapshot: dict[str, Any], previous: dict[str, Any] | None, elapsed: float) -> list[str]:
     totals, counters = snapshot["totals"], snapshot["counters"]
     states = counters.get("workers_by_state", {})
@@ -155,7 +163,8 @@ def _summary(snapshot: dict[str, Any], previous: dict[str, Any] | None, elapsed:
          f"p99 {_latency(totals.get('p99_seconds'))}  in {_size(totals['bytes_in'])} out {_size(totals['bytes_out'])}"
          f"  accept queue {sum(queues) if queues else '-'}"),
         (f"respawned {counters['workers_respawned']}  timeouts {exits.get('killed_timeout', 0)}  "
-         f"recycled {exits.get('recycled', 0)}  died {exits.get('died', 0)}"),
+         f"recycled {exits.get('recycled', 0)}  died {exits.get('died', 0)}"
+         + _threads_busy(snapshot.get("saturation"))),
         "",
     ]
 

@@ -34,10 +34,11 @@ from . import handover, libc, refork, reloader
 from .backoff import AcceptPause
 from .balance import RECHECK, AcceptBoard
 from .config import Config
-from .connection import Connection, Service
+from .connection import ClientGone, Connection
 from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
 from .forksafety import open_descriptors
 from .hooks import HookContext, Hooks
+from .http.exchange import Closing
 from .http.parser import Limits
 from .http.response import DateHeader
 from .identity import drop_privileges
@@ -45,10 +46,11 @@ from .loader import load_app, prepare_path
 from .logs import AccessLog, LogFile, make_access_log
 from .proxy import Trust
 from .scoreboard import Scoreboard
+from .serving import Service, serve
 from .signals import Wakeup
 from .sockets import Listener
 from .stats import Reporter
-from .wsgi import ClientGone, base_environ
+from .wsgi import base_environ
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection as StatsChannel
@@ -154,28 +156,36 @@ class Worker:
         self.max_requests = 0
         if self.config.max_requests:
             self.max_requests = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
-
-    def _keep_alive(self) -> bool:
-        """May the response being written leave the connection open?
-
-        No once we are stopping, and no on the request that reaches
-        ``max_requests``: that response must say Connection: close itself.
-        """
-        if self.term_received or not self.config.keepalive:
-            return False
-        return not (self.max_requests and self.served + 1 >= self.max_requests)
+        # Our share of every exchange's keep-alive verdict: set once we take
+        # no more requests (stopping, recycling), or from the start with
+        # keep-alive off; a response whose head goes out after that closes.
+        self.closing = Closing(active=not self.config.keepalive)
+        # While the loop serves a batch of ready connections: those whose
+        # last response waits to go out at the end of the batch.
+        self.outbox: list[Connection] | None = None
 
     def _context(self) -> HookContext:
         return HookContext(self.config, self.pid, self.spec.slot, self.spec.generation)
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.term_received = True
+        self.closing.active = True
 
     def _exit_now(self, signum: int, frame: object) -> None:
         """INT/QUIT: a fast stop means now, even in the middle of app code."""
         self._flush_access_log()
         self.spec.hooks.run("worker_int", self._context())
         os._exit(EXIT_OK)
+
+    def _on_abort(self, signum: int, frame: object) -> None:
+        """ABRT with a gunicorn worker_abort hook: call it, dump the stacks, and exit.
+
+        A Python handler runs between bytecodes of the main thread; should the
+        hang keep it from ever running, the master's KILL a second later still ends us.
+        """
+        self.spec.hooks.run("worker_abort", self._context())
+        faulthandler.dump_traceback(file=_Descriptor(self.spec.log_files[0].fd), all_threads=True)
+        os._exit(1)
 
     # -- boot -----------------------------------------------------------------
 
@@ -203,13 +213,16 @@ class Worker:
         faulthandler.enable(file=_Descriptor(spec.log_files[0].fd), all_threads=True)
         for target in spec.log_files:
             target.forget_losses()  # from here on they count this worker's lost lines
+        if spec.hooks.defines("worker_abort"):  # gunicorn's hook runs first, then the stacks are dumped
+            signal.signal(signal.SIGABRT, self._on_abort)
         keep_heap_warm()
         if spec.refork_channel is not None:
             self.server_descriptors = open_descriptors()
         spec.hooks.run("post_fork", self._context())
         try:
             drop_privileges(spec.uid, spec.gid)
-            app = self.app = spec.app or self._load_app()
+            self.app = spec.app or self._load_app()
+            app = spec.hooks.wrap_requests(self.app, self._context())
             self.service = self._build_service(app)
             spec.hooks.run("post_worker_init", self._context(), fatal=True)
         except AppImportError as exc:
@@ -271,7 +284,7 @@ class Worker:
             date=DateHeader(),
             access_log=self.access_log,
             io_timeout=config.body_timeout or None,
-            keep_alive=self._keep_alive,
+            closing=self.closing,
             board=self.spec.board,
             stats=self.reporter,
             show=self._show,
@@ -299,7 +312,7 @@ class Worker:
         poll = self.epoll.poll
         connections = self.connections
         wakeup_fd = self.wakeup.fileno()
-        service, inline = self.service, self.inline
+        inline = self.inline
         accept_board, seat = self.accept_board, self.spec.seat
         pause = self.accept_pause
         while not (self.stopping and self._done()):
@@ -331,7 +344,7 @@ class Worker:
                 self._handle_signals()
             batch = inline and len(events) > 1
             if batch:
-                service.outbox = outbox = []
+                self.outbox = outbox = []
             for fd, _ in events:
                 connection = connections.get(fd)
                 if connection is not None:
@@ -343,7 +356,7 @@ class Worker:
                 elif fd == self.finished_r:
                     self._collect_finished()
             if batch:
-                service.outbox = None
+                self.outbox = None
                 for connection in outbox:
                     self._flush(connection)
             if pause.resume_at and pause.due():
@@ -442,6 +455,7 @@ class Worker:
             return
         self.stopping = True
         self.term_received = True
+        self.closing.active = True
         setproctitle(self.title + " retiring")
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
         for entrance in list(self.listening.values()):
@@ -636,8 +650,10 @@ class Worker:
         ``thread`` is the scoreboard slot of the thread doing the serving.
         """
         while True:
+            if self.max_requests and self.served + 1 >= self.max_requests:
+                self.closing.active = True  # this response is our last: it says Connection: close
             try:
-                keep = connection.serve(thread)
+                keep = serve(connection, thread, self.outbox)
             except Exception:
                 log.exception("unexpected error serving remote=%s", connection.remote[0])
                 keep = False
@@ -653,7 +669,8 @@ class Worker:
         """The request that reached ``max_requests`` is done: retire gracefully."""
         # Tell the master first, so it starts a replacement right away.
         self._notify(f"recycle {self.pid} max_requests={self.max_requests}")
-        self.term_received = True  # a response in progress says Connection: close
+        self.term_received = True
+        self.closing.active = True  # a response in progress says Connection: close
         # Inline, _serve_inline begins the stop once this connection is closed.
         # Begun from here, the stop would read the connection again and answer
         # a request pipelined behind the one that just said Connection: close.

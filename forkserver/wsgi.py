@@ -1,11 +1,12 @@
-"""The PEP 3333 adapter: environ, wsgi.input, start_response, and response framing.
+"""The PEP 3333 adapter: environ, start_response, the app's iterable and its close().
 
-This module speaks WSGI on one side and calls two plain callables on the
-other: ``send(bytes)`` and ``sendfile(fd, offset, count)``.  It never touches a
-socket; ``forkserver.connection`` owns those.  It decides the response framing
-(Content-Length, chunked, or close-delimited) because only it sees the app's
-headers.  App bugs surface as ``AppError`` (a PEP 3333 violation, logged as one
-line) or as the app's own exception (logged with its traceback).
+This module speaks WSGI to the app and nothing else.  How the response is
+framed, and whether the connection stays open, is the exchange's to decide
+(``forkserver.http.exchange``): a Response asks it, and hands the bytes it
+gets back to an output, which moves them (``forkserver.connection``).
+``wsgi.input`` arrives ready-made in the environ the caller builds.  App
+bugs surface as ``AppError`` (a PEP 3333 violation, logged as one line) or as
+the app's own exception (logged with its traceback).
 """
 
 from __future__ import annotations
@@ -19,14 +20,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
+from .cgi import UNPREFIXED, header_key
 from .http.events import Request
-from .http.response import (
-    LAST_CHUNK,
-    assemble_head,
-    frame_chunk,
-    header_line,
-    status_line,
-)
+from .http.exchange import DONE, SEND_RESPONSE, Exchange
+from .http.response import header_line, status_line
 
 # RFC 9110 §7.6.1 plus the ones PEP 3333 names: an app must not set these.
 HOP_BY_HOP = frozenset(
@@ -38,19 +35,10 @@ FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 STATUS = re.compile(r"[1-9][0-9]{2} [^\x00-\x1f\x7f]*\Z")
 
 Send = Callable[[bytes], None]
-SendFile = Callable[[int, int, int], int]
 
 
 class AppError(Exception):
     """The app broke PEP 3333; the message names the violation."""
-
-
-class ClientGone(Exception):
-    """The client disconnected while the request or response was in transit."""
-
-
-class Stalled(ClientGone):
-    """The client stopped sending the body, or reading the response, for too long."""
 
 
 class FileWrapper:
@@ -75,45 +63,6 @@ class FileWrapper:
             yield block
 
 
-class BodySource(Protocol):
-    """Where ``Input`` gets the request body: the connection it arrives on."""
-
-    def pull_body(self) -> bytes | bytearray: ...
-
-    def body_into(self, buffer: Any) -> int: ...
-
-
-class Input(io.RawIOBase):
-    """The raw stream under ``wsgi.input``: reads body bytes until the body ends.
-
-    The source either reads body bytes straight into the caller's buffer
-    (``body_into``), or, when the parser already holds some (or the body is
-    chunked), hands over pieces (``pull_body``; ``b""`` once the body is
-    complete), so reads can never run into the next pipelined request.  The
-    buffered reader on top supplies read/readline/readlines/iteration.
-    """
-
-    def __init__(self, source: BodySource) -> None:
-        self._source = source
-        self._pending = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if not self._pending:
-            direct = self._source.body_into(buffer)
-            if direct >= 0:
-                return direct
-            self._pending = memoryview(self._source.pull_body())
-            if not self._pending:
-                return 0
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-
 def base_environ(server_name: str, server_port: str, multithread: bool) -> dict[str, Any]:
     """Return the environ keys that are the same for every request on a listener."""
     return {
@@ -131,63 +80,24 @@ def base_environ(server_name: str, server_port: str, multithread: bool) -> dict[
     }
 
 
-# Header name as sent -> its environ key ("" for a name we drop).  Clients
-# send the same few names on every request; bounded like the response caches.
-_ENVIRON_KEYS: dict[bytes, str] = {}
-ENVIRON_KEY_CACHE_SIZE = 1024
-_UNPREFIXED = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
 _PROTOCOLS = {"1.0": "HTTP/1.0", "1.1": "HTTP/1.1"}
+# Bounds on what a Codec remembers: names and values that change per request
+# (cookies, lengths, ids) stop being remembered once a table is full, and
+# are simply checked and encoded each time.
+ENVIRON_KEY_CACHE_SIZE = 1024
+STATUS_CACHE_SIZE = 256
+FIELD_CACHE_SIZE = 2048
+DIGITS = re.compile(r"[0-9]+\Z")
 
 
-def header_key(name: str) -> str:
-    """The environ key of a header field: ``HTTP_X_FOO``, or ``CONTENT_TYPE``/``CONTENT_LENGTH``."""
-    key = name.upper().replace("-", "_")
-    return key if key in _UNPREFIXED else "HTTP_" + key
-
-
-def _environ_key(name: bytes) -> str:
-    """Map a header name as sent to its environ key; "" for a name that must be dropped."""
-    if b"_" in name:
-        # A client could send "X_Forwarded_For" to pose as a proxy's
-        # "X-Forwarded-For" after the dash-to-underscore mapping; drop it.
-        key = ""
-    else:
-        key = header_key(name.decode("latin-1"))
-    if len(_ENVIRON_KEYS) < ENVIRON_KEY_CACHE_SIZE:
-        _ENVIRON_KEYS[name] = key
-    return key
-
-
-def header_environ(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
-    """Map request header fields to their environ entries (``HTTP_*``, ``CONTENT_*``).
-
-    Repeated fields are joined with "," (cookies with "; ", RFC 9113 §8.2.3);
-    names containing "_" are dropped.
-    """
-    fields: dict[str, str] = {}
-    keys = _ENVIRON_KEYS
-    for name, value in headers:
-        key = keys.get(name)
-        if key is None:
-            key = _environ_key(name)
-        if not key:
-            continue
-        text = value.decode("latin-1").strip(" \t")
-        if key not in fields or key in _UNPREFIXED:
-            fields[key] = text
-        else:
-            fields[key] += ("; " if key == "HTTP_COOKIE" else ",") + text
-    return fields
-
-
-def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str]) -> dict[str, Any]:
+def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str], codec: Codec) -> dict[str, Any]:
     """Build the environ of a request (PEP 3333 §"environ Variables"), all but ``wsgi.input``.
 
     ``remote`` is the socket's peer; what a trusted proxy says about the
     client is applied afterwards (``forkserver.proxy.apply_origin``).
     """
     environ = base.copy()
-    environ.update(header_environ(request.headers))
+    environ.update(codec.header_environ(request.headers))
     raw = target = request.target
     if target[:1] != b"/" and target != b"*":
         # absolute-form (RFC 9112 §3.2.2): the path is what follows the
@@ -214,100 +124,145 @@ def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str
     return environ
 
 
-# Encoded status and field lines for what apps have already sent, keyed by
-# what start_response received.  Apps send the same few statuses and mostly
-# the same headers on every request, so after the first request a status or
-# a field costs one dict lookup instead of checking and encoding it again.
-# Bounded: names and values that change per request (cookies, lengths, ids)
-# stop being remembered once the table is full, and are simply checked.
-_STATUS_LINES: dict[str, tuple[int, bytes]] = {}
-_FIELD_LINES: dict[tuple[str, str], tuple[bytes, int | None]] = {}
-# The last header list encoded, its encoding and its Content-Length: many
-# apps answer with an equal list every time, and comparing lists is cheaper
-# than looking up each field.
-_last_headers: tuple[list[tuple[str, str]], bytes, int | None] = ([], b"", None)
-STATUS_CACHE_SIZE = 256
-FIELD_CACHE_SIZE = 2048
-DIGITS = re.compile(r"[0-9]+\Z")
+class Codec:
+    """What clients and apps repeat, checked and encoded once per worker.
 
+    Clients send the same few header names on every request, and apps send
+    the same few statuses and mostly the same headers: after the first
+    request a name, a status or a field costs one dict lookup instead of
+    being checked and encoded again.  Every table is bounded (see the
+    *_CACHE_SIZE constants).  One Codec serves every thread of a worker:
+    entries are only ever added whole, and ``_last_headers`` is one tuple
+    replaced whole, so a thread never sees a half-made entry.
+    """
 
-def encode_status(status: Any) -> tuple[int, bytes]:
-    """Return ``(code, status line)`` for a valid status; raise AppError otherwise."""
-    if status.__class__ is str:
-        known = _STATUS_LINES.get(status)
+    def __init__(self) -> None:
+        self._environ_keys: dict[bytes, str] = {}  # header name as sent -> environ key ("" to drop it)
+        self._status_lines: dict[str, tuple[int, bytes]] = {}
+        self._field_lines: dict[tuple[str, str], tuple[bytes, int | None]] = {}
+        # The last header list encoded, and what ``headers`` made of it: many
+        # apps answer with an equal list every time, and comparing lists is
+        # cheaper than looking up each field.
+        self._last_headers: tuple[list[tuple[str, str]], tuple[bytes, int | None]] = ([], (b"", None))
+
+    # -- request header fields to environ entries ------------------------------------
+
+    def header_environ(self, headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+        """Map request header fields to their environ entries (``HTTP_*``, ``CONTENT_*``).
+
+        Repeated fields are joined with "," (cookies with "; ", RFC 9113 §8.2.3);
+        names containing "_" are dropped.
+        """
+        fields: dict[str, str] = {}
+        keys = self._environ_keys
+        for name, value in headers:
+            key = keys.get(name)
+            if key is None:
+                key = self._environ_key(name)
+            if not key:
+                continue
+            text = value.decode("latin-1").strip(" \t")
+            if key not in fields or key in UNPREFIXED:
+                fields[key] = text
+            else:
+                fields[key] += ("; " if key == "HTTP_COOKIE" else ",") + text
+        return fields
+
+    def _environ_key(self, name: bytes) -> str:
+        """Map a header name as sent to its environ key; "" for a name that must be dropped."""
+        if b"_" in name:
+            # A client could send "X_Forwarded_For" to pose as a proxy's
+            # "X-Forwarded-For" after the dash-to-underscore mapping; drop it.
+            key = ""
+        else:
+            key = header_key(name.decode("latin-1"))
+        if len(self._environ_keys) < ENVIRON_KEY_CACHE_SIZE:
+            self._environ_keys[name] = key
+        return key
+
+    # -- the app's status and headers to bytes ---------------------------------------
+
+    def status(self, status: Any) -> tuple[int, bytes]:
+        """Return ``(code, status line)`` for a valid final status; raise AppError otherwise."""
+        try:
+            known = self._status_lines.get(status)  # only valid str statuses are ever stored
+        except TypeError:  # unhashable: not a str either
+            known = None
         if known is not None:
             return known
-    if not isinstance(status, str):
-        raise AppError(f"status must be str, got {type(status).__name__}")
-    if not STATUS.match(status):
-        raise AppError(f"status {status!r} is not 'NNN Reason'")
-    known = int(status[:3]), status_line(status)
-    if len(_STATUS_LINES) < STATUS_CACHE_SIZE:
-        _STATUS_LINES[status] = known
-    return known
+        if not isinstance(status, str):
+            raise AppError(f"status must be str, got {type(status).__name__}")
+        if not STATUS.match(status):
+            raise AppError(f"status {status!r} is not 'NNN Reason'")
+        if status[0] == "1":
+            # Interim responses (100 Continue, 101 Switching Protocols, 103)
+            # are the server's to send; a WSGI response is the final one.
+            raise AppError(f"status {status!r} is informational (1xx); a WSGI response needs a final status")
+        known = int(status[:3]), status_line(status)
+        if len(self._status_lines) < STATUS_CACHE_SIZE:
+            self._status_lines[status] = known
+        return known
+
+    def headers(self, headers: Any) -> tuple[bytes, int | None]:
+        """Return the encoded field lines and the declared Content-Length (None if absent).
+
+        Raises AppError unless ``headers`` is a list of (str, str) tuples with
+        token names, no control characters, no hop-by-hop fields and no two
+        different Content-Length values.
+        """
+        last = self._last_headers
+        if headers == last[0] and headers.__class__ is list:
+            return last[1]  # the same fields as the response before (compared item by item)
+        if not isinstance(headers, list):
+            raise AppError(f"response headers must be a list, got {type(headers).__name__}")
+        lines = []
+        length = None
+        fields = self._field_lines
+        for item in headers:
+            known = fields.get(item) if item.__class__ is tuple else None
+            if known is None:
+                known = self._encode_field(item)
+            lines.append(known[0])
+            if known[1] is not None:
+                if length is not None and known[1] != length:
+                    # Which one frames the body?  A client and a proxy may
+                    # each pick a different one (RFC 9110 §8.6).
+                    raise AppError(f"two different Content-Length headers: {length} and {known[1]}")
+                length = known[1]
+        encoded = b"".join(lines), length
+        # A copy: the app may change its list later.
+        self._last_headers = (list(headers), encoded)
+        return encoded
+
+    def _encode_field(self, item: Any) -> tuple[bytes, int | None]:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise AppError(f"response header {item!r} is not a (name, value) tuple")
+        name, value = item
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise AppError(f"response header {item!r} must be a pair of str")
+        if not TOKEN.match(name):
+            raise AppError(f"response header name {name!r} is not a token")
+        if FIELD_VALUE_BAD.search(value):
+            raise AppError(f"response header {name} has a control character in its value")
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP:
+            raise AppError(f"hop-by-hop header {name!r} is the server's to set (PEP 3333)")
+        length = None
+        if lowered == "content-length":
+            if not DIGITS.match(value.strip(" \t")):
+                raise AppError(f"Content-Length {value!r} is not a number")
+            length = int(value)
+        try:
+            known = header_line(name, value), length
+        except UnicodeEncodeError:
+            raise AppError(f"response header {name} is not latin-1 (PEP 3333)") from None
+        if len(self._field_lines) < FIELD_CACHE_SIZE:
+            self._field_lines[(name, value)] = known
+        return known
 
 
-def encode_headers(headers: Any) -> tuple[bytes, int | None]:
-    """Return the encoded field lines and the declared Content-Length (None if absent).
-
-    Raises AppError unless ``headers`` is a list of (str, str) tuples with
-    token names, no control characters and no hop-by-hop fields.
-    """
-    last = _last_headers
-    if headers == last[0] and headers.__class__ is list:
-        return last[1], last[2]  # the same fields as the response before (compared item by item)
-    if not isinstance(headers, list):
-        raise AppError(f"response headers must be a list, got {type(headers).__name__}")
-    lines = []
-    length = None
-    for item in headers:
-        known = _FIELD_LINES.get(item) if item.__class__ is tuple else None
-        if known is None:
-            known = _encode_field(item)
-        lines.append(known[0])
-        if known[1] is not None:
-            length = known[1]
-    encoded = b"".join(lines)
-    _remember_headers(headers, encoded, length)
-    return encoded, length
-
-
-def _remember_headers(headers: list[tuple[str, str]], encoded: bytes, length: int | None) -> None:
-    global _last_headers
-    # A copy: the app may change its list later.  One tuple, replaced whole,
-    # so threads never see a half-updated entry.
-    _last_headers = (list(headers), encoded, length)
-
-
-def _encode_field(item: Any) -> tuple[bytes, int | None]:
-    if not (isinstance(item, tuple) and len(item) == 2):
-        raise AppError(f"response header {item!r} is not a (name, value) tuple")
-    name, value = item
-    if not isinstance(name, str) or not isinstance(value, str):
-        raise AppError(f"response header {item!r} must be a pair of str")
-    if not TOKEN.match(name):
-        raise AppError(f"response header name {name!r} is not a token")
-    if FIELD_VALUE_BAD.search(value):
-        raise AppError(f"response header {name} has a control character in its value")
-    lowered = name.lower()
-    if lowered in HOP_BY_HOP:
-        raise AppError(f"hop-by-hop header {name!r} is the server's to set (PEP 3333)")
-    length = None
-    if lowered == "content-length":
-        if not DIGITS.match(value.strip(" \t")):
-            raise AppError(f"Content-Length {value!r} is not a number")
-        length = int(value)
-    try:
-        known = header_line(name, value), length
-    except UnicodeEncodeError:
-        raise AppError(f"response header {name} is not latin-1 (PEP 3333)") from None
-    if len(_FIELD_LINES) < FIELD_CACHE_SIZE:
-        _FIELD_LINES[(name, value)] = known
-    return known
-
-
-class Sink(Protocol):
-    """Where a Response sends its bytes: the connection it answers on."""
+class Output(Protocol):
+    """Where a Response's bytes go: the connection, which only moves them."""
 
     def send(self, data: bytes) -> None: ...
 
@@ -315,16 +270,13 @@ class Sink(Protocol):
 
     def sendfile(self, in_fd: int, offset: int, count: int) -> int: ...
 
-    def must_close(self) -> bool: ...
-
 
 class Response:
-    """One response under construction: start_response, write(), framing, close.
+    """``start_response``, ``write`` and the app's iterable, for one request.
 
-    ``keep_alive`` goes False whenever the framing or an error means the
-    connection cannot carry another request afterwards; the sink's
-    ``must_close`` is asked as the head goes out, for what only becomes known
-    while the app runs (the worker began to stop, the body was never asked for).
+    This class checks and encodes what the app gives (through the Codec),
+    asks the exchange for every framing decision, and hands the bytes the
+    exchange returns to the output.  It keeps no framing state of its own.
     """
 
     # Class-level defaults: a response is made per request, and most of
@@ -332,74 +284,50 @@ class Response:
     status: str | None = None
     code = 0  # the numeric status; 0 while the app has not started a response
     headers: list[tuple[str, str]] = []  # replaced, never mutated
-    head_sent = False
-    chunked = False
-    content_length: int | None = None
-    body_bytes = 0
-    # Set by start_response: the status forbids a body (1xx, 204, 304; RFC 9110 §6.4.1),
-    # and no body goes out (that, or a HEAD request).
-    status_without_body = False
-    bodyless = False
 
-    def __init__(self, sink: Sink, date_line: Callable[[], bytes],
-                 head_only: bool, http10: bool, keep_alive: bool) -> None:
-        self._sink = sink
-        self._date_line = date_line
-        self.head_only = head_only
-        self.http10 = http10
-        self.keep_alive = keep_alive
+    def __init__(self, exchange: Exchange, output: Output, codec: Codec) -> None:
+        self._exchange = exchange
+        self._output = output
+        self._codec = codec
+
+    @property
+    def head_sent(self) -> bool:
+        return self._exchange.our_state is not SEND_RESPONSE
+
+    @property
+    def body_bytes(self) -> int:
+        """Body bytes sent, as the access log counts them."""
+        return self._exchange.sent
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Send:
         """PEP 3333 ``start_response``: check and encode status and headers, send nothing yet."""
         if exc_info:
             try:
-                if self.head_sent:
+                if self._exchange.our_state is not SEND_RESPONSE:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None  # break the traceback reference cycle (PEP 3333)
         elif self.status is not None:
             raise AppError("start_response called a second time without exc_info")
-        self.code, self._status_line = encode_status(status)
-        self._fields, self._declared_length = encode_headers(headers)
-        code = self.code
-        self.status_without_body = code < 200 or code == 204 or code == 304
-        self.bodyless = self.head_only or self.status_without_body
+        codec = self._codec
+        self.code, self._status_line = codec.status(status)
+        self._fields, self._declared_length = codec.headers(headers)
         self.status, self.headers = status, headers
         return self.write
 
-    def _head(self, known_length: int | None) -> bytes:
-        """Pick the framing and return the encoded head; ``known_length`` if all body is known."""
+    def _head(self, known_length: int = -1, whole: bool = False) -> bytes:
+        """The encoded head, framed by the exchange (see ``Exchange.head``)."""
         if self.status is None:
             raise AppError("app returned without calling start_response")
-        fields = self._fields
-        length = self._declared_length
-        if length is None and known_length is not None and not self.status_without_body:
-            self.headers = self.headers + [("Content-Length", str(known_length))]  # as the access log sees it
-            fields += b"Content-Length: %d\r\n" % known_length
-            length = known_length
-        self.content_length = length
-        if self.keep_alive and self._sink.must_close():
-            self.keep_alive = False
-        if length is None and not self.bodyless:
-            if self.http10:
-                self.keep_alive = False  # the body ends when the connection does
-            else:
-                self.chunked = True
-        self.head_sent = True
-        return assemble_head(self._status_line, fields, self._date_line(), self.chunked, not self.keep_alive)
+        exchange = self._exchange
+        head = exchange.head(self.code, self._status_line, self._fields, self._declared_length, known_length, whole)
+        if self._declared_length is None and exchange.length_added >= 0:
+            self._show_added_length(exchange.length_added)
+        return head
 
-    def _frame(self, data: bytes) -> bytes:
-        """Apply length accounting and chunked framing to one piece of body."""
-        if self.bodyless:
-            return b""
-        if self.content_length is not None:
-            room = self.content_length - self.body_bytes
-            if len(data) > room:
-                data = data[:room]  # never send more than the app promised
-        self.body_bytes += len(data)
-        if self.chunked and data:
-            return frame_chunk(data)
-        return data
+    def _show_added_length(self, length: int) -> None:
+        """Show the access log the Content-Length the exchange added to the app's headers."""
+        self.headers = self.headers + [("Content-Length", str(length))]
 
     def write(self, data: bytes) -> None:
         """Send body bytes now, with the head first if it has not gone out yet."""
@@ -407,25 +335,31 @@ class Response:
             raise AppError(f"app wrote {type(data).__name__}, not bytes")
         if not data:
             return
-        if self.head_sent:
-            data = self._frame(data)
-            if data:
-                self._sink.send(data)
-        else:
-            head = self._head(None)
-            data = self._frame(data)
+        exchange = self._exchange
+        if exchange.our_state is SEND_RESPONSE:
+            head = self._head()
+            data = exchange.frame(data)
             # A first write that is the whole declared body ends the response.
-            self._sink.send_pair(head, data, self.keep_alive and self.body_bytes == self.content_length)
+            self._output.send_pair(head, data, exchange.keep_alive and exchange.our_state is DONE)
+        else:
+            data = exchange.frame(data)
+            if data:
+                self._output.send(data)
 
     def send_whole(self, body: bytes) -> None:
         """Send head and a fully known body together, in one call."""
-        size = len(body)
-        head = self._head(size)
-        if self.content_length == size and not self.bodyless:
-            self.body_bytes = size  # the common case, framed: nothing to cut, no chunks
-            self._sink.send_pair(head, body, self.keep_alive)
+        if self.status is None:
+            raise AppError("app returned without calling start_response")
+        exchange = self._exchange
+        head = exchange.head(self.code, self._status_line, self._fields, self._declared_length, len(body), True)
+        if self._declared_length is None and exchange.length_added >= 0:
+            self._show_added_length(exchange.length_added)
+        if exchange.our_state is DONE:
+            # The common case: the body is as the head announced it (or
+            # there is none to send: HEAD, 204, 304), and the response is complete.
+            self._output.send_pair(head, body[:exchange.sent], exchange.keep_alive)
             return
-        self._sink.send_pair(head, self._frame(body))
+        self._output.send_pair(head, exchange.frame(body))
         self.finish()
 
     def send_file(self, fd: int) -> bool:
@@ -434,42 +368,42 @@ class Response:
         if not stat.S_ISREG(info.st_mode):
             return False
         offset = os.lseek(fd, 0, os.SEEK_CUR)
-        remaining = max(0, info.st_size - offset)
-        self._sink.send(self._head(remaining))
-        if self.content_length is not None:
-            remaining = min(remaining, self.content_length)
-        if not self.bodyless:
-            while remaining:
-                sent = self._sink.sendfile(fd, offset, remaining)
-                if sent == 0:
-                    break  # the file shrank under us; the length check below closes
-                offset += sent
-                remaining -= sent
-                self.body_bytes += sent
+        exchange = self._exchange
+        output = self._output
+        size = max(0, info.st_size - offset)
+        output.send(self._head(size))
+        remaining = exchange.file_span(size)
+        while remaining:
+            sent = output.sendfile(fd, offset, remaining)
+            if sent == 0:
+                break  # the file shrank under us; the exchange's length check closes
+            exchange.count(sent)
+            offset += sent
+            remaining -= sent
         self.finish()
         return True
 
     def finish(self) -> None:
-        """End the body: head if still unsent, last chunk, and the length check."""
-        if not self.head_sent:
-            self._sink.send(self._head(0))
-        if self.chunked:
-            self._sink.send(LAST_CHUNK)
-        elif (self.content_length is not None and not self.bodyless
-              and self.body_bytes < self.content_length):
-            # The client still waits for the bytes the app promised; only
-            # closing the connection tells it they are not coming.
-            self.keep_alive = False
+        """The app is done: the head if still unsent, then whatever ends the body."""
+        exchange = self._exchange
+        if exchange.our_state is DONE:
+            return  # the body already came to the length the head promised
+        if exchange.our_state is SEND_RESPONSE:
+            self._output.send(self._head(0))
+        tail = exchange.end()
+        if tail:
+            self._output.send(tail)
 
 
 def run_app(app: Callable[..., Any], environ: dict[str, Any], response: Response) -> None:
     """Call the app and send what it returns; always call the iterable's close().
 
     Raises whatever the app raised, ``AppError`` for PEP 3333 violations, and
-    ``ClientGone``/``OSError`` from sending.
+    whatever the output raises when the client is gone.
     """
     result = app(environ, response.start_response)
-    if result.__class__ is list and len(result) == 1 and result[0].__class__ is bytes and not response.head_sent:
+    if result.__class__ is list and len(result) == 1 and result[0].__class__ is bytes and \
+            response._exchange.our_state is SEND_RESPONSE:
         response.send_whole(result[0])  # the usual answer: one bytes in a list, which has no close()
         return
     try:

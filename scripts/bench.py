@@ -1,15 +1,26 @@
 #!/usr/bin/env python3
-"""Benchmark forkserver against gunicorn (sync and gthread), side by side.
+"""Benchmark forkserver against gunicorn (sync and gthread) and its peers, side by side.
 
     python3 -m pip install -e '.[bench]'      # gunicorn, flask, psutil
-    apt-get install -y wrk
+    apt-get install -y wrk nginx libev-dev
+    python3 -m pip install uwsgi granian bjoern
     python3 scripts/bench.py                   # full run: 5 s per run, 3 rounds
     python3 scripts/bench.py --quick           # smoke test: 2 s per run, 1 round
 
+The peers are uWSGI, granian and bjoern (C and Rust servers running the same
+WSGI app), nginx serving the 64 KiB body as a static file, and the "floor":
+scripts/floor_server.py, a pure-Python epoll loop that answers every read
+with a canned reply, so what it costs per connection is the least any Python
+server pays. Each peer takes part in the scenarios of the side-by-side table
+(the floor in hello and Connection: close only, nginx in 64 KiB only). A peer
+that is not installed is reported as missing, in the log and in the tables.
+
 Every server is started by this script with the same worker count on its own
-pre-bound loopback socket (``--bind fd://N``; nothing listens beyond
-127.0.0.1), serving ``scripts/bench_apps.py``. Load comes from wrk (1 thread,
-50 connections by default) on the same machine. For each scenario the servers
+pre-bound loopback socket (``--bind fd://N``, uWSGI's ``fd://N``, nginx's
+``NGINX`` variable; granian alone binds a port that was free a moment
+before; nothing listens beyond 127.0.0.1), serving ``scripts/bench_apps.py``.
+Load comes from wrk (1 thread, 50 connections by default) on the same
+machine. For each scenario the servers
 are measured interleaved for ``--rounds`` rounds, in an order that flips
 every round (A B, B A, A B, ...), and the median round is reported: slow
 drift of the machine hits every server alike, and a drift within a round
@@ -26,7 +37,11 @@ Per run the script records wrk's req/s, p50/p99 latency (``--latency``),
 errors (socket errors + non-2xx/3xx responses) and the server's CPU time per
 request: the CPU-time delta of the whole process tree (master, workers, and
 workers the master reaped) over the run, divided by wrk's request count.
-After all scenarios it records each tree's memory (sum of PSS). Startup time
+After the hello scenario and again after all scenarios it records each
+tree's memory (sum of PSS). Before the Connection: close scenario each
+server is asked once whether it closes a connection whose request says so
+(uWSGI's keep-alive mode would not, and would turn the scenario into a
+keep-alive run); one that does not is named in the report. Startup time
 (process start to the first 200 on ``/``) is measured on separate starts,
 ``--starts`` per server (15 by default), interleaved: one start varies by
 ±40 ms here, so a handful could not tell servers apart that differ by ten.
@@ -43,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -78,7 +94,12 @@ WRK_TIMEOUT = "5s"       # a response slower than this counts as a wrk timeout e
 IDLE_TIMEOUT = 10.0      # socket timeout while opening idle connections
 
 MAIN_SERVERS = ("forkserver", "gunicorn-sync", "gunicorn-gthread")
+PEERS = ("uwsgi", "granian", "bjoern", "floor", "nginx-static")
+ALL_SERVERS = MAIN_SERVERS + PEERS
 BASELINE = "gunicorn-sync"
+FLOOR = "floor"
+# The scenarios of the side-by-side table, which the peers run too (idle and scaling are ours and gunicorn's).
+PEER_SCENARIOS = ("hello", "close", "64k", "flask", "upload", "startup")
 
 POST_LUA = """\
 wrk.method = "POST"
@@ -119,13 +140,25 @@ end
 @dataclass(frozen=True)
 class ServerConfig:
     """One way of starting a server. ``requires`` names a forkserver flag that
-    must appear in ``forkserver --help``; without it the config is skipped."""
+    must appear in ``forkserver --help``; without it the config is skipped.
+    ``scenarios`` lists the scenario keys the server takes part in (empty:
+    every one); ``install`` says how to get a peer that is missing."""
 
     name: str
-    kind: str  # "forkserver" or "gunicorn"
+    kind: str  # forkserver, gunicorn, uwsgi, granian, bjoern, floor or nginx
     extra: tuple[str, ...] = ()
     requires: str = ""
     note: str = ""
+    scenarios: tuple[str, ...] = ()
+    install: str = ""
+
+    def runs(self, scenario: str) -> bool:
+        return not self.scenarios or scenario in self.scenarios
+
+    @property
+    def binds_itself(self) -> bool:
+        """granian takes no inherited socket: it is given a port that was free a moment before."""
+        return self.kind == "granian"
 
 
 def server_configs(gthread_threads: int) -> dict[str, ServerConfig]:
@@ -141,7 +174,37 @@ def server_configs(gthread_threads: int) -> dict[str, ServerConfig]:
                                          ("--stats-bind", "unix:{tmp}/stats-{id}.sock"),
                                          requires="--stats-bind",
                                          note="stats on (--stats-bind)"),
+        # Peers (issue 21), each as a deployment would run it with -w workers.
+        "uwsgi": ServerConfig("uwsgi", "uwsgi", scenarios=PEER_SCENARIOS, install="pip install uwsgi",
+                              note="uWSGI --http-socket closes every connection, like gunicorn sync; its "
+                                   "--http11-socket keep-alive ignores a request's Connection: close"),
+        "granian": ServerConfig("granian", "granian", scenarios=PEER_SCENARIOS, install="pip install granian",
+                                note="granian --interface wsgi --http 1 --no-ws, binding its own port"),
+        "bjoern": ServerConfig("bjoern", "bjoern", scenarios=PEER_SCENARIOS,
+                               install="apt-get install -y libev-dev && pip install bjoern",
+                               note="bjoern forked after importing the app (scripts/bjoern_server.py)"),
+        "floor": ServerConfig("floor", "floor", scenarios=("hello", "close", "startup"),
+                              note="pure-Python epoll loop, canned reply, parses nothing (scripts/floor_server.py)"),
+        "nginx-static": ServerConfig("nginx-static", "nginx", scenarios=("64k",), install="apt-get install -y nginx",
+                                     note="nginx serving the 64 KiB body as a static file"),
     }
+
+
+def peer_executable(name: str) -> str | None:
+    """A console script installed beside this interpreter (a venv's bin/), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if os.access(beside, os.X_OK) else shutil.which(name)
+
+
+def missing_peer(config: ServerConfig) -> str:
+    """Why ``config`` cannot start on this machine ('' when it can)."""
+    if config.kind == "uwsgi" and not peer_executable("uwsgi"):
+        return f"uwsgi is not installed ({config.install})"
+    if config.kind in ("granian", "bjoern") and importlib.util.find_spec(config.kind) is None:
+        return f"{config.kind} is not installed for {sys.executable} ({config.install})"
+    if config.kind == "nginx" and not shutil.which("nginx"):
+        return f"nginx is not installed ({config.install})"
+    return ""
 
 
 def listening_socket(backlog: int = 2048) -> socket.socket:
@@ -174,13 +237,50 @@ class Server:
         return self.config.name
 
     def command(self) -> list[str]:
-        fd = self.sock.fileno()
+        fd, workers = self.sock.fileno(), str(self.workers)
         extra = [arg.format(tmp=self.tmpdir, id=self.port) for arg in self.config.extra]
-        if self.config.kind == "forkserver":
-            return [sys.executable, "-m", "forkserver", APP, "-w", str(self.workers), "-b", f"fd://{fd}",
+        kind = self.config.kind
+        if kind == "forkserver":
+            return [sys.executable, "-m", "forkserver", APP, "-w", workers, "-b", f"fd://{fd}",
                     "--keepalive", str(self.keepalive), "--log-level", "warning", *extra]
-        return [sys.executable, "-m", "gunicorn", "-w", str(self.workers), "--bind", f"fd://{fd}",
-                "--keep-alive", str(int(self.keepalive)), "--log-level", "warning", *extra, APP]
+        if kind == "gunicorn":
+            return [sys.executable, "-m", "gunicorn", "-w", workers, "--bind", f"fd://{fd}",
+                    "--keep-alive", str(int(self.keepalive)), "--log-level", "warning", *extra, APP]
+        if kind == "uwsgi":
+            # Without the header the client learns of the close only by reading EOF (wrk: a read error).
+            home = ["--home", sys.prefix] if sys.prefix != sys.base_prefix else []
+            return [peer_executable("uwsgi") or "uwsgi", "--http-socket", f"fd://{fd}", "--add-header",
+                    "Connection: close", "--master", "--processes", workers, "--module", APP,
+                    "--pythonpath", str(SCRIPTS), *home, "--disable-logging"]
+        if kind == "granian":
+            return [sys.executable, "-m", "granian", "--interface", "wsgi", "--http", "1", "--no-ws",
+                    "--workers", workers, "--host", HOST, "--port", str(self.port), "--log-level", "warning", APP]
+        if kind == "bjoern":
+            return [sys.executable, str(SCRIPTS / "bjoern_server.py"), str(fd), workers, APP]
+        if kind == "floor":
+            return [sys.executable, str(SCRIPTS / "floor_server.py"), str(fd), workers]
+        if kind == "nginx":
+            return ["nginx", "-p", str(self.tmpdir), "-e", str(self.log_path), "-c", str(self._nginx_conf())]
+        raise ValueError(f"unknown server kind {kind!r}")
+
+    def _nginx_conf(self) -> Path:
+        """A configuration serving ``/64k`` (the app's 64 KiB body) and ``/`` from files, on the inherited socket."""
+        root = self.tmpdir / "static"
+        root.mkdir(exist_ok=True)
+        import bench_apps  # the body the apps serve; imported here, since it imports Flask
+
+        (root / "64k").write_bytes(bench_apps.BIG)
+        (root / "index.html").write_bytes(bench_apps.HELLO)  # ``/`` answers 200, as start() waits for
+        conf = self.tmpdir / f"nginx-{self.port}.conf"
+        conf.write_text(
+            "daemon off;\nmaster_process on;\n"
+            + ("user root;\n" if os.geteuid() == 0 else "")  # workers can read the private temporary directory
+            + f"worker_processes {self.workers};\npid {self.tmpdir}/nginx-{self.port}.pid;\n"
+            f"error_log {self.log_path} warn;\nevents {{ worker_connections 4096; }}\n"
+            f"http {{\n  access_log off;\n  keepalive_timeout {self.keepalive:g}s;\n"
+            "  keepalive_requests 100000000;\n"  # the default 1000 would close connections the others keep
+            f"  server {{ listen {HOST}:{self.port}; root {root}; }}\n}}\n")
+        return conf
 
     def start(self) -> float:
         """Start the master; return seconds from exec to the first 200 on ``/``."""
@@ -189,11 +289,16 @@ class Server:
         env.pop("GUNICORN_CMD_ARGS", None)
         for key in [k for k in env if k.startswith("FORKSERVER_")]:
             del env[key]
+        if self.config.kind == "nginx":
+            env["NGINX"] = f"{self.sock.fileno()};"  # nginx's way of taking over listening sockets
         cmd = self.command()
+        if self.config.binds_itself:
+            self.sock.close()
         with open(self.log_path, "ab") as logfile:
             started = time.monotonic()
-            self.proc = subprocess.Popen(cmd, pass_fds=[self.sock.fileno()], stdin=subprocess.DEVNULL,
-                                         stdout=logfile, stderr=logfile, env=env, cwd=str(SCRIPTS))
+            self.proc = subprocess.Popen(cmd, pass_fds=[] if self.config.binds_itself else [self.sock.fileno()],
+                                         stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, env=env,
+                                         cwd=str(SCRIPTS))
         self.ps = psutil.Process(self.proc.pid)
         self._remember()
         # The socket is already listening, so this connect succeeds at once and
@@ -210,8 +315,19 @@ class Server:
         self._remember()
         return self.startup
 
+    def _connect(self, deadline: float) -> socket.socket:
+        """Connect; a server that binds its own port is retried every 2 ms until it listens."""
+        while True:
+            try:
+                return socket.create_connection((HOST, self.port), timeout=READY_TIMEOUT)
+            except ConnectionRefusedError:
+                if not self.config.binds_itself or time.monotonic() > deadline:
+                    raise
+                self._check_alive()
+                time.sleep(0.002)
+
     def _first_response(self, deadline: float) -> int:
-        with socket.create_connection((HOST, self.port), timeout=READY_TIMEOUT) as conn:
+        with self._connect(deadline) as conn:
             conn.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
             conn.settimeout(0.02)
             data = b""
@@ -231,6 +347,20 @@ class Server:
             return int(data.split(b" ", 2)[1])
         except (IndexError, ValueError):
             return 0
+
+    def closes_on_request(self) -> bool:
+        """Whether the server closes the connection after answering a request with Connection: close."""
+        with self._connect(time.monotonic() + READY_TIMEOUT) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            conn.settimeout(5.0)
+            try:
+                while conn.recv(65536):
+                    pass
+            except TimeoutError:
+                return False
+            except ConnectionResetError:
+                pass
+        return True
 
     def _check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -584,8 +714,17 @@ def stop_servers(servers: Iterable[Server], started: list[Server]) -> None:
 
 def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict[str, Any]:
     configs = server_configs(args.gthread_threads)
-    results: dict[str, Any] = {"scenarios": {}, "skipped": [], "startup": {}, "memory": {}, "scaling": {},
-                               "idle_open": {}}
+    results: dict[str, Any] = {"scenarios": {}, "skipped": [], "startup": {}, "memory": {}, "memory_hello": {},
+                               "scaling": {}, "idle_open": {}, "missing": {}, "kept_open": []}
+    for name in args.servers:
+        if reason := missing_peer(configs[name]):
+            log(f"missing: {name}: {reason}")
+            results["missing"][name] = reason
+    present = [name for name in args.servers if name not in results["missing"]]
+
+    def taking_part(key: str) -> list[str]:
+        return [name for name in present if configs[name].runs(key)]
+
     help_text = subprocess.run([sys.executable, "-m", "forkserver", "--help"], capture_output=True, text=True,
                                timeout=60, cwd=str(SCRIPTS)).stdout
     unavailable = {name for name, cfg in configs.items() if cfg.requires and cfg.requires not in help_text}
@@ -610,14 +749,19 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
                 log(note)
                 results["skipped"].append(note)
                 continue
+        elif not taking_part(scenario.key):
+            note = f"skipped '{scenario.key}': none of the servers selected takes part in it"
+            log(note)
+            results["skipped"].append(note)
+            continue
         runnable.append(scenario)
 
     # Startup: fresh starts, interleaved, one per server per round.
     if "startup" in args.scenarios:
         log(f"startup: {args.starts} start(s) each, time from exec to the first 200 on /")
-        samples: dict[str, list[float]] = {name: [] for name in args.servers}
+        samples: dict[str, list[float]] = {name: [] for name in taking_part("startup")}
         for rnd in range(args.starts):
-            for name in turn_order(args.servers, rnd):
+            for name in turn_order(list(samples), rnd):
                 server = Server(configs[name], args.workers, args.keepalive, tmpdir)
                 started.append(server)
                 try:
@@ -632,15 +776,20 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
     if runnable:
         needed: list[str] = []
         for scenario in runnable:
-            for name in (scenario.pair or args.servers):
+            for name in (scenario.pair or taking_part(scenario.key)):
                 if name not in needed:
                     needed.append(name)
         log(f"scenarios: starting {', '.join(needed)} with -w {args.workers}")
         servers = start_servers(needed, configs, args.workers, args, tmpdir, started)
         try:
+            if any(scenario.key == "close" for scenario in runnable):
+                # A server that keeps the connection open would turn 'close' into a keep-alive run.
+                results["kept_open"] = [name for name in taking_part("close") if not servers[name].closes_on_request()]
+                for name in results["kept_open"]:
+                    log(f"  {name} kept the connection open after Connection: close")
             for scenario in runnable:
                 title = scenario.title.format(idle=args.idle_connections)
-                names = list(scenario.pair or args.servers)
+                names = list(scenario.pair or taking_part(scenario.key))
                 log(f"scenario '{scenario.key}': {title}")
                 for name in names:  # warm-up, not recorded
                     measure(servers[name], args, scenario, scripts, args.warmup)
@@ -678,7 +827,11 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
                     results["scenarios"][scenario.key]["paired_cost"] = paired_cost(*(runs[n] for n in names))
                 if scenario.idle:
                     results["idle_open"] = {name: min(v) for name, v in idle_left.items()}
-            for name in args.servers:
+                if scenario.key == "hello":  # the side-by-side table's memory: every server, the same load
+                    for name in names:
+                        pss, count = servers[name].pss_bytes()
+                        results["memory_hello"][name] = {"pss_mib": pss / 2**20, "processes": count}
+            for name in present:
                 if name not in servers:
                     continue  # only the forkserver pair scenarios ran
                 pss, count = servers[name].pss_bytes()
@@ -687,17 +840,18 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
             stop_servers(servers.values(), started)
 
     # Scaling: /pid with -w 1, 2, 4; wrk's response() tallies X-Worker-Pid.
-    if "scaling" in args.scenarios:
+    if "scaling" in args.scenarios and taking_part("scaling"):
         scenario = Scenario("scaling", "scaling", path="/pid", script="tally")
+        names = taking_part("scaling")
         for workers in args.scaling_workers:
             log(f"scaling: -w {workers}")
-            servers = start_servers(args.servers, configs, workers, args, tmpdir, started)
+            servers = start_servers(names, configs, workers, args, tmpdir, started)
             try:
-                for name in args.servers:
+                for name in names:
                     measure(servers[name], args, scenario, scripts, args.warmup)
-                runs = {name: [] for name in args.servers}
+                runs = {name: [] for name in names}
                 for rnd in range(args.rounds):
-                    for name in turn_order(args.servers, rnd):
+                    for name in turn_order(names, rnd):
                         result, _ = measure(servers[name], args, scenario, scripts, args.duration)
                         pids = servers[name].worker_pids()
                         for pid in pids:  # a worker that served nothing still counts
@@ -732,6 +886,10 @@ def fmt(value: float, spec: str = ".0f") -> str:
     return "—" if value != value else format(value, spec)
 
 
+def mib(memory: dict[str, Any] | None) -> str:
+    return f"{memory['pss_mib']:.1f} MiB" if memory else "—"
+
+
 def ratio_text(value: float) -> str:
     return "—" if value != value else f"{value:.2f}x"
 
@@ -739,13 +897,16 @@ def ratio_text(value: float) -> str:
 def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, Any]) -> str:
     out = []
     out.append("## forkserver benchmark\n")
+    peers = f", {meta['peers']}" if meta.get("peers") else ""
     out.append(f"{meta['cpus']} CPUs, {meta['python']}, {meta['wrk']}, gunicorn {meta['gunicorn']}, "
-               f"forkserver {meta['forkserver']}; load average at start {meta['loadavg']}.")
+               f"forkserver {meta['forkserver']}{peers}; load average at start {meta['loadavg']}.")
     out.append(f"wrk -t{args.wrk_threads} -c{args.connections}, {args.duration} s per run, {args.rounds} round(s) "
                f"interleaved, medians shown; -w {args.workers}; gunicorn gthread --threads {args.gthread_threads}; "
-               f"keep-alive timeout {args.keepalive:g} s on both servers; loopback. On/off pairs: "
+               f"keep-alive timeout {args.keepalive:g} s where a server takes one; loopback. On/off pairs: "
                f"{args.pair_slices} alternated 1 s runs per config and round, cost = median of the "
                f"adjacent runs' 1 - on/off.\n")
+
+    out.append(side_by_side(results, args))
 
     scen = results["scenarios"]
     if scen:
@@ -777,18 +938,26 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
                        + ". gunicorn sync answers every request with Connection: close, so it keeps none.\n")
     for note in results["skipped"]:
         out.append(f"Note: {note}.")
-    if results["skipped"]:
+    for name, reason in results["missing"].items():
+        out.append(f"Missing: {name}: {reason}; its cells read 'missing'.")
+    for name in results["kept_open"]:
+        out.append(f"Note: {name} kept the connection open after a request with Connection: close, so its "
+                   "'close' runs measured keep-alive.")
+    if results["skipped"] or results["missing"] or results["kept_open"]:
         out.append("")
 
-    if results["startup"] or results["memory"]:
-        out.append("| server | startup to first 200 (median, min–max) | tree PSS after the run | processes |")
-        out.append("|---|---:|---:|---:|")
+    if results["startup"] or results["memory"] or results["memory_hello"]:
+        out.append("| server | startup to first 200 (median, min–max) | tree PSS after hello "
+                   "| tree PSS after the run | processes |")
+        out.append("|---|---:|---:|---:|---:|")
         for name in args.servers:
             st = results["startup"].get(name)
-            mem = results["memory"].get(name)
+            mem = results["memory"].get(name) or results["memory_hello"].get(name)
+            if not (st or mem):
+                continue
             st_cell = f"{st['median_ms']:.0f} ms ({st['min_ms']:.0f}–{st['max_ms']:.0f})" if st else "—"
-            mem_cell = f"{mem['pss_mib']:.1f} MiB" if mem else "—"
-            out.append(f"| {name} | {st_cell} | {mem_cell} | {mem['processes'] if mem else '—'} |")
+            out.append(f"| {name} | {st_cell} | {mib(results['memory_hello'].get(name))} | "
+                       f"{mib(results['memory'].get(name))} | {mem['processes'] if mem else '—'} |")
         out.append("")
 
     if results["scaling"]:
@@ -803,7 +972,107 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
         out.append("")
 
     out.append(targets(results, args))
+    out.append(peer_targets(results))
     return "\n".join(out)
+
+
+SIDE_BY_SIDE = (("hello", "hello keep-alive"), ("close", "hello, Connection: close"), ("64k", "64 KiB"),
+                ("flask", "Flask JSON"), ("upload", "1 MiB upload"))
+
+
+def side_by_side(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """Every server in one table: req/s as a ratio to gunicorn sync, with the server CPU per request."""
+    configs = server_configs(args.gthread_threads)
+    scen = results["scenarios"]
+    lines = ["| server | " + " | ".join(title for _, title in SIDE_BY_SIDE)
+             + " | startup to first 200 | tree PSS, hello |",
+             "|---|" + "---:|" * (len(SIDE_BY_SIDE) + 2)]
+    for name in args.servers:
+        if name in results["missing"]:
+            lines.append(f"| {name} |" + " missing |" * (len(SIDE_BY_SIDE) + 2))
+            continue
+        cells = []
+        for key, _ in SIDE_BY_SIDE:
+            measured = scen.get(key, {}).get("servers", {})
+            mine = measured.get(name)
+            if not configs[name].runs(key):
+                cells.append("n/a")
+            elif mine is None:
+                cells.append("—")  # scenario not selected
+            else:
+                base = measured.get(BASELINE, {}).get("rps", float("nan"))
+                cell = f"{ratio_text(mine['rps'] / base if base else float('nan'))} ({fmt(mine['cpu_us'])} µs)"
+                if key == "close" and name in results["kept_open"]:
+                    cell += " kept open"
+                if mine["errors"]:
+                    cell += f", {mine['errors']} errors"
+                cells.append(cell)
+        startup = results["startup"].get(name)
+        cells.append(f"{startup['median_ms']:.0f} ms" if startup else ("n/a" if not configs[name].runs("startup")
+                                                                        else "—"))
+        cells.append(mib(results["memory_hello"].get(name)) if configs[name].runs("hello") else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Each cell: req/s over gunicorn sync's in the same run (median of the rounds), and in brackets the "
+                 "server CPU per request. n/a: the server does not take part (the floor runs the two hello "
+                 "scenarios only, nginx-static serves only the 64 KiB file). "
+                 + " ".join(f"{n}: {configs[n].note}." for n in args.servers if configs[n].kind not in
+                            ("forkserver", "gunicorn") and n not in results["missing"]) + "\n")
+    return "\n".join(lines)
+
+
+def peer_targets(results: dict[str, Any]) -> str:
+    """Issue 21's targets, each judged against the peer measured in the same run."""
+    scen = results["scenarios"]
+    nan = float("nan")
+
+    def measured(key: str, name: str, field_: str) -> float:
+        return scen.get(key, {}).get("servers", {}).get(name, {}).get(field_, nan)
+
+    def startup(name: str) -> float:
+        return results["startup"].get(name, {}).get("median_ms", nan)
+
+    def pss(name: str) -> float:
+        return results["memory_hello"].get(name, {}).get("pss_mib", nan)
+
+    rows = []
+
+    def against(label: str, mine: float, peer: str, theirs: float, factor: float, higher: bool, unit: str) -> None:
+        if mine != mine or theirs != theirs:
+            why = results["missing"].get(peer) or (f"{peer} not measured" if mine == mine else "not measured")
+            rows.append((label, why, "n/a"))
+            return
+        ok = mine >= factor * theirs if higher else mine <= factor * theirs
+        spec = ".0f" if unit == "req/s" else ".1f"
+        shown = f"{mine:{spec}} {unit} vs {peer} {theirs:{spec}} {unit} ({mine / theirs:.2f}x)"
+        if peer in results["kept_open"] and "close" in label:
+            shown += f"; {peer} kept its connections open"
+        rows.append((label, shown, "met" if ok else "**missed**"))
+
+    fs = "forkserver"
+    against("Connection: close CPU/req ≤ 1.15x the floor's", measured("close", fs, "cpu_us"), FLOOR,
+            measured("close", FLOOR, "cpu_us"), 1.15, False, "µs")
+    against("Connection: close req/s ≥ uWSGI's", measured("close", fs, "rps"), "uwsgi",
+            measured("close", "uwsgi", "rps"), 1.0, True, "req/s")
+    against("hello keep-alive req/s ≥ 0.6x the floor's", measured("hello", fs, "rps"), FLOOR,
+            measured("hello", FLOOR, "rps"), 0.6, True, "req/s")
+    against("Flask JSON req/s ≥ bjoern's", measured("flask", fs, "rps"), "bjoern",
+            measured("flask", "bjoern", "rps"), 1.0, True, "req/s")
+    against("64 KiB req/s ≥ granian's", measured("64k", fs, "rps"), "granian",
+            measured("64k", "granian", "rps"), 1.0, True, "req/s")
+    against("64 KiB req/s ≥ 0.9x nginx's static file", measured("64k", fs, "rps"), "nginx-static",
+            measured("64k", "nginx-static", "rps"), 0.9, True, "req/s")
+    upload = scen.get("upload", {}).get("servers", {})
+    others = {n: v["rps"] for n, v in upload.items() if n != fs and v["rps"] == v["rps"]}
+    best = max(others, key=others.__getitem__, default="")
+    against(f"1 MiB upload req/s the best of all ({len(others)} others measured)", measured("upload", fs, "rps"),
+            best or "any other server", others.get(best, nan), 1.0, True, "req/s")
+    against("startup to first 200 ≤ 1.5x the floor's", startup(fs), FLOOR, startup(FLOOR), 1.5, False, "ms")
+    against("tree PSS after hello ≤ uWSGI's", pss(fs), "uwsgi", pss("uwsgi"), 1.0, False, "MiB")
+
+    lines = ["| target (issue 21: forkserver vs the peer, same run) | measured | |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
 
 
 def targets(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -884,14 +1153,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=f"scenarios: {', '.join(ALL_SCENARIOS)}\n"
-                                            f"servers: {', '.join(MAIN_SERVERS)}")
+                                            f"servers: {', '.join(ALL_SERVERS)}")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds per measured run (default 5; 2 with --quick)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds per scenario (default 3; 1 with --quick)")
     parser.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
                         help="comma-separated subset of the scenarios (default: all)")
-    parser.add_argument("--servers", default=",".join(MAIN_SERVERS),
+    parser.add_argument("--servers", default=",".join(ALL_SERVERS),
                         help="comma-separated subset of the servers (default: all)")
     parser.add_argument("--quick", action="store_true", help="short smoke run: 2 s per run, 1 round, 1 s warm-up")
     parser.add_argument("--workers", "-w", type=int, default=2, help="worker processes per server (default 2)")
@@ -906,7 +1175,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-connections", type=int, default=200,
                         help="idle keep-alive connections in 'idle' (default 200)")
     parser.add_argument("--keepalive", type=float, default=30.0,
-                        help="keep-alive timeout given to both servers, longer than a run (default 30)")
+                        help="keep-alive timeout given to the servers that take one, longer than a run (default 30)")
     parser.add_argument("--gthread-threads", type=int, default=4, help="gunicorn gthread --threads (default 4)")
     parser.add_argument("--scaling-workers", default="1,2,4", help="worker counts for the scaling run (default 1,2,4)")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk", help="path to wrk")
@@ -921,7 +1190,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         return [x for x in allowed if x in items]  # canonical order
 
     args.scenarios = subset(args.scenarios, ALL_SCENARIOS, "scenarios")
-    args.servers = subset(args.servers, MAIN_SERVERS, "servers")
+    args.servers = subset(args.servers, ALL_SERVERS, "servers")
     args.duration = max(1, round(args.duration if args.duration is not None else (2 if args.quick else 5)))
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     args.warmup = max(1, round(args.warmup if args.warmup is not None else 1))
@@ -965,8 +1234,24 @@ def preflight(args: argparse.Namespace) -> dict[str, Any]:
         "wrk": first[0].split(" [")[0] if first else "wrk",
         "gunicorn": versions["gunicorn"],
         "forkserver": versions["forkserver"],
+        "peers": peer_versions(args.servers),
         "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def peer_versions(names: Sequence[str]) -> str:
+    """The installed versions of the selected peers, for the report's header."""
+    shown = []
+    for name, dist in (("uwsgi", "uWSGI"), ("granian", "granian"), ("bjoern", "bjoern")):
+        if name in names:
+            try:
+                shown.append(f"{name} {importlib.metadata.version(dist)}")
+            except importlib.metadata.PackageNotFoundError:
+                pass
+    if "nginx-static" in names and shutil.which("nginx"):
+        done = subprocess.run(["nginx", "-v"], capture_output=True, text=True, timeout=10)
+        shown.append((done.stderr or done.stdout).strip().rpartition(": ")[2].replace("/", " "))
+    return ", ".join(shown)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,22 +16,14 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from doc_block import rewrite_block
+
 from forkserver.config import Config, cli_flag, default_of, env_name, settings
+from forkserver.sources import toml_value
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "docs" / "options.md"
 BEGIN, END = "<!-- options:begin -->", "<!-- options:end -->"
-
-
-def toml_value(value: Any) -> str:
-    """Write a default the way it would appear in the TOML file."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    if isinstance(value, str):
-        return f"'{value}'" if '"' in value or "\\" in value else f'"{value}"'
-    return str(value)
 
 
 def cell(text: str) -> str:
@@ -69,20 +61,7 @@ def table() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = TARGET.read_text()
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        print(f"{TARGET}: markers {BEGIN} ... {END} not found", file=sys.stderr)
-        return 2
-    updated = text[:start] + table() + text[end + len(END):]
-    if "--check" in argv:
-        if updated != text:
-            print(f"{TARGET.relative_to(ROOT)}: option table is out of date: run python scripts/gen_options.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    TARGET.write_text(updated)
-    return 0
+    return rewrite_block(TARGET, BEGIN, END, table(), argv, "python scripts/gen_options.py")
 
 
 if __name__ == "__main__":

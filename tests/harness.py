@@ -198,3 +198,42 @@ class ServerProcess:
         """TERM, then KILL the master and any worker left, by PID."""
         stop_process_tree(self.proc, signal.SIGTERM)
         self.sock.close()
+
+
+class ParsedResponse:
+    """A response read back with llhttp's parser (httptools), as a strict client reads it.
+
+    ``head_request``: the response answers a HEAD, so what follows the head
+    is not its body (llhttp cannot know that by itself).
+    """
+
+    def __init__(self, data: bytes, head_request: bool = False) -> None:
+        import httptools  # the unit tests' need, not the integration tests'
+
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.complete = 0
+        self.keep_alive = False
+        self.parser = httptools.HttpResponseParser(self)
+        if head_request:
+            head = data.split(b"\r\n\r\n", 1)[0]
+            lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"content-length")]
+            data = b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+        self.parser.feed_data(data)
+        self.status = self.parser.get_status_code()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_message_complete(self) -> None:
+        self.complete += 1
+
+    def header(self, name: bytes) -> list[bytes]:
+        """The values of every field called ``name``, in any case."""
+        return [v for n, v in self.headers if n.lower() == name.lower()]

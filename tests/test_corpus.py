@@ -28,7 +28,7 @@ import pytest
 from forkserver.http.errors import ProtocolError
 from forkserver.http.events import BodyChunk, EndOfMessage, Request
 from forkserver.http.parser import Limits, RequestParser
-from forkserver.wsgi import base_environ, build_environ
+from forkserver.wsgi import Codec, base_environ, build_environ
 from harness import ServerProcess
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -168,7 +168,7 @@ def requests_of(events: list[Any]) -> list[tuple[Request, bytes]]:
 
 
 def environ_of(request: Request) -> dict[str, Any]:
-    return build_environ(request, base_environ("localhost", "80", False), ("127.0.0.1", "1"))
+    return build_environ(request, base_environ("localhost", "80", False), ("127.0.0.1", "1"), Codec())
 
 
 def check_environ(environ: dict[str, Any], body: str, expected: dict[str, Any]) -> None:

@@ -49,6 +49,13 @@ class VersionNotSupported(ProtocolError):
     reason = "HTTP Version Not Supported"
 
 
+class MethodNotImplemented(ProtocolError):
+    """A well-formed method we do not know (RFC 9110 §9.1, §15.6.2)."""
+
+    status = 501
+    reason = "Not Implemented"
+
+
 class NotImplementedCoding(ProtocolError):
     """A transfer coding we cannot decode (RFC 9112 §6.1)."""
 

@@ -11,6 +11,8 @@ status; after one, the parser is dead and the connection must close.
 
 from __future__ import annotations
 
+import re
+from collections.abc import MutableSequence
 from dataclasses import dataclass
 
 import httptools
@@ -19,6 +21,7 @@ from .errors import (
     BadRequest,
     BodyTooLarge,
     HeaderTooLarge,
+    MethodNotImplemented,
     NotImplementedCoding,
     ProtocolError,
     RequestLineTooLong,
@@ -27,9 +30,33 @@ from .errors import (
 from .events import END_OF_MESSAGE, BodyChunk, Event, Request
 
 SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
+# Where the parser is in the byte stream, held in ``RequestParser._phase``.
+BETWEEN = "BETWEEN"  # between messages: the next byte begins a request
+IN_HEAD = "IN_HEAD"  # inside a request head
+IN_BODY = "IN_BODY"  # the head is out as a Request event; its body (maybe empty) is being parsed
+IN_SKIPPED_BODY = "IN_SKIPPED_BODY"  # an Upgrade request's body, which _SkippedBody decodes
+IN_UNKNOWN_METHOD = "IN_UNKNOWN_METHOD"  # llhttp refused the method: its token is read to its end
+UPGRADED = "UPGRADED"  # an Upgrade request is complete: what follows is not HTTP/1.1, and is dropped
+FAILED = "FAILED"  # a ProtocolError was returned: nothing more is parsed
+_LLHTTP_PHASES = frozenset({BETWEEN, IN_HEAD, IN_BODY})  # where llhttp parses the next bytes
+# llhttp's reason for a method it knows only from RTSP or ICE.
+_RTSP_METHOD_IN_HTTP = "Invalid method for HTTP/x.x request"
+# RFC 9110 §5.6.2: the characters of a token, such as a method.
+TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# An unknown method read this far without its end is answered as it stands.
+METHOD_TOKEN_LIMIT = 64
+# The most bytes kept of reads that began inside a message (see RequestParser._since).
+SINCE_LIMIT_BYTES = 256 * 1024
+
+
+class _Lost(bytes):
+    """The type of LOST: an empty bytes that is told apart by identity."""
+
+
+LOST = _Lost()  # _since when more than SINCE_LIMIT_BYTES would have been kept
 # The lengths of the header names the parser acts on: Host, Expect,
-# Content-Length, Transfer-Encoding.
-_FRAMING_NAME_LENGTHS = frozenset({4, 6, 14, 17})
+# Content-Type, Content-Length, Transfer-Encoding.
+_FRAMING_NAME_LENGTHS = frozenset({4, 6, 12, 14, 17})
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,24 +105,51 @@ class RequestParser:
     data, so the requests before it are still answered in order); the parser
     then ignores all further input.  Any exception raised is a bug.  The
     ``on_*`` methods are httptools' callbacks, not an API.
+
+    A caller that keeps its own queue of events (the exchange) passes it as
+    ``events`` and calls ``pump(data)`` instead, which appends to that queue:
+    one call and no list per read.
     """
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, events: MutableSequence[Event | ProtocolError] | None = None) -> None:
         self.limits = limits
         # Read on every header field, so kept as plain attributes.
         self._field_bytes = limits.header_field_bytes
         self._max_fields = limits.header_fields
+        self._body_limit = limits.body_bytes
+        self._line_limit = limits.request_line_bytes
         self._parser = httptools.HttpRequestParser(self)
-        self._events: list[Event] = []
-        # Set once an Upgrade/CONNECT head stopped llhttp: the connection must close.
+        self._events: MutableSequence[Event | ProtocolError] = [] if events is None else events
+        self._phase = BETWEEN
+        # Set once an Upgrade/CONNECT head stopped llhttp: after that message
+        # the bytes are not HTTP/1.1, and the connection must close.
         self.upgraded = False
-        self._failed = False
         self._skipped_body: _SkippedBody | None = None
         self._messages_begun = 0
-        self._start_message()
+        # The message (by its number in _messages_begun) that last had a
+        # Content-Type: a second one in the same message is refused.
+        self._content_type_in = -1
+        self._codings: list[bytes] = []  # the Transfer-Encoding codings of this message, once it has one
+        # The bytes of every read since the last one that began between
+        # messages (LOST past SINCE_LIMIT_BYTES): where the request line
+        # and an unknown method are looked for, since llhttp does not say
+        # where in a read a message begins.
+        self._since: bytes | bytearray = b""
+        self._since_first = 1  # the number (in _messages_begun) of the first message begun in _since
+        self._method_token = b""  # an unknown method's token so far (IN_UNKNOWN_METHOD)
+        # Where in which _since the last request line checked there ended;
+        # and which _since (by its length, as it grows), method and target
+        # were found to have only HTTP lines.
+        self._line_found: tuple[bytes | bytearray, int] = (b"", 0)
+        self._all_http: tuple[bytes | bytearray, int, bytes, bytes] = (b"", -1, b"", b"")
+        self.on_message_begin()  # the facts of a message, as a new one starts them
+        self._messages_begun = 0
+        self._phase = BETWEEN
 
-    def _start_message(self) -> None:
-        self._in_head = False
+    def on_message_begin(self) -> None:
+        """httptools' callback: a message begins; forget the facts of the one before."""
+        self._messages_begun += 1
+        self._phase = IN_HEAD
         self._head_bytes = 0
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -105,64 +159,152 @@ class RequestParser:
         self._expect_continue = False
         self._body_bytes = 0
         self._trailer_fields = 0
-        self._head_done = False
-        self._body_skipped = False
 
     def feed(self, data: bytes) -> list[Event | ProtocolError]:
-        """Parse ``data`` and return the events it completed."""
-        skipped = self._skipped_body
-        if self._failed or (self.upgraded and (skipped is None or skipped.done)):
-            # After an Upgrade request the bytes are not HTTP/1.1, and after
-            # an error we cannot know where a message starts: drop them.
-            return []
-        try:
-            if skipped is not None:
-                skipped.feed(data)
-            else:
-                self._parse(data)
-        except ProtocolError as error:
-            self._failed = True
-            self._events.append(error)
-        events, self._events = self._events, []
+        """Parse ``data`` and return the events it completed (then the ProtocolError that ends them, if any)."""
+        events: list[Event | ProtocolError] = []
+        self._events = events
+        self.pump(data)
         return events
 
-    def _parse(self, data: bytes) -> None:
-        rest = None
-        begun = self._messages_begun
+    def pump(self, data: bytes) -> None:
+        """Parse ``data`` and append the events it completed to the queue given at construction."""
+        phase = self._phase
+        if phase not in _LLHTTP_PHASES:
+            self._pump_elsewhere(phase, data)
+            return
+        if phase is BETWEEN:
+            self._since = data
+            self._since_first = self._messages_begun + 1
+        else:
+            self._keep_since(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             # llhttp stops at the end of an Upgrade (or CONNECT) head.  We do
             # not switch protocols: answer this request as plain HTTP, then close.
             self.upgraded = True
-            if self._body_skipped:
-                rest = data[upgrade.args[0]:]
-            elif self._head_done:
-                self._events.append(END_OF_MESSAGE)
-        except httptools.HttpParserCallbackError as exc:
-            raise _raised_by_callback(exc) from None
-        except httptools.HttpParserError as exc:
-            raise BadRequest(str(exc)) from None
-        if rest is not None:
-            # httptools made llhttp skip the body, but it is the app's.  (Fed
-            # outside the except block, which would overwrite the callback
-            # error's __context__.)
-            self._skipped_body = _SkippedBody(self, self._chunked, self._content_length)
-            self._skipped_body.feed(rest)
-            return
-        if self._in_head:
-            if self._messages_begun == begun:
-                self._head_bytes += len(data)
+            if self._phase is IN_SKIPPED_BODY:
+                self._skipped_body = _SkippedBody(self, self._chunked, self._content_length, data[upgrade.args[0]:])
             else:
-                # The head began inside ``data``, after an unknown number of
-                # bytes of earlier messages: count only what is surely its own.
-                self._head_bytes = len(self._target) + sum(len(n) + len(v) for n, v in self._headers)
-            if self._head_bytes > self.limits.head_bytes:
-                raise HeaderTooLarge(f"request head exceeds {self.limits.head_bytes} bytes")
+                if self._phase is IN_BODY:
+                    self._events.append(END_OF_MESSAGE)
+                self._phase = UPGRADED
+        except httptools.HttpParserCallbackError as exc:
+            self._fail(_raised_by_callback(exc))
+            return
+        except httptools.HttpParserInvalidMethodError as exc:
+            self._unknown_method(str(exc))
+            return
+        except httptools.HttpParserError as exc:
+            detail = str(exc)
+            if detail == _RTSP_METHOD_IN_HTTP:  # DESCRIBE, SETUP, ...: a method, just not an HTTP one
+                self._fail(MethodNotImplemented(f"method {self._parser.get_method().decode('latin-1')!r} "
+                                                "is not implemented"))
+            else:
+                self._fail(BadRequest(detail))
+            return
+        if self._phase is not BETWEEN:
+            self._read_ended_inside(data)
+
+    def _read_ended_inside(self, data: bytes) -> None:
+        """``data`` ended inside a message: count an unfinished head, or start an Upgrade body."""
+        phase = self._phase
+        if phase is IN_HEAD:
+            self._head_continues(data)
+        elif phase is IN_SKIPPED_BODY:
+            # httptools made llhttp skip the body, but it is the app's.  (Fed
+            # here, outside pump's except block, which would overwrite the
+            # callback error's __context__.)
+            self._pump_elsewhere(IN_SKIPPED_BODY, self._skipped_body.first)  # type: ignore[union-attr]
+
+    def _keep_since(self, data: bytes) -> None:
+        """Add a read that began inside a message to ``_since``, up to its limit."""
+        since = self._since
+        if since is LOST:
+            return
+        if len(since) + len(data) > SINCE_LIMIT_BYTES:
+            self._since = LOST
+        elif since.__class__ is bytearray:
+            since += data  # type: ignore[operator]
+        else:
+            self._since = bytearray(since) + data
+
+    def _pump_elsewhere(self, phase: str, data: bytes) -> None:
+        """Bytes llhttp does not parse now: an Upgrade body, an unknown method's token, or nothing."""
+        if phase is IN_SKIPPED_BODY and not self._skipped_body.done:  # type: ignore[union-attr]
+            try:
+                self._skipped_body.feed(data)  # type: ignore[union-attr]
+            except ProtocolError as error:
+                self._fail(error)
+        elif phase is IN_UNKNOWN_METHOD:
+            self._read_method(self._method_token + data)
+        # After an Upgrade request the bytes are not HTTP/1.1, and after an
+        # error we cannot know where a message starts: drop them.
+
+    def _fail(self, error: BaseException) -> None:
+        """End parsing with ``error``: a ProtocolError is the last event; anything else is a bug, raised."""
+        if not isinstance(error, ProtocolError):
+            raise error
+        self._phase = FAILED
+        self._events.append(error)
+
+    def _head_continues(self, data: bytes) -> None:
+        """A head is unfinished at the end of ``data``: count it against the limit."""
+        if self._head_bytes:  # it began in an earlier read
+            self._head_bytes += len(data)
+        else:
+            # The head began inside ``data``, after an unknown number of
+            # bytes of earlier messages: count only what is surely its own.
+            self._head_bytes = len(self._target) + sum(len(n) + len(v) for n, v in self._headers) or 1
+        if self._head_bytes > self.limits.head_bytes:
+            self._fail(HeaderTooLarge(f"request head exceeds {self.limits.head_bytes} bytes"))
+
+    def _unknown_method(self, detail: str) -> None:
+        """llhttp refused the method: read the token to its end, to answer 501 or 400.
+
+        RFC 9110 §9.1: a method we do not know, but well formed, is "not
+        implemented" (501); anything else is a bad request.  llhttp does not
+        say where the refused message began, so the reads since the last
+        message boundary are parsed again, by a parser that only counts,
+        for the shortest prefix in which the refused message has begun.
+        """
+        since = self._since
+        if since is LOST:
+            self._fail(BadRequest(detail))  # more than SINCE_LIMIT_BYTES back: not worth finding
+            return
+        since = bytes(since)
+        messages = _count_messages(since)
+        low, high = 1, len(since)
+        while low < high:  # the shortest prefix in which all those messages have begun
+            middle = (low + high) // 2
+            if _count_messages(since[:middle]) < messages:
+                low = middle + 1
+            else:
+                high = middle
+        self._phase = IN_UNKNOWN_METHOD
+        self._read_method(since[low - 1:])
+
+    def _read_method(self, start: bytes) -> None:
+        """Judge the method token at the start of ``start`` once its end (or the limit) is in sight."""
+        for length, byte in enumerate(start[:METHOD_TOKEN_LIMIT]):
+            if byte not in TCHAR:
+                token = start[:length].decode("latin-1")
+                if byte == 0x20 and token:  # SP: a whole, well-formed token
+                    self._fail(MethodNotImplemented(f"method {token!r} is not implemented"))
+                else:
+                    self._fail(BadRequest(f"invalid method {start[:length + 1].decode('latin-1')!r}"))
+                return
+        if len(start) >= METHOD_TOKEN_LIMIT:
+            self._fail(MethodNotImplemented(f"method {start[:METHOD_TOKEN_LIMIT].decode('latin-1')!r}... "
+                                            "is not implemented"))
+            return
+        self._method_token = bytes(start)  # the token goes on in the next read
 
     def mid_message(self) -> bool:
         """True between the first byte of a request and the end of its body."""
-        return self._in_head or self._head_done
+        phase = self._phase
+        return phase is IN_HEAD or phase is IN_BODY or phase is IN_SKIPPED_BODY
 
     def release(self) -> None:
         """Let go of llhttp, once the connection is closed: nothing may be fed after.
@@ -189,30 +331,27 @@ class RequestParser:
         spared a callback and a copy.
         """
         length = self._content_length
-        if not self._head_done or self._chunked or length is None or self.upgraded or self._failed:
+        if self._phase is not IN_BODY or self._chunked or length is None or self.upgraded:
             return 0
         left = length - self._body_bytes
         if left <= 0:
             return 0
         self._parser = httptools.HttpRequestParser(self)  # the old one sits mid-body
-        self._head_done = False
+        self._phase = BETWEEN
         return left
 
     # -- httptools callbacks ------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._messages_begun += 1
-        self._start_message()
-        self._in_head = True
-
     def on_url(self, piece: bytes) -> None:
-        self._target += piece
-        if len(self._target) > self.limits.request_line_bytes:
+        target = self._target + piece
+        self._target = target
+        if len(target) > self._line_limit:
             raise RequestLineTooLong(f"request target longer than {self.limits.request_line_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
-        if len(name) + len(value) > self._field_bytes or len(headers) >= self._max_fields or self._head_done:
+        if len(name) + len(value) > self._field_bytes or len(headers) >= self._max_fields or \
+                self._phase is not IN_HEAD:
             self._unusual_header(name, value)
             return
         headers.append((name, value))
@@ -228,15 +367,25 @@ class RequestParser:
                 # llhttp already rejects signs, junk, overflow and duplicates.
                 self._content_length = int(value)
             elif lowered == b"transfer-encoding":
-                self._on_transfer_encoding(value)
+                # Its lines form one list (RFC 9110 §5.3), judged once the head is complete.
+                if not self._chunked:
+                    self._chunked = True  # for now: "has a Transfer-Encoding"
+                    self._codings = []
+                self._codings += [c.strip().lower() for c in value.split(b",")]
             elif lowered == b"expect":
                 self._expect_continue = value.strip().lower() == b"100-continue"
+            elif lowered == b"content-type":
+                # Which of two media types applies is anyone's guess, and a
+                # proxy may guess otherwise: refuse, as for Host.
+                if self._content_type_in == self._messages_begun:
+                    raise BadRequest("more than one Content-Type header")
+                self._content_type_in = self._messages_begun
 
     def _unusual_header(self, name: bytes, value: bytes) -> None:
         """A field over a limit, or a trailer field after a chunked body."""
         if len(name) + len(value) > self._field_bytes:
             raise HeaderTooLarge(f"header field longer than {self._field_bytes} bytes")
-        if self._head_done:
+        if self._phase is not IN_HEAD:
             # A trailer field (RFC 9112 §7.1.2): we may discard it, and do,
             # but count it so trailers cannot stream in without end.
             self._trailer_fields += 1
@@ -245,18 +394,25 @@ class RequestParser:
             return
         raise HeaderTooLarge(f"more than {self._max_fields} header fields")
 
-    def _on_transfer_encoding(self, value: bytes) -> None:
-        # RFC 9112 §6.1: chunked must be the final coding.  We decode no other
-        # coding, so "chunked" alone is the only value we can frame safely.
-        if self._chunked:
-            raise BadRequest("more than one Transfer-Encoding header")
-        codings = [c.strip().lower() for c in value.split(b",")]
+    def _check_transfer_coding(self, version: str) -> None:
+        """Judge the message's Transfer-Encoding, all its lines together: chunked alone, or refuse.
+
+        The same list gets the same status whether it came on one line or
+        several (RFC 9110 §5.3).
+        """
+        if version == "1.0":
+            # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        codings = self._codings
         if codings == [b"chunked"]:
-            self._chunked = True
-        elif codings[-1] == b"chunked" and all(codings):
-            raise NotImplementedCoding(f"transfer coding {value.decode('latin-1')!r} is not supported")
-        else:
-            raise BadRequest(f"invalid Transfer-Encoding {value.decode('latin-1')!r}")
+            return
+        shown = b", ".join(codings).decode("latin-1")
+        # RFC 9112 §6.1: chunked must be the final coding, applied once.  We
+        # decode no other coding: a well-formed list that ends in chunked is
+        # merely one we cannot serve.
+        if codings[-1] == b"chunked" and codings.count(b"chunked") == 1 and all(codings):
+            raise NotImplementedCoding(f"transfer coding {shown!r} is not supported")
+        raise BadRequest(f"invalid Transfer-Encoding {shown!r}")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -264,26 +420,85 @@ class RequestParser:
         if version not in SUPPORTED_VERSIONS:
             raise VersionNotSupported(f"HTTP/{version} is not supported")
         target = self._target
-        method = parser.get_method().decode("ascii")
+        raw_method = parser.get_method()
+        if self._messages_begun != self._since_first or \
+                not self._since.startswith(b"%b %b HTTP/" % (raw_method, target)):
+            self._check_request_line(raw_method, target)
+        method = raw_method.decode("ascii")
         if target[:1] != b"/":
             self._check_target(method, target)
         if not self._host_seen and version == "1.1":
             raise BadRequest("HTTP/1.1 request without Host header")  # RFC 9112 §3.2
-        if self._chunked and version == "1.0":
-            # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
-            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        if self._chunked:
+            self._check_transfer_coding(version)
         length = self._content_length
-        limit = self.limits.body_bytes
+        limit = self._body_limit
         if limit and length is not None and length > limit:
             raise BodyTooLarge(f"Content-Length {length} exceeds {limit}")
-        self._in_head = False
-        self._head_done = True
         # httptools makes llhttp skip the body of an Upgrade request; we read it.
-        self._body_skipped = parser.should_upgrade() and (self._chunked or bool(length))
+        self._phase = IN_SKIPPED_BODY if parser.should_upgrade() and (self._chunked or length) else IN_BODY
         self._events.append(
             Request(method, target, version, tuple(self._headers), parser.should_keep_alive(),
                     self._expect_continue and version == "1.1", self._chunked, length)
         )
+
+    def _check_request_line(self, method: bytes, target: bytes) -> None:
+        """Refuse a request line whose protocol is not HTTP (RFC 9112 §2.3, §3).
+
+        llhttp also parses RTSP/1.0 and ICE/1.0 requests, and reports
+        their version alone.  The line is looked for in the bytes it came
+        in (its usual place, the start of the read, was checked already).
+        If every line there with this method and target says HTTP, so does
+        this one.  Otherwise the first message's is read at the start, and
+        a later one's looked for from where the last line found ended, up
+        to the first occurrence that says HTTP.  The request's own line is always among them, so a
+        valid request is never refused; another occurrence saying HTTP
+        before it (a body quoting a request line) lets one through, which
+        llhttp framed like any HTTP request anyway.
+        """
+        buffer = self._since
+        if buffer is LOST:
+            return  # more than SINCE_LIMIT_BYTES back: llhttp's own check of the line stands
+        checked = (buffer, len(buffer), method, target)
+        if checked == self._all_http:
+            return
+        line = re.compile(re.escape(method) + rb" +" + re.escape(target) + rb" +([^ /\r\n]*)/")
+        if set(line.findall(buffer)) == {b"HTTP"}:
+            # Every line with this method and target in these bytes says
+            # HTTP, this request's among them: pipelined requests alike
+            # (the usual kind) are settled by one scan for all of them.
+            self._all_http = checked
+            return
+        if self._messages_begun == self._since_first:
+            # The first message in these bytes starts them, after any empty lines.
+            start = 0
+            while buffer.startswith(b"\r\n", start):
+                start += 2
+            first = line.match(buffer, start)
+            if first is not None:
+                self._line_found = (buffer, first.end())
+                if first.group(1) != b"HTTP":
+                    raise BadRequest(f"protocol {first.group(1).decode('latin-1')!r} is not HTTP")
+                return
+        mark, start = self._line_found
+        if mark is not buffer:
+            start = 1  # the first message's line, which starts these bytes, was checked at 0
+        # Usually (pipelined requests) the next occurrence is this request's
+        # own line, saying HTTP with single spaces: two finds tell.
+        http_line = b"%b %b HTTP/" % (method, target)
+        found = buffer.find(http_line, start)
+        if found >= 0 and found == buffer.find(http_line[:-5], start):
+            self._line_found = (buffer, found + len(http_line))
+            return
+        other = b""
+        for found_line in line.finditer(buffer, start):
+            protocol = found_line.group(1)
+            if protocol == b"HTTP":
+                self._line_found = (buffer, found_line.end())  # the next request's line comes after it
+                return
+            other = other or protocol
+        if other:
+            raise BadRequest(f"protocol {other.decode('latin-1')!r} is not HTTP")
 
     @staticmethod
     def _check_target(method: str, target: bytes) -> None:
@@ -304,20 +519,42 @@ class RequestParser:
 
     def on_body(self, data: bytes) -> None:
         self._body_bytes += len(data)
-        limit = self.limits.body_bytes
+        limit = self._body_limit
         if limit and self._body_bytes > limit:
             raise BodyTooLarge(f"request body exceeds {limit} bytes")
         self._events.append(BodyChunk(data))
 
     def on_message_complete(self) -> None:
-        if self._body_skipped:
+        if self._phase is IN_SKIPPED_BODY:
             return  # llhttp skipped the body; _SkippedBody ends the message
         self._events.append(END_OF_MESSAGE)
-        self._head_done = False
+        self._phase = BETWEEN
 
     def _end_skipped_body(self) -> None:
-        self._body_skipped = False
-        self.on_message_complete()
+        self._phase = UPGRADED
+        self._events.append(END_OF_MESSAGE)
+
+
+class _MessageCounter:
+    """httptools' protocol for a parser that only counts the messages begun (see _count_messages)."""
+
+    __slots__ = ("begun",)
+
+    def __init__(self) -> None:
+        self.begun = 0
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+
+def _count_messages(data: bytes) -> int:
+    """How many messages begin in ``data`` parsed from a message boundary, up to any error."""
+    counter = _MessageCounter()
+    try:
+        httptools.HttpRequestParser(counter).feed_data(data)
+    except httptools.HttpParserError:
+        pass
+    return counter.begun
 
 
 class _SkippedBody:
@@ -329,8 +566,9 @@ class _SkippedBody:
     dropped: the connection closes after an Upgrade request.
     """
 
-    def __init__(self, owner: RequestParser, chunked: bool, content_length: int | None) -> None:
+    def __init__(self, owner: RequestParser, chunked: bool, content_length: int | None, first: bytes) -> None:
         self._owner = owner
+        self.first = first  # the body's bytes in the read that ended the head
         self._in_body = False
         self.done = False
         self._parser = httptools.HttpRequestParser(self)

@@ -137,6 +137,17 @@ def bad_status(environ, start_response):
     return [b"x"]
 
 
+def two_lengths(environ, start_response):
+    start_response("200 OK", [("Content-Length", "1"), ("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"xy"]
+
+
+def informational(environ, start_response):
+    """A 1xx status, which only the server may send (QUERY_STRING picks which)."""
+    start_response(environ.get("QUERY_STRING").replace("%20", " ") or "101 Switching Protocols", [])
+    return [b""]
+
+
 def hop_by_hop(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "keep-alive")])
     return [b"x"]

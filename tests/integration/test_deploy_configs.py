@@ -30,9 +30,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import APPS, ROOT, listening_socket, poll, read_all
+import yaml
+from harness import APPS, ROOT, listening_socket, poll, read_all, serving_in_thread
+from prometheus_client.parser import text_string_to_metric_families
 
-from forkserver.config import load_config
+from forkserver.aggregator import Aggregator
+from forkserver.sources import load_config
+from forkserver.status import StatusServer, render_prometheus
 
 CONF = ROOT / "conf"
 SERVICE, SOCKET = CONF / "systemd" / "forkserver.service", CONF / "systemd" / "forkserver.socket"
@@ -40,6 +44,7 @@ NGINX_SITE = CONF / "nginx" / "forkserver.conf"
 REFERENCE_TOML = CONF / "forkserver.toml"
 K8S_TOML, ENTRYPOINT, MANIFEST = CONF / "k8s" / "forkserver.toml", CONF / "k8s" / "entrypoint.sh", \
     CONF / "k8s" / "deployment.yaml"
+AUTOSCALING = CONF / "k8s" / "autoscaling.yaml"
 DEADLINE = 20.0
 
 # Every file in conf/ and the test that runs or checks it; a new file needs a test.
@@ -50,7 +55,8 @@ EXERCISED = {
     "systemd/forkserver.socket": "test_systemd_units_pass_systemd_analyze_verify, test_socket_activation_*",
     "k8s/entrypoint.sh": "test_container_entry_point_*",
     "k8s/forkserver.toml": "test_container_entry_point_*, test_k8s_manifest_*",
-    "k8s/deployment.yaml": "test_k8s_manifest_*",
+    "k8s/deployment.yaml": "test_k8s_manifest_*, test_k8s_autoscaling_*",
+    "k8s/autoscaling.yaml": "test_k8s_autoscaling_*",
 }
 
 
@@ -330,7 +336,7 @@ def manifest_values() -> dict[str, object]:
     return {
         "grace": int(single(r"^\s+terminationGracePeriodSeconds:\s*(\d+)\s*$")),
         "pre_stop_sleep": int(single(r'preStop:\s*\n\s*exec:\s*\n\s*command:\s*\["sleep",\s*"(\d+)"\]')),
-        "container_port": int(single(r"^\s+containerPort:\s*(\d+)\s*$")),
+        "container_port": int(single(r"-\s+name:\s*http\s*\n\s+containerPort:\s*(\d+)\s*$")),
         "command": single(r'^\s+command:\s*\["(/[^"]+)"\]\s*$'),
         "workers": int(single(r'-\s+name:\s*FORKSERVER_WORKERS\s*\n\s+value:\s*"(\d+)"')),
         "probes": {name: body for name, body in probes},
@@ -491,3 +497,80 @@ def test_health_path_is_off_by_default_and_validated(server):
                                 check=False)
         assert result.returncode == 78, (bad, result)
         assert "health_path must be" in result.stderr, result.stderr
+
+
+# -- autoscaling on the pods' metrics ---------------------------------------------------------------
+
+
+def k8s_documents(path: Path) -> list[dict]:
+    return list(yaml.safe_load_all(path.read_text()))
+
+
+def pod_container() -> tuple[dict, dict, dict[str, dict]]:
+    """The Deployment's pod template, its one container, and that container's env by name."""
+    deployment = k8s_documents(MANIFEST)[0]
+    assert deployment["kind"] == "Deployment"
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    return pod, container, {entry["name"]: entry for entry in container["env"]}
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name a forkserver /metrics shows, from the real renderer."""
+    aggregator = Aggregator()
+    aggregator.add_worker(1, pid=1, slot=0, generation=1)
+    listener = {"address": "http://10.1.2.3:8000", "accept_queue": 0, "accept_queue_max": 4096,
+                "accept_queue_peak": 0}
+    text = render_prometheus(aggregator.snapshot({1: {"threads": 1, "requests_in_flight": 0}}, [listener]))
+    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_k8s_autoscaling_scales_the_deployment_on_metrics_its_pods_export():
+    deployment = k8s_documents(MANIFEST)[0]
+    scaled, rule = k8s_documents(AUTOSCALING)
+    assert (scaled["apiVersion"], scaled["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    pod, _, env = pod_container()
+    triggers = scaled["spec"]["triggers"]
+    queries = [trigger["metadata"]["query"] for trigger in triggers]
+    queries += [rule["expr"] for group in rule["spec"]["groups"] for rule in group["rules"]]
+    exported = exported_metric_names()
+    for query in queries:
+        names = set(re.findall(r"\bforkserver_\w+", query))
+        assert names and names <= exported, f"{query!r} names a metric forkserver does not export"
+        for label, value in re.findall(r'\{(\w+)="([^"]*)"\}', query):
+            assert pod["metadata"]["labels"].get(label) == value, f"{query!r} selects pods the Deployment lacks"
+    # The scaling target is busy threads per pod: a share of the threads each pod has.
+    (busy,) = [trigger for trigger in triggers if trigger["type"] == "prometheus"]
+    assert busy["metadata"]["query"].startswith("sum(rate(forkserver_thread_busy_seconds_total{")
+    config = load_config(["-c", str(K8S_TOML)], {}).config
+    threads_per_pod = int(env["FORKSERVER_WORKERS"]["value"]) * config.threads
+    assert 0.3 <= float(busy["metadata"]["threshold"]) / threads_per_pod <= 0.9
+
+
+def test_k8s_autoscaling_pods_serve_metrics_on_the_pod_address_to_the_allowed_only(tmp_path):
+    pod, container, env = pod_container()
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    bind = env["FORKSERVER_STATS_BIND"]["value"]
+    assert bind.startswith("$(POD_IP):"), "the endpoint belongs on the pod's own address"
+    port = int(bind.rpartition(":")[2])
+    ports = {entry["name"]: entry["containerPort"] for entry in container["ports"]}
+    annotations = pod["metadata"]["annotations"]
+    assert ports["metrics"] == port == int(annotations["prometheus.io/port"])
+    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/path"]) == ("true", "/metrics")
+    # The environment as the kubelet expands it, read by forkserver's own loader.
+    environ = {"FORKSERVER_STATS_BIND": bind.replace("$(POD_IP)", "10.1.2.3"),
+               "FORKSERVER_STATS_ALLOW_IPS": env["FORKSERVER_STATS_ALLOW_IPS"]["value"]}
+    config = load_config(["-c", str(K8S_TOML)], environ).config
+    assert config.stats_bind == f"10.1.2.3:{port}" and config.stats_allow_ips
+    # A bind beyond loopback is refused without an allow-list; with the pod's it
+    # starts, and a client not on the list (loopback here) is cut off unanswered.
+    server = StatusServer("0.0.0.0:0", lambda reader: {}, allow=config.stats_allow_ips)
+    try:
+        with serving_in_thread(server, DEADLINE):
+            with socket.create_connection(("127.0.0.1", int(server.address.rpartition(":")[2])), timeout=5) as conn:
+                conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_all(conn) == b""
+    finally:
+        server.close()

@@ -490,7 +490,8 @@ def test_usr2_with_a_broken_app_leaves_the_old_master_in_charge(server, app_modu
     srv = server("lc_versioned:app", "-w", "2", "--pythonpath", str(app_module.parent), "-b", f"unix:{sock_path}",
                  "--pid", str(pidfile), env=NO_BYTECODE, wait=False)
     poll(lambda: try_unix_get(sock_path), timeout=READY, what="the unix socket to answer")
-    poll(lambda: len(live_children(srv.pid)) == 2, timeout=READY, what="two workers")
+    # Both booted: a worker still importing would import the broken code written next.
+    poll(lambda: len(live_children(srv.pid)) == 2 and not srv.booting_pids(), timeout=READY, what="two workers")
     old_workers = set(live_children(srv.pid))
     app_module.write_text("raise RuntimeError('deploy broke the app on purpose')\n")
     new_master = 0

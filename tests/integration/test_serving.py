@@ -278,6 +278,8 @@ def test_app_exception_after_headers_aborts_the_connection(server):
     ("basic:returns_str", "not bytes"),
     ("basic:bad_status", "is not 'NNN Reason'"),
     ("basic:hop_by_hop", "hop-by-hop header 'Connection'"),
+    ("basic:two_lengths", "two different Content-Length headers: 1 and 2"),
+    ("basic:informational", "'101 Switching Protocols' is informational"),
 ])
 def test_pep3333_violations_get_500_and_one_log_line(server, app, words):
     srv = server(app, "-w", "1")
@@ -289,6 +291,15 @@ def test_pep3333_violations_get_500_and_one_log_line(server, app, words):
     lines = poll(lambda: violations() if len(violations()) > before else None, what="violation line")
     assert len(lines) == before + 1 and words in lines[-1]
     assert "Traceback" not in srv.log()
+
+
+def test_every_informational_status_from_the_app_is_a_500_and_the_worker_goes_on(server):
+    srv = server("basic:informational", "-w", "1")
+    for status in ("100%20Continue", "103%20Early%20Hints", "199%20Whatever"):
+        answer = raw_request(srv.port, f"GET /?{status} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 500 ") and answer.count(b"HTTP/1.1") == 1, answer
+    lines = poll(lambda: [ln for ln in srv.log().splitlines() if "is informational (1xx)" in ln], what="log lines")
+    assert any("103 Early Hints" in line for line in lines) and "Traceback" not in srv.log()
 
 
 @pytest.mark.parametrize("mode", ["fail", "big"])

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -101,3 +102,30 @@ def test_a_stop_sends_the_last_requests_and_a_respawn_is_counted(server, receive
     srv.signal(signal.SIGTERM)  # at once: the worker's last report comes with its exit
     assert srv.wait_exit() == 0
     assert receiver.read().counters["gunicorn.request.status.4xx"] == 3
+
+
+def test_saturation_gauges_show_a_busy_worker_and_its_queued_connections(server, receiver):
+    srv = server("basic:slow", "-w", "1", "--statsd-host", receiver.address, ready_path="/?0", workers=1)
+    listener = f"forkserver.listener.127_0_0_1_{srv.port}"
+    poll(lambda: receiver.read().gauges.get("forkserver.threads") == 1, what="the serving thread")
+    queued, slow = 3, 4.0
+    holder = threading.Thread(target=requests.get, args=(f"{srv.url}/?{slow}",), kwargs={"timeout": 30},
+                              daemon=True)
+    holder.start()
+    waiting = []
+    try:
+        poll(lambda: receiver.read().gauges.get("forkserver.requests_in_flight") == 1, what="the busy worker")
+        for _ in range(queued):
+            conn = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+            conn.sendall(b"GET /?0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            waiting.append(conn)
+        poll(lambda: receiver.read().gauges.get(f"{listener}.accept_queue_peak") == queued, what="the queue's peak")
+        gauges = receiver.gauges
+        assert gauges["forkserver.threads_busy_ratio"] == 1.0
+        assert gauges[f"{listener}.accept_queue_max"] > 0
+    finally:
+        holder.join(30)
+        for conn in waiting:
+            conn.close()
+    poll(lambda: receiver.read().gauges.get("forkserver.threads_busy_ratio") == 0.0, what="the worker to be idle")
+    poll(lambda: receiver.read().counters["forkserver.thread_busy_ms"] >= slow * 1000, what="the busy time")

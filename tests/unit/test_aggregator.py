@@ -187,3 +187,64 @@ def test_lost_log_lines_and_rejected_messages_only_ever_grow():
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert families["forkserver_log_lines_dropped"].samples[0].value == 9
     assert families["forkserver_stats_messages_rejected"].samples[0].value == 2
+
+
+def test_busy_thread_seconds_count_requests_in_flight_and_never_go_down():
+    """A long request shows while it runs; the gap before the worker reports its end is not a dip."""
+    agg = Aggregator()
+    agg.add_worker(1, pid=1, slot=0, generation=1)
+    agg.set_state(1, "busy")
+    agg.ingest(1, counters(requests=2, duration_sum=1.0))
+
+    def busy(in_flight_seconds: float) -> tuple[float, float, float]:
+        doc = agg.snapshot({1: {"threads": 4, "requests_in_flight": 1 if in_flight_seconds else 0,
+                                "in_flight_seconds": in_flight_seconds}})
+        return (doc["saturation"]["thread_busy_seconds"], doc["slots"][0]["thread_busy_seconds"],
+                doc["workers"][0]["thread_busy_seconds"])
+
+    assert busy(2.5) == (3.5, 3.5, 3.5)  # 1 s finished + 2.5 s so far on the one in flight
+    assert busy(0.0) == (3.5, 3.5, 3.5)  # it ended, its duration not reported yet: held, not dropped
+    agg.ingest(1, counters(requests=3, duration_sum=3.6))  # the report: its whole 2.6 s
+    assert busy(0.0) == (3.6, 3.6, 3.6)
+    agg.worker_exited(1, "died")
+    agg.add_worker(2, pid=2, slot=0, generation=1)
+    agg.ingest(2, counters(pid=2, requests=1, duration_sum=0.5))
+    doc = agg.snapshot()
+    assert doc["slots"][0]["thread_busy_seconds"] == pytest.approx(4.1)  # the slot's series keeps growing
+    assert doc["saturation"]["thread_busy_seconds"] == pytest.approx(4.1)
+
+
+def test_saturation_counts_serving_threads_and_the_busy_ones_of_retiring_workers():
+    agg = Aggregator()
+    for pid, state in ((1, "busy"), (2, "idle"), (3, "retiring"), (4, "booting")):
+        agg.add_worker(pid, pid=pid, slot=pid, generation=1)
+        agg.set_state(pid, state)
+    extra = {1: {"threads": 4, "requests_in_flight": 4, "in_flight_seconds": 1.0},
+             2: {"threads": 4, "requests_in_flight": 0},
+             3: {"threads": 4, "requests_in_flight": 2, "in_flight_seconds": 9.0},
+             4: {"threads": 4, "requests_in_flight": 0}}
+    saturation = agg.snapshot(extra)["saturation"]
+    assert saturation == {"threads": 10, "requests_in_flight": 6, "threads_busy_ratio": 0.6,
+                          "thread_busy_seconds": 10.0}
+    assert Aggregator().snapshot()["saturation"] == {"threads": 0, "requests_in_flight": 0,
+                                                      "threads_busy_ratio": 0.0, "thread_busy_seconds": 0.0}
+
+
+def test_prometheus_saturation_families():
+    agg = Aggregator()
+    agg.add_worker(1, pid=1, slot=0, generation=1)
+    agg.set_state(1, "busy")
+    listeners = [{"address": "http://127.0.0.1:8000", "accept_queue": 1, "accept_queue_max": 128,
+                  "accept_queue_peak": 9},
+                 {"address": "unix:/x", "accept_queue": None, "accept_queue_max": None, "accept_queue_peak": None}]
+    text = agg.prometheus(agg.snapshot({1: {"threads": 2, "requests_in_flight": 1, "in_flight_seconds": 0.25}},
+                                       listeners))
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    value = {name: [(s.labels, s.value) for s in families[name].samples] for name in families}
+    assert value["forkserver_threads"] == [({}, 2)]
+    assert value["forkserver_requests_in_flight"] == [({}, 1)]
+    assert value["forkserver_threads_busy_ratio"] == [({}, 0.5)]
+    assert families["forkserver_thread_busy_seconds"].type == "counter"
+    assert value["forkserver_thread_busy_seconds"] == [({"worker": "0"}, 0.25)]
+    assert value["forkserver_listener_accept_queue_max"] == [({"listener": "http://127.0.0.1:8000"}, 128)]
+    assert value["forkserver_listener_accept_queue_peak"] == [({"listener": "http://127.0.0.1:8000"}, 9)]

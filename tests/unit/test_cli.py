@@ -9,7 +9,8 @@ import sys
 import pytest
 
 import forkserver
-from forkserver.config import cli_flag, load_config, settings
+from forkserver.config import cli_flag, settings
+from forkserver.sources import load_config
 from forkserver.errors import EXIT_APP_LOAD, EXIT_CONFIG
 
 
@@ -43,6 +44,13 @@ def test_help_lists_the_actions_and_renders_percent_signs(help_text):
     for flag in ("-c", "--config", "--check-config", "--version", "--no-preload"):
         assert flag in help_text
     assert "%(x)s" in help_text  # argparse would choke on a raw %; the schema's help escapes it
+
+
+def test_help_names_the_stats_and_top_commands_and_gunicorns_spellings(help_text):
+    assert "forkserver stats ADDR" in help_text and "forkserver top ADDR" in help_text
+    for flag in ("--keep-alive", "--log-file", "--limit-request-field_size", "--certfile", "--print-config",
+                 "--worker-class", "docs/gunicorn.md"):
+        assert flag in help_text
 
 
 def test_short_help_flag_too():
@@ -120,10 +128,17 @@ def test_bad_flag_is_one_error_line_and_exit_78():
 @pytest.mark.parametrize("argv, fragment", [
     (["myapp:create_app(", "-b", "127.0.0.1:0"], "'myapp:create_app('"),
     (["myapp:app.attr", "-b", "127.0.0.1:0"], "is not a name or a call"),
-    (["-b", "127.0.0.1:0"], "no app given"),
 ])
 def test_missing_or_malformed_app_spec_fails_before_starting(argv, fragment):
     result = forkserver_cli(*argv)
     assert result.returncode == EXIT_APP_LOAD
     assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
     assert result.stderr.startswith("forkserver: error: ")  # the master never started, so it never logged
+
+
+def test_no_app_is_a_config_error():
+    """Nothing to serve is a configuration problem (78), as a process supervisor should see it."""
+    result = forkserver_cli("-b", "127.0.0.1:0")
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr == ("forkserver: error: no app given: pass MODULE:CALLABLE, or set 'app' in the "
+                             "config file (wsgi_app in a gunicorn config file)\n")

@@ -24,10 +24,10 @@ from forkserver.config import (
     cli_flag,
     default_of,
     env_name,
-    load_config,
     settings,
 )
 from forkserver.errors import EXIT_CONFIG, ConfigError
+from forkserver.sources import load_config, render_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_CONF = ROOT / "conf" / "forkserver.toml"
@@ -218,7 +218,7 @@ def test_unknown_env_var_with_did_you_mean():
 
 
 def test_env_vars_without_the_prefix_are_ignored():
-    assert load(env={"WORKERS": "x", "GUNICORN_CMD_ARGS": "-w 9", "FORKSERVER": "1"}).workers == load().workers
+    assert load(env={"WORKERS": "x", "FORKSERVER": "1"}).workers == load().workers
 
 
 def test_unknown_cli_flag_with_did_you_mean():
@@ -302,7 +302,13 @@ def test_bad_choice_lists_the_choices(toml):
     path = toml('log_level = "loud"\n')
     assert_mentions(config_error("-c", path), path, "log_level", "one of debug, info, warning, error, critical",
                     "'loud'")
-    assert_mentions(config_error("--log-level", "INFO"), "command line --log-level", "one of debug")
+    assert_mentions(config_error("--log-level", "LOUD"), "command line --log-level", "one of debug")
+
+
+@pytest.mark.parametrize("given, level", [("INFO", "info"), ("Info", "info"), ("info", "info"),
+                                          ("WARN", "warning"), ("fatal", "critical")])
+def test_log_level_in_any_case_as_gunicorn_reads_it(given, level):
+    assert load("--log-level", given).log_level == level
 
 
 @pytest.mark.parametrize("name, value", [
@@ -400,3 +406,11 @@ def test_workers_auto_is_a_word_in_every_source(toml, toml_text, env, argv):
 
 def test_workers_names_auto_when_the_value_is_wrong():
     assert "workers must be an integer or auto, got 'many'" in config_error("-w", "many")
+
+
+def test_print_config_writes_workers_auto_as_the_word_it_reads_back(tmp_path):
+    text = render_toml(load("basic:hello", "-w", "auto"))
+    assert 'workers = "auto"  # from command line --workers' in text.splitlines()
+    path = tmp_path / "printed.toml"
+    path.write_text(text)
+    assert load("-c", str(path)).workers == AUTO_WORKERS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from forkserver.config import load_config
+from forkserver.sources import load_config
 from forkserver.errors import ConfigError
 from forkserver.logconfig import effective_dict, one_line, read_ini
 

@@ -513,3 +513,50 @@ def test_a_released_parser_is_freed_at_once_not_by_the_cycle_collector(request_b
     finally:
         gc.enable()
         gc.collect()
+
+
+# -- the request line: protocol name and method (RFC 9112 §3, RFC 9110 §9.1) -----------------
+
+CHUNKED = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+SIZED = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def last_status(events: list) -> int | None:
+    return events[-1].status if events and isinstance(events[-1], ProtocolError) else None
+
+
+@pytest.mark.parametrize("before", [b"", GET, CHUNKED, SIZED, GET + b"\r\n"], ids=["alone", "get", "chunked", "sized", "crlf"])
+@pytest.mark.parametrize(("line", "status"), [
+    (b"FROB / HTTP/1.1", 501),
+    (b"get / HTTP/1.1", 501),
+    (b"GE / HTTP/1.1", 501),  # a prefix of a method llhttp knows is still unknown
+    (b"DESCRIBE / HTTP/1.1", 501),  # a method llhttp knows from RTSP alone
+    (b"G@T / HTTP/1.1", 400),
+    (b"GET / RTSP/1.0", 400),
+    (b"SOURCE / ICE/1.0", 400),
+    (b"GET /x HTTP/1.1", None),
+])
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_the_request_line_is_judged_the_same_behind_any_request_and_however_cut(before, line, status, step):
+    events, _ = feed_all(before + line + b"\r\nHost: a\r\n\r\n", step=step)
+    assert last_status(events) == status, events
+    served = [e for e in events if isinstance(e, Request)]
+    assert len(served) == (1 if before else 0) + (status is None), events
+
+
+def test_an_unknown_method_longer_than_the_limit_is_not_implemented():
+    events, _ = feed_all(b"X" * 100, step=7)
+    assert last_status(events) == 501
+
+
+def test_an_http_line_elsewhere_does_not_hide_an_rtsp_request():
+    body = b"GET /s RTSP/1.0\r\n"
+    events, _ = feed_all(request_with(b"Content-Length: %d\r\n" % len(body), method=b"POST", body=body)
+                         + b"GET /s RTSP/1.0\r\nHost: a\r\n\r\n")
+    assert last_status(events) == 400 and "RTSP" in events[-1].detail
+
+
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_an_rtsp_request_pipelined_before_an_http_one_with_the_same_line_is_refused(step):
+    events, _ = feed_all(b"GET / RTSP/1.0\r\nHost: a\r\n\r\n" + GET, step=step)
+    assert last_status(events) == 400 and not any(isinstance(e, Request) for e in events)

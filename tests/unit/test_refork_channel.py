@@ -9,7 +9,7 @@ import time
 import pytest
 
 from forkserver import refork
-from forkserver.config import load_config
+from forkserver.sources import load_config
 from forkserver.errors import ConfigError
 from forkserver.notices import Notice
 

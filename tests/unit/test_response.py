@@ -21,6 +21,8 @@ from forkserver.http.errors import (
     RequestLineTooLong,
     VersionNotSupported,
 )
+from harness import ParsedResponse as Parsed
+
 from forkserver.http.response import (
     CONTINUE_RESPONSE,
     LAST_CHUNK,
@@ -34,33 +36,6 @@ from forkserver.http.response import (
 DATE = b"Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
 IMF_FIXDATE = re.compile(rb"Date: (Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
                          rb"\d{4} \d\d:\d\d:\d\d GMT\r\n\Z")
-
-
-class Parsed:
-    """A response read back by llhttp."""
-
-    def __init__(self, data: bytes) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body = b""
-        self.complete = 0
-        self.parser = httptools.HttpResponseParser(self)
-        self.parser.feed_data(data)
-        self.status = self.parser.get_status_code()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self.keep_alive = self.parser.should_keep_alive()
-
-    def on_body(self, data: bytes) -> None:
-        self.body += data
-
-    def on_message_complete(self) -> None:
-        self.complete += 1
-
-    def header(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
 
 
 # -- build_head -------------------------------------------------------------------------

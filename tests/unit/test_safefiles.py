@@ -154,11 +154,12 @@ def test_log_file_refuses_a_link_at_open_and_at_reopen(tmp_path, victim):
     try:
         path.rename(tmp_path / "error.log.1")  # logrotate moves it away; someone plants a link in its place
         path.symlink_to(victim)
-        with pytest.raises(ConfigError, match=LINK_REFUSED):
-            log.reopen()
+        assert log.reopen() is False  # refused, logged, and the old file kept
+        log.write(b"still here\n")
     finally:
         os.close(log.fd)
     assert victim.read_text() == "precious\n"
+    assert (tmp_path / "error.log.1").read_text() == "still here\n"
 
 
 def test_pidfile_refuses_a_link_and_writes_under_an_unpredictable_name(tmp_path, victim):

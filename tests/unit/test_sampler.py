@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from forkserver.sampler import ProcessSampler, accept_queue_depth, listener_stats
+from forkserver.sampler import BacklogWatch, ProcessSampler, accept_queue_depth, listener_stats, somaxconn
 from forkserver.sockets import bind, parse_address
 
 DEADLINE = 10.0  # seconds to wait for the kernel to show what the test did
@@ -112,7 +112,9 @@ def test_listener_stats_describes_real_listeners(tmp_path):
         _wait_for_depth(listeners[0].sock, 2)
         tcp, unix = listener_stats(listeners)
         assert tcp["address"].startswith("http://127.0.0.1:") and tcp["accept_queue"] == 2
-        assert unix == {"address": f"unix:{tmp_path / 'app.sock'}", "accept_queue": None}
+        assert tcp["accept_queue_max"] == 8 and tcp["accept_queue_peak"] == 2
+        assert unix == {"address": f"unix:{tmp_path / 'app.sock'}", "accept_queue": None,
+                        "accept_queue_max": None, "accept_queue_peak": None}
         for client in clients:
             client.close()
     finally:
@@ -141,3 +143,52 @@ def test_process_sampler_reads_a_live_child_and_caches_it():
         os.waitpid(pid, 0)
     sampler.forget(pid)
     assert sampler.read(pid) == {}  # reaped: gone
+
+
+def test_the_queue_maximum_is_the_backlog_the_kernel_applies():
+    """A backlog above net.core.somaxconn is cut to it by listen(): the maximum says what really holds."""
+    cap = somaxconn()
+    assert cap is not None and cap > 0
+    listener = bind(parse_address("127.0.0.1:0"), backlog=cap + 1000, reuse_port=False, unix_mode=0o600)
+    try:
+        (entry,) = listener_stats([listener])
+        assert entry["accept_queue_max"] == cap
+    finally:
+        listener.close()
+
+
+def test_the_reuse_port_maximum_sums_the_workers_sockets():
+    listener = bind(parse_address("127.0.0.1:0"), backlog=16, reuse_port=True, unix_mode=0o600)
+    workers = [listener.worker_socket() for _ in range(3)]
+    try:
+        (entry,) = listener_stats([listener])
+        assert (entry["accept_queue"], entry["accept_queue_max"]) == (0, 3 * min(16, somaxconn()))
+    finally:
+        for sock in workers:
+            sock.close()
+        listener.close()
+
+
+def test_backlog_peaks_outlive_the_burst_until_each_reader_takes_its_own():
+    """A burst that drained before anyone read is still seen by every reader, once."""
+    listener = bind(parse_address("127.0.0.1:0"), backlog=16, reuse_port=False, unix_mode=0o600)
+    watch = BacklogWatch(("/stats", "/metrics", "statsd"))
+    try:
+        clients = _connect_many(listener.sock.getsockname(), socket.AF_INET, 5)
+        _wait_for_depth(listener.sock, 5)
+        watch.sample([listener])
+        for _ in range(5):
+            listener.sock.accept()[0].close()  # the burst drains before any read
+        watch.sample([listener])
+        (entry,) = listener_stats([listener], watch, "/metrics")
+        assert (entry["accept_queue"], entry["accept_queue_peak"]) == (0, 5)
+        (entry,) = listener_stats([listener], watch, "/metrics")
+        assert entry["accept_queue_peak"] == 0  # taken: the next scrape starts afresh
+        (entry,) = listener_stats([listener], watch, "/stats")
+        assert entry["accept_queue_peak"] == 5  # the other readers still have theirs
+        assert watch.take("statsd", listener, 1) == 5
+        assert watch.take("statsd", listener, 1) == 1  # no peak since: the depth now
+        for client in clients:
+            client.close()
+    finally:
+        listener.close()

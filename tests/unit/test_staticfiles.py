@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from forkserver.config import load_config
+from forkserver.sources import load_config
 from forkserver.errors import ConfigError
 from forkserver.static import (
     Mount,

@@ -152,3 +152,24 @@ def test_a_unix_datagram_socket_receives_the_lines(tmp_path):
     finally:
         exporter.close()
         receiver.close()
+
+
+def test_saturation_goes_as_gauges_and_busy_time_as_whole_milliseconds():
+    agg = Aggregator()
+    agg.add_worker(7, pid=7, slot=0, generation=1)
+    agg.set_state(7, "busy")
+    listeners = [{"address": "fd://3 (http://127.0.0.1:8000)", "accept_queue": 2, "accept_queue_max": 128,
+                  "accept_queue_peak": 40},
+                 {"address": "unix:/run/app.sock", "accept_queue": None, "accept_queue_max": None,
+                  "accept_queue_peak": None}]
+    first = agg.snapshot({7: {"threads": 4, "requests_in_flight": 3, "in_flight_seconds": 1.2345}}, listeners)
+    lines = metric_lines(None, first, "app.")
+    assert {"app.forkserver.threads:4|g", "app.forkserver.requests_in_flight:3|g",
+            "app.forkserver.threads_busy_ratio:0.75|g", "app.forkserver.thread_busy_ms:1234|c",
+            "app.forkserver.listener.127_0_0_1_8000.accept_queue:2|g",
+            "app.forkserver.listener.127_0_0_1_8000.accept_queue_max:128|g",
+            "app.forkserver.listener.127_0_0_1_8000.accept_queue_peak:40|g"} <= set(lines)
+    assert not any("unix" in line for line in lines)  # the kernel tells nothing: no line, not a zero
+    second = agg.snapshot({7: {"threads": 4, "requests_in_flight": 3, "in_flight_seconds": 2.0}}, listeners)
+    assert "forkserver.thread_busy_ms:766|c" in metric_lines(first, second, "")  # 2000 - 1234: nothing lost
+    assert not any("thread_busy_ms" in line for line in metric_lines(second, second, ""))

@@ -25,7 +25,7 @@ from forkserver.top import fetch
 DEADLINE = 10.0
 
 
-def sample_snapshot() -> dict:
+def sample_snapshot(reader: str = "/stats") -> dict:
     agg = Aggregator()
     agg.add_worker(1, pid=4242, slot=0, generation=1)
     agg.ingest(1, CountersFlushed(4242, 3, (0, 2, 0, 1, 0), 30, 300, (3,) + (0,) * (len(HISTOGRAM_BUCKETS) - 1),
@@ -161,7 +161,7 @@ def test_oversized_request_gets_431(make_server):
 def test_a_failing_snapshot_is_a_500_and_the_server_carries_on(make_server):
     calls = []
 
-    def snapshot():
+    def snapshot(reader):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("boom")
@@ -209,7 +209,7 @@ def test_a_silent_client_never_holds_up_others_and_is_dropped_after_its_timeout(
 def test_a_client_that_reads_slowly_gets_every_byte_without_blocking_the_server(make_server):
     """A response far bigger than the socket buffers is written as the client makes room."""
     big = sample_snapshot() | {"padding": "p" * 8_000_000}
-    server = make_server("127.0.0.1:0", lambda: big)
+    server = make_server("127.0.0.1:0", lambda reader: big)
     client = connect(server)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     client.sendall(b"GET /stats HTTP/1.1\r\n\r\n")
@@ -301,3 +301,18 @@ def test_fetch_reads_from_a_server_in_a_master_like_loop(address, make_server):
             document = fetch(server.address)
             assert document["workers"][0]["pid"] == 4242
             assert document["totals"]["requests"] == 3
+
+
+def test_the_snapshot_is_told_which_path_reads_it(make_server):
+    """/stats and /metrics keep separate "since the last read" marks, so the server says which one asks."""
+    readers = []
+
+    def snapshot(reader):
+        readers.append(reader)
+        return sample_snapshot()
+
+    server = make_server("127.0.0.1:0", snapshot)
+    for request in (b"GET /metrics HTTP/1.1\r\n\r\n", b"GET /stats HTTP/1.1\r\n\r\n",
+                    b"HEAD /metrics HTTP/1.1\r\n\r\n"):
+        assert exchange(server, request)[0] == 200
+    assert readers == ["/metrics", "/stats", "/metrics"]

@@ -46,7 +46,9 @@ def fixture_snapshot(workers: int = 4, requests: int = 100, uptime: float = 10.0
     agg.note_reload()
     clock[0] = uptime
     extra = {31000: {"current_request": {"method": "GET", "path": "/slow/" + "x" * 200, "elapsed_seconds": 2.25},
-                     "memory_uss_bytes": 45 * 1024 * 1024}}
+                     "memory_uss_bytes": 45 * 1024 * 1024, "requests_in_flight": 3, "in_flight_seconds": 6.0}}
+    for pid in range(31000, 31000 + workers):
+        extra.setdefault(pid, {})["threads"] = 4
     return agg.snapshot(extra, [{"address": "http://127.0.0.1:8000", "accept_queue": 3}])
 
 
@@ -62,6 +64,7 @@ def test_render_fits_a_plain_80x24_terminal():
     assert "accept queue 3" in text
     assert "reloads 1" in text
     assert "workers 4 (1 busy)" in text
+    assert "threads busy 3/16 (19%)" in text
 
 
 def test_render_shows_the_master_and_the_mold_and_which_mold_forked_each_worker():
@@ -138,7 +141,7 @@ def stats_server(address: str, snapshot):
 def test_fetch_over_tcp_and_unix(tmp_path):
     snapshot = fixture_snapshot()
     for address in ("127.0.0.1:0", f"unix:{tmp_path / 'stats.sock'}"):
-        with stats_server(address, lambda: snapshot) as real:
+        with stats_server(address, lambda reader: snapshot) as real:
             assert fetch(real)["workers"][0]["pid"] == 31000
             if not real.startswith("unix:"):
                 assert fetch(f"http://{real}/")["counters"]["reloads"] == 1  # pasted from a browser
@@ -149,7 +152,7 @@ def test_fetch_errors_are_one_line(tmp_path):
         fetch(f"unix:{tmp_path / 'nope.sock'}")
     with pytest.raises(ForkserverError, match="stats address"):
         fetch("127.0.0.1:notaport")
-    with stats_server("127.0.0.1:0", lambda: {"not": "stats"}) as real:
+    with stats_server("127.0.0.1:0", lambda reader: {"not": "stats"}) as real:
         with pytest.raises(ForkserverError, match="not a forkserver stats document"):
             fetch(real)
         with pytest.raises(ForkserverError, match="HTTP 404"):
@@ -164,12 +167,28 @@ def forkserver_cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:
 
 def test_stats_command_prints_a_table_and_json(tmp_path):
     snapshot = fixture_snapshot()
-    with stats_server(f"unix:{tmp_path / 's.sock'}", lambda: snapshot) as real:
+    with stats_server(f"unix:{tmp_path / 's.sock'}", lambda reader: snapshot) as real:
         table = forkserver_cli("stats", real)
         raw = forkserver_cli("stats", "--json", real)
     assert table.returncode == 0, table.stderr
     assert "SLOT" in table.stdout and all(str(31000 + s) in table.stdout for s in range(4))
     assert raw.returncode == 0 and json.loads(raw.stdout)["workers"][3]["pid"] == 31003
+
+
+def test_stats_into_a_pipe_whose_reader_left_is_quiet(tmp_path):
+    # forkserver stats ADDR --json | head -1: head exits before the document is written.
+    snapshot = fixture_snapshot()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with stats_server(f"unix:{tmp_path / 's.sock'}", lambda reader: snapshot) as real:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FORKSERVER_")}
+            result = subprocess.run([sys.executable, "-m", "forkserver", "stats", "--json", real], stdout=write_end,
+                                    stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0
+    assert result.stderr == ""
 
 
 def test_stats_command_reports_an_unreachable_server_in_one_line(tmp_path):
@@ -250,7 +269,7 @@ class Terminal:
 def live_server(tmp_path):
     state = {"calls": 0}
 
-    def snapshot():
+    def snapshot(reader):
         state["calls"] += 1
         return fixture_snapshot(requests=100 + 10 * state["calls"], uptime=10.0 + state["calls"])
 

@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Where forkserver's start-up time goes, from exec to the first 200.
+
+    python3 scripts/startup_profile.py                  # bench_apps:app, -w 2, as scripts/bench.py starts it
+    python3 scripts/startup_profile.py --app mod:app -w 1
+    python3 scripts/startup_profile.py --modules        # also list every module each process imported
+
+forkserver is started as scripts/bench.py starts it (on a pre-bound loopback
+socket, so a client's connect succeeds at once and its answer comes when the
+first worker serves), but under ``python -X importtime`` and through
+scripts/startup_hook.py, which installs an audit hook and then runs
+``python -m forkserver`` in the same interpreter. The hook writes one line per event to a file, with
+the process's PID and the system-wide monotonic clock: every module import
+(``import``: only modules not imported yet), every ``os.fork``, and when a
+process first asks the kernel for a socket operation
+(``socket.__new__``/``bind``/``connect``). The client, in this process,
+stamps the first 200 on the same clock. So the report is exact about what
+was imported where and in which order (the same on every run), and its
+milliseconds are one start's, which on a shared machine vary by tens of
+percent: the module lists and counts are the deterministic part. Last, it
+times a bare ``python -c pass`` and ``python -c 'import APP_MODULE'``: no
+server of this app can answer sooner than the second.
+
+Every process started is stopped by its PID (SIGINT, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stopping import stop, tree
+
+SCRIPTS = Path(__file__).resolve().parent
+TIMEOUT = 30.0  # seconds the server gets to answer its first request
+FLOOR_RUNS = 5  # starts of a bare interpreter, and of one importing the app, for comparison
+IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")
+
+
+def first_response(port: int, proc: subprocess.Popen[bytes]) -> float:
+    """Monotonic time at which the first response's status line arrived (it must be a 200)."""
+    deadline = time.monotonic() + TIMEOUT
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: startup\r\nConnection: close\r\n\r\n")
+        conn.settimeout(0.01)
+        data = b""
+        while b"\r\n" not in data:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"forkserver exited or did not answer within {TIMEOUT:.0f} s")
+            try:
+                chunk = conn.recv(4096)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise SystemExit("forkserver closed the first connection without answering")
+            data += chunk
+        stamp = time.monotonic()
+    status = data.split(b" ", 2)[1]
+    if status != b"200":
+        raise SystemExit(f"the first response was {status.decode()}, not 200")
+    return stamp
+
+
+def import_times(stderr: str) -> dict[str, tuple[int, int, int]]:
+    """``-X importtime``'s lines: module -> (self us, cumulative us, nesting depth)."""
+    times = {}
+    for line in stderr.splitlines():
+        if match := IMPORT_LINE.match(line):
+            self_us, cumulative, indent, name = match.groups()
+            times.setdefault(name, (int(self_us), int(cumulative), (len(indent) - 1) // 2))
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--app", default="bench_apps:app", help="the app to serve (default bench_apps:app)")
+    parser.add_argument("-w", "--workers", type=int, default=2, help="workers (default 2, as scripts/bench.py)")
+    parser.add_argument("--modules", action="store_true", help="list every module each process imported")
+    parser.add_argument("--top", type=int, default=15, help="modules shown by import time (default 15)")
+    args = parser.parse_args()
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SCRIPTS), env.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryDirectory(prefix="forkserver-startup-") as tmp:
+        events_path = os.path.join(tmp, "events")
+        stderr_path = os.path.join(tmp, "stderr")
+        cmd = [sys.executable, "-X", "importtime", str(SCRIPTS / "startup_hook.py"), events_path,
+               args.app, "-w", str(args.workers), "-b", f"fd://{listener.fileno()}", "--log-level", "warning"]
+        with open(stderr_path, "wb") as stderr:
+            began = time.monotonic()
+            proc = subprocess.Popen(cmd, pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=str(SCRIPTS))
+        try:
+            answered = first_response(port, proc)
+        finally:
+            stop(proc, tree(proc))
+        events = [line.split(" ", 3) for line in Path(events_path).read_text().splitlines()]
+        times = import_times(Path(stderr_path).read_text(errors="replace"))
+    report(events, times, began, answered, proc.pid, args)
+    print_floor(args.app, env)
+    return 0
+
+
+def print_floor(app: str, env: dict[str, str]) -> None:
+    """What any server of this app pays before it can answer: starting Python, and importing the app."""
+    module = app.partition(":")[0]
+
+    def wall_ms(code: str) -> float:
+        samples = []
+        for _ in range(FLOOR_RUNS):
+            began = time.monotonic()
+            subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(SCRIPTS), timeout=60)
+            samples.append((time.monotonic() - began) * 1000)
+        return statistics.median(samples)
+
+    bare = wall_ms("pass")
+    loaded = wall_ms(f"import {module}")
+    print(f"for comparison (median of {FLOOR_RUNS} runs each): python -c pass {bare:.0f} ms; "
+          f"python -c 'import {module}' {loaded:.0f} ms, so importing the app in a fresh interpreter "
+          f"costs {loaded - bare:.0f} ms")
+
+
+def report(events: list[list[str]], times: dict[str, tuple[int, int, int]], began: float, answered: float,
+           master: int, args: argparse.Namespace) -> None:
+    def ms(stamp: float) -> str:
+        return f"{(stamp - began) * 1000:7.1f} ms"
+
+    by_pid: dict[int, list[tuple[float, str, str]]] = collections.defaultdict(list)
+    for stamp, pid, event, name in events:
+        if event == "import" and any(e == "import" and n == name for _, e, n in by_pid[int(pid)]):
+            continue  # an extension module raises the event twice (finding, then loading)
+        by_pid[int(pid)].append((float(stamp), event, name))
+    print(f"forkserver {args.app} -w {args.workers}: first 200 {ms(answered).strip()} after exec\n")
+    print("every process (ms after exec; the audit hook starts once the interpreter has started):")
+    for pid, items in sorted(by_pid.items(), key=lambda kv: kv[1][0][0]):
+        role = "master" if pid == master else "worker"
+        imports = [(stamp, name) for stamp, event, name in items if event == "import"]
+        forks = [stamp for stamp, event, _ in items if event == "os.fork"]
+        first_socket = next((stamp for stamp, event, _ in items if event.startswith("socket.")), None)
+        print(f"  {role} {pid}: first event {ms(items[0][0])}, {len(imports)} modules imported"
+              + (f" ({ms(imports[0][0]).strip()} to {ms(imports[-1][0]).strip()})" if imports else "")
+              + (f", forks at {', '.join(ms(s).strip() for s in forks)}" if forks else "")
+              + (f", first socket call {ms(first_socket).strip()}" if first_socket else ""))
+    print(f"  client: first 200 at {ms(answered)}\n")
+
+    # The path to the first 200: the master until its first fork, then the first worker.
+    mine = by_pid.get(master, [])
+    fork = next((stamp for stamp, event, _ in mine if event == "os.fork"), None)
+    workers = [items for pid, items in by_pid.items() if pid != master]
+    if mine and fork is not None and workers:
+        first = min(workers, key=lambda items: items[0][0])
+        master_imports = [stamp for stamp, event, _ in mine if event == "import" and stamp < fork]
+        worker_imports = [stamp for stamp, event, _ in first if event == "import"]
+        accept = next((stamp for stamp, event, _ in first if event.startswith("socket.")), None)
+        steps = [("interpreter start-up, before the hook (python itself, site)", began, mine[0][0])]
+        if master_imports:
+            steps.append((f"master: imports ({len(master_imports)} modules) and set-up until its last import",
+                          mine[0][0], master_imports[-1]))
+        steps.append(("master: from its last import to the first fork", steps[-1][2], fork))
+        steps.append(("worker: from the fork to its first import", fork, first[0][0]))
+        if worker_imports:
+            steps.append((f"worker: importing the app ({len(worker_imports)} modules)", first[0][0],
+                          worker_imports[-1]))
+        if accept is not None:
+            steps.append(("worker: from the app's import to its first socket call (the accept)", steps[-1][2], accept))
+            steps.append(("the first request: accept to the client's first 200", accept, answered))
+        print("the path to the first 200:")
+        for what, start, end in steps:
+            print(f"  {(end - start) * 1000:7.1f} ms  {what}")
+        print()
+
+    for pid, items in sorted(by_pid.items(), key=lambda kv: kv[1][0][0]):
+        role = "master" if pid == master else "worker"
+        names = [name for _, event, name in items if event == "import"]
+        if not names:
+            continue
+        packages = collections.Counter(name.split(".")[0] for name in names)
+        own = {package: sum(times.get(n, (0, 0, 0))[0] for n in names if n.split(".")[0] == package)
+               for package in packages}
+        total = sum(own.values())
+        print(f"{role} {pid}: {len(names)} modules, {total / 1000:.1f} ms of import time (self, under -X importtime); "
+              "by top-level package:")
+        for package, us in sorted(own.items(), key=lambda kv: -kv[1])[:args.top]:
+            print(f"  {us / 1000:6.1f} ms  {packages[package]:3d} modules  {package}")
+        print(f"  the {args.top} slowest modules (self time):")
+        for name in sorted(names, key=lambda n: -times.get(n, (0, 0, 0))[0])[:args.top]:
+            print(f"  {times.get(name, (0, 0, 0))[0] / 1000:6.1f} ms  {name}")
+        if args.modules:
+            print("  every module, in import order: " + " ".join(names))
+        print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
