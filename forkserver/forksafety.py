@@ -19,9 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 
 log = logging.getLogger("forkserver")
+
+EXITING_THREAD_WAIT = 0.5  # seconds; a joined thread is gone from /proc within microseconds
 
 
 def open_descriptors() -> dict[int, tuple[int, int]]:
@@ -56,12 +59,22 @@ def describe(fd: int) -> str:
 
 
 def other_threads() -> list[str]:
-    """Names of the threads besides the calling one, those started outside Python included."""
+    """Names of the threads besides the calling one, those started outside Python included.
+
+    A thread just joined has left Python but may still be listed by the
+    kernel for a moment (it is still exiting): an unexplained extra thread
+    is looked at again for up to ``EXITING_THREAD_WAIT`` before it counts.
+    """
     names = [thread.name for thread in threading.enumerate() if thread is not threading.current_thread()]
-    try:
-        native = len(os.listdir("/proc/self/task")) - 1
-    except OSError:
-        native = len(names)
+    deadline = time.monotonic() + EXITING_THREAD_WAIT
+    while True:
+        try:
+            native = len(os.listdir("/proc/self/task")) - 1
+        except OSError:
+            native = len(names)
+        if native <= len(names) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
     names += ["(a thread not started from Python)"] * max(0, native - len(names))
     return names
 
