@@ -89,8 +89,8 @@ class ForkSafety:
 
     def check(self, app_descriptors: Iterable[int]) -> None:
         """Warn about threads besides ours, and about ``app_descriptors`` that are still open."""
-        threads = other_threads()
-        if threads and not self.warned_threads:
+        threads = [] if self.warned_threads else other_threads()  # said once: not looked at again
+        if threads:
             self.warned_threads = True
             log.warning("%s is about to fork with %d other thread(s) running: %s; the workers get none "
                         "of them, and a lock one of them holds stays locked in every worker; start threads "
