@@ -191,6 +191,28 @@ def test_refork_is_off_under_reload(server):
     assert srv.worker_pids() == [worker]
 
 
+def test_each_further_count_promotes_a_worker_of_the_mold_and_retires_the_old_mold(server, tmp_path):
+    stats = tmp_path / "stats.sock"
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "20,60", "--stats-bind", f"unix:{stats}", workers=2)
+    with load(srv.url) as loop:
+        first = wait_rolled_over(srv, loop, 2)
+        second = poll(lambda: (pid := the_mold(srv)) not in (None, first) and pid, timeout=READY,
+                      what="a second mold at 60 requests")
+        assert re.search(rf"promoting worker slot=\d pid={second} gen=1 to mold after 60 requests", srv.log())
+        learn(loop)
+        assert IMPORTED.get(second) == first, "the second mold is a worker the first one forked"
+        poll(lambda: first not in srv.worker_pids(), timeout=READY, what="the first mold to leave")
+
+        def forked_by_second() -> bool:
+            rows = fetch(f"unix:{stats}")["workers"]
+            workers = [row for row in rows if row["state"] != "mold"]
+            return len(workers) == 2 and all(row["forked_by"] == second for row in workers) and \
+                all(psutil.Process(row["pid"]).ppid() == srv.pid for row in workers)
+
+        poll(forked_by_second, timeout=READY, what="the pool forked from the second mold")
+    assert loop.failures == []
+
+
 def test_killing_a_worker_the_mold_forked_loses_nothing(server):
     srv = server("refork_app:app", "-w", "2", "--refork-after", "20", workers=2)
     with load(srv.url) as loop:
