@@ -853,6 +853,11 @@ class Master:
                     handle.warm = max(handle.warm, int(message[1]))
                 elif kind == "molded" and pid == state.mold and not state.mold_ready:
                     self.on_molded(handle)
+                elif kind == "molded" and not handle.is_mold:
+                    # Promoted by a WINCH from someone else: it serves nobody now. Replace it.
+                    log.warning("refork: worker slot=%d pid=%d became a mold unasked; replacing it",
+                                handle.slot, handle.pid)
+                    self.retire(handle)
                 elif kind in ("forked", "unforked"):
                     pending = state.pending.get(int(message[1]))
                     if pending is None or pending.mold != pid:

@@ -375,3 +375,15 @@ def test_after_log_rotation_the_molds_new_workers_write_to_the_new_file(server, 
          what="the new worker's own line in the new file")
     assert psutil.Process(new).ppid() == srv.pid and the_mold(srv) == mold
     assert "about to fork" not in error_log.read_text(), "a reopened log is the server's, not the app's"
+
+
+def test_a_worker_promoted_by_a_stray_winch_is_replaced(server):
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "100000", workers=2)
+    victim = srv.worker_pids()[0]
+    with load(srv.url) as loop:
+        os.kill(victim, signal.SIGWINCH)  # an operator's, not the master's
+        poll(lambda: f"pid={victim} became a mold unasked" in srv.log(), timeout=READY,
+             what="the master to notice the unasked mold")
+        poll(lambda: victim not in srv.worker_pids() and len(serving(srv)) == 2, timeout=READY,
+             what="the unasked mold replaced by a serving worker")
+    assert loop.failures == []
