@@ -81,8 +81,12 @@ def run(argv: Sequence[str]) -> int:
     parse_spec(config.app)  # a malformed spec fails before anything is bound
     if invocation.check_only:
         # Check the addresses and import the app as a worker would, but bind nothing and fork nothing.
-        for address in config.bind:
+        for address in (*config.bind, *config.tls_bind):
             parse_address(address)
+        if config.certfile:
+            from .tls import build_context  # deferred: only TLS needs ssl
+
+            build_context(config)  # the certificate, key and CA files load, as the master will load them
         os.environ.update(environment_of(config))
         prepare_path(config.chdir, config.pythonpath)
         Hooks(config)  # every hook imports and takes the arguments it will be given

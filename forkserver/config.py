@@ -36,6 +36,12 @@ HEADER_FIELDS_CEILING = 32768
 HEADER_FIELD_CEILING = 65536
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+# The idle timeout of a keep-alive connection from a trusted proxy when
+# ``keepalive`` is not set: above nginx's upstream keepalive_timeout and AWS
+# ALB's idle timeout (60 s each), so the proxy, which knows when it sends,
+# always closes an idle connection first and never sends a request down one
+# we are closing at that moment.
+PROXY_KEEPALIVE = 75.0
 AUTO_WORKERS = 0  # ``workers = "auto"``: the master sizes the pool (forkserver.sizing)
 
 
@@ -127,6 +133,26 @@ def _log_level(value: str) -> str:
 def _without_tcp_scheme(value: tuple[str, ...]) -> tuple[str, ...]:
     """gunicorn also takes tcp://HOST:PORT for HOST:PORT."""
     return tuple(entry.removeprefix("tcp://") for entry in value)
+
+
+CERT_REQS_WORDS = {"none": "none", "optional": "optional", "required": "required",
+                   "0": "none", "1": "optional", "2": "required",
+                   "cert_none": "none", "cert_optional": "optional", "cert_required": "required"}
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+def _cert_reqs(value: str) -> str:
+    """none/optional/required in any case, gunicorn's 0/1/2, or ssl's CERT_* names."""
+    text = value.strip().lower()
+    return CERT_REQS_WORDS.get(text, text)
+
+
+def _tls_version(value: str) -> str:
+    """1.2 or 1.3, also written TLSv1.2, TLSv1_3 or tls1.3."""
+    text = value.strip().lower().replace("_", ".")
+    for prefix in ("tlsv", "tls"):
+        text = text.removeprefix(prefix)
+    return text
 
 
 def _check_bind(value: tuple[str, ...]) -> str | None:
@@ -277,10 +303,18 @@ class Config:
     graceful_timeout: float = setting(
         30.0, minimum=0, help="Seconds workers get to finish their requests on a graceful stop."
     )
+    shutdown_delay: float = setting(
+        0.0,
+        minimum=0,
+        help="On TERM, keep accepting and serving for this many seconds while the health_path "
+        "answers 503, so load balancers take the instance out of rotation first; then drain.",
+    )
     keepalive: float = setting(
         5.0,
         minimum=0,
-        help="Seconds an idle keep-alive connection is kept open; 0 closes after each response.",
+        help="Seconds an idle keep-alive connection is kept open; 0 closes after each response. "
+        f"Unless set, peers in forwarded_allow_ips get {PROXY_KEEPALIVE:g} s, longer than "
+        "proxies keep idle upstream connections.",
     )
     header_timeout: float = setting(
         10.0, minimum=0.1, help="Seconds a new connection has to send a complete request head."
@@ -290,6 +324,33 @@ class Config:
         minimum=0,
         help="Seconds a request body read or response write may stall before the "
         "connection is closed; 0 waits forever.",
+    )
+    body_buffer_size: int = setting(
+        1 << 20,
+        minimum=0,
+        help="Bytes of a request body the worker reads in its event loop before the app runs, "
+        "so a slow upload holds a descriptor, not a worker or thread; 0 hands every body to the app at once.",
+    )
+    body_buffer_total: int = setting(
+        32 << 20,
+        minimum=1,
+        help="Bytes of request bodies one worker holds in memory that way, in all; once reached "
+        "it stops reading bodies until some are freed.",
+    )
+    body_min_rate: int = setting(
+        500,
+        minimum=0,
+        help="Bytes a second a request body must arrive at, averaged over each body_rate_window "
+        "seconds spent waiting for it; slower gets 408. 0 disables.",
+    )
+    body_rate_window: float = setting(
+        10.0, minimum=0.1, help="Seconds over which body_min_rate is averaged."
+    )
+    body_deadline: float = setting(
+        600.0,
+        minimum=0,
+        help="Seconds from the end of a request head to the end of its body; later gets 408. "
+        "0 disables.",
     )
     backlog: int = setting(2048, minimum=1, help="Listen queue length of each socket.")
     reuse_port: bool = setting(
@@ -312,6 +373,42 @@ class Config:
         False,
         help="Require a PROXY protocol v1 or v2 header at the start of every connection "
         "from a trusted peer, and take the client address from it.",
+    )
+    certfile: str = setting(
+        "",
+        help="Serve TLS with this PEM certificate (chain); every bind address becomes HTTPS, or only "
+        "the tls_bind ones when those are given. HUP reads it again. See docs/tls.md.",
+        metavar="FILE",
+    )
+    keyfile: str = setting(
+        "", help="PEM private key of certfile (unencrypted); empty if certfile holds it.", metavar="FILE"
+    )
+    tls_bind: tuple[str, ...] = setting(
+        (),
+        normalize=_without_tcp_scheme,
+        help="Addresses served over TLS while bind stays plain HTTP (HOST:PORT, unix:PATH, fd://N); "
+        "empty makes every bind address TLS when certfile is set.",
+        metavar="ADDRESS",
+    )
+    ca_certs: str = setting(
+        "", help="PEM file of the CAs a client certificate must be signed by (with cert_reqs).", metavar="FILE"
+    )
+    cert_reqs: str = setting(
+        "none",
+        choices=("none", "optional", "required"),
+        normalize=_cert_reqs,
+        help="Client certificates: none (not asked for), optional (checked if sent) or required; "
+        "gunicorn's 0, 1, 2 too. The subject reaches the app as SSL_CLIENT_S_DN.",
+    )
+    ciphers: str = setting(
+        "", help="OpenSSL cipher list for TLS 1.2; empty keeps Python's secure default.", metavar="LIST"
+    )
+    tls_min_version: str = setting(
+        "1.2",
+        choices=tuple(TLS_VERSIONS),
+        normalize=_tls_version,
+        help="Oldest TLS version accepted: 1.2 or 1.3 (TLS 1.0 and 1.1 are not offered).",
+        metavar="VERSION",
     )
     preload: bool = setting(
         False,
@@ -532,6 +629,15 @@ class Config:
         """The name in process titles and logs: ``name`` or else the app spec."""
         return self.name or self.app or "forkserver"
 
+    @property
+    def proxy_keepalive(self) -> float:
+        """The idle timeout of keep-alive connections from ``forwarded_allow_ips`` peers.
+
+        A ``keepalive`` that was set (0 included: keep-alive off) applies to
+        every peer; otherwise proxies get PROXY_KEEPALIVE.
+        """
+        return self.keepalive if self.source_of("keepalive") != "default" else PROXY_KEEPALIVE
+
     def source_of(self, name: str) -> str:
         """Say where a setting's value came from: default, a file, env or CLI."""
         return self.origins.get(name, "default")
@@ -713,12 +819,32 @@ def combination_problems(config: Config) -> list[str]:
             f"{config.source_of('reload')}: reload cannot be combined with preload "
             f"(from {config.source_of('preload')}): preload imports the app once in the master, "
             "so new code would never be loaded; drop one of them")
+    problems += _tls_combinations(config)
     prefixes = {entry.partition("=")[0].strip().rstrip("/") or "/" for entry in config.static}
     for entry in config.static_cache_control:
         prefix = entry.partition("=")[0].strip().rstrip("/") or "/"
         if entry.startswith("/") and prefix not in prefixes:
             problems.append(f"{config.source_of('static_cache_control')}: static_cache_control entry "
                             f"{entry!r} names {prefix}, which is not a static prefix")
+    return problems
+
+
+def _tls_combinations(config: Config) -> list[str]:
+    """TLS settings that need one another (the files themselves are read at start: forkserver.tls)."""
+    problems = []
+    need_cert = [name for name in ("keyfile", "tls_bind", "ca_certs") if getattr(config, name)]
+    if config.cert_reqs != "none":
+        need_cert.append("cert_reqs")
+    if need_cert and not config.certfile:
+        problems.append(f"{config.source_of(need_cert[0])}: {need_cert[0]} is set but certfile is not; "
+                        "TLS needs a certificate")
+    if config.certfile and config.cert_reqs != "none" and not config.ca_certs:
+        problems.append(f"{config.source_of('cert_reqs')}: cert_reqs {config.cert_reqs} needs ca_certs, "
+                        "the CAs client certificates are checked against")
+    if config.certfile and config.proxy_protocol:
+        problems.append(f"{config.source_of('proxy_protocol')}: proxy_protocol cannot be combined with TLS "
+                        f"(certfile from {config.source_of('certfile')}): the PROXY header would arrive "
+                        "before the handshake; terminate TLS in the proxy, or drop one of them")
     return problems
 
 

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import select
 import socket
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .http.errors import BodyTooLarge
+from .http.errors import BodyTooLarge, RequestTimeout
 from .http.exchange import Exchange
 from .proxy import MalformedProxyHeader, ProxyHeaderReader
 
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("forkserver")
 
 RECV_BYTES = 65536
+# Pieces of a body the loop reads in one go (see Connection._receive_early).
+EARLY_READS = 4
 SPOOL_MEMORY_BYTES = 1 << 20  # a spooled body larger than this waits in a temporary file
 # Without limit_request_body, a chunked body is spooled up to this much,
 # then refused with 413: a client must not fill the disk through one request.
@@ -51,6 +55,70 @@ DEFER_MAX_BYTES = 128 * 1024
 # After refusing a request whose body is still arriving, how long we read
 # and drop the rest before closing (see Connection.linger).
 LINGER_SECONDS = 1.0
+# The loop, refusing a request whose body is arriving, reads and drops at
+# most this many buffers of it before closing (see Connection.refuse_now).
+REFUSE_DRAIN_READS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class BodyRules:
+    """How slow or late a request body may be, wherever it is read (the loop, or the app's thread).
+
+    ``min_rate`` bytes a second, averaged over each ``window`` seconds spent
+    waiting for the client (0: no minimum); ``deadline`` seconds for a whole
+    body from the end of its head (0: none).  See ``BodyClock``.
+    """
+
+    min_rate: int = 0
+    window: float = 10.0
+    deadline: float = 0.0
+
+
+class BodyClock:
+    """The minimum-rate rule and the deadline of one request body.
+
+    Like Apache's mod_reqtimeout ``MinRate``, but over windows: every
+    ``window`` seconds spent waiting for body bytes, at least ``min_rate``
+    bytes a second must have come in.  Only time spent waiting for the
+    client counts (``wait_from`` .. ``waited_until``), not time the app takes
+    between reads, nor time the loop stopped reading because the worker's
+    body memory was full.  The deadline counts from the end of the head,
+    whatever else happens.
+    """
+
+    __slots__ = ("rules", "deadline", "waited", "mark", "since")
+
+    def __init__(self, rules: BodyRules, now: float, received: int) -> None:
+        self.rules = rules
+        self.deadline = now + rules.deadline if rules.deadline else math.inf
+        self.waited = 0.0  # seconds waited in this window
+        self.mark = received  # bytes received when this window began
+        self.since = now  # when the current wait began
+
+    def wait_from(self, now: float) -> None:
+        self.since = now
+
+    def waited_until(self, now: float) -> None:
+        self.waited += now - self.since
+        self.since = now
+
+    def check(self, now: float, received: int) -> float:
+        """Raise RequestTimeout if a rule is broken; else return when to check again.
+
+        ``received``: bytes received on the connection so far (a running count).
+        """
+        rules = self.rules
+        if now >= self.deadline:
+            raise RequestTimeout(f"body deadline: not complete after {rules.deadline:g}s")
+        if rules.min_rate:
+            if self.waited >= rules.window:
+                got = received - self.mark
+                if got < rules.min_rate * self.waited:
+                    raise RequestTimeout(f"body too slow: {got} bytes in {self.waited:.1f}s, "
+                                         f"under body_min_rate {rules.min_rate}/s")
+                self.mark, self.waited = received, 0.0
+            return min(self.deadline, now + rules.window - self.waited)
+        return self.deadline
 
 
 class ClientGone(Exception):
@@ -71,6 +139,11 @@ class Connection:
     (starting values as class attributes, set later in varying orders, cost
     a kept-alive request about 3 us).
     """
+
+    # Only a TLS connection (forkserver.tls) ever has a handshake to finish
+    # first, and raises more than BlockingIOError when a call must wait.
+    handshaking = False
+    would_block: tuple[type[OSError], ...] = (BlockingIOError,)
 
     def __init__(self, sock: socket.SocketType, remote: tuple[str, str], base_environ: dict[str, Any],
                  service: Service, *, trusted: bool = False) -> None:
@@ -100,14 +173,20 @@ class Connection:
         # environ they map to (without wsgi.input): see serving.environ_for.
         self.environ_of: tuple[Any, ...] = ()
         self.environ: dict[str, Any] = {}
+        # The rules' clock of the body being received, from when we first
+        # waited for it (in the loop or the serving thread) to the request's end.
+        self.body_clock: BodyClock | None = None
 
     # -- loop side: non-blocking ------------------------------------------------
 
     def receive(self) -> bool:
         """Read what is available and hand it to the exchange; False once the peer has closed."""
+        exchange = self.exchange
+        if exchange.raw_left:
+            return self._receive_early(exchange)
         try:
             data = self.sock.recv(RECV_BYTES)
-        except BlockingIOError:
+        except self.would_block:
             return True
         except OSError:
             return False
@@ -122,7 +201,34 @@ class Connection:
                 return False
             if not data:
                 return True
-        self.exchange.receive(data)
+        exchange.receive(data)
+        return True
+
+    def _receive_early(self, exchange: Exchange) -> bool:
+        """Read more of a Content-Length body gathered before its request starts (see Exchange.gather_body).
+
+        (Before a request starts, only such a body leaves bytes handed
+        over.)  Reads on while the socket has more, up to EARLY_READS
+        pieces: a fast upload then costs the loop one wake-up per batch of
+        pieces, not one per piece.
+        """
+        for _ in range(EARLY_READS):
+            left = exchange.raw_left
+            if not left:
+                return True
+            wanted = min(RECV_BYTES, left)
+            try:
+                piece = self.sock.recv(wanted)
+            except self.would_block:
+                return True
+            except OSError:
+                return False
+            if not piece:
+                return False
+            self.bytes_in += len(piece)
+            exchange.raw_body_gathered(piece)
+            if len(piece) < wanted:
+                return True  # the socket is empty: do not ask it again just to hear so
         return True
 
     def _take_proxy_header(self, reader: ProxyHeaderReader, data: bytes) -> bytes:
@@ -177,10 +283,34 @@ class Connection:
         poller = select.poll()
         poller.register(self.fd, event)
         timeout = self.service.io_timeout
-        if not poller.poll(None if timeout is None else timeout * 1000):
-            what = "body" if event == select.POLLIN else "send"
-            raise Stalled(f"{what} timeout: no progress for {timeout:g}s")
+        if event == select.POLLIN:
+            self._wait_for_body(poller, timeout)
+        elif not poller.poll(None if timeout is None else timeout * 1000):
+            raise Stalled(f"send timeout: no progress for {timeout:g}s")
         self.service.board.request_progressed(self.thread)
+
+    def _wait_blocked(self, exc: OSError, event: int) -> None:
+        """Wait for ``event``, what the call that raised ``exc`` needs (TLS may need the other one)."""
+        self._wait(event)
+
+    def _wait_for_body(self, poller: Any, timeout: float | None) -> None:
+        """Wait for body bytes: until they come, a stall of ``timeout``, or a body rule is broken (RequestTimeout)."""
+        now = time.monotonic()
+        clock = self.body_clock
+        if clock is None:
+            clock = self.body_clock = BodyClock(self.service.body, now, self.bytes_in)
+        clock.wait_from(now)
+        stall_ends = math.inf if timeout is None else now + timeout
+        while True:
+            check_at = clock.check(now, self.bytes_in)
+            wait = min(stall_ends, check_at) - now
+            ready = poller.poll(None if wait == math.inf else max(0.0, wait) * 1000)
+            now = time.monotonic()
+            clock.waited_until(now)
+            if ready:
+                return
+            if now >= stall_ends:
+                raise Stalled(f"body timeout: no progress for {timeout:g}s")
 
     def send(self, data: bytes) -> None:
         """Send all of ``data``, waiting for the peer as long as it keeps up."""
@@ -238,8 +368,8 @@ class Connection:
             while view:
                 try:
                     written = self.sock.send(view)
-                except BlockingIOError:
-                    self._wait(select.POLLOUT)
+                except self.would_block as exc:
+                    self._wait_blocked(exc, select.POLLOUT)
                     continue
                 except OSError as exc:
                     raise ClientGone(str(exc)) from None
@@ -265,8 +395,8 @@ class Connection:
         while True:
             try:
                 received = self.sock.recv_into(buffer, want)
-            except BlockingIOError:
-                self._wait(select.POLLIN)
+            except self.would_block as exc:
+                self._wait_blocked(exc, select.POLLIN)
                 continue
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
@@ -369,6 +499,23 @@ class Connection:
                 continue
             except OSError:
                 return
+
+    def refuse_now(self, data: bytes) -> None:
+        """Loop side: send a refusal without waiting, best effort; the caller closes next.
+
+        What the client already sent is read and dropped first, so that the
+        close does not reset the connection under the answer (as far as we
+        can without waiting: see ``linger`` for the serving side).
+        """
+        self.reject(data)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            buffer = bytearray(RECV_BYTES)
+            for _ in range(REFUSE_DRAIN_READS):  # a client still sending fast must not hold the loop
+                if not self.sock.recv_into(buffer):
+                    return
+        except OSError:  # BlockingIOError once nothing is left, or the client is gone
+            pass
 
     def reject(self, data: bytes) -> None:
         """Send a refusal (after anything deferred), best effort: the connection closes next."""

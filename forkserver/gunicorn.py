@@ -112,6 +112,32 @@ def proxy_mode(value: Any) -> Any:
     return value
 
 
+# gunicorn's ssl_version: a name or number of Python's ssl.PROTOCOL_* (its
+# default is PROTOCOL_TLS_SERVER, 17).  Each means "this version or newer"
+# here; TLS 1.0 and 1.1 stay refused, by the setting's own check.
+SSL_VERSIONS = {"tls": "1.2", "sslv23": "1.2", "tls_server": "1.2", "tlsv1_2": "1.2", "tlsv1_3": "1.3",
+                "protocol_tls": "1.2", "protocol_sslv23": "1.2", "protocol_tls_server": "1.2",
+                "protocol_tlsv1_2": "1.2", 2: "1.2", 5: "1.2", 17: "1.2"}
+CERT_REQS = {0: "none", 1: "optional", 2: "required"}
+
+
+def tls_minimum(value: Any) -> Any:
+    """gunicorn's ssl_version as forkserver's tls_min_version; anything else is left for the schema to refuse."""
+    key = value.strip().lower() if isinstance(value, str) else value
+    if isinstance(key, str) and key.isdigit():
+        key = int(key)
+    if isinstance(key, bool):
+        return value
+    return SSL_VERSIONS.get(key, value if isinstance(value, str) else str(value))
+
+
+def _cert_reqs_text(value: Any) -> Any:
+    """gunicorn's cert_reqs, a number (ssl.CERT_*) or text, as forkserver's word."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return CERT_REQS.get(int(value), str(value))
+    return value
+
+
 def _env_entries(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
@@ -166,7 +192,8 @@ def _s(name: str, *flags: str, **kw: Any) -> GunicornSetting:
     return GunicornSetting(name, tuple(flags), **kw)
 
 
-TLS = "TLS is terminated by the proxy in front of forkserver (forkserver does not terminate TLS yet)"
+HANDSHAKE = ("the handshake always runs in the worker's event loop without blocking, under header_timeout, "
+             "whatever this says")
 ASGI = "ASGI apps are not served by forkserver"
 HTTP2 = "forkserver speaks HTTP/1.1 to the proxy in front of it, which speaks HTTP/2 to clients"
 STRICT = "forkserver's HTTP parser stays strict; requests it cannot read get a 400"
@@ -252,7 +279,9 @@ SETTINGS: tuple[GunicornSetting, ...] = (
        refused="PasteDeploy .ini apps are not loaded; name the WSGI callable as APP "
        "(a factory works too: 'module:make_app()')"),
     *(_s(name, takes="file") for name in HOOK_ARITY),
-    _s("ssl_context", takes="file", refused=TLS),
+    _s("ssl_context", takes="file",
+       refused="a Python hook building the SSL context is not called; set certfile, keyfile, ca_certs, "
+       "cert_reqs, ciphers and ssl_version (see docs/tls.md)"),
     _s("proxy_protocol", "--proxy-protocol", takes="optional", native="proxy_protocol", convert=proxy_mode),
     _s("proxy_allow_ips", "--proxy-allow-from", default="127.0.0.1,::1",
        ignored="forkserver takes PROXY headers from forwarded_allow_ips peers; it is set from this "
@@ -260,14 +289,15 @@ SETTINGS: tuple[GunicornSetting, ...] = (
     _s("protocol", "--protocol", default="http", refused="only HTTP is served (not the uwsgi protocol)"),
     _s("uwsgi_allow_ips", "--uwsgi-allow-from", default="127.0.0.1,::1",
        ignored="the uwsgi protocol is not served"),
-    _s("keyfile", "--keyfile", refused=TLS),
-    _s("certfile", "--certfile", refused=TLS),
-    _s("ssl_version", "--ssl-version", ignored=TLS),
-    _s("cert_reqs", "--cert-reqs", default=0, ignored=TLS),
-    _s("ca_certs", "--ca-certs", ignored=TLS),
-    _s("suppress_ragged_eofs", "--suppress-ragged-eofs", takes="flag", default=True, ignored=TLS),
-    _s("do_handshake_on_connect", "--do-handshake-on-connect", takes="flag", default=False, ignored=TLS),
-    _s("ciphers", "--ciphers", ignored=TLS),
+    _s("keyfile", "--keyfile", native="keyfile"),
+    _s("certfile", "--certfile", native="certfile"),
+    _s("ssl_version", "--ssl-version", native="tls_min_version", convert=tls_minimum),
+    _s("cert_reqs", "--cert-reqs", native="cert_reqs", convert=_cert_reqs_text),
+    _s("ca_certs", "--ca-certs", native="ca_certs"),
+    _s("suppress_ragged_eofs", "--suppress-ragged-eofs", takes="flag", default=True,
+       ignored="a client that closes without a TLS close_notify simply ends its connection"),
+    _s("do_handshake_on_connect", "--do-handshake-on-connect", takes="flag", default=False, ignored=HANDSHAKE),
+    _s("ciphers", "--ciphers", native="ciphers"),
     _s("http_protocols", "--http-protocols", default="h1", ignored=HTTP2),
     _s("http2_cleartext", "--http2-cleartext", default="off", ignored=HTTP2),
     _s("http2_max_concurrent_streams", "--http2-max-concurrent-streams", default=100, ignored=HTTP2),

@@ -105,7 +105,7 @@ def written_files(config: Config) -> list[tuple[str, str]]:
     places = [(name, path) for name, path in (("error_logfile", config.error_logfile),
                                                ("access_logfile", config.access_logfile),
                                                ("pid", config.pid)) if path and path != "-"]
-    for name, addresses in (("bind", config.bind), ("stats_bind", (config.stats_bind,))):
+    for name, addresses in (("bind", config.bind), ("tls_bind", config.tls_bind), ("stats_bind", (config.stats_bind,))):
         places += [(name, parse_address(text).path) for text in addresses if text.startswith("unix:")]
     return places
 
@@ -165,6 +165,8 @@ class Master:
         self.desired = self.size_pool(config)
         self.desired_before_reload = self.desired  # what an abandoned reload goes back to
         self.listeners: list[Listener] = []
+        self.tls_context: Any = None  # an ssl.SSLContext with certfile set; workers inherit it (forkserver.tls)
+        self.tls_listeners: tuple[Listener, ...] = ()  # those of self.listeners that serve TLS
         self.socket_paths: list[str] = []  # UNIX socket files to remove at exit
         self.log_files: list[LogFile] = []  # the error log, then the access log if on; workers inherit them
         self.logging_files: FileHandlers | None = None  # with a logging configuration: its handlers' files
@@ -179,6 +181,7 @@ class Master:
         self.new_master = 0  # PID of the master a USR2 started, while it runs
         self.stopping = False
         self.stop_deadline = 0.0
+        self.close_listeners_at = 0.0  # TERM with shutdown_delay: when our copies of the listeners go
         self.started = False  # a worker of the first generation became ready
         self.first_fork = 0.0  # when the first worker was forked (see SOLO_BOOT)
         self.reloading = False
@@ -220,6 +223,12 @@ class Master:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
         check_locations(written_files(config))  # before any of them exists: all problems at once
+        if config.certfile:
+            # Deferred: a start without TLS does not import ssl.  Read here, by
+            # the master, before anything is bound: a bad file is one line.
+            from .tls import build_context
+
+            self.tls_context = build_context(config)
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
         if config.capture_output:
             capture_stdio(self.log_files[0])
@@ -248,6 +257,11 @@ class Master:
         if config.umask:
             os.umask(int(config.umask, 8))
         self.listeners = self.open_listeners()
+        if config.certfile:
+            from .tls import serves_tls
+
+            self.tls_listeners = tuple(listener for listener in self.listeners
+                                       if serves_tls(config, listener.address.text))
         share_stdlib()
         try:
             if config.stats_bind:
@@ -298,6 +312,10 @@ class Master:
         names = {listener.address.text for listener in adopted}
         # With sockets handed over, the default bind is not also wanted.
         wanted = () if adopted and config.source_of("bind") == "default" else config.bind
+        if config.tls_bind:
+            from .tls import listen_addresses
+
+            wanted = listen_addresses(config)  # bind left at its default beside tls_bind is not wanted
         fresh = bind_all(tuple(a for a in wanted if a not in names), backlog=config.backlog,
                          reuse_port=config.reuse_port, unix_mode=int(config.unix_socket_mode, 8))
         return adopted + fresh
@@ -366,6 +384,8 @@ class Master:
                     if self.stopping:
                         if not self.pool.workers:
                             break
+                        if self.close_listeners_at and time.monotonic() >= self.close_listeners_at:
+                            self.close_listeners()  # the shutdown delay is over; the workers drain
                         self.enforce_stop_deadline()
                         continue
                     self.kill_hung()
@@ -444,7 +464,10 @@ class Master:
         for line in self.config.notices:
             log.info("%s", line)
         for listener in self.listeners:
-            log.info("listening at %s", describe(listener))
+            where = describe(listener)
+            if listener in self.tls_listeners:  # a URL says https; a UNIX socket's path gets a word
+                where = where.replace("http://", "https://") if "http://" in where else f"{where} (TLS)"
+            log.info("listening at %s", where)
         log.info("master started pid=%d app=%s version=%s workers=%d threads=%d", self.pid, self.config.app,
                  __version__, self.desired, self.config.threads)
         if self.sizing:
@@ -581,6 +604,8 @@ class Master:
             wait = min(wait, solo_left)
         if self.watchdog_interval:
             wait = min(wait, max(0.0, self.next_watchdog - now))
+        if self.close_listeners_at and self.listeners:
+            wait = min(wait, max(0.0, self.close_listeners_at - now))
         return wait
 
     def wait_for_events(self, seconds: float) -> None:
@@ -688,6 +713,7 @@ class Master:
             reload_dir=self.reloader.report_dir if self.reloader is not None else "",
             accept_board=self.accept_board, seat=provisions.seat,
             refork_channel=None if provisions.refork_ends is None else provisions.refork_ends[1],
+            tls_context=self.tls_context, tls_listeners=self.tls_listeners,
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
         try:
@@ -1178,6 +1204,7 @@ class Master:
             log.warning("bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(self.config.bind), ",".join(config.bind))
             config = dataclasses.replace(config, bind=self.config.bind)
+        config, tls_context = self.reload_tls(config)
         if (config.stats_bind, config.stats_allow_ips) != (self.config.stats_bind, self.config.stats_allow_ips):
             log.warning("stats_bind and stats_allow_ips change only on restart or upgrade (USR2)")
         access_logfile = self.access_logfile
@@ -1197,6 +1224,7 @@ class Master:
         if not config.preload:
             self.app = None
         self.config, self.hooks = config, hooks
+        self.tls_context = tls_context
         self.hooks.run("on_reload", self.context())
         self.desired_before_reload = self.desired
         self.set_desired(self.size_pool(config))
@@ -1208,6 +1236,34 @@ class Master:
         self.stats.note_reload()
         self.respawn_after.clear()
         self.spawn_missing()
+
+    def reload_tls(self, config: Config) -> tuple[Config, Any]:
+        """The TLS context the new generation serves with: the files read again (certificate rotation).
+
+        Which listeners speak TLS is fixed at start, like the listeners
+        themselves.  A certificate or key that does not load keeps the
+        running context (the rest of the reload goes on), and says why.
+        """
+        old = self.config
+        if config.tls_bind != old.tls_bind:
+            log.warning("tls_bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
+                        ",".join(old.tls_bind), ",".join(config.tls_bind))
+            config = dataclasses.replace(config, tls_bind=old.tls_bind)
+        if bool(config.certfile) != bool(old.certfile):
+            log.warning("TLS is turned on or off only on restart or upgrade (USR2); keeping it %s",
+                        "on, with the running certificate" if old.certfile else "off")
+            return config, self.tls_context
+        if not config.certfile:
+            return config, None
+        from .tls import build_context  # imported at start already
+
+        try:
+            context = build_context(config)
+        except ForkserverError as exc:
+            log.error("TLS reload failed, keeping the running certificate: %s", exc)
+            return config, self.tls_context
+        log.info("TLS certificate loaded from %s", config.certfile)
+        return config, context
 
     def use_access_log(self, target: LogFile | None) -> None:
         """From now on new workers write their access lines to ``target`` (a reload may change it)."""
@@ -1342,17 +1398,26 @@ class Master:
             target.report_losses(now)
 
     def stop(self, *, graceful: bool) -> None:
-        """TERM stops gracefully; INT and QUIT stop fast."""
+        """TERM stops gracefully, after ``shutdown_delay``; INT and QUIT stop fast."""
         if self.stopping and graceful:
             return
         self.stopping = True
+        delay = self.config.shutdown_delay if graceful else 0.0
         grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
-        self.stop_deadline = time.monotonic() + grace + (1.0 if graceful else 0.0)
-        log.log(logging.INFO if self.started else logging.DEBUG, "%s stop", "graceful" if graceful else "fast")
+        self.stop_deadline = time.monotonic() + delay + grace + (1.0 if graceful else 0.0)
+        log.log(logging.INFO if self.started else logging.DEBUG, "%s stop%s", "graceful" if graceful else "fast",
+                f" after a shutdown delay of {delay:g}s" if delay else "")
         systemd.notify("STOPPING=1")
-        # Closing our copies now means the sockets vanish once the workers,
-        # which first serve everything already queued, close theirs.
-        self.close_listeners()
+        # Closing our copies means the sockets vanish once the workers, which
+        # first serve everything already queued, close theirs.  Through the
+        # shutdown delay the workers keep accepting, and so the sockets stay;
+        # the workers start their drain a moment after the delay (see
+        # worker.DRAIN_AFTER_MASTER), so the last holder is one that drains.
+        if delay:
+            self.close_listeners_at = time.monotonic() + delay
+        else:
+            self.close_listeners_at = 0.0
+            self.close_listeners()
         for handle in list(self.pool.workers.values()):
             self.signal_worker(handle, signal.SIGTERM if graceful else signal.SIGQUIT)
 

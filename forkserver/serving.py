@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .connection import BodyStream, ClientGone, Connection, Stalled
+from .connection import BodyRules, BodyStream, ClientGone, Connection, Stalled
 from .http.errors import ProtocolError
 from .http.events import Request
 from .http.exchange import Closing, Exchange
@@ -35,14 +35,30 @@ log = logging.getLogger("forkserver")
 HEALTH_METHODS = ("GET", "HEAD")
 HEALTH_BODY = b"ok\n"
 HEALTH_HEADERS = [("Content-Type", "text/plain")]
+LEAVING_BODY = b"stopping\n"
+
+
+class Rotation:
+    """Whether this server wants new traffic: what ``health_path`` answers.
+
+    The worker sets ``leaving`` on TERM.  From then on the health path says
+    503, so a load balancer's health check takes the instance out of
+    rotation while it still serves (``shutdown_delay``) and then drains.
+    """
+
+    __slots__ = ("leaving",)
+
+    def __init__(self) -> None:
+        self.leaving = False
 
 
 @dataclass(eq=False, repr=False)
 class Service:
     """What every connection of a worker serves with; shared, and never changed once built.
 
-    (``closing`` is the one thing the worker changes: it sets the flag on
-    it, which every exchange reads; see ``forkserver.http.exchange.Closing``.)
+    (``closing`` and ``rotation`` are the things the worker changes: it
+    sets their flags, which every exchange, and the health path, read; see
+    ``forkserver.http.exchange.Closing``.)
     """
 
     app: Callable[..., Any]
@@ -57,7 +73,9 @@ class Service:
     trust: Trust = field(default_factory=lambda: Trust(()))
     proxy_protocol: bool = False
     health_target: bytes = b""  # ``health_path`` as a request target; b"" (never a target) when off
+    rotation: Rotation = field(default_factory=Rotation)
     codec: Codec = field(default_factory=Codec)
+    body: BodyRules = field(default_factory=BodyRules)
 
 
 def serve(connection: Connection, thread: int, outbox: list[Connection] | None = None) -> bool:
@@ -143,15 +161,23 @@ def environ_for(connection: Connection, request: Request) -> dict[str, Any]:
 
 
 def _answer_health(connection: Connection, response: Response, clock: float) -> bool:
-    """``health_path``: 200 "ok" from the worker itself; the app is not called, nothing access-logged."""
-    response.start_response("200 OK", HEALTH_HEADERS)
+    """``health_path``: 200 "ok" from the worker itself; the app is not called, nothing access-logged.
+
+    503 once the server is stopping (see Rotation).
+    """
+    if connection.service.rotation.leaving:
+        status, body = 503, LEAVING_BODY
+        response.start_response("503 Service Unavailable", HEALTH_HEADERS)
+    else:
+        status, body = 200, HEALTH_BODY
+        response.start_response("200 OK", HEALTH_HEADERS)
     try:
-        response.send_whole(HEALTH_BODY)
+        response.send_whole(body)
         reusable = _reuse(connection)
     except ClientGone:
         connection.exchange.abandon()
         reusable = False
-    _count(connection, 200, clock)
+    _count(connection, status, clock)
     return reusable
 
 
@@ -161,6 +187,7 @@ def _count(connection: Connection, status: int, clock: float) -> None:
     (A graceful stop treats a connection that has served none as waiting for its first.)
     """
     connection.requests_served += 1
+    connection.body_clock = None  # the next body's rules start afresh
     stats = connection.service.stats
     if stats is not None:
         stats.record(status, connection.bytes_in, connection.bytes_out, perf_counter() - clock)
@@ -180,10 +207,12 @@ def _run(connection: Connection, exchange: Exchange, environ: dict[str, Any], re
         exchange.abandon()
         return False
     except ProtocolError as error:
+        # In the body (too large, malformed, too slow): the client may still be sending it.
         if response.head_sent:
             exchange.abandon()
         else:
             _reject(connection, error, response)
+            connection.linger()
         return False
     except AppError as exc:
         log.error("app broke PEP 3333 path=%s: %s", environ["PATH_INFO"], exc)

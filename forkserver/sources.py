@@ -552,6 +552,9 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str], base_dir: str |
         values["chdir"] = os.path.join(base, values["chdir"])
     if values.get("pythonpath"):
         values["pythonpath"] = tuple(os.path.join(base, path) for path in values["pythonpath"])
+    for name in ("certfile", "keyfile", "ca_certs"):  # read again on HUP, after chdir
+        if values.get(name):
+            values[name] = os.path.join(base, values[name])
     # A hook function from the gunicorn file counts unless a later source named another hook.
     hooks = {name: function for name, function in sources.hooks.items()
              if name not in fields or origins.get(name) == sources.hook_file}

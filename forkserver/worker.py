@@ -34,10 +34,11 @@ from . import handover, libc, refork, reloader
 from .backoff import AcceptPause
 from .balance import RECHECK, AcceptBoard
 from .config import Config
-from .connection import ClientGone, Connection
+from .connection import BodyClock, BodyRules, ClientGone, Connection
 from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
 from .forksafety import open_descriptors
 from .hooks import HookContext, Hooks
+from .http.errors import RequestTimeout
 from .http.exchange import Closing
 from .http.parser import Limits
 from .http.response import DateHeader
@@ -65,6 +66,11 @@ MAX_POLL_INTERVAL = 1.0
 # On a graceful stop, a keep-alive connection used this recently may have a
 # request in flight to us; it gets this long to arrive before we close.
 IDLE_GRACE = 1.0
+# With shutdown_delay, the master closes its copies of the listeners when the
+# delay is over; we start draining this much later, so the last holder of a
+# socket is a worker that empties its queue even when the master's loop runs
+# a little late (a queue closed by the master would reset what waits in it).
+DRAIN_AFTER_MASTER = 0.5
 SWEEP_INTERVAL = 0.25
 # TERM: the server stops, so serve what is queued on the listeners first.
 # USR2: this worker is retired while others go on; they take the queue.
@@ -72,6 +78,15 @@ SWEEP_INTERVAL = 0.25
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MALLOC_KEEP_BYTES = 4 << 20
+# What the loop polls a connection for; only its close while the body memory is full.
+WATCH_EVENTS = select.EPOLLIN | select.EPOLLRDHUP
+PAUSED_EVENTS = select.EPOLLRDHUP
+# Reading paused at body_buffer_total resumes once bodies in memory are down
+# to this share of it: resuming at the first byte freed would pause again at
+# once, and log both each time.
+RESUME_FRACTION = 0.75
+# Worker._serve's answer when the next request's body is still on its way.
+GATHER = 2
 # WINCH: become the refork mold (forkserver.refork); ignored without refork.
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1, signal.SIGWINCH)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
@@ -100,15 +115,18 @@ class WorkerSpec:
     accept_board: AcceptBoard | None = None  # shared with the other workers, to spread connections
     seat: int = -1  # our entry on it
     refork_channel: socket.socket | None = None  # with refork_after: our end of the channel (forkserver.refork)
+    tls_context: Any = None  # the master's ssl.SSLContext, with certfile set (forkserver.tls)
+    tls_listeners: tuple[Listener, ...] = ()  # the listeners whose connections speak TLS
 
 
 class Entrance:
     """A socket this worker accepts on, and what every connection from it needs, looked up once."""
 
-    __slots__ = ("sock", "listener", "family", "tcp", "environ")
+    __slots__ = ("sock", "listener", "family", "tcp", "environ", "tls")
 
-    def __init__(self, listener: Listener, environ: dict[str, Any]) -> None:
+    def __init__(self, listener: Listener, environ: dict[str, Any], tls: Any = None) -> None:
         self.listener = listener
+        self.tls = tls  # the SSLContext its connections are wrapped in, or None for plain HTTP
         self.sock = listener.worker_socket()
         self.family = self.sock.family  # an enum conversion, too slow to repeat per connection
         self.tcp = listener.is_tcp
@@ -128,8 +146,19 @@ class Worker:
         self.stopping = False
         self.term_received = False
         self.stop_deadline = 0.0
+        # TERM with shutdown_delay: when it came, and when the drain begins; 0 otherwise.
+        self.term_at = 0.0
+        self.drain_at = 0.0
         self.connections: dict[int, Connection] = {}
         self.deadlines: dict[int, float] = {}  # fd -> when an idle connection is closed
+        # Connections whose request body the loop is reading before the app
+        # runs (fd -> bytes of it in memory), the sum of those bytes, and
+        # whether reading them is paused because it reached body_buffer_total.
+        self.gathering: dict[int, int] = {}
+        self.gathered = 0
+        self.bodies_paused = False
+        self.favoured = -1  # while paused: the one body still read (see _pause_bodies)
+        self.body_buffer_size = self.config.body_buffer_size
         self.next_sweep = 0.0
         self.listening: dict[int, Entrance] = {}
         self.busy = 0
@@ -139,7 +168,7 @@ class Worker:
         # With reuse_port the kernel spreads connections over the workers' own
         # sockets, and one queued to ours can only be taken by us: no turns.
         self.accept_board = None if any(listener.reuse_port for listener in spec.listeners) else spec.accept_board
-        self.finished: deque[tuple[Connection, bool]] = deque()
+        self.finished: deque[tuple[Connection, int]] = deque()
         self.jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self.served = 0
         self.inline = self.config.threads == 1  # requests are served by the loop itself
@@ -163,6 +192,9 @@ class Worker:
         # While the loop serves a batch of ready connections: those whose
         # last response waits to go out at the end of the batch.
         self.outbox: list[Connection] | None = None
+        # Idle timeouts of kept-alive connections (see _idle_timeout).
+        self.keepalive = self.config.keepalive
+        self.proxy_keepalive = self.config.proxy_keepalive
 
     def _context(self) -> HookContext:
         return HookContext(self.config, self.pid, self.spec.slot, self.spec.generation)
@@ -170,6 +202,10 @@ class Worker:
     def _on_term(self, signum: int, frame: object) -> None:
         self.term_received = True
         self.closing.active = True
+        if signum == signal.SIGTERM and not self.term_at:
+            # The shutdown delay counts from here: an inline worker may be
+            # in a long request and handle the TERM only when it ends.
+            self.term_at = time.monotonic()
 
     def _exit_now(self, signum: int, frame: object) -> None:
         """INT/QUIT: a fast stop means now, even in the middle of app code."""
@@ -237,7 +273,11 @@ class Worker:
         self.finished_r, self.finished_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.epoll.register(self.finished_r, select.EPOLLIN)
         for listener in spec.listeners:
-            entrance = Entrance(listener, base_environ(*listener.name, multithread=self.config.threads > 1))
+            environ = base_environ(*listener.name, multithread=self.config.threads > 1)
+            tls = spec.tls_context if listener in spec.tls_listeners else None
+            if tls is not None:
+                environ["wsgi.url_scheme"] = "https"
+            entrance = Entrance(listener, environ, tls)
             self.listening[entrance.sock.fileno()] = entrance
         self._set_accepting(True)
         for thread in range(self.config.threads if self.config.threads > 1 else 0):
@@ -291,6 +331,7 @@ class Worker:
             trust=Trust(config.forwarded_allow_ips),
             proxy_protocol=config.proxy_protocol,
             health_target=config.health_path.encode("ascii"),
+            body=BodyRules(config.body_min_rate, config.body_rate_window, config.body_deadline),
         )
 
     def _notify(self, message: str) -> None:
@@ -338,7 +379,7 @@ class Worker:
                     # before every wait, which under load comes between most
                     # connections and would retitle the process twice per request.
                     self._show_idle()
-            if self.term_received and not self.stopping:
+            if self.term_received and not self.stopping and not self.drain_at:
                 # A stop signal that came with (or just after) these events is
                 # handled first: a retired worker must not take one more connection.
                 self._handle_signals()
@@ -363,6 +404,8 @@ class Worker:
                 self._set_accepting(self._willing() and not self.balancing)
             if time.monotonic() >= self.next_sweep:
                 self._sweep_idle()
+            if self.drain_at and not self.stopping and time.monotonic() >= self.drain_at:
+                self._begin_stop(drain=True)  # the shutdown delay is over
 
     def _flush_access_log(self) -> None:
         if self.access_log is not None:
@@ -391,6 +434,8 @@ class Worker:
             interval = min(interval, RECHECK)  # look again soon: the others may fill up
         if self.accept_pause.resume_at:
             interval = min(interval, max(0.0, self.accept_pause.resume_at - time.monotonic()))
+        if self.drain_at and not self.stopping:  # wake when the shutdown delay ends
+            interval = min(interval, max(0.0, self.drain_at - time.monotonic()))
         if self.deadlines:
             return max(0.0, min(interval, self.next_sweep - time.monotonic()))
         return interval
@@ -408,7 +453,7 @@ class Worker:
         for signum in self.wakeup.drain():
             if signum == signal.SIGTERM:
                 self.becoming_mold = False
-                self._begin_stop(drain=True)
+                self._leave_rotation()
             elif signum == signal.SIGUSR2:
                 self.becoming_mold = False
                 self._begin_stop(drain=False)
@@ -442,6 +487,21 @@ class Worker:
                 self.epoll.register(fd, select.EPOLLIN)
             else:
                 self.epoll.unregister(fd)
+
+    def _leave_rotation(self) -> None:
+        """TERM: the health path says 503 from now on; drain at once, or after ``shutdown_delay``.
+
+        Through the delay we accept and serve as usual, so nothing is refused
+        while load balancers notice the 503 and stop sending; every response
+        already says Connection: close (``closing``, set by the signal
+        handler), and idle kept-alive connections stay open until the drain.
+        """
+        self.service.rotation.leaving = True
+        delay = self.config.shutdown_delay
+        if not delay or self.stopping:
+            self._begin_stop(drain=True)
+        elif not self.drain_at:
+            self.drain_at = (self.term_at or time.monotonic()) + delay + DRAIN_AFTER_MASTER
 
     def _begin_stop(self, *, drain: bool, keep_listeners: bool = False) -> None:
         """Graceful stop: stop listening, finish what we hold, then leave.
@@ -535,7 +595,12 @@ class Worker:
             else:
                 remote = ("", "")
                 trusted = True  # a local process, as trusted as the socket file's mode made it
-            connection = Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
+            if entrance.tls is None:
+                connection = Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
+            else:
+                connection = self._tls_connection(entrance, conn_sock, remote, trusted)
+                if connection is None:
+                    continue
             # The request usually arrives with the connection: read it now.
             # A connection whose whole exchange happens here never costs an
             # epoll registration; one that waits is watched with the header timeout.
@@ -543,14 +608,57 @@ class Worker:
             if self.stopping and not self.listening:
                 return  # serving it began our stop (max_requests), which closed the listeners
 
+    def _tls_connection(self, entrance: Entrance, sock: socket.socket, remote: tuple[str, str],
+                        trusted: bool) -> Connection | None:
+        """Wrap an accepted socket for TLS; its handshake starts with the first readiness (``_handshake``).
+
+        None when the client reset the connection while it waited in the
+        queue: ``ssl`` looks at the peer as it wraps, and refuses then.
+        """
+        from .tls import TLSConnection  # imported by the master before the fork, with the context
+
+        try:
+            wrapped = entrance.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            log.debug("client gone before the TLS handshake remote=%s: %s", remote[0] or "unix", exc)
+            sock.close()  # (already detached into the failed wrapper, which closed it, if it got that far)
+            return None
+        return TLSConnection(wrapped, remote, entrance.environ, self.service, trusted=trusted)
+
+    def _handshake(self, connection: Any, fresh: bool) -> bool:
+        """Advance a TLS handshake; True once done and the connection can be read.
+
+        Until then the connection waits in the loop like any idle one, under
+        the header timeout set when it was accepted; a failed handshake is
+        the client's problem, logged at info, and costs the worker nothing.
+        """
+        from .tls import EPOLL_READ, EPOLL_WRITE, HandshakeFailed
+
+        wanted_write = connection.wants_write
+        try:
+            done = connection.handshake()
+        except HandshakeFailed as exc:
+            log.info("TLS handshake failed remote=%s: %s", connection.remote[0] or "unix", exc)
+            self._close(connection)
+            return False
+        if not done and fresh:
+            self._watch(connection, self.config.header_timeout)
+        if connection.wants_write != wanted_write and connection.fd in self.connections:
+            self.epoll.modify(connection.fd, EPOLL_WRITE if connection.wants_write else EPOLL_READ)
+        return done
+
     def _watch(self, connection: Connection, timeout: float) -> None:
         """Put a connection under the loop's eye with an idle deadline."""
         fd = connection.fd
         if fd not in self.connections:
             self.connections[fd] = connection
-            self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+            self.epoll.register(fd, WATCH_EVENTS)
         connection.idle_since = time.monotonic()
         self.deadlines[fd] = connection.idle_since + timeout
+
+    def _idle_timeout(self, connection: Connection) -> float:
+        """How long a kept-alive connection may idle: a trusted proxy's outlives the proxy's own timeout."""
+        return self.proxy_keepalive if connection.trusted else self.keepalive
 
     def _unwatch(self, connection: Connection) -> None:
         """Take a connection from the loop (a serving thread owns it now, or it is being closed).
@@ -563,6 +671,8 @@ class Worker:
         so most ``Connection: close`` requests pay nothing for this.)
         """
         fd = connection.fd
+        if self.gathering:
+            self._stop_gathering(fd)
         if self.connections.pop(fd, None) is not None:
             self.epoll.unregister(fd)
         self.deadlines.pop(fd, None)
@@ -582,15 +692,126 @@ class Worker:
         connection.close()
 
     def _on_readable(self, connection: Connection, fresh: bool = False) -> None:
+        if connection.handshaking and not self._handshake(connection, fresh):
+            return
         if not connection.receive():
             self._close(connection)
         elif connection.next_is_request():
-            if self.inline:
+            if connection.exchange.gather_body(self.body_buffer_size):
+                self._gather(connection)
+            elif self.inline:
                 self._serve_inline(connection)
             else:
                 self._dispatch(connection)
         elif fresh:
             self._watch(connection, self.config.header_timeout)
+
+    # -- request bodies read by the loop ------------------------------------------------
+
+    def _gather(self, connection: Connection, progressed: bool = True) -> None:
+        """A request head is in and its body is still arriving: keep reading it here, under the body rules.
+
+        The connection stays in epoll and the request is served once its
+        body is in memory (or body_buffer_size of it): a slow upload costs a
+        descriptor and some memory, never a worker or a thread.  Also called
+        by the sweep, when the body clock says a rule is due for a check
+        (``progressed`` False: nothing was received).
+        """
+        fd = connection.fd
+        now = time.monotonic()
+        paused = self.bodies_paused and fd != self.favoured
+        if progressed or paused:
+            connection.idle_since = now  # (a stall while we do not read is not the client's)
+        elif self.config.body_timeout and now - connection.idle_since >= self.config.body_timeout:
+            log.info("body timeout: no progress for %gs remote=%s: closing", self.config.body_timeout,
+                     connection.remote[0] or "unix")
+            self._close(connection)
+            return
+        clock = connection.body_clock
+        if clock is None:
+            clock = connection.body_clock = BodyClock(self.service.body, now, connection.bytes_in)
+            if fd not in self.connections:  # fresh from accept
+                self.connections[fd] = connection
+                self.epoll.register(fd, PAUSED_EVENTS if paused else WATCH_EVENTS)
+            elif paused:
+                self.epoll.modify(fd, PAUSED_EVENTS)
+        elif paused:
+            clock.wait_from(now)  # not reading it is not the client's fault
+        else:
+            clock.waited_until(now)
+        size = connection.exchange.gathered()
+        self.gathered += size - self.gathering.get(fd, 0)
+        self.gathering[fd] = size
+        try:
+            check_at = clock.check(now, connection.bytes_in)
+        except RequestTimeout as error:
+            log.info("%s remote=%s: 408, closing", error.detail, connection.remote[0] or "unix")
+            connection.refuse_now(connection.exchange.refusal(error))
+            self._close(connection)
+            return
+        if self.config.body_timeout:
+            check_at = min(check_at, connection.idle_since + self.config.body_timeout)
+        self.deadlines[fd] = check_at
+        if self.gathered >= self.config.body_buffer_total and not self.bodies_paused:
+            log.info("request bodies in memory reached body_buffer_total=%d: reading them paused pid=%d",
+                     self.config.body_buffer_total, self.pid)
+            self._pause_bodies(True)
+
+    def _stop_gathering(self, fd: int) -> None:
+        """The connection's body is no longer the loop's to read (complete, or closing): free its share."""
+        size = self.gathering.pop(fd, None)
+        if size is None:
+            return
+        self.gathered -= size
+        if self.bodies_paused:
+            if fd in self.connections and fd != self.favoured:
+                self.epoll.modify(fd, WATCH_EVENTS)  # served inline, it stays registered
+            if fd == self.favoured:
+                self.favoured = -1
+            if self.gathered <= self.config.body_buffer_total * RESUME_FRACTION:
+                self._pause_bodies(False)
+            elif self.favoured < 0 and self.gathering:
+                self._favour(time.monotonic())
+
+    def _favour(self, now: float) -> None:
+        """While paused: go on reading the body being gathered that has the least left to come."""
+        limit = self.body_buffer_size
+        connections = self.connections
+        fd = min(self.gathering, key=lambda fd: connections[fd].exchange.gather_left(limit))
+        self.favoured = fd
+        self.epoll.modify(fd, WATCH_EVENTS)
+        connection = connections[fd]
+        connection.body_clock.wait_from(now)  # type: ignore[union-attr]
+        connection.idle_since = now
+
+    def _pause_bodies(self, paused: bool) -> None:
+        """Stop (or resume) reading every body being gathered: memory is full (or has been freed).
+
+        While paused, only a client's close is watched for, and the rate
+        rule's clock stops (the deadline does not); except that the body
+        with the least left to come is still read, under every rule: either
+        it completes and is served, or its client is too slow and leaves,
+        and either way memory is freed.  Stopping them all could wait on
+        one another until the deadline, and a client that closed with body
+        bytes still queued to us would not be noticed until then.
+        """
+        self.bodies_paused = paused
+        now = time.monotonic()
+        events = PAUSED_EVENTS if paused else WATCH_EVENTS
+        for fd in self.gathering:
+            if fd == self.favoured:
+                continue
+            self.epoll.modify(fd, events)
+            clock = self.connections[fd].body_clock
+            if paused:
+                clock.waited_until(now)  # type: ignore[union-attr]
+            else:
+                clock.wait_from(now)  # type: ignore[union-attr]
+        if paused:
+            self._favour(now)
+        else:
+            self.favoured = -1
+            log.info("request bodies in memory below body_buffer_total again: reading resumed pid=%d", self.pid)
 
     def _sweep_idle(self) -> None:
         """Close connections past their deadline, and check that the master lives.
@@ -606,7 +827,12 @@ class Worker:
             if deadline > now:
                 continue
             connection = self.connections[fd]
-            if connection.mid_request():
+            if fd in self.gathering:
+                self._gather(connection, progressed=False)  # a body rule is due for a check
+                continue
+            if connection.handshaking:
+                log.info("TLS handshake timeout remote=%s: closing", connection.remote[0] or "unix")
+            elif connection.mid_request():
                 log.info("header timeout remote=%s: closing", connection.remote[0] or "unix")
             else:
                 log.info("keep-alive timeout remote=%s: closing", connection.remote[0] or "unix")
@@ -629,12 +855,21 @@ class Worker:
         registered with epoll, saving two epoll_ctl calls per request.
         """
         self.deadlines.pop(connection.fd, None)
-        if self._serve(connection, 0):
-            self._watch(connection, self.config.keepalive)
+        if self.gathering:
+            self._stop_gathering(connection.fd)
+        keep = self._serve(connection, 0)
+        if keep:
+            self._keep(connection, keep)
         else:
             self._close(connection)
         if self.served == self.max_requests and not self.stopping:
             self._begin_stop(drain=False)  # see _recycle; we are the loop: stop before accepting again
+
+    def _keep(self, connection: Connection, keep: int) -> None:
+        """Take a served connection back: idle until its next request, or reading a pipelined one's body."""
+        self._watch(connection, self._idle_timeout(connection))
+        if keep == GATHER:
+            self._gather(connection)
 
     def _dispatch(self, connection: Connection) -> None:
         """With threads: hand the connection to the pool, and stop accepting when it is full."""
@@ -644,8 +879,11 @@ class Worker:
             self._set_accepting(False)
         self.jobs.put(connection)
 
-    def _serve(self, connection: Connection, thread: int) -> bool:
-        """Answer every complete request queued on ``connection``; True to keep it open.
+    def _serve(self, connection: Connection, thread: int) -> int:
+        """Answer every complete request queued on ``connection``; whether to keep it open.
+
+        0: close it; 1: keep it; GATHER: keep it, and read the body of the
+        request pipelined next in the loop (see _gather).
 
         ``thread`` is the scoreboard slot of the thread doing the serving.
         """
@@ -661,9 +899,11 @@ class Worker:
             if self.served == self.max_requests:
                 self._recycle()
             if not keep:
-                return False
+                return 0
             if not connection.next_is_request():
-                return True
+                return 1
+            if connection.exchange.gather_body(self.body_buffer_size):
+                return GATHER
 
     def _recycle(self) -> None:
         """The request that reached ``max_requests`` is done: retire gracefully."""
@@ -700,7 +940,7 @@ class Worker:
             connection, keep = self.finished.popleft()
             self.busy -= 1
             if keep:
-                self._watch(connection, self.config.keepalive)
+                self._keep(connection, keep)
         if self.busy < self.config.threads and not self.stopping and not self.balancing:
             self._set_accepting(True)
 

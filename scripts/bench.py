@@ -95,7 +95,10 @@ IDLE_TIMEOUT = 10.0      # socket timeout while opening idle connections
 
 MAIN_SERVERS = ("forkserver", "gunicorn-sync", "gunicorn-gthread")
 PEERS = ("uwsgi", "granian", "bjoern", "floor", "nginx-static")
-ALL_SERVERS = MAIN_SERVERS + PEERS
+# HTTPS: forkserver and gunicorn each terminating TLS themselves, with the same certificate.
+TLS_SERVERS = ("forkserver+tls", "gunicorn-sync+tls", "gunicorn-gthread+tls")
+TLS_SCENARIOS = ("tls", "tls-close")
+ALL_SERVERS = MAIN_SERVERS + PEERS + TLS_SERVERS
 BASELINE = "gunicorn-sync"
 FLOOR = "floor"
 # The scenarios of the side-by-side table, which the peers run too (idle and scaling are ours and gunicorn's).
@@ -151,8 +154,11 @@ class ServerConfig:
     note: str = ""
     scenarios: tuple[str, ...] = ()
     install: str = ""
+    tls: bool = False  # serves HTTPS with the run's test certificate, in the TLS scenarios only
 
     def runs(self, scenario: str) -> bool:
+        if (scenario in TLS_SCENARIOS) != self.tls:
+            return False
         return not self.scenarios or scenario in self.scenarios
 
     @property
@@ -187,7 +193,22 @@ def server_configs(gthread_threads: int) -> dict[str, ServerConfig]:
                               note="pure-Python epoll loop, canned reply, parses nothing (scripts/floor_server.py)"),
         "nginx-static": ServerConfig("nginx-static", "nginx", scenarios=("64k",), install="apt-get install -y nginx",
                                      note="nginx serving the 64 KiB body as a static file"),
+        "forkserver+tls": ServerConfig("forkserver+tls", "forkserver", TLS_FILES, requires="--certfile", tls=True),
+        "gunicorn-sync+tls": ServerConfig("gunicorn-sync+tls", "gunicorn", ("-k", "sync", *TLS_FILES), tls=True),
+        "gunicorn-gthread+tls": ServerConfig("gunicorn-gthread+tls", "gunicorn",
+                                             ("-k", "gthread", "--threads", str(gthread_threads), *TLS_FILES),
+                                             tls=True),
     }
+
+
+TLS_FILES = ("--certfile", "{tmp}/tls.pem", "--keyfile", "{tmp}/tls.key")
+
+
+def make_certificate(tmpdir: Path) -> None:
+    """A self-signed certificate for the TLS scenarios (wrk does not verify it), made with the openssl CLI."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", str(tmpdir / "tls.key"),
+                    "-out", str(tmpdir / "tls.pem")], check=True, capture_output=True, timeout=60)
 
 
 def peer_executable(name: str) -> str | None:
@@ -319,7 +340,13 @@ class Server:
         """Connect; a server that binds its own port is retried every 2 ms until it listens."""
         while True:
             try:
-                return socket.create_connection((HOST, self.port), timeout=READY_TIMEOUT)
+                conn = socket.create_connection((HOST, self.port), timeout=READY_TIMEOUT)
+                if self.config.tls:
+                    import ssl  # only the TLS scenarios need it
+
+                    unverified = ssl._create_unverified_context()  # our own self-signed test certificate
+                    conn = unverified.wrap_socket(conn)
+                return conn
             except ConnectionRefusedError:
                 if not self.config.binds_itself or time.monotonic() > deadline:
                     raise
@@ -621,6 +648,9 @@ SCENARIOS = [
     Scenario("idle", "{idle} idle keep-alive conns + load", idle=True),
     Scenario("accesslog", "access log on vs off (hello keep-alive)", pair=("forkserver", "forkserver+accesslog")),
     Scenario("stats", "stats on vs off (hello keep-alive)", pair=("forkserver", "forkserver+stats")),
+    Scenario("tls", "hello keep-alive over TLS"),
+    Scenario("tls-close", "hello, Connection: close over TLS (a handshake per request)",
+             headers=("Connection: close",)),
 ]
 EXTRA_SCENARIOS = ("startup", "scaling")
 ALL_SCENARIOS = [s.key for s in SCENARIOS] + list(EXTRA_SCENARIOS)
@@ -641,7 +671,8 @@ def measure(server: Server, args: argparse.Namespace, scenario: Scenario, script
         if scenario.idle:
             idle = open_idle(server.port, args.idle_connections)
         cpu_before, workers_before = server.cpu_seconds()
-        result = run_wrk(args.wrk, f"http://{HOST}:{server.port}{scenario.path}", duration, args.connections,
+        scheme = "https" if server.config.tls else "http"
+        result = run_wrk(args.wrk, f"{scheme}://{HOST}:{server.port}{scenario.path}", duration, args.connections,
                          args.wrk_threads, scripts.get(scenario.script), scenario.headers)
         cpu_after, workers_after = server.cpu_seconds()
         left = still_open(idle)
@@ -732,6 +763,8 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
     scripts = {"post": tmpdir / "post.lua", "tally": tmpdir / "tally.lua"}
     scripts["post"].write_text(POST_LUA)
     scripts["tally"].write_text(TALLY_LUA)
+    if any(configs[name].tls for name in present):
+        make_certificate(tmpdir)
 
     selected = [s for s in SCENARIOS if s.key in args.scenarios]
     runnable = []
@@ -782,9 +815,10 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
         log(f"scenarios: starting {', '.join(needed)} with -w {args.workers}")
         servers = start_servers(needed, configs, args.workers, args, tmpdir, started)
         try:
-            if any(scenario.key == "close" for scenario in runnable):
+            if any(scenario.key in ("close", "tls-close") for scenario in runnable):
                 # A server that keeps the connection open would turn 'close' into a keep-alive run.
-                results["kept_open"] = [name for name in taking_part("close") if not servers[name].closes_on_request()]
+                results["kept_open"] = [name for name in taking_part("close") + taking_part("tls-close")
+                                        if not servers[name].closes_on_request()]
                 for name in results["kept_open"]:
                     log(f"  {name} kept the connection open after Connection: close")
             for scenario in runnable:
@@ -914,7 +948,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
                    "| busiest worker CPU / avg | wrk CPU | vs gunicorn sync |")
         out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for key, data in scen.items():
-            base = data["servers"].get(BASELINE, {}).get("rps", float("nan"))
+            baseline = BASELINE + "+tls" if key in TLS_SCENARIOS else BASELINE
+            base = data["servers"].get(baseline, {}).get("rps", float("nan"))
             for name, s in data["servers"].items():
                 ratio = s["rps"] / base if base == base and base else float("nan")
                 if data["pair"] and name == data["pair"][1]:
@@ -988,6 +1023,8 @@ def side_by_side(results: dict[str, Any], args: argparse.Namespace) -> str:
              + " | startup to first 200 | tree PSS, hello |",
              "|---|" + "---:|" * (len(SIDE_BY_SIDE) + 2)]
     for name in args.servers:
+        if configs[name].tls:
+            continue  # the TLS scenarios have their rows in the table below
         if name in results["missing"]:
             lines.append(f"| {name} |" + " missing |" * (len(SIDE_BY_SIDE) + 2))
             continue

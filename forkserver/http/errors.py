@@ -61,3 +61,10 @@ class NotImplementedCoding(ProtocolError):
 
     status = 501
     reason = "Not Implemented"
+
+
+class RequestTimeout(ProtocolError):
+    """The body arrives too slowly (``body_min_rate``) or too late (``body_deadline``) (RFC 9110 §15.5.9)."""
+
+    status = 408
+    reason = "Request Timeout"

@@ -46,6 +46,8 @@ MUST_CLOSE = "MUST_CLOSE"  # the connection carries nothing more: close it once 
 # Request body left unread by the app that is still read and dropped to keep
 # the connection; a larger leftover is cheaper to close than to drain.
 DRAIN_LIMIT_BYTES = 1 << 20
+# A body gathered before its request starts joins its pieces up to this size.
+EARLY_PIECE_BYTES = 65536
 CONTENT_LENGTH_LINE = b"Content-Length: %d\r\n"
 NO_CONTENT_STATUSES = frozenset({204, 304})  # statuses whose response has no content (RFC 9110 §15.3.5, §15.4.5)
 
@@ -111,6 +113,11 @@ class Exchange:
         self.sent = 0  # body bytes that went out (chunk framing not counted)
         # When the app declared no Content-Length: the one ``head`` added, or -1.
         self.length_added = -1
+        # The start of the next request's body, gathered before the request
+        # is started (see ``gather_body``), in pieces, and their total size;
+        # the first body pieces once the request is started.
+        self.early: deque[bytes | bytearray] | None = None
+        self.early_size = 0
 
     # -- bytes in (and receive, bound in __init__) ------------------------------------
 
@@ -126,6 +133,74 @@ class Exchange:
     def release(self) -> None:
         """The connection is closed: let go of the parser (see ``RequestParser.release``)."""
         self.parser.release()
+
+    def gather_body(self, limit: int) -> bool:
+        """Before the next request starts: gather its body into memory; True while more must be received.
+
+        The caller (the worker's loop) then keeps receiving, and starts the
+        request once this says False: its body is complete (or an error in
+        it is parsed), at least ``limit`` bytes of it are gathered, or it
+        has none to wait for.  A request with ``Expect: 100-continue`` is not
+        waited for: its client holds the body until the app asks for it.
+        Small pieces are joined (up to EARLY_PIECE_BYTES), so a body sent
+        one byte at a time costs its size in memory, not an object per
+        byte.  The rest of a Content-Length body is handed over
+        (``raw_left``): the caller receives it and gives the pieces back
+        through ``raw_body_gathered``.  Large pieces are kept as they came,
+        so a body read this way is copied no more often than one the app
+        reads from the socket itself, and the memory it holds is what
+        arrived, never what was announced.
+        """
+        events = self.events
+        request = events[0]
+        if request.__class__ is not Request or not (request.chunked or request.content_length):  # type: ignore[union-attr]
+            return False
+        if request.expect_continue or not limit:  # type: ignore[union-attr]
+            return False
+        if self.early is None:
+            self.early = deque()
+        if len(events) > 1:
+            events.popleft()
+            while events and events[0].__class__ is BodyChunk:
+                self._keep_early(events.popleft().data)  # type: ignore[union-attr]
+            events.appendleft(request)
+            if len(events) > 1:
+                return False  # what follows its last piece is its end, or an error in it
+        if self.early_size >= limit:
+            return False
+        if not self.raw_left:
+            self.raw_left = self.parser.hand_over_body()
+        return True
+
+    def _keep_early(self, piece: bytes | bytearray) -> None:
+        """Add a piece to the gathered body: joined to the last one while both are small."""
+        early = self.early
+        size = len(piece)
+        if early and len(early[-1]) + size <= EARLY_PIECE_BYTES:  # type: ignore[arg-type]
+            last = early[-1]  # type: ignore[index]
+            if last.__class__ is not bytearray:
+                last = early[-1] = bytearray(last)  # type: ignore[index]
+            last += piece  # type: ignore[operator]
+        else:
+            early.append(piece)  # type: ignore[union-attr]
+        self.early_size += size
+
+    def gathered(self) -> int:
+        """Body bytes ``gather_body`` holds for the next request."""
+        return 0 if self.early is None else self.early_size
+
+    def gather_left(self, limit: int) -> int:
+        """Body bytes still to receive before ``gather_body`` lets the next request start."""
+        request = self.events[0]
+        wanted = limit if request.chunked else min(limit, request.content_length)  # type: ignore[union-attr]
+        return wanted - self.gathered()
+
+    def raw_body_gathered(self, piece: bytes) -> None:
+        """Handed-over body bytes of the next request were received before it started (see ``gather_body``)."""
+        self._keep_early(piece)
+        self.raw_left -= len(piece)
+        if not self.raw_left:
+            self.events.append(END_OF_MESSAGE)  # the parser was handed the rest: its end is ours to tell
 
     # -- one exchange --------------------------------------------------------------
 
@@ -189,6 +264,13 @@ class Exchange:
             return b""  # (after an error, the ProtocolError was raised once already)
         if state is not SEND_BODY:
             raise ExchangeError(f"body read with their side {state}")
+        early = self.early
+        if early is not None:
+            if len(early) < 2:
+                self.early = None  # this was the last piece: the rest comes by events or off the wire
+                self.early_size = 0
+            if early:
+                return early.popleft()
         events = self.events
         if not events:
             return None
@@ -212,6 +294,8 @@ class Exchange:
         left = self.raw_left
         if not left and not self.events and self.their_state is SEND_BODY:
             left = self.raw_left = self.parser.hand_over_body()
+        if left and self.early is not None:
+            return 0  # what was gathered early goes first (next_body_piece)
         return left
 
     def raw_body_received(self, count: int) -> None:

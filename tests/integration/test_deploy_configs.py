@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from harness import APPS, ROOT, listening_socket, poll, read_all, serving_in_thread
+from harness import APPS, ROOT, listening_socket, poll, raw_request, read_all, serving_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
 from forkserver.aggregator import Aggregator
@@ -335,7 +335,7 @@ def manifest_values() -> dict[str, object]:
     probes = re.findall(r"^\s+(readinessProbe|livenessProbe):\n((?:\s{12,}.*\n)+)", text, re.MULTILINE)
     return {
         "grace": int(single(r"^\s+terminationGracePeriodSeconds:\s*(\d+)\s*$")),
-        "pre_stop_sleep": int(single(r'preStop:\s*\n\s*exec:\s*\n\s*command:\s*\["sleep",\s*"(\d+)"\]')),
+        "pre_stop": re.findall(r"^\s+preStop:", text, re.MULTILINE),
         "container_port": int(single(r"-\s+name:\s*http\s*\n\s+containerPort:\s*(\d+)\s*$")),
         "command": single(r'^\s+command:\s*\["(/[^"]+)"\]\s*$'),
         "workers": int(single(r'-\s+name:\s*FORKSERVER_WORKERS\s*\n\s+value:\s*"(\d+)"')),
@@ -354,9 +354,16 @@ def test_k8s_manifest_agrees_with_the_container_config():
     (bind,) = config.bind
     assert int(bind.rpartition(":")[2]) == values["container_port"]
     assert bind.startswith("0.0.0.0:"), "probes and the Service reach the pod on its own IP"
-    # The kubelet's clock starts at preStop; TERM follows it; the master then needs
-    # graceful_timeout plus a second before it stops waiting for workers.
-    assert values["pre_stop_sleep"] + config.graceful_timeout + 1 < values["grace"]
+    # No preStop hook: the kubelet's clock starts with TERM; the master then
+    # serves through shutdown_delay, and needs graceful_timeout plus a second
+    # more before it stops waiting for workers.
+    assert not values["pre_stop"], "shutdown_delay replaces a preStop sleep"
+    assert config.shutdown_delay + config.graceful_timeout + 1 < values["grace"]
+    # The readiness probe fails (503) within the delay, so the pod leaves rotation before it refuses.
+    readiness = values["probes"]["readinessProbe"]
+    period = int(re.search(r"periodSeconds:\s*(\d+)", readiness).group(1))
+    failures = int(re.search(r"failureThreshold:\s*(\d+)", readiness).group(1))
+    assert period * failures <= config.shutdown_delay
     # forkserver replaces a hung worker itself before liveness gives up on the pod.
     liveness = values["probes"]["livenessProbe"]
     period = int(re.search(r"periodSeconds:\s*(\d+)", liveness).group(1))
@@ -383,7 +390,10 @@ def test_container_entry_point_execs_forkserver_answers_probes_and_stops_gracefu
         "FORKSERVER_PYTHONPATH": str(APPS),
         "FORKSERVER_BIND": f"fd://{sock.fileno()}",
         "FORKSERVER_WORKERS": str(manifest_values()["workers"]),
+        # The file's shutdown delay, shortened: what happens in it is the same, and the suite stays quick.
+        "FORKSERVER_SHUTDOWN_DELAY": "3",
     })
+    delay = 3.0
     log = tmp_path / "container.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(ENTRYPOINT)], stdout=out, stderr=out, env=env, cwd=tmp_path,
@@ -427,12 +437,17 @@ def test_container_entry_point_execs_forkserver_answers_probes_and_stops_gracefu
                          for c in psutil.Process(proc.pid).children()), DEADLINE, what="the slow request to start")
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(config.graceful_timeout + 5) == 0
+        # Through the shutdown delay the readiness probe fails while requests
+        # the Service still routes here are served.
+        assert poll(lambda: (probe() or (0, b""))[0] == 503, DEADLINE, what="the probe to fail after TERM")
+        answer = raw_request(port, b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 OK") and b"\r\nConnection: close\r\n" in answer, answer[:300]
+        assert proc.wait(delay + config.graceful_timeout + 5) == 0
         client.join(10)
         assert in_flight["answer"].startswith(b"HTTP/1.1 200 OK"), in_flight
         # The access log (stdout, for the container runtime) has the app's request, not the probes.
         assert '"GET /slow?2 HTTP/1.1" 200' in log.read_text() and "kube-probe" not in log.read_text()
-        assert time.monotonic() - started < config.graceful_timeout
+        assert time.monotonic() - started < delay + config.graceful_timeout
     finally:
         if proc.poll() is None:
             stop_pid(proc.pid)

@@ -544,8 +544,8 @@ def test_config_file_named_in_gunicorn_cmd_args(tmp_path):
 def test_every_bad_option_is_reported_at_once_with_hints_for_a_gunicorn_user(tmp_path):
     port = free_port()
     result = run_forkserver(
-        "-b", f"127.0.0.1:{port}", APP, "--workrs", "3", "--worker-class", "tornado", "--certfile", "c.pem",
-        "--keyfile", "k.pem", "--timeout", "soon", "--log-level", "loud", "--bogus-flag", "--paste", "x.ini",
+        "-b", f"127.0.0.1:{port}", APP, "--workrs", "3", "--worker-class", "tornado", "--cert-reqs",
+        "sometimes", "--timeout", "soon", "--log-level", "loud", "--bogus-flag", "--paste", "x.ini",
         env={"GUNICORN_CMD_ARGS": "--threads=0", "FORKSERVER_WORKERZ": "2"})
     assert result.returncode == EXIT_CONFIG
     assert result.stdout == ""
@@ -555,8 +555,7 @@ def test_every_bad_option_is_reported_at_once_with_hints_for_a_gunicorn_user(tmp
         "command line: unknown option '--workrs' (did you mean '--workers'?)",
         "command line: unknown option '--bogus-flag' (forkserver --help lists the options)",
         "environment FORKSERVER_WORKERZ: unknown setting 'workerz' (did you mean 'workers'?)",
-        "command line --certfile: certfile is not supported: TLS is terminated by the proxy",
-        "command line --keyfile: keyfile is not supported: TLS is terminated by the proxy",
+        "command line --cert-reqs: cert_reqs must be one of none, optional, required, got 'sometimes'",
         "command line --paste: paste is not supported: PasteDeploy .ini apps are not loaded",
         "environment GUNICORN_CMD_ARGS --threads: threads must be at least 1, got 0",
         "command line --worker-class: worker_class 'tornado' is not served: it runs Tornado apps",

@@ -73,8 +73,12 @@ def tcp_variant_upstream(text: str, addresses: list[str]) -> str:
 
 
 def render_site(*, http_port: int, https_port: int, cert: Path, key: Path, socket_path: str | None = None,
-                tcp_upstreams: list[str] | None = None) -> str:
-    """The shipped config with test ports, certificate and upstream; nothing else touched."""
+                tcp_upstreams: list[str] | None = None, upstream_keepalive_timeout: str = "") -> str:
+    """The shipped config with test ports, certificate and upstream; nothing else touched.
+
+    ``upstream_keepalive_timeout``: how long nginx keeps an idle upstream
+    connection, instead of the shipped value (the keep-alive race test scales it down).
+    """
     text = SITE.read_text()
     text = replace_once(text, "    listen 80;\n", f"    listen 127.0.0.1:{http_port};\n")
     text = replace_once(text, "    listen [::]:80;\n", "")
@@ -89,6 +93,9 @@ def render_site(*, http_port: int, https_port: int, cert: Path, key: Path, socke
         active = re.search(r"^upstream forkserver \{\n.*?^\}\n", text, re.MULTILINE | re.DOTALL)
         assert active, "no upstream block in the nginx config"
         text = replace_once(text, active.group(0), tcp_variant_upstream(text, tcp_upstreams))
+    if upstream_keepalive_timeout:
+        text = replace_once(text, "    keepalive_timeout 60s;\n    keepalive_requests",
+                            f"    keepalive_timeout {upstream_keepalive_timeout};\n    keepalive_requests")
     return text
 
 
@@ -567,3 +574,108 @@ def test_two_instances_behind_one_upstream_survive_one_stopping(server, nginx):
     # connection found closed) and moved the request on: proxy_next_upstream at work.
     stopped = f'upstream: "http://127.0.0.1:{first.port}/'
     assert any("[error]" in line and stopped in line for line in proxy.log().splitlines()), proxy.log()
+
+
+# -- the keep-alive race between nginx and forkserver ---------------------------------------
+
+
+class Latency:
+    """A UNIX-socket relay between nginx and forkserver that delivers everything at least ``delay`` late.
+
+    On loopback a close reaches nginx within microseconds, which hides the
+    race a real network exposes: for one network delay after forkserver
+    closes an idle connection, nginx still believes it open and may send a
+    request down it.  Each direction here is a real socket pair whose bytes,
+    and whose end of stream, arrive at least ``delay`` after they were sent,
+    as over a link with that latency.
+    """
+
+    def __init__(self, listen_path: Path, target_path: Path, delay: float) -> None:
+        self.target, self.delay = str(target_path), delay
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(listen_path))
+        self.listener.listen(64)
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            far = socket.socket(socket.AF_UNIX)
+            far.connect(self.target)
+            self.sockets += [near, far]
+            threading.Thread(target=self._pipe, args=(near, far), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(far, near), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            time.sleep(self.delay)
+            try:
+                if not data:
+                    sink.shutdown(socket.SHUT_WR)
+                    return
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def spaced_posts(port: int, gaps: list[float], stop_at_first_error: bool = False) -> list[str]:
+    """One POST through nginx after each pause in ``gaps``, each on a new client connection; the failures."""
+    errors = []
+    for number, gap in enumerate(gaps):
+        time.sleep(gap)
+        body = f"post {number}".encode()
+        try:
+            status, answer = request(port, "POST", "/echo", body=body)
+            if status != 200 or json.loads(answer)["body_sha256"] != hashlib.sha256(body).hexdigest():
+                errors.append(f"POST {number} after {gap:.2f}s: {status} {answer[:100]!r}")
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(f"POST {number} after {gap:.2f}s: {type(exc).__name__}: {exc}")
+        if errors and stop_at_first_error:
+            break
+    return errors
+
+
+# Scaled down from nginx's 60 s and forkserver's 75 s for a proxy, in the same order.
+RACE_LATENCY = 0.25
+NGINX_IDLE, FORKSERVER_IDLE = "600ms", "1.2"
+
+
+@pytest.mark.parametrize("racy", [False, True], ids=["nginx-closes-first", "forkserver-closes-first"])
+def test_sporadic_posts_through_nginx_never_meet_a_closing_connection(server, nginx, short_dir, racy):
+    """POSTs spaced around the idle timeouts: none fails while nginx's timeout is the shorter.
+
+    In the racy order (forkserver's shorter, as it was with nginx's default
+    60 s against the old 5 s) POSTs that nginx sends while forkserver's close
+    is on its way fail with a 502 nginx may not retry: that variant checks
+    this test can see the race at all.
+    """
+    fs_path, relay_path = short_dir / "fs.sock", short_dir / "relay.sock"
+    # Explicit settings stand in for the defaults' order, scaled to seconds.
+    fs_idle, nginx_idle = ("0.6", "1200ms") if racy else (FORKSERVER_IDLE, NGINX_IDLE)
+    start_on_unix(server, fs_path, "-w", "1", "--keepalive", fs_idle)
+    relay = Latency(relay_path, fs_path, RACE_LATENCY)
+    try:
+        proxy = nginx(socket_path=str(relay_path), upstream_keepalive_timeout=nginx_idle)
+        # Pauses from well below to well above both timeouts, so some requests
+        # come as each side's timer runs out.
+        gaps = [0.3 + 0.07 * (number % 17) for number in range(34 if racy else 17)]
+        errors = spaced_posts(proxy.http_port, gaps, stop_at_first_error=racy)
+    finally:
+        relay.close()
+    if racy:
+        assert errors, "no POST met the race in the racy order: this test could not see it"
+        assert "upstream prematurely closed" in proxy.log() or "reset by peer" in proxy.log(), proxy.log()
+    else:
+        assert not errors, f"{errors}\n{proxy.log()}"

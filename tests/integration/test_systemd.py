@@ -126,6 +126,18 @@ def test_ready_reloading_and_stopping_are_notified_at_the_right_moments(server, 
     assert srv.wait_exit(30) == 0
 
 
+def test_stopping_is_announced_at_term_while_the_shutdown_delay_still_serves(server, notifications):
+    srv = server("lifecycle_app:app", "-w", "1", "--health-path", "/healthz", "--shutdown-delay", "3",
+                 env={"NOTIFY_SOCKET": notifications.address}, wait=False)
+    notifications.wait_for(lambda m: "READY" in m)
+    srv.signal(signal.SIGTERM)
+    stopping = notifications.wait_for(lambda m: "STOPPING" in m)
+    assert stopping.get("STOPPING") == "1", stopping
+    # Told at TERM, not at the end of the delay: the server still answers, out of rotation.
+    assert requests.get(srv.url + "/healthz", timeout=(2, 5)).status_code == 503
+    assert srv.wait_exit(30) == 0
+
+
 def test_abstract_notify_socket(server):
     receiver = Notifications(abstract=True)
     try:

@@ -414,3 +414,16 @@ def test_print_config_writes_workers_auto_as_the_word_it_reads_back(tmp_path):
     path = tmp_path / "printed.toml"
     path.write_text(text)
     assert load("-c", str(path)).workers == AUTO_WORKERS
+
+
+def test_trusted_proxies_get_a_keepalive_above_the_proxies_own_unless_keepalive_is_set(tmp_path):
+    # nginx's upstream keepalive_timeout and AWS ALB's idle timeout are 60 s:
+    # a proxy's idle connection must outlive them, so the proxy closes it first.
+    assert load().keepalive == 5.0 and load().proxy_keepalive == 75.0 > 60.0
+    assert load("--keepalive", "3").proxy_keepalive == 3.0  # set on the command line: it wins
+    assert load(env={"FORKSERVER_KEEPALIVE": "620"}).proxy_keepalive == 620.0
+    assert load("--keepalive", "0").proxy_keepalive == 0.0  # keep-alive off is off for proxies too
+    config_file = tmp_path / "f.toml"
+    config_file.write_text('keepalive = 5.0\n')
+    assert load("-c", str(config_file)).proxy_keepalive == 5.0  # set to the default value: still set
+    assert load("--shutdown-delay", "4").shutdown_delay == 4.0 and load().shutdown_delay == 0.0

@@ -12,13 +12,15 @@ import pytest
 
 from forkserver.connection import (
     DEFER_MAX_BYTES,
+    BodyClock,
+    BodyRules,
     BodyStream,
     ClientGone,
     Connection,
     Stalled,
 )
 from forkserver import connection as connection_module
-from forkserver.http.errors import BadRequest, BodyTooLarge
+from forkserver.http.errors import BadRequest, BodyTooLarge, RequestTimeout
 from forkserver.http.exchange import DONE, SEND_BODY, Closing
 from forkserver.http.parser import Limits
 from forkserver.http.response import CONTINUE_RESPONSE, DateHeader
@@ -226,3 +228,26 @@ def test_linger_lets_the_client_read_the_answer_and_ends_when_it_closes(pair):
     closer.start()
     connection.linger()
     assert answer.startswith(b"HTTP/1.1 413 ") and time.monotonic() - started < 0.9
+
+
+# -- the body rules' clock ----------------------------------------------------------
+
+
+def test_the_body_clock_counts_only_time_spent_waiting_and_needs_the_rate_per_window():
+    clock = BodyClock(BodyRules(min_rate=100, window=2.0, deadline=0), now=0.0, received=0)
+    assert clock.check(0.0, 0) == 2.0
+    clock.wait_from(10.0)  # eight seconds the app spent elsewhere are not counted
+    clock.waited_until(11.0)
+    assert clock.check(11.0, 150) == 12.0
+    clock.waited_until(12.0)
+    assert clock.check(12.0, 250) == 14.0  # 250 bytes in 2 s: a new window begins
+    clock.waited_until(14.0)
+    with pytest.raises(RequestTimeout, match="body too slow: 50 bytes in 2.0s"):
+        clock.check(14.0, 300)
+
+
+def test_the_body_deadline_counts_from_the_start_whatever_happens():
+    clock = BodyClock(BodyRules(min_rate=0, window=2.0, deadline=5.0), now=1.0, received=0)
+    assert clock.check(3.0, 0) == 6.0
+    with pytest.raises(RequestTimeout, match="body deadline"):
+        clock.check(6.0, 10 ** 9)

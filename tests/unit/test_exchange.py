@@ -413,3 +413,66 @@ def test_invalid_case_is_refused_with_its_status_however_it_is_fed(case: Case):
         assert error.status == status, how
         assert Read(exchange.refusal(error)).status == status
         assert exchange.our_state is MUST_CLOSE
+
+
+# -- a body gathered before its request starts (the worker's loop reads it) ---------
+
+
+def body_of(exchange: Exchange) -> bytes:
+    """Start the waiting request and read its whole body from the exchange alone."""
+    exchange.start()
+    body = b""
+    while piece := exchange.next_body_piece():
+        body += piece
+    return body
+
+
+def test_a_chunked_body_trickled_byte_by_byte_is_gathered_into_one_buffer():
+    exchange = exchange_for(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(100):
+        exchange.receive(b"1\r\nx\r\n")
+        assert exchange.gather_body(1 << 20)
+    assert exchange.gathered() == 100 and len(exchange.events) == 1
+    assert len(exchange.early) == 1  # joined: no object per byte kept
+    exchange.receive(b"0\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert not exchange.gather_body(1 << 20)
+    assert body_of(exchange) == b"x" * 100
+    assert exchange.their_state is DONE and exchange.next_is_request()  # the pipelined GET is intact
+
+
+def test_the_rest_of_a_content_length_body_is_gathered_off_the_wire():
+    exchange = exchange_for(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
+    assert exchange.gather_body(1 << 20)
+    assert exchange.raw_left == 8  # handed over: the parser expects the next request
+    exchange.raw_body_gathered(bytearray(b"cdef"))
+    assert exchange.gather_body(1 << 20) and exchange.gather_left(1 << 20) == 4
+    assert exchange.raw_left == 4  # what the caller may still read off the wire
+    exchange.raw_body_gathered(bytearray(b"ghij"))
+    assert not exchange.gather_body(1 << 20)
+    assert body_of(exchange) == b"abcdefghij" and exchange.their_state is DONE
+
+
+def test_a_body_past_the_limit_starts_with_what_is_gathered_and_streams_the_rest():
+    exchange = exchange_for(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabcd")
+    assert not exchange.gather_body(4)
+    exchange.start()
+    assert exchange.raw_body_left() == 0  # the gathered bytes come first
+    assert exchange.next_body_piece() == b"abcd"
+    assert exchange.raw_body_left() == 6
+
+
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+])
+def test_no_body_or_one_held_for_100_continue_is_not_waited_for(head):
+    assert not exchange_for(head).gather_body(1 << 20)
+
+
+def test_an_error_in_a_gathered_body_is_raised_when_the_app_reads_it():
+    exchange = exchange_for(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\nzz\r\n")
+    assert not exchange.gather_body(1 << 20)
+    exchange.start()
+    assert exchange.next_body_piece() == b"ab"
+    with pytest.raises(ProtocolError):
+        exchange.next_body_piece()

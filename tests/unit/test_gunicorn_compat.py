@@ -218,13 +218,13 @@ def test_python_config_problems_are_all_reported(tmp_path):
     path = python_conf(tmp_path, """
         workers = 0
         timeout = "soon"
-        certfile = "/etc/ssl/app.pem"
+        paste = "app.ini"
         worker_class = "uvicorn.workers.UvicornWorker"
         def post_fork(server):
             pass
         """)
     assert problems("-c", path, "app:app") == [
-        f"{path}: certfile is not supported: {gunicorn.TLS}",
+        f"{path}: paste is not supported: {gunicorn.BY_NAME['paste'].refused}",
         f"{path}: post_fork must take 2 arguments (server, worker), as gunicorn calls it; it takes 1",
         f"{path}: workers must be at least 1, got 0",
         f"{path}: timeout must be a number, got 'soon'",
@@ -327,3 +327,42 @@ def test_a_python_config_file_without_the_py_name_gets_a_hint(tmp_path):
     [line] = problems("-c", str(path), "app:app")
     assert line.startswith(f"{path}: invalid TOML: ")
     assert line.endswith("; a gunicorn config file must be named *.py")
+
+
+def test_gunicorn_tls_settings_are_honoured_with_their_values_mapped(tmp_path):
+    path = python_conf(tmp_path, """
+        import ssl
+        certfile = "/etc/ssl/app.pem"
+        keyfile = "/etc/ssl/app.key"
+        ca_certs = "/etc/ssl/ca.pem"
+        cert_reqs = ssl.CERT_REQUIRED
+        ssl_version = ssl.PROTOCOL_TLS_SERVER
+        ciphers = "ECDHE+AESGCM"
+        do_handshake_on_connect = True
+        """)
+    config = load("-c", path, "app:app")
+    assert (config.certfile, config.keyfile, config.ca_certs) == ("/etc/ssl/app.pem", "/etc/ssl/app.key",
+                                                                    "/etc/ssl/ca.pem")
+    assert (config.cert_reqs, config.tls_min_version, config.ciphers) == ("required", "1.2", "ECDHE+AESGCM")
+    assert any("do_handshake_on_connect accepted but not needed" in line for line in config.notices)
+
+
+@pytest.mark.parametrize("argv, name, expected", [
+    (["--cert-reqs", "1"], "cert_reqs", "optional"),
+    (["--cert-reqs", "CERT_REQUIRED"], "cert_reqs", "required"),
+    (["--ssl-version", "TLSv1_3"], "tls_min_version", "1.3"),
+    (["--ssl-version", "TLS"], "tls_min_version", "1.2"),
+    (["--tls-min-version", "TLSv1.3"], "tls_min_version", "1.3"),
+])
+def test_gunicorn_tls_spellings(argv, name, expected):
+    config = load("app:app", "--certfile", "/c.pem", "--ca-certs", "/ca.pem", *argv)
+    assert getattr(config, name) == expected
+
+
+def test_tls_1_0_is_refused_and_tls_settings_need_a_certificate():
+    assert problems("app:app", "--certfile", "/c.pem", "--ssl-version", "TLSv1") == [
+        "command line --ssl-version: tls_min_version must be one of 1.2, 1.3, got '1'"]
+    assert problems("app:app", "--keyfile", "/k.pem") == [
+        "command line --keyfile: keyfile is set but certfile is not; TLS needs a certificate"]
+    assert problems("app:app", "--certfile", "/c.pem", "--cert-reqs", "required") == [
+        "command line --cert-reqs: cert_reqs required needs ca_certs, the CAs client certificates are checked against"]

@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""Fleet simulation: several forkserver instances behind HAProxy, a rolling restart and a scale-down under load.
+
+Starts ``--instances`` forkservers on loopback ports (tests/apps/lifecycle_app.py,
+``--health-path /healthz``, ``--shutdown-delay``), and HAProxy in front with
+HTTP health checks on that path, retries on (``retries 3``, ``option
+redispatch``: the usual production setting, so a retry the client never sees
+still shows in HAProxy's counters) and an admin socket to read them.  Client
+threads send GETs and small POSTs through HAProxy, each on a new connection,
+while the script
+
+1. restarts every instance in turn (TERM, wait for the exit, start a new one
+   on the same port, wait until HAProxy has it UP again), then
+2. scales down by stopping the last instance for good.
+
+For each phase it prints the requests sent, client errors, HAProxy's retries,
+redispatches and connection errors, and latency percentiles.  The load is
+bounded by ``--max-requests`` and every phase by a deadline; every process the
+script starts is ended by PID.  Run it with ``--shutdown-delay 0`` to see
+what the delay buys.  Needs haproxy (apt-get install haproxy).
+
+    python scripts/fleet_sim.py --instances 3 --shutdown-delay 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import io
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = ROOT / "tests" / "apps"
+CHECK = "inter 300ms fall 2 rise 2"  # HAProxy marks a server down after 2 failed checks 300 ms apart
+PHASE_DEADLINE = 60.0
+
+
+def bound_socket(port: int = 0) -> socket.socket:
+    """A loopback listening socket the instance inherits (the same port again for a restart)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Instance:
+    """One forkserver on its own port; ``start`` again after ``stop`` for a restart."""
+
+    def __init__(self, workdir: Path, number: int, args: argparse.Namespace) -> None:
+        self.workdir, self.number, self.args = workdir, number, args
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        sock = bound_socket(self.port)
+        self.port = sock.getsockname()[1]
+        log = open(self.workdir / f"instance{self.number}.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "forkserver", "-b", f"fd://{sock.fileno()}", "--pythonpath", str(APPS),
+             "-w", str(self.args.workers), "--health-path", "/healthz",
+             "--shutdown-delay", str(self.args.shutdown_delay), "lifecycle_app:app"],
+            stdout=log, stderr=log, pass_fds=(sock.fileno(),), cwd=self.workdir)
+        sock.close()  # the instance holds the only copy: when it stops, the port refuses
+        log.close()
+
+    def stop(self) -> None:
+        """TERM, and wait for the exit (its graceful stop, shutdown delay included)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(self.args.shutdown_delay + 40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def quit(self) -> None:
+        """QUIT (a fast stop: the master ends its workers), then KILL if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class HAProxy:
+    """HAProxy with health checks on every instance, and an admin socket for its counters."""
+
+    def __init__(self, workdir: Path, instances: list[Instance]) -> None:
+        binary = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
+        if binary is None:
+            sys.exit("haproxy is not installed (apt-get install haproxy)")
+        self.front = bound_socket()
+        self.port = self.front.getsockname()[1]
+        self.admin = workdir / "haproxy.sock"
+        servers = "".join(f"    server s{i.number} 127.0.0.1:{i.port} check\n" for i in instances)
+        config = workdir / "haproxy.cfg"
+        config.write_text(
+            f"global\n    maxconn 1024\n    stats socket {self.admin} level admin\n"
+            "defaults\n    mode http\n    retries 3\n    option redispatch\n    timeout connect 5s\n"
+            # A check waits up to 2 s for its answer: on a loaded machine the
+            # default (inter) marks healthy servers down.
+            "    timeout client 30s\n    timeout server 30s\n    timeout check 2s\n"
+            f"frontend web\n    bind fd@{self.front.fileno()}\n    default_backend app\n"
+            "backend app\n    balance roundrobin\n"
+            "    option httpchk\n    http-check send meth GET uri /healthz ver HTTP/1.1 hdr Host fleet\n"
+            f"    default-server {CHECK}\n{servers}")
+        self.log = open(workdir / "haproxy.log", "wb")
+        self.proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=self.log, stderr=self.log,
+                                     pass_fds=(self.front.fileno(),))
+
+    def stats(self) -> list[dict[str, str]]:
+        """``show stat`` as rows (one per server, plus the frontend and backend)."""
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(5)
+            conn.connect(str(self.admin))
+            conn.sendall(b"show stat\n")
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+        return list(csv.DictReader(io.StringIO(data.decode().lstrip("# "))))
+
+    def backend_counters(self) -> dict[str, int]:
+        """Retries, redispatches and connection errors of the backend, so far."""
+        for row in self.stats():
+            if row["svname"] == "BACKEND":
+                return {key: int(row[key] or 0) for key in ("wretr", "wredis", "econ", "eresp")}
+        return {}
+
+    def server_up(self, number: int) -> bool:
+        try:
+            return any(row["svname"] == f"s{number}" and row["status"].startswith("UP") for row in self.stats())
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.front.close()
+        self.log.close()
+
+
+class Load:
+    """Client threads through the proxy, new connection per request, until stopped or capped."""
+
+    def __init__(self, port: int, threads: int, cap: int) -> None:
+        self.port, self.cap = port, cap
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.results: list[tuple[float, str]] = []  # (latency, "" or the error)
+        self.workers = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
+        for worker in self.workers:
+            worker.start()
+
+    def _run(self, number: int) -> None:
+        sent = 0
+        while not self.stop.is_set() and len(self.results) < self.cap:
+            sent += 1
+            method, body = ("POST", b"x" * 512) if sent % 3 == 0 else ("GET", None)
+            started = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            try:
+                conn.request(method, "/", body=body)
+                response = conn.getresponse()
+                response.read()
+                error = "" if response.status == 200 else f"{method} status {response.status}"
+            except (OSError, http.client.HTTPException) as exc:
+                error = f"{method} {type(exc).__name__}"
+            finally:
+                conn.close()
+            with self.lock:
+                self.results.append((time.perf_counter() - started, error))
+            self.stop.wait(0.002)  # a steady load, not the most the machine can send
+
+    def take(self) -> list[tuple[float, str]]:
+        """The results since the last call."""
+        with self.lock:
+            results, self.results = self.results, []
+        return results
+
+    def finish(self) -> None:
+        self.stop.set()
+        for worker in self.workers:
+            worker.join(40)
+
+
+def wait_for(predicate, what: str, timeout: float = PHASE_DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def percentile(values: list[float], share: float) -> float:
+    return values[min(len(values) - 1, int(share * len(values)))] if values else 0.0
+
+
+def report(phase: str, results: list[tuple[float, str]], before: dict[str, int], after: dict[str, int]) -> int:
+    """Print one phase's line (and its errors by kind); return the client errors."""
+    latencies = sorted(latency * 1000 for latency, _ in results)
+    errors = [error for _, error in results if error]
+    delta = {key: after[key] - before[key] for key in after}
+    print(f"{phase:<14} {len(results):>7} {len(errors):>7} {delta['wretr']:>8} {delta['wredis']:>7} "
+          f"{delta['econ']:>6} {percentile(latencies, 0.5):>7.1f} {percentile(latencies, 0.9):>7.1f} "
+          f"{percentile(latencies, 0.99):>7.1f} {latencies[-1] if latencies else 0:>8.1f}")
+    for kind in sorted(set(errors)):
+        print(f"{'':14}   {errors.count(kind)} x {kind}")
+    return len(errors)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instances", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="workers per instance")
+    parser.add_argument("--shutdown-delay", type=float, default=2.0,
+                        help="each instance's shutdown_delay; above HAProxy's 2 x 300 ms checks")
+    parser.add_argument("--threads", type=int, default=4, help="client threads")
+    parser.add_argument("--max-requests", type=int, default=200_000, help="cap on all requests sent")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds of load before and between phases")
+    args = parser.parse_args()
+    if args.instances < 2:
+        parser.error("--instances: at least 2, so one can stop while another serves")
+
+    workdir = Path(tempfile.mkdtemp(prefix="fleet-"))
+    instances = [Instance(workdir, number, args) for number in range(args.instances)]
+    proxy: HAProxy | None = None
+    load: Load | None = None
+    errors = 0
+    try:
+        for instance in instances:
+            instance.start()
+        proxy = HAProxy(workdir, instances)
+        wait_for(lambda: all(proxy.server_up(i.number) for i in instances), "every instance UP in HAProxy")
+        load = Load(proxy.port, args.threads, args.max_requests)
+        print(f"{args.instances} instances x {args.workers} workers behind HAProxy ({CHECK}), "
+              f"shutdown_delay {args.shutdown_delay:g}s, {args.threads} client threads; logs in {workdir}")
+        print(f"{'phase':<14} {'requests':>7} {'errors':>7} {'retries':>8} {'redisp':>7} {'econ':>6} "
+              f"{'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>8}")
+        counters = proxy.backend_counters()
+        phases: list[tuple[str, Callable[[], None]]] = [("steady", lambda: None)]
+
+        def restart(instance: Instance) -> None:
+            instance.stop()
+            instance.start()
+            wait_for(lambda: proxy.server_up(instance.number), f"instance {instance.number} UP again")
+
+        for instance in instances:
+            phases.append((f"restart s{instance.number}", lambda instance=instance: restart(instance)))
+        phases.append((f"scale-down s{instances[-1].number}", instances[-1].stop))
+        for name, action in phases:
+            action()
+            time.sleep(args.settle)
+            after = proxy.backend_counters()
+            errors += report(name, load.take(), counters, after)
+            counters = after
+    finally:
+        if load is not None:
+            load.finish()
+        if proxy is not None:
+            proxy.stop()
+        for instance in instances:
+            instance.quit()
+    print(f"client errors in all: {errors}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
