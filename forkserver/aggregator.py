@@ -26,13 +26,14 @@ from typing import Any
 
 from .stats import HISTOGRAM_BUCKETS, STATUS_CLASSES, CountersFlushed
 
-WORKER_STATES = ("booting", "idle", "busy", "retiring")
+WORKER_STATES = ("booting", "idle", "busy", "retiring", "mold")
 EXIT_CAUSES = ("exited", "died", "killed_timeout", "recycled")
 PERCENTILES = (0.5, 0.9, 0.99)
 # Per-worker fields the master may supply to ``snapshot`` from psutil and
 # shared memory; anything else in its dicts is ignored, so /stats keeps its schema.
-EXTRA_FIELDS = ("state", "current_request", "memory_uss_bytes", "memory_pss_bytes", "cpu_seconds",
-                "heartbeat_age_seconds", "threads", "requests_in_flight")
+EXTRA_FIELDS = ("state", "current_request", "memory_uss_bytes", "memory_pss_bytes", "memory_shared_bytes",
+                "cpu_seconds", "heartbeat_age_seconds", "threads", "requests_in_flight", "forked_by")
+MASTER_FIELDS = ("memory_uss_bytes", "memory_pss_bytes", "memory_shared_bytes", "cpu_seconds")
 # A worker's threads are capacity only while it takes connections; a
 # retiring worker's busy threads still count, as their requests are served.
 SERVING_STATES = ("idle", "busy")
@@ -228,7 +229,7 @@ class Aggregator:
             worker.broken = reason
 
     def set_state(self, key: Hashable, state: str) -> None:
-        """Record ``booting``, ``idle``, ``busy`` or ``retiring``."""
+        """Record ``booting``, ``idle``, ``busy``, ``retiring`` or ``mold`` (forkserver.refork)."""
         if state not in WORKER_STATES:
             raise ValueError(f"unknown worker state {state!r}")
         worker = self.workers.get(key)
@@ -257,13 +258,15 @@ class Aggregator:
         self.respawns += 1
 
     def snapshot(self, extra_workers_info: dict[Hashable, dict[str, Any]] | None = None,
-                 listeners: Sequence[dict[str, Any]] = (), master_log_lines_dropped: int = 0) -> dict[str, Any]:
+                 listeners: Sequence[dict[str, Any]] = (), master_log_lines_dropped: int = 0,
+                 master: dict[str, Any] | None = None) -> dict[str, Any]:
         """Return the /stats document (schema: docs/stats.md); plain JSON types only.
 
         ``master_log_lines_dropped``: lines the master's own logs lost; the
         workers' come with their messages.  Besides ``EXTRA_FIELDS``, a
         worker's extras may carry ``in_flight_seconds``, the summed ages of
-        its requests in flight, for ``thread_busy_seconds``.
+        its requests in flight, for ``thread_busy_seconds``.  ``master``: the
+        master's own memory and CPU readings, for its row beside the workers'.
         """
         now = self.clock()
         extra_workers_info = extra_workers_info or {}
@@ -285,6 +288,7 @@ class Aggregator:
         return {
             "schema": SCHEMA_VERSION,
             "master_pid": os.getpid(),
+            "master": {"pid": os.getpid(), **{name: (master or {}).get(name) for name in MASTER_FIELDS}},
             "uptime_seconds": round(now - self.started_at, 3),
             "started_at_unix": round(self.started_at_unix, 3),
             "histogram_bounds_seconds": list(HISTOGRAM_BUCKETS[:-1]),
@@ -318,6 +322,8 @@ class Aggregator:
             "current_request": None,
             "memory_uss_bytes": None,
             "memory_pss_bytes": None,
+            "memory_shared_bytes": None,
+            "forked_by": None,
             "age_seconds": round(now - worker.started_at, 3),
             "heartbeat_age_seconds": None,
             "report_age_seconds": None if worker.reported_at is None else round(now - worker.reported_at, 3),

@@ -205,6 +205,14 @@ def _check_cache_control(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _check_refork_after(value: tuple[int, ...]) -> str | None:
+    if any(count < 1 for count in value):
+        return "request counts of at least 1"
+    if list(value) != sorted(set(value)):
+        return "increasing request counts, such as 1000,20000"
+    return None
+
+
 def _check_statsd_host(value: str) -> str | None:
     if value == "":
         return None
@@ -582,8 +590,16 @@ class Config:
         0,
         minimum=0,
         help="Recycle a worker after its current request once its unique memory (USS) "
-        "exceeds this many MiB; 0 never.",
+        "exceeds this many MiB in three samples in a row (five seconds apart); 0 never.",
         metavar="MIB",
+    )
+    refork_after: tuple[int, ...] = setting(
+        (),
+        check=_check_refork_after,
+        help="Refork: once a worker has served this many requests it stops serving and becomes the "
+        "mold every new worker is forked from, so they share what it loaded lazily; a list "
+        "(1000,20000) promotes a new mold at each count. Empty disables it; off under reload.",
+        metavar="COUNTS",
     )
     on_starting: str = setting("", help="Hook 'module:function' called in the master before binding.")
     when_ready: str = setting("", help="Hook called in the master once the first workers serve.")
@@ -592,6 +608,11 @@ class Config:
     post_worker_init: str = setting("", help="Hook called in each worker after it loaded the app.")
     worker_int: str = setting("", help="Hook called in a worker on INT or QUIT, before it exits.")
     worker_exit: str = setting("", help="Hook called in a worker as it exits normally.")
+    on_mold: str = setting(
+        "",
+        help="Hook called in a worker that becomes the refork mold, before it freezes its heap: close "
+        "database connections and other sockets the workers forked from it must not share.",
+    )
     on_reload: str = setting("", help="Hook called in the master on HUP, before the new workers start.")
     on_exit: str = setting("", help="Hook called in the master just before it exits.")
     daemon: bool = setting(False, flags=("-D",), help="Detach from the terminal and run in the background.")
@@ -665,7 +686,7 @@ def _describe(kind: Any, table: bool = False) -> str:
     if table:
         return "a table of strings, a string or a list of strings"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            dict: "a table (a JSON object in text)"}.get(
+            dict: "a table (a JSON object in text)", tuple[int, ...]: "a list of integers"}.get(
         kind, "a string or a list of strings"
     )
 
@@ -724,6 +745,15 @@ def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
         if isinstance(value, dict):
             return value
         raise bad
+    if kind == tuple[int, ...]:
+        # A TOML list of integers, or comma-separated numbers in text.
+        items = value.split(meta["separator"]) if text else value
+        if not isinstance(items, list | tuple):
+            raise bad
+        try:
+            return tuple(coerce_item(item, text) for item in items if not isinstance(item, str) or item.strip())
+        except ValueError:
+            raise bad from None
     # tuple[str, ...]: a list, or one string of comma-separated items.
     if isinstance(value, str):
         return tuple(item.strip() for item in value.split(meta["separator"]) if item.strip())
@@ -738,6 +768,15 @@ def coerce(name: str, value: Any, where: str, *, typed: bool = False) -> Any:
             items.append(item if key == "*" else f"{key}={item}")
         return tuple(items)
     raise bad
+
+
+def coerce_item(item: Any, text: bool) -> int:
+    """One item of an integer list: its digits in a text source, an int (not a bool) in a file; else ValueError."""
+    if text:
+        return int(item.strip())
+    if isinstance(item, bool) or not isinstance(item, int):
+        raise ValueError(item)
+    return item
 
 
 def validate(f: dataclasses.Field[Any], value: Any, where: str) -> Any:

@@ -31,7 +31,7 @@ log = logging.getLogger("forkserver")
 
 HOOK_NAMES = (
     "on_starting", "when_ready", "pre_fork", "post_fork", "post_worker_init",
-    "worker_int", "worker_exit", "on_reload", "on_exit",
+    "worker_int", "worker_exit", "on_mold", "on_reload", "on_exit",
 )
 # gunicorn's hooks that run in a worker process rather than in the master.
 IN_WORKER = frozenset({"post_fork", "post_worker_init", "worker_int", "worker_abort", "worker_exit",

@@ -29,6 +29,16 @@ class WorkerHandle:
     aborted_at: float = 0.0  # when a hung worker was sent SIGABRT; 0 if never
     killed: bool = False
     recycled: bool = False  # retired for max_requests or memory, not by an operator
+    over_memory: int = 0  # consecutive memory samples over max_worker_memory
+    # Refork (forkserver.refork): the mold that forked it (0: the master), the
+    # mold lineage it comes from, the highest request count it reported, the
+    # worker it replaces in a rollover, and whether its own replacement is asked for.
+    mold: int = 0
+    lineage: int = 0
+    warm: int = 0
+    replaces: int = 0
+    rolling: bool = False
+    is_mold: bool = False
 
 
 def plan(occupied: set[int], desired: int) -> tuple[list[int], list[int]]:

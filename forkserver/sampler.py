@@ -200,7 +200,12 @@ class ProcessSampler:
         self._cache: dict[int, tuple[float, dict[str, Any]]] = {}
 
     def read(self, pid: int) -> dict[str, Any]:
-        """Return ``memory_uss_bytes``, ``memory_pss_bytes`` and ``cpu_seconds`` for ``pid`` ({} if gone)."""
+        """Return ``memory_uss_bytes``, ``memory_pss_bytes``, ``memory_shared_bytes`` and ``cpu_seconds``
+        for ``pid`` ({} if gone).
+
+        Shared is resident memory that other processes map too (RSS minus
+        USS): with preload or refork, what a worker did not have to copy.
+        """
         import psutil
 
         now = self.clock()
@@ -216,6 +221,7 @@ class ProcessSampler:
                 memory = process.memory_full_info()
                 reading["memory_uss_bytes"] = int(memory.uss)
                 reading["memory_pss_bytes"] = int(getattr(memory, "pss", 0)) or None
+                reading["memory_shared_bytes"] = max(0, int(memory.rss) - int(memory.uss))
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             reading = {}
         except psutil.AccessDenied:

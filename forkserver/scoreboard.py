@@ -26,6 +26,7 @@ NUL, with control characters replaced, so they cannot forge log lines.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -68,14 +69,31 @@ class InFlight:
 class Scoreboard:
     """Shared fields of one worker, with ``threads`` request slots."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, fd: int = -1) -> None:
+        """An anonymous mapping, or with ``fd`` the memory file a mold's child is handed (see ``shareable``)."""
         self.threads = threads
-        self._map = mmap.mmap(-1, HEADER.size + threads * SLOT.size)
+        self._map = mmap.mmap(fd, HEADER.size + threads * SLOT.size)
         self._stamps = memoryview(self._map).cast("d")  # see the module docstring
         # Where each slot's start stamp is among the doubles; its progress stamp follows.
         self._starts = tuple((HEADER.size + thread * SLOT.size) // STAMP_BYTES for thread in range(threads))
         self._shown: list[tuple[str, str, str] | None] = [None] * threads  # worker side: each slot's texts
         self.beat()
+
+    @classmethod
+    def shareable(cls, threads: int) -> tuple[Scoreboard, int]:
+        """A scoreboard backed by a memory file, and that file's descriptor.
+
+        For a worker forked by a refork mold rather than by the master: the
+        mold passes the descriptor on, and the worker maps the same pages.
+        The caller closes the descriptor once it has been sent.
+        """
+        fd = os.memfd_create("forkserver-scoreboard", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, HEADER.size + threads * SLOT.size)
+            return cls(threads, fd), fd
+        except BaseException:
+            os.close(fd)
+            raise
 
     # -- worker side ---------------------------------------------------------
 

@@ -124,17 +124,27 @@ def render_prometheus(snapshot: dict[str, Any]) -> str:
                [("", {}, snapshot["uptime_seconds"])])
     out.family("forkserver_start_time_seconds", "gauge", "Unix time the master started.",
                [("", {}, snapshot["started_at_unix"])])
-    out.family("forkserver_worker_info", "gauge", "Always 1: a live worker's slot, pid, generation and state.",
-               (("", {"worker": w["slot"], "pid": w["pid"], "generation": w["generation"], "state": w["state"]}, 1)
-                for w in workers))
+    out.family("forkserver_worker_info", "gauge",
+               "Always 1: a live worker's slot, pid, generation, state (mold: the refork mold) and the pid of "
+               "the mold that forked it (empty: the master).",
+               (("", {"worker": w["slot"], "pid": w["pid"], "generation": w["generation"], "state": w["state"],
+                      "forked_by": w.get("forked_by") or ""}, 1) for w in workers))
     for field, help_text in (
         ("memory_uss_bytes", "Memory unique to a worker process (USS)."),
         ("memory_pss_bytes", "A worker's proportional share of memory (PSS)."),
+        ("memory_shared_bytes", "A worker's resident memory that other processes map too (RSS minus USS)."),
         ("age_seconds", "Seconds since a worker was forked."),
         ("heartbeat_age_seconds", "Seconds since a worker last showed progress."),
     ):
         out.family(f"forkserver_worker_{field}", "gauge", help_text,
                    (("", {"worker": w["slot"], "pid": w["pid"]}, w[field]) for w in workers))
+    master = snapshot.get("master") or {}
+    for field, help_text in (
+        ("memory_uss_bytes", "Memory unique to the master process (USS)."),
+        ("memory_pss_bytes", "The master's proportional share of memory (PSS)."),
+        ("memory_shared_bytes", "The master's resident memory that workers map too (RSS minus USS)."),
+    ):
+        out.family(f"forkserver_master_{field}", "gauge", help_text, [("", {}, master.get(field))])
     out.family("forkserver_listener_accept_queue", "gauge",
                "Connections waiting to be accepted, by listener (where the kernel tells).",
                (("", {"listener": entry["address"]}, entry.get("accept_queue")) for entry in snapshot["listeners"]))

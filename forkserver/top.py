@@ -29,8 +29,10 @@ FETCH_TIMEOUT = 5.0
 ENTER_SCREEN = "\x1b[?1049h\x1b[?25l"
 LEAVE_SCREEN = "\x1b[?25h\x1b[?1049l"
 QUIT_KEYS = (b"q", b"Q", b"\x03", b"\x04")  # q, and Ctrl-C / Ctrl-D in case the tty passes them through
-ROW = "{:>4} {:>7} {:>3} {:<9} {:>8} {:>7} {:>7}  {}"
-HEADER = ROW.format("SLOT", "PID", "GEN", "STATE", "REQS", "REQ/S", "USS", "CURRENT")
+# FROM: the refork mold that forked the worker, "-" for the master.  The
+# master has its own row; shared memory is in /stats and /metrics (no room here).
+ROW = "{:>4} {:>7} {:>7} {:>3} {:<8} {:>7} {:>6} {:>6}  {}"
+HEADER = ROW.format("SLOT", "PID", "FROM", "GEN", "STATE", "REQS", "REQ/S", "USS", "CURRENT")
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -168,9 +170,16 @@ def _summary(snapshot: dict[str, Any], previous: dict[str, Any] | None, elapsed:
 
 
 def _row(worker: dict[str, Any], before: dict[str, Any] | None, elapsed: float) -> str:
-    return ROW.format(worker["slot"], worker["pid"], worker["generation"], worker["state"],
-                      _count(worker["requests"]), _rate(worker, before, elapsed),
+    """One worker (or the mold); FROM is the mold that forked it, ``-`` for the master."""
+    return ROW.format(worker["slot"], worker["pid"], worker.get("forked_by") or "-", worker["generation"],
+                      worker["state"], _count(worker["requests"]), _rate(worker, before, elapsed),
                       _size(worker.get("memory_uss_bytes")), _current(worker))
+
+
+def _master_row(snapshot: dict[str, Any]) -> str:
+    master = snapshot.get("master") or {}
+    return ROW.format("-", master.get("pid", snapshot.get("master_pid", "?")), "-", "-", "master", "-", "-",
+                      _size(master.get("memory_uss_bytes")), "")
 
 
 def render(snapshot: dict[str, Any], width: int = 80, height: int = 24,
@@ -186,7 +195,7 @@ def render(snapshot: dict[str, Any], width: int = 80, height: int = 24,
         if gap > 0:
             elapsed = gap
     before_by_pid = {w["pid"]: w for w in previous["workers"]} if previous else {}
-    lines = _summary(snapshot, previous, elapsed) + [HEADER]
+    lines = _summary(snapshot, previous, elapsed) + [HEADER, _master_row(snapshot)]
     rows = [_row(w, before_by_pid.get(w["pid"]) if previous else None, elapsed) for w in snapshot["workers"]]
     room = max(0, height - len(lines))
     if len(rows) > room:

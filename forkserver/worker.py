@@ -30,12 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import handover, libc, reloader
+from . import handover, libc, refork, reloader
 from .backoff import AcceptPause
 from .balance import RECHECK, AcceptBoard
 from .config import Config
 from .connection import BodyClock, BodyRules, ClientGone, Connection
 from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
+from .forksafety import open_descriptors
 from .hooks import HookContext, Hooks
 from .http.errors import RequestTimeout
 from .http.exchange import Closing
@@ -86,8 +87,9 @@ PAUSED_EVENTS = select.EPOLLRDHUP
 RESUME_FRACTION = 0.75
 # Worker._serve's answer when the next request's body is still on its way.
 GATHER = 2
-WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
+# WINCH: become the refork mold (forkserver.refork); ignored without refork.
+WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1, signal.SIGWINCH)
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 @dataclass(eq=False, repr=False)
@@ -112,6 +114,7 @@ class WorkerSpec:
     reload_dir: str = ""  # with reload: where to report the files the app imported
     accept_board: AcceptBoard | None = None  # shared with the other workers, to spread connections
     seat: int = -1  # our entry on it
+    refork_channel: socket.socket | None = None  # with refork_after: our end of the channel (forkserver.refork)
     tls_context: Any = None  # the master's ssl.SSLContext, with certfile set (forkserver.tls)
     tls_listeners: tuple[Listener, ...] = ()  # the listeners whose connections speak TLS
 
@@ -172,6 +175,13 @@ class Worker:
         self.access_log: AccessLog | None = None  # set up once the app has loaded
         self.title_busy = True  # so the first idle moment replaces "booting"
         self.shown_method = self.shown_path = ""  # the request the busy title names
+        self.app: Callable[..., Any] | None = None  # as loaded, before any wrapping: a mold's children reuse it
+        self.threads: list[threading.Thread] = []
+        # Refork: the request counts still to report, whether we are to become
+        # the mold, and the descriptors the server gave us (the rest the app opened).
+        self.warm_marks = list(self.config.refork_after) if spec.refork_channel is not None else []
+        self.becoming_mold = False
+        self.server_descriptors: dict[int, tuple[int, int]] = {}
         self.max_requests = 0
         if self.config.max_requests:
             self.max_requests = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
@@ -242,10 +252,13 @@ class Worker:
         if spec.hooks.defines("worker_abort"):  # gunicorn's hook runs first, then the stacks are dumped
             signal.signal(signal.SIGABRT, self._on_abort)
         keep_heap_warm()
+        if spec.refork_channel is not None:
+            self.server_descriptors = open_descriptors()
         spec.hooks.run("post_fork", self._context())
         try:
             drop_privileges(spec.uid, spec.gid)
-            app = spec.hooks.wrap_requests(spec.app or self._load_app(), self._context())
+            self.app = spec.app or self._load_app()
+            app = spec.hooks.wrap_requests(self.app, self._context())
             self.service = self._build_service(app)
             spec.hooks.run("post_worker_init", self._context(), fatal=True)
         except AppImportError as exc:
@@ -268,13 +281,18 @@ class Worker:
             self.listening[entrance.sock.fileno()] = entrance
         self._set_accepting(True)
         for thread in range(self.config.threads if self.config.threads > 1 else 0):
-            threading.Thread(target=self._run_jobs, args=(thread,), daemon=True).start()
+            self.threads.append(threading.Thread(target=self._run_jobs, args=(thread,), daemon=True))
+            self.threads[-1].start()
         log.debug("worker ready slot=%d pid=%d gen=%d", spec.slot, self.pid, spec.generation)
         self._notify(f"ready {self.pid}")
         self._loop()
         self._flush_access_log()
         if self.reporter is not None:
             self.reporter.flush()
+        if self.becoming_mold:
+            from .mold import Mold  # only a worker promoted by refork needs it
+
+            return Mold(self).run()
         spec.hooks.run("worker_exit", self._context())
         return EXIT_OK
 
@@ -434,9 +452,16 @@ class Worker:
     def _handle_signals(self) -> None:
         for signum in self.wakeup.drain():
             if signum == signal.SIGTERM:
+                self.becoming_mold = False
                 self._leave_rotation()
             elif signum == signal.SIGUSR2:
+                self.becoming_mold = False
                 self._begin_stop(drain=False)
+            elif signum == signal.SIGWINCH and self.spec.refork_channel is not None and not self.stopping:
+                # Promoted to refork mold: finish like a retiring worker, but the
+                # listeners stay open for the workers we will fork.
+                self.becoming_mold = True
+                self._begin_stop(drain=False, keep_listeners=True)
             elif signum == signal.SIGUSR1:
                 # The master has sent the reopened files' descriptors; lines
                 # batched so far belong in the old file.
@@ -478,7 +503,7 @@ class Worker:
         elif not self.drain_at:
             self.drain_at = (self.term_at or time.monotonic()) + delay + DRAIN_AFTER_MASTER
 
-    def _begin_stop(self, *, drain: bool) -> None:
+    def _begin_stop(self, *, drain: bool, keep_listeners: bool = False) -> None:
         """Graceful stop: stop listening, finish what we hold, then leave.
 
         With ``drain`` (the whole server stops) we first accept everything the
@@ -501,8 +526,10 @@ class Worker:
             # Close our descriptor, not just stop watching it: once every
             # process has closed the socket the kernel refuses new connections
             # (a proxy then tries another upstream) instead of queueing them
-            # for a reset when the last holder exits.
-            entrance.sock.close()
+            # for a reset when the last holder exits.  A refork mold keeps
+            # the shared ones: the workers it forks inherit them.
+            if not keep_listeners or entrance.sock is not entrance.listener.sock:
+                entrance.sock.close()
         self.listening.clear()
         now = time.monotonic()
         for connection in list(self.connections.values()):
@@ -812,6 +839,9 @@ class Worker:
             self._close(connection)
         for target in self.spec.log_files:
             target.report_losses(now)
+        while self.warm_marks and self.served >= self.warm_marks[0]:
+            assert self.spec.refork_channel is not None
+            refork.send(self.spec.refork_channel, b"warm %d" % self.warm_marks.pop(0))
         if not self.stopping and os.getppid() != self.spec.master_pid:
             log.warning("master died; worker exiting pid=%d", self.pid)
             self._begin_stop(drain=True)
@@ -913,6 +943,22 @@ class Worker:
                 self._keep(connection, keep)
         if self.busy < self.config.threads and not self.stopping and not self.balancing:
             self._set_accepting(True)
+
+    def stop_serving(self) -> None:
+        """Becoming the refork mold: end the request threads and close what only serving needs.
+
+        A fork copies only the calling thread; threads left blocked here
+        would be missing from every worker forked after, holding whatever
+        lock they held.
+        """
+        for _ in self.threads:
+            self.jobs.put(None)
+        for thread in self.threads:
+            thread.join(timeout=5.0)
+        self.threads.clear()
+        self.epoll.close()
+        os.close(self.finished_r)
+        os.close(self.finished_w)
 
 
 def keep_heap_warm() -> None:

@@ -89,7 +89,7 @@ def test_states_exits_reloads_and_bad_names():
     agg.worker_exited(3, "recycled")  # twice: the second is a no-op
     counters_doc = agg.snapshot()["counters"]
     assert counters_doc["workers_alive"] == 3
-    assert counters_doc["workers_by_state"] == {"booting": 0, "idle": 1, "busy": 1, "retiring": 1}
+    assert counters_doc["workers_by_state"] == {"booting": 0, "idle": 1, "busy": 1, "retiring": 1, "mold": 0}
     assert counters_doc["worker_exits"] == {"exited": 0, "died": 0, "killed_timeout": 0, "recycled": 1}
     assert counters_doc["reloads"] == 1
     with pytest.raises(ValueError):

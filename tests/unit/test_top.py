@@ -67,16 +67,34 @@ def test_render_fits_a_plain_80x24_terminal():
     assert "threads busy 3/16 (19%)" in text
 
 
+def test_render_shows_the_master_and_the_mold_and_which_mold_forked_each_worker():
+    clock = [0.0]
+    agg = Aggregator(clock=lambda: clock[0])
+    agg.add_worker(41000, pid=41000, slot=0, generation=1)
+    agg.set_state(41000, "mold")
+    agg.add_worker(41001, pid=41001, slot=1, generation=1)
+    snapshot = agg.snapshot({41001: {"forked_by": 41000, "memory_uss_bytes": 3 << 20}},
+                            master={"memory_uss_bytes": 12 << 20})
+    lines = render(snapshot)
+    header = next(line for line in lines if line.lstrip().startswith("SLOT"))
+    assert header.split()[:4] == ["SLOT", "PID", "FROM", "GEN"]
+    rows = {line.split()[1]: line.split() for line in lines[lines.index(header) + 1:]}
+    assert rows[str(os.getpid())][:5] == ["-", str(os.getpid()), "-", "-", "master"]
+    assert "12.0M" in rows[str(os.getpid())]
+    assert rows["41000"][2:5] == ["-", "1", "mold"]
+    assert rows["41001"][2] == "41000" and "3.0M" in rows["41001"]
+
+
 def test_render_computes_rates_from_the_previous_snapshot():
     before = fixture_snapshot(requests=100, uptime=10.0)
     after = fixture_snapshot(requests=120, uptime=12.0)  # each slot did 20*(slot+1) more in 2 s
     lines = render(after, previous=before)
     rows = {line.split()[1]: line for line in lines if re.match(r"\s+\d+\s+310\d\d ", line)}
-    assert rows["31000"].split()[5] == "10.0"
-    assert rows["31003"].split()[5] == "40.0"
+    assert rows["31000"].split()[6] == "10.0"
+    assert rows["31003"].split()[6] == "40.0"
     assert "(100.0/s)" in lines[1]  # 200 more requests in all, over 2 s
     # Without a previous snapshot there is no rate to show.
-    assert all(line.split()[5] == "-" for line in render(after) if re.match(r"\s+\d+\s+310\d\d ", line))
+    assert all(line.split()[6] == "-" for line in render(after) if re.match(r"\s+\d+\s+310\d\d ", line))
 
 
 def test_render_falls_back_to_the_interval_when_uptime_did_not_move():

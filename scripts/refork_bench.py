@@ -1,0 +1,428 @@
+"""Memory of a warmed Django deployment: forkserver with and without preload and refork, and gunicorn.
+
+Not a test: a measurement to run by hand (docs/refork.md quotes it).
+
+    python scripts/refork_bench.py [--requests 2000] [--workers 4] [--refork-after 150]
+
+It generates a small but real Django project in a temporary directory (the
+admin, templates with inheritance and filters, a French translation
+catalogue of its own besides Django's, four models in SQLite with a few
+hundred rows), then for each server in turn: starts it with ``-w N``, sends
+the same mix of requests (lists, details, JSON, the admin login page, 404s,
+half of them in French) from four client threads, waits for the pool to
+settle (with refork: until every worker was forked by the mold), sends a
+second round, and reads ``/proc/PID/smaps_rollup`` of every process in the
+tree.  It prints the total PSS of the tree, the mean private memory (USS)
+per serving worker, and p99 latency of the 200 requests that follow a
+worker's replacement (SIGTERM to one worker), then the ratios against
+forkserver ``--preload``.  gunicorn is measured if it is installed.
+
+Figures vary with the machine's load: run it on a quiet machine, or read
+only the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+MIB = 1024 * 1024
+CLIENTS = 4
+SETTLE_TIMEOUT = 120.0
+FORKSERVER_ROOT = Path(__file__).resolve().parent.parent
+
+SETTINGS = """
+SECRET_KEY = "bench"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+ROOT_URLCONF = "site_urls"
+INSTALLED_APPS = ["django.contrib.admin", "django.contrib.auth", "django.contrib.contenttypes",
+                  "django.contrib.sessions", "django.contrib.messages", "django.contrib.staticfiles", "shelf"]
+MIDDLEWARE = ["django.middleware.security.SecurityMiddleware",
+              "django.contrib.sessions.middleware.SessionMiddleware",
+              "django.middleware.locale.LocaleMiddleware", "django.middleware.common.CommonMiddleware",
+              "django.middleware.csrf.CsrfViewMiddleware",
+              "django.contrib.auth.middleware.AuthenticationMiddleware",
+              "django.contrib.messages.middleware.MessageMiddleware"]
+TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "DIRS": [], "APP_DIRS": True,
+              "OPTIONS": {"context_processors": ["django.template.context_processors.request",
+                                                 "django.contrib.auth.context_processors.auth",
+                                                 "django.contrib.messages.context_processors.messages"]}}]
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": DB_PATH}}
+USE_I18N = True
+USE_TZ = True
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", "English"), ("fr", "French")]
+LOCALE_PATHS = [LOCALE_DIR]
+STATIC_URL = "/static/"
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+"""
+
+MODELS = """
+from django.db import models
+
+
+class Author(models.Model):
+    name = models.CharField(max_length=100)
+    born = models.DateField(null=True)
+
+
+class Tag(models.Model):
+    label = models.CharField(max_length=40)
+
+
+class Book(models.Model):
+    title = models.CharField(max_length=200)
+    author = models.ForeignKey(Author, on_delete=models.CASCADE, related_name="books")
+    tags = models.ManyToManyField(Tag)
+    published = models.DateField()
+    pages = models.IntegerField()
+
+
+class Review(models.Model):
+    book = models.ForeignKey(Book, on_delete=models.CASCADE, related_name="reviews")
+    stars = models.IntegerField()
+    text = models.TextField()
+"""
+
+ADMIN = """
+from django.contrib import admin
+
+from .models import Author, Book, Review, Tag
+
+admin.site.register([Author, Book, Review, Tag])
+"""
+
+VIEWS = """
+from django.http import JsonResponse
+from django.shortcuts import get_object_or_404, render
+
+from .models import Book
+
+
+def books(request):
+    shown = Book.objects.select_related("author").prefetch_related("tags").order_by("title")[:40]
+    return render(request, "shelf/list.html", {"books": shown})
+
+
+def book(request, pk):
+    return render(request, "shelf/detail.html", {"book": get_object_or_404(Book, pk=pk)})
+
+
+def api(request):
+    return JsonResponse({"books": list(Book.objects.values("id", "title", "pages")[:50])})
+"""
+
+URLS = """
+from django.contrib import admin
+from django.urls import path
+
+from shelf import views
+
+urlpatterns = [
+    path("", views.books),
+    path("book/<int:pk>/", views.book),
+    path("api/books.json", views.api),
+    path("admin/", admin.site.urls),
+]
+"""
+
+BASE = """{% load i18n %}<!doctype html><html lang="{{ LANGUAGE_CODE }}"><head><title>{% block title %}{% translate "Shelf" %}{% endblock %}</title></head>
+<body><nav>{% translate "Books" %} | {% translate "Authors" %}</nav>{% block content %}{% endblock %}
+<footer>{% blocktranslate count n=3 %}{{ n }} shelf{% plural %}{{ n }} shelves{% endblocktranslate %}</footer></body></html>
+"""
+
+LIST = """{% extends "shelf/base.html" %}{% load i18n %}
+{% block content %}<h1>{% translate "Books" %}</h1><ul>{% for book in books %}
+<li class="{% cycle 'odd' 'even' %}"><a href="/book/{{ book.pk }}/">{{ book.title|title }}</a>
+{% translate "by" %} {{ book.author.name|upper }}, {{ book.published|date:"DATE_FORMAT" }}, {{ book.pages|floatformat:0 }} {% translate "pages" %}
+{% for tag in book.tags.all %}<span>{{ tag.label|lower }}</span>{% empty %}-{% endfor %}</li>{% endfor %}</ul>{% endblock %}
+"""
+
+DETAIL = """{% extends "shelf/base.html" %}{% load i18n %}
+{% block title %}{{ book.title }}{% endblock %}
+{% block content %}<h1>{{ book.title }}</h1><p>{% translate "by" %} {{ book.author.name }}</p>
+{% for review in book.reviews.all %}<blockquote>{{ review.stars }}/5 {{ review.text|truncatewords:12|linebreaksbr }}</blockquote>
+{% empty %}<p>{% translate "No reviews yet" %}</p>{% endfor %}{% endblock %}
+"""
+
+CATALOGUE = {"Shelf": "Étagère", "Books": "Livres", "Authors": "Auteurs", "by": "par", "pages": "pages",
+             "No reviews yet": "Pas encore de critique"}
+
+# (path, Accept-Language) in the order each client thread cycles through them.
+MIX = [("/", "en"), ("/", "fr"), ("/book/{n}/", "en"), ("/book/{n}/", "fr"), ("/api/books.json", "en"),
+       ("/admin/login/", "en"), ("/admin/login/", "fr"), ("/missing/{n}", "en"), ("/book/{n}/", "en")]
+
+
+def write_mo(path: Path, messages: dict[str, str]) -> None:
+    """A GNU gettext .mo catalogue (the format msgfmt writes), so no gettext tools are needed."""
+    items = sorted([("", "Content-Type: text/plain; charset=UTF-8\n"), *messages.items()])
+    ids = [key.encode() for key, _ in items]
+    strs = [value.encode() for _, value in items]
+    count, header = len(items), 7 * 4
+    ids_start = header + count * 16
+    ids_blob, strs_blob, id_table, str_table = b"", b"", [], []
+    for data in ids:
+        id_table.append((len(data), ids_start + len(ids_blob)))
+        ids_blob += data + b"\0"
+    strs_start = ids_start + len(ids_blob)
+    for data in strs:
+        str_table.append((len(data), strs_start + len(strs_blob)))
+        strs_blob += data + b"\0"
+    out = struct.pack("<7I", 0x950412DE, 0, count, header, header + count * 8, 0, 0)
+    out += b"".join(struct.pack("<2I", *entry) for entry in id_table)
+    out += b"".join(struct.pack("<2I", *entry) for entry in str_table)
+    path.write_bytes(out + ids_blob + strs_blob)
+
+
+def make_project(root: Path) -> None:
+    """Write the project, migrate its database and fill it."""
+    (root / "shelf" / "templates" / "shelf").mkdir(parents=True)
+    (root / "shelf" / "migrations").mkdir()
+    (root / "locale" / "fr" / "LC_MESSAGES").mkdir(parents=True)
+    settings = f"DB_PATH = {str(root / 'db.sqlite3')!r}\nLOCALE_DIR = {str(root / 'locale')!r}\n" + SETTINGS
+    (root / "site_settings.py").write_text(settings)
+    (root / "site_urls.py").write_text(textwrap.dedent(URLS))
+    (root / "site_wsgi.py").write_text(
+        "import os\nos.environ.setdefault('DJANGO_SETTINGS_MODULE', 'site_settings')\n"
+        "from django.core.wsgi import get_wsgi_application\napplication = get_wsgi_application()\n")
+    for name, text in (("__init__.py", ""), ("models.py", MODELS), ("admin.py", ADMIN), ("views.py", VIEWS),
+                       ("migrations/__init__.py", "")):
+        (root / "shelf" / name).write_text(textwrap.dedent(text))
+    for name, text in (("base.html", BASE), ("list.html", LIST), ("detail.html", DETAIL)):
+        (root / "shelf" / "templates" / "shelf" / name).write_text(text)
+    write_mo(root / "locale" / "fr" / "LC_MESSAGES" / "django.mo", CATALOGUE)
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "site_settings", "PYTHONPATH": str(root)}
+    manage = [sys.executable, "-m", "django"]
+    subprocess.run([*manage, "makemigrations", "shelf", "-v", "0"], cwd=root, env=env, check=True)
+    subprocess.run([*manage, "migrate", "-v", "0"], cwd=root, env=env, check=True)
+    fill = textwrap.dedent("""
+        import datetime, django, random
+        django.setup()
+        from shelf.models import Author, Book, Review, Tag
+        random.seed(1)
+        tags = [Tag.objects.create(label=f"Tag {i}") for i in range(12)]
+        authors = [Author.objects.create(name=f"Author {i}", born=datetime.date(1900 + i, 1, 1)) for i in range(30)]
+        for i in range(300):
+            book = Book.objects.create(title=f"book number {i}", author=random.choice(authors), pages=100 + i,
+                                       published=datetime.date(1950, 1, 1) + datetime.timedelta(days=i * 40))
+            book.tags.set(random.sample(tags, 3))
+            for j in range(3):
+                Review.objects.create(book=book, stars=1 + (i + j) % 5, text="A fine read. " * 20)
+    """)
+    subprocess.run([sys.executable, "-c", fill], cwd=root, env=env, check=True)
+
+
+def get(port: int, path: str, language: str) -> float:
+    """One request on a fresh connection; its duration in seconds."""
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers={"Accept-Language": language, "Connection": "close"})
+        response = connection.getresponse()
+        response.read()
+        if response.status not in (200, 302, 404):
+            raise RuntimeError(f"{path}: status {response.status}")
+    finally:
+        connection.close()
+    return time.perf_counter() - started
+
+
+def send(port: int, total: int) -> list[float]:
+    """``total`` requests of the mix from CLIENTS threads; every duration."""
+    durations: list[float] = []
+    errors: list[BaseException] = []
+
+    def client(index: int) -> None:
+        try:
+            for n in range(index, total, CLIENTS):
+                path, language = MIX[n % len(MIX)]
+                durations.append(get(port, path.format(n=1 + n % 300), language))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return durations
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every descendant, from /proc (the children files of each task)."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                queue += [int(child) for child in Path(f"/proc/{current}/task/{task}/children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def rollup(pid: int) -> dict[str, int]:
+    """Pss and private memory of one process, in bytes, from smaps_rollup."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0]) * 1024
+    return {"pss": fields["Pss"], "private": fields["Private_Clean"] + fields["Private_Dirty"]}
+
+
+def title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def serving_workers(master: int) -> list[int]:
+    """The master's children that serve (not a refork mold)."""
+    return [pid for pid in tree(master)[1:] if "mold" not in title(pid)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_answering(port: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            get(port, "/api/books.json", "en")
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("server did not answer")
+
+
+def settle(master: int, workers: int, *, replaced: set[int] = frozenset(), mold: bool = False) -> list[int]:
+    """Wait for ``workers`` booted serving workers, none of them in ``replaced``, and with ``mold`` a mold."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while time.monotonic() < deadline:
+        children = tree(master)[1:]
+        molds = [pid for pid in children if "forkserver: mold" in title(pid)]
+        serving = [pid for pid in children if pid not in molds]
+        booted = not any("booting" in title(pid) for pid in serving)
+        if len(serving) == workers and booted and not set(serving) & replaced and (molds or not mold):
+            return serving
+        time.sleep(0.5)
+    raise RuntimeError("the pool did not settle")
+
+
+def measure(name: str, command: list[str], port: int, cwd: Path, requests: int, workers: int,
+            refork: bool) -> dict[str, float]:
+    # This checkout's forkserver, not whichever one is installed.
+    path = os.pathsep.join(filter(None, [str(cwd), str(FORKSERVER_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "site_settings", "PYTHONPATH": path}
+    log_path = cwd / f"{name.replace(' ', '_')}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=log)
+    try:
+        try:
+            wait_answering(port, process)
+        except RuntimeError:
+            sys.stderr.write(log_path.read_text(errors="replace"))
+            raise
+        first = settle(process.pid, workers)
+        send(port, requests)  # warm-up: every worker loads what the app loads lazily
+        # With refork, until the mold forked every worker (the first ones are rolled over).
+        settle(process.pid, workers, replaced=set(first) if refork else set(), mold=refork)
+        send(port, requests // 2)  # the pool as it now is serves the same mix
+        processes = tree(process.pid)
+        readings = {pid: rollup(pid) for pid in processes}
+        serving = serving_workers(process.pid)
+        result = {
+            "total_pss": sum(r["pss"] for r in readings.values()) / MIB,
+            "private_per_worker": statistics.mean(readings[pid]["private"] for pid in serving) / MIB,
+            "processes": len(processes),
+        }
+        os.kill(serving[0], signal.SIGTERM)  # replaced (by the mold, with refork) while the clients go on
+        latencies = sorted(send(port, 200))
+        result["p99_after_replacement_ms"] = latencies[int(len(latencies) * 0.99) - 1] * 1000
+        return result
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="warm-up requests (then half as many more)")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--refork-after", default="150", help="forkserver's --refork-after for the refork runs")
+    parser.add_argument("--only", default="", help="measure only the servers whose name contains this (the "
+                        "preload run is always measured: it is the base of the ratios)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="refork-bench-") as directory:
+        root = Path(directory)
+        make_project(root)
+        servers = [
+            ("forkserver", [], False),
+            ("forkserver --preload", ["--preload"], False),
+            ("forkserver --refork-after", ["--refork-after", args.refork_after], True),
+            ("forkserver --preload --refork-after", ["--preload", "--refork-after", args.refork_after], True),
+        ]
+        results: dict[str, dict[str, float]] = {}
+        servers = [entry for entry in servers if args.only in entry[0] or entry[0] == "forkserver --preload"]
+        for name, options, refork in servers:
+            port = free_port()
+            command = [sys.executable, "-m", "forkserver", "site_wsgi:application", "-w", str(args.workers),
+                       "-b", f"127.0.0.1:{port}", "--pythonpath", str(root), *options]
+            results[name] = measure(name, command, port, root, args.requests, args.workers, refork)
+            print(f"{name:38} measured", file=sys.stderr)
+        if args.only and args.only not in "gunicorn --preload":
+            pass
+        elif _has_module("gunicorn"):
+            port = free_port()
+            command = [sys.executable, "-m", "gunicorn", "site_wsgi:application", "-w", str(args.workers),
+                       "-b", f"127.0.0.1:{port}", "--preload", "--access-logfile", "/dev/null"]
+            results["gunicorn --preload"] = measure("gunicorn", command, port, root, args.requests, args.workers,
+                                                    False)
+        else:
+            print("gunicorn is not installed: pip install gunicorn to compare", file=sys.stderr)
+    base = results["forkserver --preload"]
+    print(f"Django project, -w {args.workers}, {args.requests} + {args.requests // 2} mixed requests, "
+          f"refork_after={args.refork_after}, Python {sys.version.split()[0]}")
+    print(f"{'server':38} {'total PSS':>10} {'x preload':>9} {'private/worker':>15} {'x preload':>9} "
+          f"{'p99 after replace':>18}")
+    for name, result in results.items():
+        print(f"{name:38} {result['total_pss']:8.1f}Mi {result['total_pss'] / base['total_pss']:9.2f} "
+              f"{result['private_per_worker']:13.1f}Mi {result['private_per_worker'] / base['private_per_worker']:9.2f} "
+              f"{result['p99_after_replacement_ms']:16.1f}ms")
+    return 0
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
