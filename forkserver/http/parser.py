@@ -47,6 +47,16 @@ TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghi
 METHOD_TOKEN_LIMIT = 64
 # The most bytes kept of reads that began inside a message (see RequestParser._since).
 SINCE_LIMIT_BYTES = 256 * 1024
+# Chunk-size lines (with their extensions) and trailers are framing, not
+# data.  llhttp parses them as a stream and keeps none of it, so no limit
+# protects memory, but a client could send an endless extension and hold
+# the connection forever without a byte of body.  More than this many bytes
+# of a chunked body read without a chunk beginning or ending, a byte of data
+# or a trailer field is refused with 400.  llhttp does not say where in a
+# read a chunk line lies, so the count is of whole reads: a line a little
+# over the limit that arrives in one read with data can pass, an endless one
+# never does.
+CHUNK_FRAMING_LIMIT_BYTES = 8192
 
 
 class _Lost(bytes):
@@ -178,6 +188,9 @@ class RequestParser:
             self._since_first = self._messages_begun + 1
         else:
             self._keep_since(data)
+            # Only a read that began inside a chunked body can be all framing (and the
+            # usual read begins between messages: it pays nothing for this).
+            progress = self._body_bytes + self._chunk_marks + self._trailer_fields if self._chunked else -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -206,6 +219,25 @@ class RequestParser:
             return
         if self._phase is not BETWEEN:
             self._read_ended_inside(data)
+            if phase is not BETWEEN and progress >= 0 and self._chunked:
+                self._count_framing(len(data), progress)
+
+    def _count_framing(self, read: int, progress_before: int) -> None:
+        """A read inside a chunked body ended: refuse framing that runs on with no progress."""
+        if self._body_bytes + self._chunk_marks + self._trailer_fields != progress_before:
+            self._framing_bytes = 0
+            return
+        self._framing_bytes += read
+        if self._framing_bytes > CHUNK_FRAMING_LIMIT_BYTES:
+            self._fail(BadRequest(f"chunk extension or trailer longer than {CHUNK_FRAMING_LIMIT_BYTES} bytes"))
+
+    def on_chunk_header(self) -> None:
+        """httptools' callback: a chunk-size line (and its extensions) ended."""
+        self._chunk_marks += 1
+
+    def on_chunk_complete(self) -> None:
+        """httptools' callback: a chunk's data and its CRLF ended."""
+        self._chunk_marks += 1
 
     def _read_ended_inside(self, data: bytes) -> None:
         """``data`` ended inside a message: count an unfinished head, or start an Upgrade body."""
@@ -370,6 +402,8 @@ class RequestParser:
                 # Its lines form one list (RFC 9110 §5.3), judged once the head is complete.
                 if not self._chunked:
                     self._chunked = True  # for now: "has a Transfer-Encoding"
+                    self._chunk_marks = 0  # chunks begun and ended: progress that is not data
+                    self._framing_bytes = 0  # body bytes read since the last progress (CHUNK_FRAMING_LIMIT_BYTES)
                     self._codings = []
                 self._codings += [c.strip().lower() for c in value.split(b",")]
             elif lowered == b"expect":

@@ -124,3 +124,23 @@ def test_trickling_body_is_closed_after_the_body_timeout(server):
         assert read_all(conn) == b""
     poll(lambda: "body timeout" in srv.log(), what="the info line")
     assert srv.worker_pids() == pids and requests.get(srv.url).status_code == 200
+
+
+def test_an_endless_chunk_extension_gets_400_and_the_worker_serves_on(server):
+    # Extension bytes are framing, not data: without a limit a client could
+    # stream them forever and never send a byte of body.
+    srv = server("basic:echo", "-w", "1")
+    pids = srv.worker_pids()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as conn:
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5;name=")
+        answer = b""
+        try:
+            for _ in range(64):  # 256 KiB at most, well past the 8 KiB limit
+                conn.sendall(b"v" * 4096)
+        except OSError:
+            pass  # refused and closed while we were still sending
+        answer = read_all(conn)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    poll(lambda: "chunk extension or trailer longer than" in srv.log(), what="the refusal logged")
+    assert srv.worker_pids() == pids
+    assert requests.post(srv.url, data=iter([b"hello", b" world"])).json()["body"] == "hello world"

@@ -560,3 +560,26 @@ def test_an_http_line_elsewhere_does_not_hide_an_rtsp_request():
 def test_an_rtsp_request_pipelined_before_an_http_one_with_the_same_line_is_refused(step):
     events, _ = feed_all(b"GET / RTSP/1.0\r\nHost: a\r\n\r\n" + GET, step=step)
     assert last_status(events) == 400 and not any(isinstance(e, Request) for e in events)
+
+
+def test_chunk_framing_that_runs_on_without_data_is_refused():
+    parser = RequestParser(Limits())
+    events = parser.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;name=")
+    assert isinstance(events[0], Request)
+    refused = []
+    for _ in range(4):
+        refused += parser.feed(b"v" * 4000)
+    assert len(refused) == 1 and isinstance(refused[0], BadRequest)
+    assert "chunk extension" in str(refused[0])
+
+
+@pytest.mark.parametrize("step", [1, 7, 1 << 20])
+def test_many_short_chunks_with_extensions_are_never_counted_as_framing(step):
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"3;ext=value\r\nabc\r\n" * 3000 + b"0\r\nX-Trailer: 1\r\n\r\n")
+    parser = RequestParser(Limits())
+    events = []
+    for start in range(0, len(data), step):
+        events += parser.feed(data[start:start + step])
+    assert events[-1] is END_OF_MESSAGE
+    assert b"".join(e.data for e in events if isinstance(e, BodyChunk)) == b"abc" * 3000
