@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import __version__, libc, systemd
+from . import __version__, libc, relay, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .collector import StatsCollector
@@ -163,6 +163,7 @@ class Master:
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
         self.collector = StatsCollector(self.stats, self.poller)  # used with stats on
+        self.relay = relay.RelayHub(self.poller)  # moves a busy worker's idle connections to a free one
         self.actions: dict[int, Callable[[], None]] = {
             signal.SIGHUP: self.request_reload,
             signal.SIGTERM: lambda: self.stop(graceful=True),
@@ -213,6 +214,7 @@ class Master:
         if config.umask:
             os.umask(int(config.umask, 8))
         self.listeners = self.open_listeners()
+        self.relay.listeners = len(self.listeners)
         share_stdlib()
         try:
             if config.stats_bind:
@@ -310,6 +312,7 @@ class Master:
                     if self.reloader is not None and self.reloader.changed(hold=self.reloading or self.stopping):
                         self.request_reload()
                     self.collector.drain()
+                    self.relay.drain(self.relay_takers)
                     self.reap_exited()
                     # After the notices and the reaping, which end a reload under way.
                     self.reload_if_requested()
@@ -429,6 +432,7 @@ class Master:
             self.hooks.run("child_exit", HookContext(self.config, self.pid, handle.slot, handle.generation, pid))
             self.forget_stats(handle)
             self.handover.forget(pid)
+            self.relay.forget(pid)
             if not self.stopping and handle.generation == self.generation:
                 self.respawn_due.add(handle.slot)
             if self.stopping or handle.retiring:
@@ -577,6 +581,7 @@ class Master:
         # Workers count requests only for someone who reads the counts: /stats or StatsD.
         stats_ends = self.collector.prepare() if self.status is not None or self.statsd is not None else None
         log_ends = self.handover.prepare()
+        relay_ends = relay.channel()
         spec = WorkerSpec(
             config=self.config, listeners=self.listeners, slot=slot, generation=self.generation, board=board,
             notify_fd=self.notify_w, master_pid=self.pid, log_files=list(self.log_files),
@@ -584,7 +589,7 @@ class Master:
             hooks=self.hooks, uid=self.uid, gid=self.gid,
             stats_channel=None if stats_ends is None else stats_ends[1],
             reload_dir=self.reloader.report_dir if self.reloader is not None else "",
-            accept_board=self.accept_board, seat=self.accept_board.take(),
+            accept_board=self.accept_board, seat=self.accept_board.take(), relay_channel=relay_ends[1],
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
         try:
@@ -598,6 +603,7 @@ class Master:
             if stats_ends is not None:
                 self.collector.abandon(stats_ends)
             self.handover.abandon(log_ends)
+            self.relay.abandon(relay_ends)
             self.respawn_after[slot] = time.monotonic() + FORK_RETRY
             log.error("fork failed slot=%d: %s; retrying in %gs", slot, exc.strerror, FORK_RETRY)
             return
@@ -609,6 +615,7 @@ class Master:
                 systemd.hide_from_workers()
                 self.drop_inherited_stats(stats_ends)
                 self.handover.close_inherited(log_ends)
+                self.relay.close_inherited(relay_ends)
                 random.seed()
                 code = Worker(spec).run()
             except BaseException:
@@ -624,6 +631,7 @@ class Master:
         if stats_ends is not None:
             self.collector.attach(pid, slot, stats_ends)
         self.handover.attach(pid, log_ends)
+        self.relay.attach(pid, relay_ends)
         log.debug("worker spawned slot=%d pid=%d gen=%d", slot, pid, self.generation)
 
     def fork(self) -> int:
@@ -649,6 +657,23 @@ class Master:
                 gc.unfreeze()
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return pid
+
+    def relay_takers(self, giver: int) -> list[int]:
+        """The workers that may adopt idle connections from busy worker ``giver``: the least busy first.
+
+        Serving, and with a thread free, as their scoreboards say; the
+        worker's own claims count for nothing else.
+        """
+        if self.stopping:
+            return []
+        free = []
+        for handle in self.pool.workers.values():
+            if handle.pid == giver or not handle.ready or handle.retiring or handle.aborted_at:
+                continue
+            in_flight = len(handle.board.in_flight())
+            if in_flight < handle.board.threads:
+                free.append((in_flight, random.random(), handle.pid))
+        return [pid for *_, pid in sorted(free)]
 
     def signal_worker(self, handle: WorkerHandle, signum: int) -> None:
         try:
@@ -969,6 +994,7 @@ class Master:
             self.statsd.finish(self.statsd_snapshot())
         if self.reloader is not None:
             self.reloader.close()
+        self.relay.close()
         if self.pidfile is not None:
             self.pidfile.remove()
         if self.started:

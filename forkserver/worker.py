@@ -44,6 +44,7 @@ from .identity import drop_privileges
 from .loader import load_app, prepare_path
 from .logs import AccessLog, LogFile, make_access_log
 from .proxy import Trust
+from .relay import Relay
 from .scoreboard import Scoreboard
 from .serving import Service, serve
 from .signals import Wakeup
@@ -97,6 +98,7 @@ class WorkerSpec:
     reload_dir: str = ""  # with reload: where to report the files the app imported
     accept_board: AcceptBoard | None = None  # shared with the other workers, to spread connections
     seat: int = -1  # our entry on it
+    relay_channel: socket.socket | None = None  # our end of the connection relay (forkserver.relay)
 
 
 class Entrance:
@@ -129,6 +131,9 @@ class Worker:
         self.deadlines: dict[int, float] = {}  # fd -> when an idle connection is closed
         self.next_sweep = 0.0
         self.listening: dict[int, Entrance] = {}
+        self.entrances: list[Entrance] = []  # in the order of spec.listeners, which the relay numbers them by
+        self.relay: Relay | None = None
+        self.serving: Connection | None = None  # inline: the connection whose request the app runs
         self.busy = 0
         self.accepting = False
         self.accept_pause = AcceptPause("accept")  # out of descriptors or memory: see forkserver.backoff
@@ -226,6 +231,13 @@ class Worker:
         for listener in spec.listeners:
             entrance = Entrance(listener, base_environ(*listener.name, multithread=self.config.threads > 1))
             self.listening[entrance.sock.fileno()] = entrance
+            self.entrances.append(entrance)
+        if spec.relay_channel is not None and not self.config.proxy_protocol:
+            # (A PROXY header names the client once, at the start: a
+            # connection that moved would lose it, so with one none moves.)
+            self.relay = Relay(spec.relay_channel, spec.board, self.finished_w, self._offerable, self._unwatch)
+            self.relay.lock.acquire()  # the loop's from now on, but while it waits
+            self.relay.start()
         self._set_accepting(True)
         for thread in range(self.config.threads if self.config.threads > 1 else 0):
             threading.Thread(target=self._run_jobs, args=(thread,), daemon=True).start()
@@ -314,7 +326,14 @@ class Worker:
                 timeout = self._poll_timeout(interval)
                 if accept_board is not None:
                     accept_board.publish(seat, len(connections) + self.busy, self._willing(), timeout)
-                events = poll(timeout)
+                if self.relay is not None:
+                    self.relay.lock.release()  # the relay may take idle connections while we sleep
+                    try:
+                        events = poll(timeout)
+                    finally:
+                        self.relay.lock.acquire()
+                else:
+                    events = poll(timeout)
                 if not events:
                     # A whole wait without work: now the title says idle.  Not
                     # before every wait, which under load comes between most
@@ -444,6 +463,8 @@ class Worker:
             # for a reset when the last holder exits.
             entrance.sock.close()
         self.listening.clear()
+        if self.relay is not None:
+            self.relay.enabled = False  # what we hold is ours to finish or close now
         now = time.monotonic()
         for connection in list(self.connections.values()):
             self._on_readable(connection)  # a request already in the socket is served
@@ -476,7 +497,7 @@ class Worker:
         return False
 
     def _accept(self, entrance: Entrance, limit: int = ACCEPT_BATCH, balanced: bool = True) -> None:
-        sock, family, tcp = entrance.sock, entrance.family, entrance.tcp
+        sock = entrance.sock
         for _ in range(limit):
             if balanced and not self._take_turn():
                 return
@@ -498,23 +519,27 @@ class Worker:
                 return
             if self.accept_pause.streak:  # the first accept after a shortage
                 self.accept_pause.succeeded()
-            # The C socket type alone: socket.socket's Python wrapper adds
-            # nothing a connection uses, and costs a call on open and close.
-            conn_sock = socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
-            conn_sock.setblocking(False)
-            if tcp:
-                remote = (peer[0], str(peer[1]))
-                trusted = remote[0] in self.service.trust
-            else:
-                remote = ("", "")
-                trusted = True  # a local process, as trusted as the socket file's mode made it
-            connection = Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
+            connection = self._connection(entrance, fd, peer)
             # The request usually arrives with the connection: read it now.
             # A connection whose whole exchange happens here never costs an
             # epoll registration; one that waits is watched with the header timeout.
             self._on_readable(connection, fresh=True)
             if self.stopping and not self.listening:
                 return  # serving it began our stop (max_requests), which closed the listeners
+
+    def _connection(self, entrance: Entrance, fd: int, peer: Any) -> Connection:
+        """A Connection for socket ``fd``, just accepted (or adopted) from ``entrance``, from ``peer``."""
+        # The C socket type alone: socket.socket's Python wrapper adds
+        # nothing a connection uses, and costs a call on open and close.
+        conn_sock = socket.SocketType(entrance.family, socket.SOCK_STREAM, 0, fd)
+        conn_sock.setblocking(False)
+        if entrance.tcp:
+            remote = (peer[0], str(peer[1]))
+            trusted = remote[0] in self.service.trust
+        else:
+            remote = ("", "")
+            trusted = True  # a local process, as trusted as the socket file's mode made it
+        return Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
 
     def _watch(self, connection: Connection, timeout: float) -> None:
         """Put a connection under the loop's eye with an idle deadline."""
@@ -599,12 +624,59 @@ class Worker:
         registered with epoll, saving two epoll_ctl calls per request.
         """
         self.deadlines.pop(connection.fd, None)
-        if self._serve(connection, 0):
+        if self._serve_unlocked(connection):
             self._watch(connection, self.config.keepalive)
         else:
             self._close(connection)
         if self.served == self.max_requests and not self.stopping:
             self._begin_stop(drain=False)  # see _recycle; we are the loop: stop before accepting again
+
+    def _serve_unlocked(self, connection: Connection) -> bool:
+        """Inline: ``_serve``, letting the relay take our other idle connections should it run long."""
+        relay = self.relay
+        if relay is None:
+            return self._serve(connection, 0)
+        self.serving = connection
+        relay.lock.release()
+        try:
+            return self._serve(connection, 0)
+        finally:
+            relay.lock.acquire()
+            self.serving = None
+
+    def _offerable(self) -> list[tuple[Connection, int]]:
+        """For the relay (which holds the lock): our idle connections that may move, and their listeners.
+
+        Only those with nothing of theirs read past their last request: no
+        part of a request in the parser, no response deferred to the end of
+        a batch, no PROXY header (whose client address would not move along).
+        """
+        origin = {id(entrance.environ): index for index, entrance in enumerate(self.entrances)}
+        return [(connection, origin[id(connection.base_environ)]) for connection in self.connections.values()
+                if connection is not self.serving and not connection.unsent and connection.preamble is None
+                and id(connection.base_environ) in origin and not connection.mid_request()]
+
+    def _take_relayed(self) -> None:
+        """Watch again the connections nobody took; adopt those another worker gave us."""
+        relay = self.relay
+        assert relay is not None
+        while relay.returned:
+            self._watch(relay.returned.popleft(), self.config.keepalive)
+        while relay.arrived:
+            sock, index = relay.arrived.popleft()
+            if index >= len(self.entrances) or self.stopping:
+                sock.close()  # (closing an idle connection is what a keep-alive timeout does)
+                continue
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                sock.close()
+                continue
+            connection = self._connection(self.entrances[index], sock.detach(), peer)
+            connection.requests_served = 1  # a kept-alive connection, served elsewhere before
+            self._on_readable(connection, fresh=True)
+            if connection.fd in self.deadlines and not connection.mid_request():
+                self.deadlines[connection.fd] = connection.idle_since + self.config.keepalive
 
     def _dispatch(self, connection: Connection) -> None:
         """With threads: hand the connection to the pool, and stop accepting when it is full."""
@@ -666,6 +738,8 @@ class Worker:
             os.read(self.finished_r, 4096)
         except BlockingIOError:
             pass
+        if self.relay is not None:
+            self._take_relayed()
         while self.finished:
             connection, keep = self.finished.popleft()
             self.busy -= 1
