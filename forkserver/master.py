@@ -661,8 +661,9 @@ class Master:
     def relay_takers(self, giver: int) -> list[int]:
         """The workers that may adopt idle connections from busy worker ``giver``: the least busy first.
 
-        Serving, and with a thread free, as their scoreboards say; the
-        worker's own claims count for nothing else.
+        Serving, and with a thread free or about to be (no thread busy for
+        as long as makes a worker give connections away), as their
+        scoreboards say.
         """
         if self.stopping:
             return []
@@ -670,9 +671,10 @@ class Master:
         for handle in self.pool.workers.values():
             if handle.pid == giver or not handle.ready or handle.retiring or handle.aborted_at:
                 continue
-            in_flight = len(handle.board.in_flight())
-            if in_flight < handle.board.threads:
-                free.append((in_flight, random.random(), handle.pid))
+            in_flight = handle.board.in_flight()
+            if len(in_flight) >= handle.board.threads and in_flight[-1].elapsed >= relay.BUSY_THRESHOLD:
+                continue  # busy for long itself: it would give them away again
+            free.append((len(in_flight), random.random(), handle.pid))
         return [pid for *_, pid in sorted(free)]
 
     def signal_worker(self, handle: WorkerHandle, signum: int) -> None:

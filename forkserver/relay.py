@@ -65,6 +65,9 @@ BUSY_THRESHOLD = 0.05
 # How often the watcher looks at its worker's scoreboard: a wakeup of a few
 # microseconds, so an idle worker spends well under 0.1 % of a CPU on it.
 WATCH_INTERVAL = 0.02
+# After an offer nobody could take (every other worker busy too), or with
+# nothing to give, the watcher looks again this much later.
+RETRY_INTERVAL = 0.2
 MAX_FDS = 16  # connections in one offer, and so in flight from one worker
 MAX_MESSAGES = 4  # read per worker per turn of the master's loop
 OFFER = struct.Struct("<4sIB")
@@ -279,27 +282,33 @@ class Relay:
 
     The loop owns its connection table; the watcher touches it only while
     holding ``lock``, which the loop holds all the time except while it
-    waits (in epoll, or in the app when it serves inline).  The watcher
-    only ever takes connections out of the table; connections coming back
-    (an offer nobody took) or arriving (adopted) are queued for the loop,
-    which is woken through ``wake_fd``.
+    waits (in epoll, or in the app when it serves inline).  Connections
+    coming back (an offer nobody took) or arriving (adopted) go straight
+    into the table while the loop waits, so that they can move on again
+    should the loop be busy; otherwise they are queued, the loop is woken
+    through ``wake_fd``, and it takes them (``take_queued``).  Either way
+    they are only watched, never read, here: the loop reads them when
+    epoll says so.
     """
 
     def __init__(self, sock: socket.socket, board: Scoreboard, wake_fd: int,
                  offerable: Callable[[], list[tuple[Connection, int]]],
-                 take_out: Callable[[Connection], None]) -> None:
+                 take_out: Callable[[Connection], None], put_back: Callable[[Connection], None],
+                 adopt: Callable[[socket.socket, int], None]) -> None:
         self.sock = sock
         self.board = board
         self.wake_fd = wake_fd
         self.offerable = offerable  # called with the lock held: idle connections and their listener index
         self.take_out = take_out  # called with the lock held: remove one from the loop
+        self.put_back = put_back  # called with the lock held: watch one in the loop again
+        self.adopt = adopt  # called with the lock held: watch one that came from the listener numbered so
         self.lock = threading.Lock()
         self.enabled = True  # off once the worker stops: its connections stay to be closed by it
         self.returned: deque[Connection] = deque()  # for the loop: offered, but nobody took them
         self.arrived: deque[tuple[socket.socket, int]] = deque()  # for the loop: adopt these
         self.pending: tuple[int, list[Connection]] | None = None  # the offer out, and its connections
         self.offers = 0
-        self.spell_done = 0.0  # the busy spell with nothing (more) to give in it
+        self.next_offer = 0.0  # no offer before this (monotonic), after one came to nothing
 
     def start(self) -> None:
         threading.Thread(target=self._watch, name="relay", daemon=True).start()
@@ -312,11 +321,12 @@ class Relay:
                 if not self._read():
                     return  # the master is gone
             if self.pending is None and self.enabled:
-                spell = self.board.busy_since()
-                if spell and spell != self.spell_done and time.monotonic() - spell >= BUSY_THRESHOLD:
-                    self._offer(spell)
+                since = self.board.busy_since()
+                now = time.monotonic()
+                if since and now - since >= BUSY_THRESHOLD and now >= self.next_offer:
+                    self._offer()
 
-    def _offer(self, spell: float) -> None:
+    def _offer(self) -> None:
         if not self.lock.acquire(blocking=False):
             return  # the loop is running its own code: look again on the next turn
         try:
@@ -324,7 +334,7 @@ class Relay:
                 return
             chosen = self.offerable()[:MAX_FDS]
             if not chosen:
-                self.spell_done = spell  # nothing to give in this spell
+                self.next_offer = time.monotonic() + RETRY_INTERVAL
                 return
             for connection, _ in chosen:
                 self.take_out(connection)
@@ -335,10 +345,8 @@ class Relay:
         data = OFFER.pack(OFFER_TAG, self.offers, len(chosen)) + bytes(index for _, index in chosen)
         if _send(self.sock, data, [connection.fd for connection in connections]):
             self.pending = (self.offers, connections)
-            self.spell_done = spell if len(chosen) < MAX_FDS else 0.0
         else:
             self._give_back(connections)
-            self.spell_done = spell
 
     def _read(self) -> bool:
         """Take every record the master sent; False once it has hung up."""
@@ -356,9 +364,8 @@ class Relay:
                 _, number, taken = VERDICT.unpack(data)
                 self._settle(number, taken)
             elif data[:4] == ADOPT_TAG and len(data) == ADOPT.size + len(fds):
-                for fd, index in zip(fds, data[ADOPT.size:]):
-                    self.arrived.append((socket.socket(fileno=fd), index))
-                self._wake()
+                self._hand_to_loop(self.returned, [], self.arrived,
+                                   [(socket.socket(fileno=fd), index) for fd, index in zip(fds, data[ADOPT.size:])])
                 continue
             for fd in fds:
                 _close_quietly(fd)
@@ -373,12 +380,32 @@ class Relay:
                 connection.sock.close()  # our copy only: the worker that took it has its own
                 connection.exchange.release()
         else:
-            self.spell_done = self.board.busy_since() or self.spell_done
             self._give_back(connections)
 
     def _give_back(self, connections: list[Connection]) -> None:
-        self.returned.extend(connections)
-        self._wake()
+        """Nobody took them: back into the loop."""
+        self.next_offer = time.monotonic() + RETRY_INTERVAL
+        self._hand_to_loop(self.returned, connections, self.arrived, [])
+
+    def _hand_to_loop(self, returned: deque[Connection], coming_back: list[Connection],
+                      arrived: deque[tuple[socket.socket, int]], adopted: list[tuple[socket.socket, int]]) -> None:
+        """Into the table at once while the loop waits; else through its queues, and wake it."""
+        returned.extend(coming_back)
+        arrived.extend(adopted)
+        if self.lock.acquire(blocking=False):
+            try:
+                self.take_queued()
+            finally:
+                self.lock.release()
+        else:
+            self._wake()
+
+    def take_queued(self) -> None:
+        """With the lock held (by the loop, or us): put every queued connection in the table."""
+        while self.returned:
+            self.put_back(self.returned.popleft())
+        while self.arrived:
+            self.adopt(*self.arrived.popleft())
 
     def _wake(self) -> None:
         try:

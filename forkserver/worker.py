@@ -235,7 +235,8 @@ class Worker:
         if spec.relay_channel is not None and not self.config.proxy_protocol:
             # (A PROXY header names the client once, at the start: a
             # connection that moved would lose it, so with one none moves.)
-            self.relay = Relay(spec.relay_channel, spec.board, self.finished_w, self._offerable, self._unwatch)
+            self.relay = Relay(spec.relay_channel, spec.board, self.finished_w, self._offerable, self._unwatch,
+                               self._watch_again, self._adopt)
             self.relay.lock.acquire()  # the loop's from now on, but while it waits
             self.relay.start()
         self._set_accepting(True)
@@ -637,6 +638,7 @@ class Worker:
         if relay is None:
             return self._serve(connection, 0)
         self.serving = connection
+        relay.take_queued()  # what came meanwhile may move on again, should this request run long
         relay.lock.release()
         try:
             return self._serve(connection, 0)
@@ -656,27 +658,27 @@ class Worker:
                 if connection is not self.serving and not connection.unsent and connection.preamble is None
                 and id(connection.base_environ) in origin and not connection.mid_request()]
 
-    def _take_relayed(self) -> None:
-        """Watch again the connections nobody took; adopt those another worker gave us."""
-        relay = self.relay
-        assert relay is not None
-        while relay.returned:
-            self._watch(relay.returned.popleft(), self.config.keepalive)
-        while relay.arrived:
-            sock, index = relay.arrived.popleft()
-            if index >= len(self.entrances) or self.stopping:
-                sock.close()  # (closing an idle connection is what a keep-alive timeout does)
-                continue
-            try:
-                peer = sock.getpeername()
-            except OSError:
-                sock.close()
-                continue
-            connection = self._connection(self.entrances[index], sock.detach(), peer)
-            connection.requests_served = 1  # a kept-alive connection, served elsewhere before
-            self._on_readable(connection, fresh=True)
-            if connection.fd in self.deadlines and not connection.mid_request():
-                self.deadlines[connection.fd] = connection.idle_since + self.config.keepalive
+    def _watch_again(self, connection: Connection) -> None:
+        """A connection the relay offered and nobody took: idle again, with a fresh keep-alive deadline."""
+        self._watch(connection, self.config.keepalive)
+
+    def _adopt(self, sock: socket.socket, index: int) -> None:
+        """Watch a connection another worker gave us, as if we had just accepted it (it served before).
+
+        Never read here: the relay calls this too, while the loop may be in
+        the app; epoll tells the loop when the connection has something.
+        """
+        if index >= len(self.entrances) or self.stopping:
+            sock.close()  # (closing an idle connection is what a keep-alive timeout does)
+            return
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            sock.close()
+            return
+        connection = self._connection(self.entrances[index], sock.detach(), peer)
+        connection.requests_served = 1
+        self._watch(connection, self.config.keepalive)
 
     def _dispatch(self, connection: Connection) -> None:
         """With threads: hand the connection to the pool, and stop accepting when it is full."""
@@ -739,7 +741,7 @@ class Worker:
         except BlockingIOError:
             pass
         if self.relay is not None:
-            self._take_relayed()
+            self.relay.take_queued()
         while self.finished:
             connection, keep = self.finished.popleft()
             self.busy -= 1
