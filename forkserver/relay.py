@@ -58,13 +58,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("forkserver")
 
 # A request running this long makes its worker give its idle connections
-# away.  Most requests end sooner, and moving a connection costs about a
-# millisecond of the master's and the workers' time; a proxy's next request
-# on it would otherwise wait the rest of the long one.
-BUSY_THRESHOLD = 0.05
+# away: a request arriving on one of them waits about this long (plus up to
+# WATCH_INTERVAL) at worst.  Most requests end sooner; moving a connection
+# costs a fraction of a millisecond of the master's and the workers' time.
+# At 50 ms the quick requests' p99 in scripts/holb_bench.py (3 slow clients,
+# 4 workers) was about twice gunicorn sync's; at 20 ms it is no worse.
+BUSY_THRESHOLD = 0.02
 # How often the watcher looks at its worker's scoreboard: a wakeup of a few
-# microseconds, so an idle worker spends well under 0.1 % of a CPU on it.
-WATCH_INTERVAL = 0.02
+# microseconds, about 0.1 % of a CPU per idle worker.
+WATCH_INTERVAL = 0.01
 # After an offer nobody could take (every other worker busy too), or with
 # nothing to give, the watcher looks again this much later.
 RETRY_INTERVAL = 0.2

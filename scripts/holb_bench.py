@@ -12,11 +12,17 @@ connections to the app server are reused.  A bounded number of clients
 and ``--fast-clients`` asking for ``/fast``, 5 ms) run for ``--duration``
 seconds against each server in turn, every server with the same
 ``--workers`` workers, and the script prints the quick requests' p50, p99
-and maximum.  With fewer slow clients than workers a free worker exists at
-every moment, so a quick request that waits long waited behind a slow one
-on a busy worker: forkserver's relay (forkserver.relay) must keep the quick
-p99 no worse than gunicorn's sync worker, which takes a new connection for
-every request and so never queues one behind another.
+and maximum, and how many waited over a second.  With fewer slow clients
+than workers a free worker exists at every moment, so a quick request that
+waits long waited behind a slow one on a busy worker: forkserver's relay
+(forkserver.relay) must keep the quick p99 no worse than gunicorn's sync
+worker, which takes a new connection for every request and so never queues
+one behind another.  The defaults keep three of four workers busy with slow
+requests most of the time, and the quick requests well within what the
+fourth can serve: a setup where waiting behind a slow request shows.  (With
+more quick requests than the free workers can serve, requests queue in
+any case, and a shared accept queue, gunicorn's, spreads that wait more
+evenly than connections bound to workers do.)
 
 Everything listens on 127.0.0.1 only, on sockets this script binds first
 and hands over (``fd://N``, nginx's ``NGINX`` variable); every process it
@@ -227,10 +233,10 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", choices=("forkserver", "gunicorn"), default=["forkserver", "gunicorn"])
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per server")
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--slow-clients", type=int, default=2, help="keep fewer than --workers")
-    parser.add_argument("--fast-clients", type=int, default=8)
+    parser.add_argument("--slow-clients", type=int, default=3, help="keep fewer than --workers")
+    parser.add_argument("--fast-clients", type=int, default=4)
     parser.add_argument("--slow", type=float, default=5.0, help="seconds a slow request takes")
-    parser.add_argument("--pause", type=float, default=0.01, help="seconds a quick client waits between requests")
+    parser.add_argument("--pause", type=float, default=0.05, help="seconds a quick client waits between requests")
     parser.add_argument("--forkserver-path", type=Path, default=ROOT, help="the checkout whose forkserver runs")
     args = parser.parse_args()
     if args.slow_clients >= args.workers:
