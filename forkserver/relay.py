@@ -210,8 +210,9 @@ class RelayHub:
             number = OFFER.unpack_from(data)[1]
             taken = self._pass_on(pid, data[OFFER.size:], fds, takers)
             if not _send(peer.sock, VERDICT.pack(VERDICT_TAG, number, taken), ()):
-                log.warning("cannot answer the connection offer of worker pid=%d; "
-                            "its connections stay with it, unread", pid)
+                # Gone since it sent the offer, or not reading what we send (an
+                # honest worker has room for this: one offer is out at a time).
+                log.debug("cannot answer the connection offer of worker pid=%d", pid)
         finally:
             for sock in socks:
                 sock.close()  # our copies: the taker has its own, or the giver keeps its

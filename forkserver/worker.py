@@ -638,7 +638,8 @@ class Worker:
         if relay is None:
             return self._serve(connection, 0)
         self.serving = connection
-        relay.take_queued()  # what came meanwhile may move on again, should this request run long
+        if relay.returned or relay.arrived:
+            relay.take_queued()  # what came meanwhile may move on again, should this request run long
         relay.lock.release()
         try:
             return self._serve(connection, 0)
@@ -659,8 +660,14 @@ class Worker:
                 and id(connection.base_environ) in origin and not connection.mid_request()]
 
     def _watch_again(self, connection: Connection) -> None:
-        """A connection the relay offered and nobody took: idle again, with a fresh keep-alive deadline."""
-        self._watch(connection, self.config.keepalive)
+        """A connection the relay offered and nobody took: idle again, with a fresh keep-alive deadline.
+
+        Once we are stopping, closed instead, as every idle connection is then.
+        """
+        if self.stopping:
+            connection.close()
+        else:
+            self._watch(connection, self.config.keepalive)
 
     def _adopt(self, sock: socket.socket, index: int) -> None:
         """Watch a connection another worker gave us, as if we had just accepted it (it served before).
