@@ -134,6 +134,7 @@ class Worker:
         self.entrances: list[Entrance] = []  # in the order of spec.listeners, which the relay numbers them by
         self.relay: Relay | None = None
         self.serving: Connection | None = None  # inline: the connection whose request the app runs
+        self.parked: set[int] = set()  # with threads, all busy: idle connections with a request left unread
         self.busy = 0
         self.accepting = False
         self.accept_pause = AcceptPause("accept")  # out of descriptors or memory: see forkserver.backoff
@@ -466,6 +467,8 @@ class Worker:
         self.listening.clear()
         if self.relay is not None:
             self.relay.enabled = False  # what we hold is ours to finish or close now
+        if self.parked:
+            self._unpark()
         now = time.monotonic()
         for connection in list(self.connections.values()):
             self._on_readable(connection)  # a request already in the socket is served
@@ -563,8 +566,34 @@ class Worker:
         """
         fd = connection.fd
         if self.connections.pop(fd, None) is not None:
-            self.epoll.unregister(fd)
+            if fd in self.parked:
+                self.parked.discard(fd)  # (not registered while parked)
+            else:
+                self.epoll.unregister(fd)
         self.deadlines.pop(fd, None)
+
+    def _park(self, connection: Connection) -> bool:
+        """Every thread busy: leave a kept-alive connection's new request in the kernel; True if we did.
+
+        Read now, the request would wait in the queue for a thread, beyond
+        the relay's reach; unread, the relay can move the connection to a
+        free worker.  Watched again (``_unpark``) as soon as a thread is free.
+        """
+        relay = self.relay
+        if relay is None or not relay.enabled or connection.fd not in self.connections or connection.mid_request():
+            return False
+        self.epoll.unregister(connection.fd)
+        self.parked.add(connection.fd)
+        self.deadlines.pop(connection.fd, None)  # its client is waiting for us, not idle
+        return True
+
+    def _unpark(self) -> None:
+        """A thread is free: watch the parked connections again; epoll reports their requests at once."""
+        deadline = time.monotonic() + self.config.header_timeout
+        for fd in self.parked:
+            self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+            self.deadlines[fd] = deadline
+        self.parked.clear()
 
     def _flush(self, connection: Connection) -> None:
         """Send what a connection deferred during the batch; close it if the peer is gone."""
@@ -581,6 +610,8 @@ class Worker:
         connection.close()
 
     def _on_readable(self, connection: Connection, fresh: bool = False) -> None:
+        if self.busy >= self.config.threads and not fresh and self._park(connection):
+            return
         if not connection.receive():
             self._close(connection)
         elif connection.next_is_request():
@@ -754,6 +785,8 @@ class Worker:
             self.busy -= 1
             if keep:
                 self._watch(connection, self.config.keepalive)
+        if self.parked and self.busy < self.config.threads:
+            self._unpark()
         if self.busy < self.config.threads and not self.stopping and not self.balancing:
             self._set_accepting(True)
 

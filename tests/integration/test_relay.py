@@ -96,6 +96,26 @@ def test_a_quick_request_on_a_busy_workers_idle_connection_is_answered_by_the_ot
         assert client.receive()["pid"] == busy
 
 
+def test_with_threads_a_request_arriving_as_every_thread_turns_busy_is_not_queued_behind_them(server):
+    """Sent right behind the slow ones, the quick request reaches the worker as its threads turn busy.
+
+    Read then, it would wait in the worker's queue for a thread, out of the
+    relay's reach; left unread in the kernel, its connection moves.  (Read
+    before the threads fill, a thread of the same worker answers it: also
+    prompt.)
+    """
+    srv = server(APP, "-w", "2", "--threads", "2", "--keep-alive", "30", workers=2)
+    busy, clients = clients_of_one_worker(srv.port, 3)
+    slow, quick = clients[:2], clients[2]
+    for client in slow:
+        client.send(f"/slow/{SLOW}/")
+    quick.send("/quick")
+    answer = poll(lambda: quick.answered() and quick.receive(), PROMPTLY, interval=0.01,
+                  what="the quick request's answer while the slow ones run")
+    assert answer["path"] == "/quick"
+    assert not any(client.answered() for client in slow), "a slow request ended first: the test proves nothing"
+
+
 def test_nothing_is_lost_or_answered_twice_behind_nginx_with_upstream_keepalive(server, nginx, short_dir):
     sock_path = short_dir / "fs.sock"
     access_log = short_dir / "access.log"
