@@ -58,15 +58,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("forkserver")
 
 # A request running this long makes its worker give its idle connections
-# away: a request arriving on one of them waits about this long (plus up to
-# WATCH_INTERVAL) at worst.  Most requests end sooner; moving a connection
+# away: a request arriving on one of them waits about this long (up to
+# IDLE_WATCH_INTERVAL when the worker was idle before) at worst.  Most
+# requests end sooner; moving a connection
 # costs a fraction of a millisecond of the master's and the workers' time.
 # At 50 ms the quick requests' p99 in scripts/holb_bench.py (3 slow clients,
 # 4 workers) was about twice gunicorn sync's; at 20 ms it is no worse.
 BUSY_THRESHOLD = 0.02
-# How often the watcher looks at its worker's scoreboard: a wakeup of a few
-# microseconds, about 0.1 % of a CPU per idle worker.
-WATCH_INTERVAL = 0.01
+# How often the watcher looks at its worker's scoreboard while no request
+# is in flight (with one, it sleeps until the request is BUSY_THRESHOLD
+# old): a request that starts meanwhile is noticed this much later at
+# worst.  Each look costs a few tens of microseconds; looking every 10 ms
+# cost an idle worker 0.5 % of a CPU, every 50 ms about 0.1 %.
+IDLE_WATCH_INTERVAL = 0.05
+# How soon the watcher tries again when its loop held the lock (threads).
+RETRY_SOON = 0.005
 # After an offer nobody could take (every other worker busy too), or with
 # nothing to give, the watcher looks again this much later.
 RETRY_INTERVAL = 0.2
@@ -319,15 +325,21 @@ class Relay:
     def _watch(self) -> None:
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
+        wait = IDLE_WATCH_INTERVAL
         while True:
-            if poller.poll(WATCH_INTERVAL * 1000):
+            if poller.poll(wait * 1000):
                 if not self._read():
                     return  # the master is gone
+            wait = IDLE_WATCH_INTERVAL
             if self.pending is None and self.enabled:
                 since = self.board.busy_since()
-                now = time.monotonic()
-                if since and now - since >= BUSY_THRESHOLD and now >= self.next_offer:
-                    self._offer()
+                if since:
+                    due = max(since + BUSY_THRESHOLD, self.next_offer)
+                    now = time.monotonic()
+                    if now >= due:
+                        self._offer()
+                        due = self.next_offer
+                    wait = min(max(due - now, RETRY_SOON), IDLE_WATCH_INTERVAL)
 
     def _offer(self) -> None:
         if not self.lock.acquire(blocking=False):

@@ -46,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_PYTHON = "/work/bench-venv/bin/python"
+SETTLE = 3.0
 APP = '''
 import time
 
@@ -214,6 +215,7 @@ def measure(kind: str, args: argparse.Namespace) -> str:
             wait_answering(upstream_sock.getsockname()[1], "/fast", server, kind)
             proxy = start_nginx(workdir, front_sock, upstream_sock.getsockname()[1])
             wait_answering(front_sock.getsockname()[1], "/fast", proxy, "nginx")
+            time.sleep(SETTLE)  # every worker booted, not just the first to answer: a steady state is measured
             quick, slow, errors = run_clients(front_sock.getsockname()[1], args)
         finally:
             if proxy is not None:
