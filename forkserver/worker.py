@@ -336,6 +336,11 @@ class Worker:
                         self.relay.lock.acquire()
                 else:
                     events = poll(timeout)
+                if events and accept_board is not None:
+                    # Awake now: no longer "responsive while asleep".  Left as
+                    # published, a long request among these events would keep
+                    # the others deferring to us for up to a whole timeout.
+                    accept_board.publish(seat, len(connections) + self.busy, self._willing())
                 if not events:
                     # A whole wait without work: now the title says idle.  Not
                     # before every wait, which under load comes between most
@@ -682,9 +687,17 @@ class Worker:
         """For the relay (which holds the lock): our idle connections that may move, and their listeners.
 
         Only those with nothing of theirs read past their last request: no
-        part of a request in the parser, no response deferred to the end of
-        a batch, no PROXY header (whose client address would not move along).
+        part of a request in the parser, no PROXY header (whose client
+        address would not move along).  Responses deferred to the end of the
+        batch the loop is in go out first: a long request in the same batch
+        would otherwise hold them back as long as it runs.
         """
+        for connection in self.outbox or ():
+            if connection.unsent and connection is not self.serving:
+                try:
+                    connection.flush()
+                except ClientGone:
+                    pass  # the loop finds the connection closed when it next reads it
         origin = {id(entrance.environ): index for index, entrance in enumerate(self.entrances)}
         return [(connection, origin[id(connection.base_environ)]) for connection in self.connections.values()
                 if connection is not self.serving and not connection.unsent and connection.preamble is None

@@ -116,6 +116,30 @@ def test_with_threads_a_request_arriving_as_every_thread_turns_busy_is_not_queue
     assert not any(client.answered() for client in slow), "a slow request ended first: the test proves nothing"
 
 
+def test_a_quick_response_is_not_held_back_by_a_slow_request_read_in_the_same_turn(server):
+    """A worker answering several ready connections in one turn sends the answers at the end of it.
+
+    The quick request and the slow one arrive while the worker is busy, so it
+    finds both ready at once and answers the quick one first, deferred; a
+    single worker has nobody to move either connection to.  The deferred
+    answer must go out once the slow request is seen to run long, not after it.
+    """
+    srv = server(APP, "-w", "1", "--keep-alive", "30", workers=1)
+    first, quick, slow = Client(srv.port), Client(srv.port), Client(srv.port)
+    for client in (first, quick, slow):
+        client.ask("/")
+    first.send("/slow/0.5/")
+    time.sleep(0.2)  # the worker is in the app: what comes now is read in one turn after it
+    quick.send("/quick")
+    time.sleep(0.05)
+    slow.send(f"/slow/{SLOW}/")
+    answer = poll(lambda: quick.answered() and quick.receive(), PROMPTLY, interval=0.01,
+                  what="the quick request's answer while the slow one runs")
+    assert answer["path"] == "/quick"
+    assert not slow.answered(), "the slow request ended first: the test proves nothing"
+    assert first.receive()["path"] == "/slow/0.5/"
+
+
 def test_nothing_is_lost_or_answered_twice_behind_nginx_with_upstream_keepalive(server, nginx, short_dir):
     sock_path = short_dir / "fs.sock"
     access_log = short_dir / "access.log"
