@@ -379,8 +379,8 @@ class Relay:
                 _, number, taken = VERDICT.unpack(data)
                 self._settle(number, taken)
             elif data[:4] == ADOPT_TAG and len(data) == ADOPT.size + len(fds):
-                self._hand_to_loop(self.returned, [], self.arrived,
-                                   [(socket.socket(fileno=fd), index) for fd, index in zip(fds, data[ADOPT.size:])])
+                self.arrived.extend((socket.socket(fileno=fd), index) for fd, index in zip(fds, data[ADOPT.size:]))
+                self._hand_to_loop()
                 continue
             for fd in fds:
                 _close_quietly(fd)
@@ -392,21 +392,18 @@ class Relay:
         self.pending = None
         if taken:
             for connection in connections:
-                connection.sock.close()  # our copy only: the worker that took it has its own
-                connection.exchange.release()
+                connection.close()  # our copy only: the worker that took it has its own
         else:
             self._give_back(connections)
 
     def _give_back(self, connections: list[Connection]) -> None:
         """Nobody took them: back into the loop."""
         self.next_offer = time.monotonic() + RETRY_INTERVAL
-        self._hand_to_loop(self.returned, connections, self.arrived, [])
+        self.returned.extend(connections)
+        self._hand_to_loop()
 
-    def _hand_to_loop(self, returned: deque[Connection], coming_back: list[Connection],
-                      arrived: deque[tuple[socket.socket, int]], adopted: list[tuple[socket.socket, int]]) -> None:
-        """Into the table at once while the loop waits; else through its queues, and wake it."""
-        returned.extend(coming_back)
-        arrived.extend(adopted)
+    def _hand_to_loop(self) -> None:
+        """What is queued goes into the table at once while the loop waits; else the loop is woken to take it."""
         if self.lock.acquire(blocking=False):
             try:
                 self.take_queued()
