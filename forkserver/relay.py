@@ -319,8 +319,13 @@ class Relay:
         self.offers = 0
         self.next_offer = 0.0  # no offer before this (monotonic), after one came to nothing
 
-    def start(self) -> None:
-        threading.Thread(target=self._watch, name="relay", daemon=True).start()
+    def start(self) -> bool:
+        """Start the watcher; False if no thread can be started (a cgroup's ``pids.max`` counts threads)."""
+        try:
+            threading.Thread(target=self._watch, name="relay", daemon=True).start()
+        except RuntimeError:
+            return False
+        return True
 
     def _watch(self) -> None:
         poller = select.poll()

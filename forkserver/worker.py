@@ -239,7 +239,10 @@ class Worker:
             self.relay = Relay(spec.relay_channel, spec.board, self.finished_w, self._offerable, self._unwatch,
                                self._watch_again, self._adopt)
             self.relay.lock.acquire()  # the loop's from now on, but while it waits
-            self.relay.start()
+            if not self.relay.start():
+                log.warning("cannot start a thread (out of processes?); worker pid=%d keeps its connections "
+                            "even while busy", self.pid)
+                self.relay = None
         self._set_accepting(True)
         for thread in range(self.config.threads if self.config.threads > 1 else 0):
             threading.Thread(target=self._run_jobs, args=(thread,), daemon=True).start()
