@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import __version__, libc, refork, systemd
+from . import __version__, libc, refork, relay, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .collector import StatsCollector
@@ -120,6 +120,9 @@ class Provisions:
     log_ends: tuple[socket.socket, socket.socket]
     refork_ends: tuple[socket.socket, socket.socket] | None  # None with refork off
     seat: int
+    # The connection relay's channel (forkserver.relay); None with refork on: a mold
+    # must fork alone, without the relay's watcher thread, so reforked pools go without.
+    relay_ends: tuple[socket.socket, socket.socket] | None = None
 
     def worker_fds(self) -> list[int]:
         """The worker's ends, in the order a mold expects them (forkserver.mold)."""
@@ -201,6 +204,7 @@ class Master:
         self.respawn_due: set[int] = set()  # slots whose worker ended and awaits a replacement
         self.poller = select.poll()
         self.collector = StatsCollector(self.stats, self.poller)  # used with stats on
+        self.relay = relay.RelayHub(self.poller)  # moves a busy worker's idle connections to a free one
         self.actions: dict[int, Callable[[], None]] = {
             signal.SIGHUP: self.request_reload,
             signal.SIGTERM: lambda: self.stop(graceful=True),
@@ -262,6 +266,7 @@ class Master:
 
             self.tls_listeners = tuple(listener for listener in self.listeners
                                        if serves_tls(config, listener.address.text))
+        self.relay.listeners = len(self.listeners)
         share_stdlib()
         try:
             if config.stats_bind:
@@ -374,6 +379,7 @@ class Master:
                     if self.reloader is not None and self.reloader.changed(hold=self.reloading or self.stopping):
                         self.request_reload()
                     self.collector.drain()
+                    self.relay.drain(self.relay_takers)
                     self.reap_exited()
                     # After the notices and the reaping, which end a reload under way.
                     self.reload_if_requested()
@@ -510,6 +516,7 @@ class Master:
             self.hooks.run("child_exit", HookContext(self.config, self.pid, handle.slot, handle.generation, pid))
             self.forget_stats(handle)
             self.handover.forget(pid)
+            self.relay.forget(pid)
             if self.refork is not None:
                 self.forget_refork(handle, how)
                 if handle.is_mold:
@@ -714,6 +721,7 @@ class Master:
             accept_board=self.accept_board, seat=provisions.seat,
             refork_channel=None if provisions.refork_ends is None else provisions.refork_ends[1],
             tls_context=self.tls_context, tls_listeners=self.tls_listeners,
+            relay_channel=None if provisions.relay_ends is None else provisions.relay_ends[1],
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
         try:
@@ -734,6 +742,7 @@ class Master:
                 systemd.hide_from_workers()
                 self.drop_inherited_stats(provisions.stats_ends)
                 self.handover.close_inherited(provisions.log_ends)
+                self.relay.close_inherited(provisions.relay_ends)
                 if self.refork is not None:
                     self.drop_inherited_refork(provisions)
                 random.seed()
@@ -753,7 +762,9 @@ class Master:
         # Workers count requests only for someone who reads the counts: /stats or StatsD.
         stats_ends = self.collector.prepare() if self.status is not None or self.statsd is not None else None
         refork_ends = refork.new_channel() if self.refork is not None else None
-        return Provisions(board, board_fd, stats_ends, self.handover.prepare(), refork_ends, self.accept_board.take())
+        relay_ends = relay.channel() if self.refork is None else None
+        return Provisions(board, board_fd, stats_ends, self.handover.prepare(), refork_ends, self.accept_board.take(),
+                          relay_ends)
 
     def give_back(self, provisions: Provisions) -> None:
         """The worker was never forked (or never adopted): release everything made for it."""
@@ -763,7 +774,7 @@ class Master:
         if provisions.stats_ends is not None:
             self.collector.abandon(provisions.stats_ends)
         self.handover.abandon(provisions.log_ends)
-        for end in provisions.refork_ends or ():
+        for end in (*(provisions.refork_ends or ()), *(provisions.relay_ends or ())):
             end.close()
 
     def admit(self, pid: int, slot: int, generation: int, provisions: Provisions, *, mold: int = 0,
@@ -781,6 +792,8 @@ class Master:
         if provisions.stats_ends is not None:
             self.collector.attach(pid, slot, provisions.stats_ends)
         self.handover.attach(pid, provisions.log_ends)
+        if provisions.relay_ends is not None:
+            self.relay.attach(pid, provisions.relay_ends)
         if self.refork is not None and provisions.refork_ends is not None:
             ours, theirs = provisions.refork_ends
             theirs.close()
@@ -818,6 +831,25 @@ class Master:
                 gc.unfreeze()
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return pid
+
+    def relay_takers(self, giver: int) -> list[int]:
+        """The workers that may adopt idle connections from busy worker ``giver``: the least busy first.
+
+        Serving, and with a thread free or about to be (no thread busy for
+        as long as makes a worker give connections away), as their
+        scoreboards say.
+        """
+        if self.stopping:
+            return []
+        free = []
+        for handle in self.pool.workers.values():
+            if handle.pid == giver or not handle.ready or handle.retiring or handle.aborted_at:
+                continue
+            in_flight = handle.board.in_flight()
+            if len(in_flight) >= handle.board.threads and in_flight[-1].elapsed >= relay.BUSY_THRESHOLD:
+                continue  # busy for long itself: it would give them away again
+            free.append((len(in_flight), random.random(), handle.pid))
+        return [pid for *_, pid in sorted(free)]
 
     def signal_worker(self, handle: WorkerHandle, signum: int) -> None:
         try:
@@ -1458,6 +1490,7 @@ class Master:
             self.statsd.finish(self.statsd_snapshot())
         if self.reloader is not None:
             self.reloader.close()
+        self.relay.close()
         if self.pidfile is not None:
             self.pidfile.remove()
         if self.started:

@@ -130,6 +130,17 @@ class Scoreboard:
         self._stamps[self._starts[thread]] = 0.0
         self.beat()
 
+    def busy_since(self) -> float:
+        """Worker side: when the last of our threads became busy; 0.0 while one is free."""
+        stamps = self._stamps
+        latest = 0.0
+        for start in self._starts:
+            started = stamps[start]
+            if not started:
+                return 0.0
+            latest = max(latest, started)
+        return latest
+
     # -- master side ---------------------------------------------------------
 
     def last_beat_age(self) -> float:

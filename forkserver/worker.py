@@ -46,6 +46,7 @@ from .identity import drop_privileges
 from .loader import load_app, prepare_path
 from .logs import AccessLog, LogFile, make_access_log
 from .proxy import Trust
+from .relay import Relay
 from .scoreboard import Scoreboard
 from .serving import Service, serve
 from .signals import Wakeup
@@ -117,6 +118,7 @@ class WorkerSpec:
     refork_channel: socket.socket | None = None  # with refork_after: our end of the channel (forkserver.refork)
     tls_context: Any = None  # the master's ssl.SSLContext, with certfile set (forkserver.tls)
     tls_listeners: tuple[Listener, ...] = ()  # the listeners whose connections speak TLS
+    relay_channel: socket.socket | None = None  # our end of the connection relay (forkserver.relay)
 
 
 class Entrance:
@@ -161,6 +163,10 @@ class Worker:
         self.body_buffer_size = self.config.body_buffer_size
         self.next_sweep = 0.0
         self.listening: dict[int, Entrance] = {}
+        self.entrances: list[Entrance] = []  # in the order of spec.listeners, which the relay numbers them by
+        self.relay: Relay | None = None
+        self.serving: Connection | None = None  # inline: the connection whose request the app runs
+        self.parked: set[int] = set()  # with threads, all busy: idle connections with a request left unread
         self.busy = 0
         self.accepting = False
         self.accept_pause = AcceptPause("accept")  # out of descriptors or memory: see forkserver.backoff
@@ -279,6 +285,17 @@ class Worker:
                 environ["wsgi.url_scheme"] = "https"
             entrance = Entrance(listener, environ, tls)
             self.listening[entrance.sock.fileno()] = entrance
+            self.entrances.append(entrance)
+        if spec.relay_channel is not None and not self.config.proxy_protocol:
+            # (A PROXY header names the client once, at the start: a
+            # connection that moved would lose it, so with one none moves.)
+            self.relay = Relay(spec.relay_channel, spec.board, self.finished_w, self._offerable, self._unwatch,
+                               self._watch_again, self._adopt)
+            self.relay.lock.acquire()  # the loop's from now on, but while it waits
+            if not self.relay.start():
+                log.warning("cannot start a thread (out of processes?); worker pid=%d keeps its connections "
+                            "even while busy", self.pid)
+                self.relay = None
         self._set_accepting(True)
         for thread in range(self.config.threads if self.config.threads > 1 else 0):
             self.threads.append(threading.Thread(target=self._run_jobs, args=(thread,), daemon=True))
@@ -373,7 +390,19 @@ class Worker:
                 timeout = self._poll_timeout(interval)
                 if accept_board is not None:
                     accept_board.publish(seat, len(connections) + self.busy, self._willing(), timeout)
-                events = poll(timeout)
+                if self.relay is not None:
+                    self.relay.lock.release()  # the relay may take idle connections while we sleep
+                    try:
+                        events = poll(timeout)
+                    finally:
+                        self.relay.lock.acquire()
+                else:
+                    events = poll(timeout)
+                if events and accept_board is not None:
+                    # Awake now: no longer "responsive while asleep".  Left as
+                    # published, a long request among these events would keep
+                    # the others deferring to us for up to a whole timeout.
+                    accept_board.publish(seat, len(connections) + self.busy, self._willing())
                 if not events:
                     # A whole wait without work: now the title says idle.  Not
                     # before every wait, which under load comes between most
@@ -531,6 +560,10 @@ class Worker:
             if not keep_listeners or entrance.sock is not entrance.listener.sock:
                 entrance.sock.close()
         self.listening.clear()
+        if self.relay is not None:
+            self.relay.enabled = False  # what we hold is ours to finish or close now
+        if self.parked:
+            self._unpark()
         now = time.monotonic()
         for connection in list(self.connections.values()):
             self._on_readable(connection)  # a request already in the socket is served
@@ -563,7 +596,7 @@ class Worker:
         return False
 
     def _accept(self, entrance: Entrance, limit: int = ACCEPT_BATCH, balanced: bool = True) -> None:
-        sock, family, tcp = entrance.sock, entrance.family, entrance.tcp
+        sock = entrance.sock
         for _ in range(limit):
             if balanced and not self._take_turn():
                 return
@@ -585,22 +618,9 @@ class Worker:
                 return
             if self.accept_pause.streak:  # the first accept after a shortage
                 self.accept_pause.succeeded()
-            # The C socket type alone: socket.socket's Python wrapper adds
-            # nothing a connection uses, and costs a call on open and close.
-            conn_sock = socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
-            conn_sock.setblocking(False)
-            if tcp:
-                remote = (peer[0], str(peer[1]))
-                trusted = remote[0] in self.service.trust
-            else:
-                remote = ("", "")
-                trusted = True  # a local process, as trusted as the socket file's mode made it
-            if entrance.tls is None:
-                connection = Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
-            else:
-                connection = self._tls_connection(entrance, conn_sock, remote, trusted)
-                if connection is None:
-                    continue
+            connection = self._connection(entrance, fd, peer)
+            if connection is None:
+                continue
             # The request usually arrives with the connection: read it now.
             # A connection whose whole exchange happens here never costs an
             # epoll registration; one that waits is watched with the header timeout.
@@ -647,6 +667,25 @@ class Worker:
             self.epoll.modify(connection.fd, EPOLL_WRITE if connection.wants_write else EPOLL_READ)
         return done
 
+    def _connection(self, entrance: Entrance, fd: int, peer: Any) -> Connection | None:
+        """A Connection for socket ``fd``, just accepted (or adopted) from ``entrance``, from ``peer``.
+
+        None when a TLS connection's client reset it while it waited in the queue.
+        """
+        # The C socket type alone: socket.socket's Python wrapper adds
+        # nothing a connection uses, and costs a call on open and close.
+        conn_sock = socket.SocketType(entrance.family, socket.SOCK_STREAM, 0, fd)
+        conn_sock.setblocking(False)
+        if entrance.tcp:
+            remote = (peer[0], str(peer[1]))
+            trusted = remote[0] in self.service.trust
+        else:
+            remote = ("", "")
+            trusted = True  # a local process, as trusted as the socket file's mode made it
+        if entrance.tls is None:
+            return Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
+        return self._tls_connection(entrance, conn_sock, remote, trusted)
+
     def _watch(self, connection: Connection, timeout: float) -> None:
         """Put a connection under the loop's eye with an idle deadline."""
         fd = connection.fd
@@ -674,8 +713,36 @@ class Worker:
         if self.gathering:
             self._stop_gathering(fd)
         if self.connections.pop(fd, None) is not None:
-            self.epoll.unregister(fd)
+            if fd in self.parked:
+                self.parked.discard(fd)  # (not registered while parked)
+            else:
+                self.epoll.unregister(fd)
         self.deadlines.pop(fd, None)
+
+    def _park(self, connection: Connection) -> bool:
+        """Every thread busy: leave a kept-alive connection's new request in the kernel; True if we did.
+
+        Read now, the request would wait in the queue for a thread, beyond
+        the relay's reach; unread, the relay can move the connection to a
+        free worker.  Watched again (``_unpark``) as soon as a thread is free.
+        """
+        relay = self.relay
+        if relay is None or not relay.enabled or connection.fd not in self.connections or connection.mid_request():
+            return False
+        if connection.__class__ is not Connection:
+            return False  # TLS: it never moves (see _offerable), so nothing is won by leaving it unread
+        self.epoll.unregister(connection.fd)
+        self.parked.add(connection.fd)
+        self.deadlines.pop(connection.fd, None)  # its client is waiting for us, not idle
+        return True
+
+    def _unpark(self) -> None:
+        """A thread is free: watch the parked connections again; epoll reports their requests at once."""
+        deadline = time.monotonic() + self.config.header_timeout
+        for fd in self.parked:
+            self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+            self.deadlines[fd] = deadline
+        self.parked.clear()
 
     def _flush(self, connection: Connection) -> None:
         """Send what a connection deferred during the batch; close it if the peer is gone."""
@@ -693,6 +760,8 @@ class Worker:
 
     def _on_readable(self, connection: Connection, fresh: bool = False) -> None:
         if connection.handshaking and not self._handshake(connection, fresh):
+            return
+        if self.busy >= self.config.threads and not fresh and self._park(connection):
             return
         if not connection.receive():
             self._close(connection)
@@ -857,7 +926,7 @@ class Worker:
         self.deadlines.pop(connection.fd, None)
         if self.gathering:
             self._stop_gathering(connection.fd)
-        keep = self._serve(connection, 0)
+        keep = self._serve_unlocked(connection)
         if keep:
             self._keep(connection, keep)
         else:
@@ -870,6 +939,73 @@ class Worker:
         self._watch(connection, self._idle_timeout(connection))
         if keep == GATHER:
             self._gather(connection)
+
+    def _serve_unlocked(self, connection: Connection) -> int:
+        """Inline: ``_serve``, letting the relay take our other idle connections should it run long."""
+        relay = self.relay
+        if relay is None:
+            return self._serve(connection, 0)
+        self.serving = connection
+        if relay.returned or relay.arrived:
+            relay.take_queued()  # what came meanwhile may move on again, should this request run long
+        relay.lock.release()
+        try:
+            return self._serve(connection, 0)
+        finally:
+            relay.lock.acquire()
+            self.serving = None
+
+    def _offerable(self) -> list[tuple[Connection, int]]:
+        """For the relay (which holds the lock): our idle connections that may move, and their listeners.
+
+        Only those with nothing of theirs read past their last request: no
+        part of a request in the parser, no PROXY header (whose client
+        address would not move along).  Responses deferred to the end of the
+        batch the loop is in go out first: a long request in the same batch
+        would otherwise hold them back as long as it runs.
+        """
+        for connection in self.outbox or ():
+            if connection.unsent and connection is not self.serving:
+                try:
+                    connection.flush()
+                except ClientGone:
+                    pass  # the loop finds the connection closed when it next reads it
+        origin = {id(entrance.environ): index for index, entrance in enumerate(self.entrances)}
+        # A TLS connection's session lives in this process's OpenSSL state: it never moves.
+        return [(connection, origin[id(connection.base_environ)]) for connection in self.connections.values()
+                if connection.__class__ is Connection
+                and connection is not self.serving and not connection.unsent and connection.preamble is None
+                and id(connection.base_environ) in origin and not connection.mid_request()]
+
+    def _watch_again(self, connection: Connection) -> None:
+        """A connection the relay offered and nobody took: idle again, with a fresh keep-alive deadline.
+
+        Once we are stopping, closed instead, as every idle connection is then.
+        """
+        if self.stopping:
+            connection.close()
+        else:
+            self._watch(connection, self._idle_timeout(connection))
+
+    def _adopt(self, sock: socket.socket, index: int) -> None:
+        """Watch a connection another worker gave us, as if we had just accepted it (it served before).
+
+        Never read here: the relay calls this too, while the loop may be in
+        the app; epoll tells the loop when the connection has something.
+        """
+        if index >= len(self.entrances) or self.stopping:
+            sock.close()  # (closing an idle connection is what a keep-alive timeout does)
+            return
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            sock.close()
+            return
+        connection = self._connection(self.entrances[index], sock.detach(), peer)
+        if connection is None:
+            return
+        connection.requests_served = 1
+        self._watch(connection, self._idle_timeout(connection))
 
     def _dispatch(self, connection: Connection) -> None:
         """With threads: hand the connection to the pool, and stop accepting when it is full."""
@@ -936,11 +1072,15 @@ class Worker:
             os.read(self.finished_r, 4096)
         except BlockingIOError:
             pass
+        if self.relay is not None:
+            self.relay.take_queued()
         while self.finished:
             connection, keep = self.finished.popleft()
             self.busy -= 1
             if keep:
                 self._keep(connection, keep)
+        if self.parked and self.busy < self.config.threads:
+            self._unpark()
         if self.busy < self.config.threads and not self.stopping and not self.balancing:
             self._set_accepting(True)
 

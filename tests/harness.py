@@ -25,6 +25,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
 READY_TIMEOUT = 15.0
+PROBE_READ_TIMEOUT = 4.0  # how long one readiness probe waits for its answer
 
 
 def poll(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
@@ -155,6 +156,9 @@ class ServerProcess:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
                 conn.sendall(f"GET {self.ready_path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+                # Longer than basic:slow's default second in the app: with a 1 s read
+                # timeout the probe raced it and, on a loaded machine, lost every time.
+                conn.settimeout(PROBE_READ_TIMEOUT)
                 return read_all(conn).startswith(b"HTTP/1.1 ")
         except OSError:
             return False

@@ -180,9 +180,14 @@ def _serves_and_replaces_a_worker(srv, old_access: Path) -> None:
         assert requests.get(srv.url + "/?after", timeout=10).status_code == 200
     poll(lambda: "/?after" in old_access.read_text(), what="access lines in the old file")
     os.kill(workers[0], signal.SIGKILL)
-    poll(lambda: len(srv.worker_pids()) == 2 and workers[0] not in srv.worker_pids(), timeout=20,
-         what="a replacement worker")
-    replacement = (set(srv.worker_pids()) - set(workers)).pop()
+
+    def replaced() -> int:
+        """The replacement's pid once two workers run again (one look at the process table, not two)."""
+        now = set(srv.worker_pids())
+        fresh = now - set(workers)
+        return len(now) == 2 and workers[0] not in now and len(fresh) == 1 and fresh.pop()
+
+    replacement = poll(replaced, timeout=20, what="a replacement worker")
     poll(lambda: str(replacement) in {requests.get(srv.url + "/?replaced", timeout=10).text.strip()
                                       for _ in range(6)}, timeout=20, what="the replacement to serve")
     assert srv.proc.poll() is None
