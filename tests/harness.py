@@ -178,7 +178,8 @@ class ServerProcess:
             return []
 
     def booting_pids(self) -> list[int]:
-        """PIDs of workers still booting: their title says so until their first idle moment.
+        """PIDs of workers still booting: their title says so until their first idle moment
+        (and, for a moment after the fork, is still the master's).
 
         Waiting for these matters to any test that changes the app's code
         next: a worker still importing would import the changed code.
@@ -186,10 +187,12 @@ class ServerProcess:
         booting = []
         for pid in self.worker_pids():
             try:
-                if " booting" in " ".join(psutil.Process(pid).cmdline()):
-                    booting.append(pid)
+                title = " ".join(psutil.Process(pid).cmdline())
             except psutil.NoSuchProcess:
-                pass
+                continue
+            # Right after the fork a worker still bears the master's title.
+            if " booting" in title or not title.startswith(("forkserver: worker", "forkserver: mold")):
+                booting.append(pid)
         return booting
 
     def signal(self, signum: int) -> None:
