@@ -98,26 +98,39 @@ class Deadline:
     and a request that must never take long can be cut short.  No deadline
     lies more than ``longest`` seconds (``deadline_limit``) after the request
     started: a longer one is cut to that, and the methods return what was
-    granted.  The object belongs to its request: once the response is done,
-    moving it raises RuntimeError rather than moving a later request's.
+    granted.
+
+    There is one per scoreboard slot (thread), handed to each request it
+    serves: a new object per request added 47 bytecodes and a call to a
+    hello-world request's 1027 (scripts/profile_request.py --bytecodes),
+    one per slot adds 23.  So an app that keeps it past its request moves
+    whatever request that thread serves then; between requests it raises
+    RuntimeError.
     """
 
-    __slots__ = ("_board", "_thread", "_slot", "environ", "started")
+    __slots__ = ("_board", "_slot")
 
-    def __init__(self, board: Scoreboard, thread: int, environ: dict[str, object], started: float) -> None:
-        self._board, self._thread, self._slot = board, thread, board._starts[thread]
-        self.environ = environ
-        self.started = started  # time.monotonic() when the request was handed to the app
+    def __init__(self, board: Scoreboard, thread: int) -> None:
+        self._board, self._slot = board, board._starts[thread]
+
+    @property
+    def started(self) -> float:
+        """``time.monotonic()`` when the app got the request being served; RuntimeError between requests."""
+        started = self._board._stamps[self._slot]
+        if not started:
+            raise RuntimeError("no request is being served: its deadline is gone with it")
+        return started
 
     @property
     def remaining(self) -> float:
         """Seconds until this request counts as hung (inf with no timeout and no deadline)."""
-        board, stamps = self._board, self._board._stamps
+        started, board = self.started, self._board
+        stamps = board._stamps
         deadline = stamps[self._slot + DEADLINE]
         if deadline:
-            until = min(deadline, self.started + board.longest)
+            until = min(deadline, started + board.longest)
         elif board.timeout:
-            until = max(self.started, stamps[self._slot + PROGRESS]) + board.timeout
+            until = max(started, stamps[self._slot + PROGRESS]) + board.timeout
         else:
             return math.inf
         return until - time.monotonic()
@@ -126,12 +139,11 @@ class Deadline:
         """Let this request run ``seconds`` more from now, moving bytes or not; the seconds granted."""
         if not seconds >= 0:  # NaN fails too
             raise ValueError(f"a deadline needs seconds >= 0, got {seconds!r}")
-        if self._board._serving[self._thread] is not self:
-            raise RuntimeError("this request is over: its deadline cannot move any more")
+        started = self.started
         now = time.monotonic()
-        until = min(now + seconds, self.started + self._board.longest)
-        self._board._stamps[self._slot + DEADLINE] = max(until, now)
-        return max(until - now, 0.0)
+        until = max(min(now + seconds, started + self._board.longest), now)
+        self._board._stamps[self._slot + DEADLINE] = until
+        return until - now
 
     def extend(self, seconds: float) -> float:
         """Move the deadline ``seconds`` later (earlier if negative); the seconds now granted from now."""
@@ -159,7 +171,9 @@ class Scoreboard:
         # Where each slot's start stamp is among the doubles; its progress stamp follows.
         self._starts = tuple((HEADER.size + thread * SLOT.size) // STAMP_BYTES for thread in range(threads))
         self._shown: list[tuple[str, str, str] | None] = [None] * threads  # worker side: each slot's texts
-        self._serving: list[Deadline | None] = [None] * threads  # worker side: each slot's request
+        # Worker side: each slot's Deadline, and the environ of the request it serves (for worker_abort).
+        self._deadlines = tuple(Deadline(self, thread) for thread in range(threads))
+        self._environs: list[dict[str, object] | None] = [None] * threads
         self.beat()
 
     @classmethod
@@ -202,7 +216,8 @@ class Scoreboard:
         stamps[started + DEADLINE] = 0.0
         stamps[started + PROGRESS] = now
         stamps[started] = now
-        environ["forkserver.deadline"] = self._serving[thread] = Deadline(self, thread, environ, now)
+        self._environs[thread] = environ
+        environ["forkserver.deadline"] = self._deadlines[thread]
 
     def request_progressed(self, thread: int) -> None:
         """Stamp a request slot (and the worker): the request moved bytes, so it is not hung."""
@@ -213,12 +228,13 @@ class Scoreboard:
     def request_finished(self, thread: int) -> None:
         """Clear a request slot, and beat: the worker is alive and back in its own code."""
         self._stamps[self._starts[thread]] = 0.0
-        self._serving[thread] = None
+        self._environs[thread] = None
         self.beat()
 
-    def serving(self) -> list[tuple[int, Deadline]]:
-        """Worker side: each busy slot and its request's Deadline (which holds the environ)."""
-        return [(thread, deadline) for thread, deadline in enumerate(self._serving) if deadline is not None]
+    def serving(self) -> list[tuple[int, dict[str, object], float]]:
+        """Worker side: each busy slot, the environ of its request, and when the app got it."""
+        return [(thread, environ, self._stamps[self._starts[thread]])
+                for thread, environ in enumerate(self._environs) if environ is not None]
 
     def busy_since(self) -> float:
         """Worker side: when the last of our threads became busy; 0.0 while one is free."""

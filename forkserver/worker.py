@@ -252,10 +252,10 @@ class Worker:
         frames = sys._current_frames()
         now = time.monotonic()
         stuck = []
-        for thread, deadline in self.spec.board.serving():
+        for thread, environ, started in self.spec.board.serving():
             where = frame if self.inline else frames.get(self.threads[thread].ident or 0)
             stack = "".join(traceback.format_stack(where)) if where is not None else "(its thread is gone)\n"
-            stuck.append(StuckRequest(deadline.environ, now - deadline.started, stack))
+            stuck.append(StuckRequest(environ, now - started, stack))
         return stuck
 
     # -- boot -----------------------------------------------------------------

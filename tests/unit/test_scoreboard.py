@@ -153,11 +153,15 @@ def test_a_deadline_is_cut_to_the_limit_counted_from_the_requests_start():
         with pytest.raises(TypeError):
             deadline.allow("300")
         board.request_finished(0)
-        with pytest.raises(RuntimeError, match="request is over"):
-            deadline.allow(10)  # kept past its request, it must not move the next one's
-        board.request_started(0, "GET", "/next", "127.0.0.1", {})
+        with pytest.raises(RuntimeError, match="no request is being served"):
+            deadline.allow(10)  # kept past its request, between requests
+        with pytest.raises(RuntimeError):
+            deadline.remaining
+        following = {}
+        board.request_started(0, "GET", "/next", "127.0.0.1", following)
         (request,) = board.in_flight()
         assert request.deadline is None  # a new request starts without the old one's deadline
+        assert 29.0 < following["forkserver.deadline"].remaining <= 30.0
     finally:
         board.close()
 
