@@ -538,11 +538,11 @@ class Master:
         A request's allowance is ``timeout`` without progress, or the
         deadline its app set (capped at ``deadline_limit`` after its start;
         see ``forkserver.scoreboard.Deadline``).  SIGABRT makes the worker
-        log its stuck requests and their stacks (and run ``worker_abort``),
-        or its faulthandler dump every thread's stack; we log the requests
-        it had in flight from its scoreboard first, since a hung worker may
-        not tell us itself.  SIGKILL follows ``ABORT_GRACE`` later whatever
-        the worker does meanwhile.
+        dump every thread's stack (and, with a ``worker_abort`` hook, log
+        each stuck request with its stack and run the hook); we log the
+        requests it had in flight from its scoreboard first, since a hung
+        worker may not tell us itself.  SIGKILL follows ``ABORT_GRACE``
+        later whatever the worker does meanwhile.
         """
         now = time.monotonic()
         slept = now - self.last_tick
