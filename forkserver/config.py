@@ -300,6 +300,12 @@ class Config:
         help="Seconds a worker may go without making progress before the master "
         "kills and replaces it; 0 disables.",
     )
+    deadline_limit: float = setting(
+        3600.0,
+        minimum=1,
+        help="Latest a request's app may move its deadline to with environ['forkserver.deadline'], "
+        "in seconds after the request started; later deadlines are cut to this.",
+    )
     graceful_timeout: float = setting(
         30.0, minimum=0, help="Seconds workers get to finish their requests on a graceful stop."
     )
@@ -607,6 +613,11 @@ class Config:
     post_fork: str = setting("", help="Hook called in each worker right after fork.")
     post_worker_init: str = setting("", help="Hook called in each worker after it loaded the app.")
     worker_int: str = setting("", help="Hook called in a worker on INT or QUIT, before it exits.")
+    worker_abort: str = setting(
+        "",
+        help="Hook called in a worker the master aborts as hung, before it is killed; "
+        "its context's requests are the stuck requests (environ, elapsed, stack).",
+    )
     worker_exit: str = setting("", help="Hook called in a worker as it exits normally.")
     on_mold: str = setting(
         "",

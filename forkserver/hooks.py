@@ -31,7 +31,7 @@ log = logging.getLogger("forkserver")
 
 HOOK_NAMES = (
     "on_starting", "when_ready", "pre_fork", "post_fork", "post_worker_init",
-    "worker_int", "worker_exit", "on_mold", "on_reload", "on_exit",
+    "worker_int", "worker_abort", "worker_exit", "on_mold", "on_reload", "on_exit",
 )
 # gunicorn's hooks that run in a worker process rather than in the master.
 IN_WORKER = frozenset({"post_fork", "post_worker_init", "worker_int", "worker_abort", "worker_exit",
@@ -44,11 +44,28 @@ WITH_WORKER = frozenset({"pre_fork", "post_fork", "worker_exit", "child_exit",
 
 
 @dataclass(frozen=True, eq=False)
+class StuckRequest:
+    """A request in flight when the master aborted its worker: what ``worker_abort`` gets in ``worker.requests``."""
+
+    environ: dict[str, Any]
+    elapsed: float  # seconds since it was handed to the app
+    stack: str  # where its thread was, formatted as a traceback's lines (most recent call last)
+
+    def describe(self) -> str:
+        """A log fragment: ``GET /export?all=1 elapsed=31.2s``."""
+        environ = self.environ
+        query = environ.get("QUERY_STRING")
+        target = environ.get("PATH_INFO", "") + ("?" + query if query else "")
+        return f"{environ.get('REQUEST_METHOD', '')} {target!r} elapsed={self.elapsed:.1f}s"
+
+
+@dataclass(frozen=True, eq=False)
 class HookContext:
     """What a hook is told: the settings, and which process and worker it runs for.
 
     ``pid`` is the process the hook runs in; ``worker_pid`` names the worker a
     master-side hook is about when that is another process (``child_exit``).
+    ``requests``: for ``worker_abort``, the requests the worker was stuck in.
     """
 
     config: Any
@@ -56,6 +73,7 @@ class HookContext:
     slot: int | None = None
     generation: int | None = None
     worker_pid: int | None = None
+    requests: tuple[StuckRequest, ...] = ()
 
 
 def resolve(setting: str, spec: str) -> Callable[[HookContext], Any]:
@@ -129,6 +147,8 @@ class WorkerView:
         self.timeout = context.config.timeout
         self.alive = True
         self.booted = True
+        # worker_abort: the requests it was stuck in (environ, elapsed, stack); gunicorn has no such thing.
+        self.requests = list(context.requests)
 
 
 class RequestView:

@@ -533,17 +533,21 @@ class Master:
                             handle.generation, how)
 
     def kill_hung(self) -> None:
-        """Abort workers that made no progress for ``timeout``; kill those that ignore it.
+        """Abort workers with a request past its allowance, or silent for ``timeout``; kill those that ignore it.
 
-        SIGABRT makes the worker's faulthandler write every thread's stack to
-        the error log; we log the requests it had in flight from its scoreboard
-        first, since a hung worker cannot tell us itself.
+        A request's allowance is ``timeout`` without progress, or the
+        deadline its app set (capped at ``deadline_limit`` after its start;
+        see ``forkserver.scoreboard.Deadline``).  SIGABRT makes the worker
+        dump every thread's stack (and, with a ``worker_abort`` hook, log
+        each stuck request with its stack and run the hook); we log the
+        requests it had in flight from its scoreboard first, since a hung
+        worker may not tell us itself.  SIGKILL follows ``ABORT_GRACE``
+        later whatever the worker does meanwhile.
         """
         now = time.monotonic()
         slept = now - self.last_tick
         self.last_tick = now
-        timeout = self.config.timeout
-        if not timeout or slept > 2 * TICK_INTERVAL:
+        if slept > 2 * TICK_INTERVAL:
             # We were stopped (SIGSTOP, a frozen process group): workers stopped
             # with us have stale stamps through no fault of theirs.  Give them
             # one tick to beat again before judging.
@@ -554,12 +558,20 @@ class Master:
                     handle.killed = True
                     self.signal_worker(handle, signal.SIGKILL)
                 continue
-            stalled, in_flight = handle.board.stalled_for()
-            if stalled <= timeout:
+            if not handle.board.timeout:  # made while timeout was 0: never judged
                 continue
+            overdue, in_flight = handle.board.overdue()
+            if overdue <= 0:
+                continue
+            timeout = handle.board.timeout
+            culprit = max(in_flight, key=lambda request: request.overdue(timeout), default=None)
+            if culprit is not None and culprit.deadline is not None:
+                why = f"{overdue:.1f}s past the deadline its app set"
+            else:
+                why = f"no progress for {overdue + timeout:.1f}s"
             requests = "; ".join(request.describe() for request in in_flight) or "none"
-            log.critical("worker timeout slot=%d pid=%d: no progress for %.1fs; in flight: %s; "
-                         "dumping stacks and killing", handle.slot, handle.pid, stalled, requests)
+            log.critical("worker timeout slot=%d pid=%d: %s; in flight: %s; dumping stacks and killing",
+                         handle.slot, handle.pid, why, requests)
             handle.aborted_at = now
             handle.retiring = True  # replaced at once, not after it is reaped
             self.signal_worker(handle, signal.SIGABRT)
@@ -753,12 +765,16 @@ class Master:
                 os._exit(code)
         self.admit(pid, slot, self.generation, provisions)
 
+    def request_limits(self) -> dict[str, float]:
+        """A new worker's scoreboard limits: ``timeout``, and how far an app may move a request's deadline."""
+        return {"timeout": self.config.timeout, "longest": self.config.deadline_limit}
+
     def provide(self, *, for_mold: bool) -> Provisions:
         """Make a new worker's scoreboard, channels and accept-board seat, before it is forked."""
         if for_mold:
-            board, board_fd = Scoreboard.shareable(self.config.threads)
+            board, board_fd = Scoreboard.shareable(self.config.threads, **self.request_limits())
         else:
-            board, board_fd = Scoreboard(self.config.threads), -1
+            board, board_fd = Scoreboard(self.config.threads, **self.request_limits()), -1
         # Workers count requests only for someone who reads the counts: /stats or StatsD.
         stats_ends = self.collector.prepare() if self.status is not None or self.statsd is not None else None
         refork_ends = refork.new_channel() if self.refork is not None else None

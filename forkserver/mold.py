@@ -169,7 +169,8 @@ class Mold:
         board_fd, log_fd, channel_fd, *stats_fd = fds
         own = dataclasses.replace(
             spec, slot=slot, generation=generation, seat=seat, app=worker.app,
-            board=Scoreboard(worker.config.threads, board_fd),
+            board=Scoreboard(worker.config.threads, board_fd, timeout=worker.config.timeout,
+                             longest=worker.config.deadline_limit),
             log_channel=socket.socket(fileno=os.dup(log_fd)),
             refork_channel=socket.socket(fileno=os.dup(channel_fd)),
             stats_channel=Connection(os.dup(stats_fd[0]), readable=False) if stats_fd else None,

@@ -129,7 +129,7 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
     else:
         environ["wsgi.input"] = io.BytesIO()  # no body: nothing to stream, and far cheaper to make
     board = service.board
-    board.request_started(thread, request.method, environ["PATH_INFO"], environ["REMOTE_ADDR"])
+    board.request_started(thread, request.method, environ["PATH_INFO"], environ["REMOTE_ADDR"], environ)
     service.show(request.method, environ["PATH_INFO"])
     try:
         reusable = _run(connection, exchange, environ, response)

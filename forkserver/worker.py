@@ -21,11 +21,13 @@ import random
 import select
 import signal
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
@@ -37,7 +39,7 @@ from .config import Config
 from .connection import BodyClock, BodyRules, ClientGone, Connection
 from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
 from .forksafety import open_descriptors
-from .hooks import HookContext, Hooks
+from .hooks import HookContext, Hooks, StuckRequest
 from .http.errors import RequestTimeout
 from .http.exchange import Closing
 from .http.parser import Limits
@@ -56,6 +58,7 @@ from .wsgi import base_environ
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection as StatsChannel
+    from types import FrameType
 
 log = logging.getLogger("forkserver")
 
@@ -219,15 +222,41 @@ class Worker:
         self.spec.hooks.run("worker_int", self._context())
         os._exit(EXIT_OK)
 
-    def _on_abort(self, signum: int, frame: object) -> None:
-        """ABRT with a gunicorn worker_abort hook: call it, dump the stacks, and exit.
+    def _on_abort(self, signum: int, frame: FrameType | None) -> None:
+        """ABRT with a gunicorn worker_abort hook: dump the stacks, log the stuck requests, call it, and exit.
 
-        A Python handler runs between bytecodes of the main thread; should the
-        hang keep it from ever running, the master's KILL a second later still ends us.
+        Every thread's stack is dumped first, as without a hook, by
+        faulthandler, which takes no lock (a thread no request runs in may
+        hold the lock the others wait for, logging's included).  Then each
+        stuck request is logged with its own thread's stack, and only then
+        the hook runs, so a hook that hangs loses none of it; the master's
+        KILL ``ABORT_GRACE`` after its ABRT ends us whatever the hook does.
+        A Python handler runs between bytecodes of the main thread; should
+        the hang keep it from ever running, that KILL still ends us (and the
+        master has logged the requests from the scoreboard).
         """
-        self.spec.hooks.run("worker_abort", self._context())
         faulthandler.dump_traceback(file=_Descriptor(self.spec.log_files[0].fd), all_threads=True)
+        stuck = self._stuck_requests(frame)
+        for request in stuck:
+            log.critical("worker abort pid=%d: stuck in %s; stack (most recent call last):\n%s",
+                         self.pid, request.describe(), request.stack.rstrip("\n"))
+        self.spec.hooks.run("worker_abort", replace(self._context(), requests=tuple(stuck)))
         os._exit(1)
+
+    def _stuck_requests(self, frame: FrameType | None) -> list[StuckRequest]:
+        """The requests in flight, each with the stack of the thread running it.
+
+        Inline, the app runs in the main thread, where this signal handler
+        interrupted it at ``frame``; with threads, slot N is ``self.threads[N]``.
+        """
+        frames = sys._current_frames()
+        now = time.monotonic()
+        stuck = []
+        for thread, environ, started in self.spec.board.serving():
+            where = frame if self.inline else frames.get(self.threads[thread].ident or 0)
+            stack = "".join(traceback.format_stack(where)) if where is not None else "(its thread is gone)\n"
+            stuck.append(StuckRequest(environ, now - started, stack))
+        return stuck
 
     # -- boot -----------------------------------------------------------------
 
@@ -255,7 +284,7 @@ class Worker:
         faulthandler.enable(file=_Descriptor(spec.log_files[0].fd), all_threads=True)
         for target in spec.log_files:
             target.forget_losses()  # from here on they count this worker's lost lines
-        if spec.hooks.defines("worker_abort"):  # gunicorn's hook runs first, then the stacks are dumped
+        if spec.hooks.defines("worker_abort"):  # the stacks, the stuck requests, then gunicorn's hook
             signal.signal(signal.SIGABRT, self._on_abort)
         keep_heap_warm()
         if spec.refork_channel is not None:
