@@ -47,8 +47,8 @@ V2_INET, V2_INET6 = 0x1, 0x2
 V2_TYPE_SSL, V2_CLIENT_SSL = 0x20, 0x01
 
 
-# Where a proxy says when it received the request: nginx's ``t=${msec}``
-# (seconds), Heroku's milliseconds, New Relic's microseconds.
+# Where a proxy says when it received the request (nginx's ``t=${msec}`` in
+# seconds, Heroku's milliseconds, New Relic's microseconds), first one first.
 REQUEST_START_KEYS = ("HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START")
 STAMP = re.compile(r"[ \t]*(?:t=)?([0-9]{1,20}(?:\.[0-9]{1,9})?)[ \t]*\Z")
 # A stamp's unit is told by its size: a time between the years 2001 (1e9 s)

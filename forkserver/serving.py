@@ -25,7 +25,7 @@ from .http.exchange import Closing, Exchange
 from .http.parser import Limits
 from .http.response import DateHeader
 from .logs import AccessLog
-from .proxy import FORWARDING_ENVIRON_KEYS, Trust, apply_origin, proxy_queue_time, read_forwarded
+from .proxy import FORWARDING_ENVIRON_KEYS, REQUEST_START_KEYS, Trust, apply_origin, proxy_queue_time, read_forwarded
 from .scoreboard import Scoreboard
 from .stats import Reporter, kernel_wait
 from .wsgi import AppError, Codec, Response, build_environ, run_app
@@ -100,7 +100,9 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
         return _answer_health(connection, response, clock)
     environ = environ_for(connection, request).copy()
     queued = kernel_wait(connection.sock) if service.stats is not None else None
-    proxy_queued = proxy_queue_time(environ) if connection.trusted else None
+    proxy_queued = None
+    if connection.trusted and not environ.keys().isdisjoint(REQUEST_START_KEYS):
+        proxy_queued = proxy_queue_time(environ)
     if request.chunked:
         # Many apps (Django, bottle, anything that trusts CONTENT_LENGTH)
         # cannot read a body of unknown length, so a chunked body is read
