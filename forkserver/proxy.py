@@ -55,6 +55,10 @@ STAMP = re.compile(r"[ \t]*(?:t=)?([0-9]{1,20}(?:\.[0-9]{1,9})?)[ \t]*\Z")
 # and 2286 (1e10 s) in seconds, milliseconds or microseconds.  Anything
 # between or outside these ranges is no clock reading in any of the three.
 STAMP_UNITS = ((1e9, 1e10, 1.0), (1e12, 1e13, 1e-3), (1e15, 1e16, 1e-6))
+# No proxy waits an hour for an answer: an older stamp is a wrong clock, or a
+# client's own header that a proxy passed on.  Ignored, it cannot swell the
+# sums the workers report (which the master refuses past stats.MAX_SECONDS).
+MAX_STAMP_AGE = 3600.0
 
 
 class MalformedProxyHeader(ValueError):
@@ -233,14 +237,16 @@ def proxy_queue_time(environ: dict[str, Any], clock: Callable[[], float] = time.
 
     Call it for a trusted peer's request only: anyone else could make the
     figure up.  A stamp in the future (the proxy's clock runs ahead of
-    ours) counts as 0; one that is malformed is ignored.
+    ours) counts as 0; one that is malformed, or older than MAX_STAMP_AGE,
+    is ignored.
     """
     for key in REQUEST_START_KEYS:
         value = environ.get(key)
-        if value is not None:
-            start = request_start(value)
-            if start is not None:
-                waited = environ["forkserver.queue_time"] = max(0.0, clock() - start)
+        start = None if value is None else request_start(value)
+        if start is not None:
+            waited = max(0.0, clock() - start)
+            if waited <= MAX_STAMP_AGE:
+                environ["forkserver.queue_time"] = waited
                 return waited
     return None
 

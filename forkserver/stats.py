@@ -67,7 +67,7 @@ class CountersFlushed(NamedTuple):
     # that could be timed: those that reached the app over TCP.
     queue_histogram: tuple[int, ...] = NO_TIMES
     queue_sum: float = 0.0
-    # Time since a trusted proxy stamped the request (``proxy.request_start``),
+    # Time since a trusted proxy stamped the request (``proxy.proxy_queue_time``),
     # of the requests that carried such a stamp.
     proxy_queue_histogram: tuple[int, ...] = NO_TIMES
     proxy_queue_sum: float = 0.0
@@ -199,10 +199,10 @@ class Reporter:
 
     def record(self, status: int, bytes_in: int, bytes_out: int, duration: float,
                queued: float | None = None, proxy_queued: float | None = None) -> None:
-        """Count one finished request: one increment, a bisect and three adds; no I/O.
+        """Count one finished request: one increment, a bisect and three adds, and as many per queue time; no I/O.
 
         ``queued`` and ``proxy_queued`` are its queue times in seconds, None
-        where it has none (see ``kernel_wait`` and ``proxy.request_start``).
+        where it has none (see ``kernel_wait`` and ``proxy.proxy_queue_time``).
         (Replaced per instance in ``__init__`` by the unlocked or locked adder,
         so the hot path pays no extra call.)
         """

@@ -105,7 +105,7 @@ def test_a_trusted_proxys_request_start_stamp_reaches_the_app_and_the_stats(serv
     # A proxy whose clock runs ahead: no wait, never a negative one.
     assert stamped_get(srv.port, {"X-Request-Start": "t=%.3f" % (time.time() + 60)}) == 0.0
     # Nothing usable: no figure, and the request is served as any other.
-    for stamp in ("t=soon", "t=", "12", "t=1e9", "t=%d" % (time.time() * 1e3 * 1e6)):
+    for stamp in ("t=soon", "t=", "12", "t=1e9", "t=%d" % (time.time() * 1e3 * 1e6), "t=%d" % (time.time() - 7200)):
         assert stamped_get(srv.port, {"X-Request-Start": stamp}) is None, stamp
     # Not from a peer in forwarded_allow_ips: ignored.
     assert stamped_get(srv.port, {"X-Request-Start": "t=%.3f" % (time.time() - 2.0)}, source="127.0.0.2") is None

@@ -72,6 +72,8 @@ def test_proxy_queue_time_is_set_for_the_app_and_a_stamp_from_the_future_counts_
     assert proxy_queue_time(ahead, lambda: NOW) == 0.0 == ahead["forkserver.queue_time"]
     both = {"HTTP_X_REQUEST_START": "garbage", "HTTP_X_QUEUE_START": "1764600000000"}
     assert proxy_queue_time(both, lambda: NOW) == pytest.approx(0.25)  # the usable one
+    stale = {"HTTP_X_REQUEST_START": "t=1764596399.000"}  # an hour and a second before NOW
+    assert proxy_queue_time(stale, lambda: NOW) is None and "forkserver.queue_time" not in stale
     for unusable in ({}, {"HTTP_X_REQUEST_START": "garbage"}):
         assert proxy_queue_time(unusable, lambda: NOW) is None and "forkserver.queue_time" not in unusable
 
