@@ -13,7 +13,9 @@ durations of finished requests, which workers report, plus how long each
 request in flight has run so far, so that a long request shows while it
 runs, not all at once when it ends.  Its ``rate()`` is the number of busy
 threads averaged over the whole window, whatever moments the scrapes
-happen to look at.
+happen to look at.  Queue times, which workers report as histograms
+(``stats.kernel_wait``, ``proxy.proxy_queue_time``), say how long requests
+waited for a worker: the latency that saturation costs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Totals:
         self.histogram = [0] * len(HISTOGRAM_BUCKETS)
         self.duration_sum = 0.0
         self.cpu_seconds = 0.0
+        self.queue = QueueTimes()
+        self.proxy_queue = QueueTimes()
 
     def merge(self, other: CountersFlushed | Totals | None) -> None:
         """Add a worker's message, or another set of totals, into these."""
@@ -63,6 +67,12 @@ class Totals:
         self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
         self.duration_sum += other.duration_sum
         self.cpu_seconds += other.cpu_seconds
+        if isinstance(other, Totals):
+            self.queue.add(other.queue.histogram, other.queue.sum)
+            self.proxy_queue.add(other.proxy_queue.histogram, other.proxy_queue.sum)
+        else:
+            self.queue.add(other.queue_histogram, other.queue_sum)
+            self.proxy_queue.add(other.proxy_queue_histogram, other.proxy_queue_sum)
 
     def copy(self) -> Totals:
         twin = Totals()
@@ -81,7 +91,25 @@ class Totals:
             doc["histogram"] = list(self.histogram)
             doc["duration_sum_seconds"] = round(self.duration_sum, 6)
             doc.update(percentiles(self.histogram))
+            doc["queue_time"] = self.queue.as_json()
+            doc["proxy_queue_time"] = self.proxy_queue.as_json()
         return doc
+
+
+class QueueTimes:
+    """A histogram of queue times (on ``HISTOGRAM_BUCKETS``) and their sum, added up over workers."""
+
+    def __init__(self) -> None:
+        self.histogram = [0] * len(HISTOGRAM_BUCKETS)
+        self.sum = 0.0
+
+    def add(self, histogram: Sequence[int], seconds: float) -> None:
+        self.histogram = [a + b for a, b in zip(self.histogram, histogram)]
+        self.sum += seconds
+
+    def as_json(self) -> dict[str, Any]:
+        return {"count": sum(self.histogram), "histogram": list(self.histogram),
+                "sum_seconds": round(self.sum, 6), **percentiles(self.histogram)}
 
 
 def estimate_quantile(q: float, counts: Sequence[int]) -> float | None:
@@ -143,8 +171,10 @@ def _never_less(new: CountersFlushed, old: CountersFlushed) -> bool:
     return (new.requests >= old.requests and new.bytes_in >= old.bytes_in and new.bytes_out >= old.bytes_out
             and new.duration_sum >= old.duration_sum and new.cpu_seconds >= old.cpu_seconds
             and new.dropped_flushes >= old.dropped_flushes and new.dropped_log_lines >= old.dropped_log_lines
+            and new.queue_sum >= old.queue_sum and new.proxy_queue_sum >= old.proxy_queue_sum
             and all(a >= b for a, b in zip(new.status, old.status))
-            and all(a >= b for a, b in zip(new.histogram, old.histogram)))
+            and all(a >= b for a, b in zip(new.histogram + new.queue_histogram + new.proxy_queue_histogram,
+                                           old.histogram + old.queue_histogram + old.proxy_queue_histogram)))
 
 
 class _Worker:

@@ -39,7 +39,7 @@ log = logging.getLogger("forkserver")
 
 FRAME_HEADER = struct.Struct("!i")  # what multiprocessing's send_bytes puts before a payload
 FRAME_BYTES = FRAME_HEADER.size + WIRE.size
-# Per channel and turn of the loop: about 70 messages, far more than a
+# Per channel and turn of the loop: about 35 messages, far more than a
 # worker flushing once a second sends, and a quarter of what a pipe holds,
 # so a flooding worker delays the master's other work by microseconds a turn.
 MAX_READ_BYTES = 16 * 1024

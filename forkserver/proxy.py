@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,20 @@ V2_MAX_PAYLOAD_BYTES = 2048  # addresses and TLVs; real proxies send well under 
 V2_LOCAL, V2_PROXY = 0x20, 0x21
 V2_INET, V2_INET6 = 0x1, 0x2
 V2_TYPE_SSL, V2_CLIENT_SSL = 0x20, 0x01
+
+
+# Where a proxy says when it received the request (nginx's ``t=${msec}`` in
+# seconds, Heroku's milliseconds, New Relic's microseconds), first one first.
+REQUEST_START_KEYS = ("HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START")
+STAMP = re.compile(r"[ \t]*(?:t=)?([0-9]{1,20}(?:\.[0-9]{1,9})?)[ \t]*\Z")
+# A stamp's unit is told by its size: a time between the years 2001 (1e9 s)
+# and 2286 (1e10 s) in seconds, milliseconds or microseconds.  Anything
+# between or outside these ranges is no clock reading in any of the three.
+STAMP_UNITS = ((1e9, 1e10, 1.0), (1e12, 1e13, 1e-3), (1e15, 1e16, 1e-6))
+# No proxy waits an hour for an answer: an older stamp is a wrong clock, or a
+# client's own header that a proxy passed on.  Ignored, it cannot swell the
+# sums the workers report (which the master refuses past stats.MAX_SECONDS).
+MAX_STAMP_AGE = 3600.0
 
 
 class MalformedProxyHeader(ValueError):
@@ -198,6 +213,42 @@ def apply_origin(environ: dict[str, Any], origin: Origin | None) -> None:
         environ["wsgi.url_scheme"] = origin.scheme
     if origin.host is not None:
         environ["HTTP_HOST"] = origin.host
+
+
+def request_start(value: str) -> float | None:
+    """The Unix time a proxy's ``X-Request-Start``/``X-Queue-Start`` value names, or None if it names none.
+
+    Takes ``t=<number>`` or a bare number, in seconds, milliseconds or
+    microseconds (``STAMP_UNITS``); of several comma-joined values, the
+    first, as the proxy farthest out set it.
+    """
+    match = STAMP.match(value.partition(",")[0])
+    if match is None:
+        return None
+    number = float(match.group(1))
+    for low, high, unit in STAMP_UNITS:
+        if low <= number < high:
+            return number * unit
+    return None
+
+
+def proxy_queue_time(environ: dict[str, Any], clock: Callable[[], float] = time.time) -> float | None:
+    """Seconds since a trusted proxy stamped this request, also set as ``forkserver.queue_time``; None if unstamped.
+
+    Call it for a trusted peer's request only: anyone else could make the
+    figure up.  A stamp in the future (the proxy's clock runs ahead of
+    ours) counts as 0; one that is malformed, or older than MAX_STAMP_AGE,
+    is ignored.
+    """
+    for key in REQUEST_START_KEYS:
+        value = environ.get(key)
+        start = None if value is None else request_start(value)
+        if start is not None:
+            waited = max(0.0, clock() - start)
+            if waited <= MAX_STAMP_AGE:
+                environ["forkserver.queue_time"] = waited
+                return waited
+    return None
 
 
 def pick_hop(nodes: Sequence[str], trust: Trust) -> tuple[int, tuple[str, str] | None]:

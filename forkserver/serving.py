@@ -25,9 +25,9 @@ from .http.exchange import Closing, Exchange
 from .http.parser import Limits
 from .http.response import DateHeader
 from .logs import AccessLog
-from .proxy import FORWARDING_ENVIRON_KEYS, Trust, apply_origin, read_forwarded
+from .proxy import FORWARDING_ENVIRON_KEYS, REQUEST_START_KEYS, Trust, apply_origin, proxy_queue_time, read_forwarded
 from .scoreboard import Scoreboard
-from .stats import Reporter
+from .stats import Reporter, kernel_wait
 from .wsgi import AppError, Codec, Response, build_environ, run_app
 
 log = logging.getLogger("forkserver")
@@ -99,6 +99,10 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
     if request.target == service.health_target and request.method in HEALTH_METHODS:
         return _answer_health(connection, response, clock)
     environ = environ_for(connection, request).copy()
+    queued = kernel_wait(connection.sock) if service.stats is not None else None
+    proxy_queued = None
+    if connection.trusted and not environ.keys().isdisjoint(REQUEST_START_KEYS):
+        proxy_queued = proxy_queue_time(environ)
     if request.chunked:
         # Many apps (Django, bottle, anything that trusts CONTENT_LENGTH)
         # cannot read a body of unknown length, so a chunked body is read
@@ -135,7 +139,7 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
         reusable = _run(connection, exchange, environ, response)
     finally:
         board.request_finished(thread)
-    _count(connection, response.code, clock)
+    _count(connection, response.code, clock, queued, proxy_queued)
     if service.access_log is not None:
         duration = perf_counter() - clock
         service.access_log.log(environ, response, time.time() - duration, duration)
@@ -181,8 +185,11 @@ def _answer_health(connection: Connection, response: Response, clock: float) -> 
     return reusable
 
 
-def _count(connection: Connection, status: int, clock: float) -> None:
+def _count(connection: Connection, status: int, clock: float, queued: float | None = None,
+           proxy_queued: float | None = None) -> None:
     """Count a finished request on the connection and, when stats are on, in the stats.
+
+    ``queued``, ``proxy_queued``: its queue times, for requests that reached the app.
 
     (A graceful stop treats a connection that has served none as waiting for its first.)
     """
@@ -190,7 +197,7 @@ def _count(connection: Connection, status: int, clock: float) -> None:
     connection.body_clock = None  # the next body's rules start afresh
     stats = connection.service.stats
     if stats is not None:
-        stats.record(status, connection.bytes_in, connection.bytes_out, perf_counter() - clock)
+        stats.record(status, connection.bytes_in, connection.bytes_out, perf_counter() - clock, queued, proxy_queued)
         connection.bytes_in = connection.bytes_out = 0
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -43,6 +44,7 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # starts (0 for none yet counts as 1xx): one table lookup, where
 # min(max(...)) cost 0.5 µs, and one increment per request for both tallies.
 _ROW_START = tuple((min(max(code // 100, 1), 5) - 1) * len(HISTOGRAM_BUCKETS) for code in range(1000))
+NO_TIMES = (0,) * len(HISTOGRAM_BUCKETS)
 
 
 class CountersFlushed(NamedTuple):
@@ -61,17 +63,29 @@ class CountersFlushed(NamedTuple):
     cpu_seconds: float
     dropped_flushes: int  # earlier flushes that found the pipe full
     dropped_log_lines: int = 0  # log lines the worker could not write (a full disk)
+    # Queue time (see ``kernel_wait``), on the same buckets, of the requests
+    # that could be timed: those that reached the app over TCP.
+    queue_histogram: tuple[int, ...] = NO_TIMES
+    queue_sum: float = 0.0
+    # Time since a trusted proxy stamped the request (``proxy.proxy_queue_time``),
+    # of the requests that carried such a stamp.
+    proxy_queue_histogram: tuple[int, ...] = NO_TIMES
+    proxy_queue_sum: float = 0.0
 
 
 # -- the wire format ------------------------------------------------------------------
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 WIRE_KIND_COUNTERS = 1
 # Version and kind, then requests, status classes, bytes in and out, the
-# histogram, duration and CPU sums, dropped flushes and dropped log lines;
-# little-endian, no padding.  Well under PIPE_BUF with its 4-byte frame header.
-WIRE = struct.Struct(f"<HHq{len(STATUS_CLASSES)}qqq{len(HISTOGRAM_BUCKETS)}qddqq")
+# histogram, duration and CPU sums, dropped flushes and dropped log lines,
+# then the queue-time histogram and sum and the proxy one's; little-endian,
+# no padding.  Well under PIPE_BUF with its 4-byte frame header.
+_TIMES = f"{len(HISTOGRAM_BUCKETS)}qd"
+WIRE = struct.Struct(f"<HHq{len(STATUS_CLASSES)}qqq{len(HISTOGRAM_BUCKETS)}qddqq{_TIMES}{_TIMES}")
 _COUNTS = slice(2, 2 + 1 + len(STATUS_CLASSES) + 2 + len(HISTOGRAM_BUCKETS))
+_QUEUE = _COUNTS.stop + 4  # where the queue-time histogram starts
+_PROXY_QUEUE = _QUEUE + len(HISTOGRAM_BUCKETS) + 1
 # Anything above these is a lie, not a count: 2**53 requests or bytes would
 # take a worker millennia, and a float sum past 1e12 s is 30,000 years.
 MAX_COUNT = 2**53
@@ -82,23 +96,29 @@ def encode(message: CountersFlushed) -> bytes:
     """The bytes a worker sends for ``message``."""
     return WIRE.pack(WIRE_VERSION, WIRE_KIND_COUNTERS, message.requests, *message.status, message.bytes_in,
                      message.bytes_out, *message.histogram, message.duration_sum, message.cpu_seconds,
-                     message.dropped_flushes, message.dropped_log_lines)
+                     message.dropped_flushes, message.dropped_log_lines, *message.queue_histogram,
+                     message.queue_sum, *message.proxy_queue_histogram, message.proxy_queue_sum)
 
 
 def decode(data: bytes, pid: int) -> CountersFlushed:
     """Check and unpack a message that came on worker ``pid``'s channel; ValueError says what is wrong.
 
     Nothing in ``data`` is trusted: its length, tag, every number's range,
-    and that the status classes and histogram each add up to the requests.
+    that the status classes and histogram each add up to the requests, and
+    that no more requests were queue-timed than there were requests.
     """
     if len(data) != WIRE.size:
         raise ValueError(f"{len(data)} bytes, not {WIRE.size}")
     fields = WIRE.unpack(data)
     if fields[:2] != (WIRE_VERSION, WIRE_KIND_COUNTERS):
         raise ValueError(f"unknown version/kind {fields[0]}/{fields[1]}")
-    if not all(0 <= count <= MAX_COUNT for count in fields[_COUNTS] + fields[-2:]):
+    queue, queue_sum = _times(fields, _QUEUE)
+    proxy_queue, proxy_queue_sum = _times(fields, _PROXY_QUEUE)
+    if not all(0 <= count <= MAX_COUNT for count in fields[_COUNTS] + fields[_QUEUE - 2:_QUEUE] + queue
+               + proxy_queue):
         raise ValueError("a count out of range")
-    if not all(0.0 <= seconds <= MAX_SECONDS for seconds in fields[_COUNTS.stop:_COUNTS.stop + 2]):
+    if not all(0.0 <= seconds <= MAX_SECONDS for seconds in fields[_COUNTS.stop:_COUNTS.stop + 2]
+               + (queue_sum, proxy_queue_sum)):
         raise ValueError("a time that is negative, too large or not a number")  # NaN fails every comparison
     classes = len(STATUS_CLASSES)
     requests, status = fields[2], tuple(fields[3:3 + classes])
@@ -106,9 +126,17 @@ def decode(data: bytes, pid: int) -> CountersFlushed:
     histogram = tuple(fields[5 + classes:_COUNTS.stop])
     if sum(status) != requests or sum(histogram) != requests:
         raise ValueError("status classes or histogram do not add up to the requests")
-    duration_sum, cpu_seconds, dropped_flushes, dropped_log_lines = fields[_COUNTS.stop:]
+    if sum(queue) > requests or sum(proxy_queue) > requests:
+        raise ValueError("more queue times than requests")
+    duration_sum, cpu_seconds, dropped_flushes, dropped_log_lines = fields[_COUNTS.stop:_QUEUE]
     return CountersFlushed(pid, requests, status, bytes_in, bytes_out, histogram, duration_sum, cpu_seconds,
-                           dropped_flushes, dropped_log_lines)
+                           dropped_flushes, dropped_log_lines, queue, queue_sum, proxy_queue, proxy_queue_sum)
+
+
+def _times(fields: tuple[Any, ...], start: int) -> tuple[tuple[int, ...], float]:
+    """The histogram and sum of seconds that start at ``fields[start]``."""
+    end = start + len(HISTOGRAM_BUCKETS)
+    return tuple(fields[start:end]), fields[end]
 
 
 def new_channel() -> tuple[Connection, Connection]:
@@ -158,6 +186,10 @@ class Reporter:
         self.bytes_in = 0
         self.bytes_out = 0
         self.duration_sum = 0.0
+        self.queue_cells = [0] * len(HISTOGRAM_BUCKETS)
+        self.queue_sum = 0.0
+        self.proxy_queue_cells = [0] * len(HISTOGRAM_BUCKETS)
+        self.proxy_queue_sum = 0.0
         self.dropped_flushes = 0
         self._flushed_requests = -1
         self._flushed_log_drops = 0
@@ -165,24 +197,35 @@ class Reporter:
         os.set_blocking(channel.fileno(), False)
         self.record = self._add if self._lock is None else self._locked_add  # type: ignore[method-assign]
 
-    def record(self, status: int, bytes_in: int, bytes_out: int, duration: float) -> None:
-        """Count one finished request: one increment, a bisect and three adds; no I/O.
+    def record(self, status: int, bytes_in: int, bytes_out: int, duration: float,
+               queued: float | None = None, proxy_queued: float | None = None) -> None:
+        """Count one finished request: one increment, a bisect and three adds, and as many per queue time; no I/O.
 
+        ``queued`` and ``proxy_queued`` are its queue times in seconds, None
+        where it has none (see ``kernel_wait`` and ``proxy.proxy_queue_time``).
         (Replaced per instance in ``__init__`` by the unlocked or locked adder,
         so the hot path pays no extra call.)
         """
-        self._locked_add(status, bytes_in, bytes_out, duration)
+        self._locked_add(status, bytes_in, bytes_out, duration, queued, proxy_queued)
 
-    def _locked_add(self, status: int, bytes_in: int, bytes_out: int, duration: float) -> None:
+    def _locked_add(self, status: int, bytes_in: int, bytes_out: int, duration: float,
+                    queued: float | None = None, proxy_queued: float | None = None) -> None:
         assert self._lock is not None
         with self._lock:
-            self._add(status, bytes_in, bytes_out, duration)
+            self._add(status, bytes_in, bytes_out, duration, queued, proxy_queued)
 
-    def _add(self, status: int, bytes_in: int, bytes_out: int, duration: float) -> None:
+    def _add(self, status: int, bytes_in: int, bytes_out: int, duration: float,
+             queued: float | None = None, proxy_queued: float | None = None) -> None:
         self.cells[_ROW_START[status] + bisect.bisect_left(HISTOGRAM_BUCKETS, duration)] += 1
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
         self.duration_sum += duration
+        if queued is not None:
+            self.queue_cells[bisect.bisect_left(HISTOGRAM_BUCKETS, queued)] += 1
+            self.queue_sum += queued
+        if proxy_queued is not None:
+            self.proxy_queue_cells[bisect.bisect_left(HISTOGRAM_BUCKETS, proxy_queued)] += 1
+            self.proxy_queue_sum += proxy_queued
 
     def flush_if_due(self, now: float) -> None:
         """Flush if ``interval`` has passed since the last check and a request (or a lost log line) was counted since.
@@ -216,6 +259,8 @@ class Reporter:
             lock.acquire()
         try:
             cells, bytes_in, bytes_out, duration_sum = self.cells[:], self.bytes_in, self.bytes_out, self.duration_sum
+            queue, queue_sum = tuple(self.queue_cells), self.queue_sum
+            proxy_queue, proxy_queue_sum = tuple(self.proxy_queue_cells), self.proxy_queue_sum
         finally:
             if lock is not None:
                 lock.release()
@@ -223,4 +268,38 @@ class Reporter:
         status = tuple(sum(cells[start:start + width]) for start in range(0, len(cells), width))
         histogram = tuple(sum(cells[bucket::width]) for bucket in range(width))
         return CountersFlushed(self.pid, sum(status), status, bytes_in, bytes_out, histogram, duration_sum,
-                               time.process_time(), self.dropped_flushes, self.dropped_log_lines())
+                               time.process_time(), self.dropped_flushes, self.dropped_log_lines(),
+                               queue, queue_sum, proxy_queue, proxy_queue_sum)
+
+
+# -- queue time -----------------------------------------------------------------------
+
+# struct tcp_info (linux/tcp.h): eight one-byte fields, then 32-bit ones, of
+# which tcpi_last_data_recv is the twelfth.
+_LAST_DATA_RECV = struct.Struct("=I")
+_LAST_DATA_RECV_AT = 8 + 11 * 4
+_TCP_INFO_BYTES = _LAST_DATA_RECV_AT + _LAST_DATA_RECV.size
+
+
+def kernel_wait(sock: socket.socket) -> float | None:
+    """Seconds since the kernel last received bytes on this connection: a request's queue time.
+
+    Called as a worker starts on a request, this is how long the request
+    has been waiting since its last bytes arrived, wherever it waited: in
+    the listen backlog (a new connection's request arrives with it), unread
+    in the socket while every thread was busy, or in the thread pool's
+    queue.  The kernel keeps the time of the last data segment
+    (``tcpi_last_data_recv``) in clock ticks, so a figure is off by up to a
+    tick (4 ms at HZ=250) while the mean is not.  None over UNIX sockets,
+    which keep no such time.  One getsockopt: 0.8 us a request, paid only
+    with stats on.
+    """
+    if sock.family == socket.AF_UNIX:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_BYTES:
+        return None
+    return _LAST_DATA_RECV.unpack_from(info, _LAST_DATA_RECV_AT)[0] / 1000

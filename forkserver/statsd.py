@@ -5,7 +5,8 @@ workers already count requests and report totals to the master
 (``stats.Reporter``, ``aggregator.Aggregator``), so here the master turns
 the difference between two snapshots of those totals into StatsD lines once
 a second: counters as deltas (``|c``), worker counts as gauges (``|g``),
-and request durations as timings (``|ms``) rebuilt from the histogram.
+and request durations and queue times as timings (``|ms``) rebuilt from
+their histograms.
 Metrics gunicorn has keep gunicorn's names (``gunicorn.requests``,
 ``gunicorn.request.duration``, ``gunicorn.workers``...), so dashboards built
 for it keep working; the others are named ``forkserver.*``.  The mapping is
@@ -156,6 +157,25 @@ def metric_lines(before: Mapping[str, Any] | None, now: Mapping[str, Any], prefi
         if value is not None:
             lines.append(f"{p}forkserver.request.duration.p{round(q * 100)}:{round(value * 1000, 3):g}|g")
     lines.extend(saturation_lines(before, now, p))
+    lines.extend(queue_lines(before, now, p))
+    return lines
+
+
+def queue_lines(before: Mapping[str, Any], now: Mapping[str, Any], prefix: str) -> list[str]:
+    """Timing lines for the queue times of the requests since ``before`` (see aggregator.QueueTimes).
+
+    ``forkserver.request.queue`` is the wait measured here, and
+    ``forkserver.request.proxy_queue`` the time since a trusted proxy stamped
+    the request; a StatsD server makes percentiles of each, as of durations.
+    """
+    lines = []
+    for name, key in (("forkserver.request.queue", "queue_time"), ("forkserver.request.proxy_queue",
+                                                                   "proxy_queue_time")):
+        counts = now["totals"].get(key, {}).get("histogram")
+        if counts is None:
+            continue
+        old = before["totals"].get(key, {}).get("histogram") or [0] * len(counts)
+        lines.extend(timing_lines(f"{prefix}{name}", [_delta(a, b) for a, b in zip(counts, old)]))
     return lines
 
 

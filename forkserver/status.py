@@ -82,6 +82,15 @@ class _Exposition:
         return "\n".join(self.lines) + "\n"
 
 
+def _histogram(bounds: Sequence[float], counts: Sequence[int], total: float) -> list[Sample]:
+    """A Prometheus histogram's samples: cumulative ``_bucket``s up to +Inf, ``_sum`` and ``_count``."""
+    cumulative, samples = 0, list[Sample]()
+    for bound, count in zip([*bounds, math.inf], counts):
+        cumulative += count
+        samples.append(("_bucket", {"le": _number(float(bound))}, cumulative))
+    return samples + [("_sum", {}, total), ("_count", {}, cumulative)]
+
+
 def render_prometheus(snapshot: dict[str, Any]) -> str:
     """Render a /stats snapshot in the Prometheus text format 0.0.4.
 
@@ -99,13 +108,9 @@ def render_prometheus(snapshot: dict[str, Any]) -> str:
                (("", {"worker": s["slot"]}, s["bytes_out"]) for s in slots))
     out.family("forkserver_worker_cpu_seconds_total", "counter", "CPU time workers reported, by worker slot.",
                (("", {"worker": s["slot"]}, s["cpu_seconds"]) for s in slots))
-    totals = snapshot["totals"]
-    cumulative, samples = 0, list[Sample]()
-    for bound, count in zip([*snapshot["histogram_bounds_seconds"], math.inf], totals["histogram"]):
-        cumulative += count
-        samples.append(("_bucket", {"le": _number(float(bound))}, cumulative))
-    samples += [("_sum", {}, totals["duration_sum_seconds"]), ("_count", {}, cumulative)]
-    out.family("forkserver_request_duration_seconds", "histogram", "Time to serve a request, all workers.", samples)
+    totals, bounds = snapshot["totals"], snapshot["histogram_bounds_seconds"]
+    out.family("forkserver_request_duration_seconds", "histogram", "Time to serve a request, all workers.",
+               _histogram(bounds, totals["histogram"], totals["duration_sum_seconds"]))
     out.family("forkserver_workers_alive", "gauge", "Worker processes running now.",
                [("", {}, counters["workers_alive"])])
     out.family("forkserver_workers", "gauge", "Worker processes running now, by state.",
@@ -153,11 +158,12 @@ def render_prometheus(snapshot: dict[str, Any]) -> str:
 
 
 def _saturation_families(out: _Exposition, snapshot: dict[str, Any]) -> None:
-    """What an autoscaler watches: busy threads and the accept queues' limits and high-water marks.
+    """What an autoscaler watches: busy threads, queue times, and the accept queues' limits and high-water marks.
 
     ``rate(forkserver_thread_busy_seconds_total)`` summed over slots is the
     number of busy threads averaged over the window; divided by
-    ``forkserver_threads`` it is the utilisation to scale on.  A peak near
+    ``forkserver_threads`` it is the utilisation to scale on.  The queue-time
+    histograms say what waiting for a thread cost requests, and a peak near
     ``forkserver_listener_accept_queue_max`` means clients already waited.
     """
     saturation, listeners = snapshot["saturation"], snapshot["listeners"]
@@ -171,6 +177,15 @@ def _saturation_families(out: _Exposition, snapshot: dict[str, Any]) -> None:
     out.family("forkserver_thread_busy_seconds_total", "counter",
                "Thread time spent on requests, in flight ones included, by worker slot.",
                (("", {"worker": s["slot"]}, s["thread_busy_seconds"]) for s in snapshot["slots"]))
+    totals, bounds = snapshot["totals"], snapshot["histogram_bounds_seconds"]
+    for name, key, help_text in (
+        ("forkserver_request_queue_seconds", "queue_time",
+         "Time requests waited between their last bytes reaching the kernel and a worker starting them (TCP)."),
+        ("forkserver_request_proxy_queue_seconds", "proxy_queue_time",
+         "Time since a trusted proxy stamped a request (X-Request-Start/X-Queue-Start) when a worker started it."),
+    ):
+        times = totals[key]
+        out.family(name, "histogram", help_text, _histogram(bounds, times["histogram"], times["sum_seconds"]))
     out.family("forkserver_listener_accept_queue_max", "gauge",
                "Connections the kernel queues for a listener before refusing or dropping more.",
                (("", {"listener": entry["address"]}, entry.get("accept_queue_max")) for entry in listeners))

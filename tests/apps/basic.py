@@ -103,10 +103,11 @@ def write_callable(environ, start_response):
 
 @checked
 def slow(environ, start_response):
-    """Sleep for ?seconds, then answer; for timeouts and concurrency."""
+    """Sleep for ?seconds, then answer, with the proxy queue time the server saw; for timeouts and concurrency."""
     seconds = float(environ.get("QUERY_STRING") or 1)
     time.sleep(seconds)
-    return _json(start_response, {"slept": seconds, "pid": os.getpid()})
+    return _json(start_response, {"slept": seconds, "pid": os.getpid(),
+                                  "queue_time": environ.get("forkserver.queue_time")})
 
 
 @checked

@@ -52,6 +52,7 @@ def app(environ, start_response):
         "host": environ.get("HTTP_HOST", ""),
         "content_type": environ.get("CONTENT_TYPE", ""),
         "headers": {k: v for k, v in environ.items() if k.startswith("HTTP_")},
+        "queue_time": environ.get("forkserver.queue_time"),
         "body_length": len(body),
         "body_sha256": hashlib.sha256(body).hexdigest(),
         "listen_env": sorted(k for k in os.environ if k.startswith("LISTEN_")),

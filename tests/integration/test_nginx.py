@@ -473,6 +473,12 @@ def test_remote_addr_scheme_and_host_come_from_nginx(server, nginx, short_dir):
     assert spoofed["remote_addr"] == CLIENT_ADDR and spoofed["scheme"] == "http", spoofed
     assert spoofed["host"] == "shop.example", spoofed
     assert "HTTP_FORWARDED" not in spoofed["headers"], spoofed["headers"]
+    # nginx stamps when it passed the request on; the app gets the time since, not a client's stamp.
+    assert 0.0 <= plain["queue_time"] < 10.0, plain
+    forged = "t=%.3f" % (time.time() - 600)  # recent enough to count, were it passed on
+    stamped = ask(proxy.http_port, headers={"X-Request-Start": forged, "X-Queue-Start": forged})
+    assert 0.0 <= stamped["queue_time"] < 10.0 and "HTTP_X_QUEUE_START" not in stamped["headers"], stamped
+    assert stamped["headers"]["HTTP_X_REQUEST_START"].startswith("t="), stamped["headers"]
 
     # HTTP/1.0 without Host: nginx still sends forkserver the Host it needs.
     raw = raw_exchange(proxy.http_port, b"GET /echo HTTP/1.0\r\n\r\n")

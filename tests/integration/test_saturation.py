@@ -39,6 +39,16 @@ def hold(url: str, count: int, seconds: float) -> list[threading.Thread]:
     return threads
 
 
+def send_requests(port: int, count: int, timeout: float) -> list[socket.socket]:
+    """Open ``count`` connections and send a quick request on each; the caller reads and closes them."""
+    sent = []
+    for _ in range(count):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        sent.append(conn)
+        conn.sendall(b"GET /?0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    return sent
+
+
 @pytest.mark.parametrize("workers, threads", [(2, 1), (1, 3)])
 def test_busy_threads_and_busy_seconds_rise_under_load_and_fall_back(server, tmp_path, workers, threads):
     sock = str(tmp_path / "stats.sock")
@@ -99,10 +109,7 @@ def test_queued_connections_and_their_high_water_mark_outlive_the_burst_until_re
     waiting: list[socket.socket] = []
     try:
         poll(lambda: stats(sock)["saturation"]["requests_in_flight"] == 1, DEADLINE, what="the worker to be busy")
-        for _ in range(queued):
-            conn = socket.create_connection(("127.0.0.1", srv.port), timeout=SLOW + DEADLINE)
-            conn.sendall(b"GET /?0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            waiting.append(conn)
+        waiting += send_requests(srv.port, queued, SLOW + DEADLINE)
         during = poll(lambda: (entry := stats(sock)["listeners"][0])["accept_queue"] == queued and entry,
                       DEADLINE, what=f"{queued} queued connections")
         assert during["accept_queue_max"] == listener["accept_queue_max"]

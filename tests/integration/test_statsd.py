@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from harness import poll
+from test_saturation import send_requests
 
 LINE = re.compile(r"^([^:|@\s]+):(-?[0-9.]+)\|(c|g|ms)(?:\|@([0-9.]+))?$")
 
@@ -29,6 +30,7 @@ class Receiver:
         self.counters: Counter[str] = Counter()
         self.gauges: dict[str, float] = {}
         self.timings: Counter[str] = Counter()  # how many requests the timing lines stand for
+        self.timing_values: dict[str, list[float]] = {}  # each line's milliseconds
         self.largest = 0
 
     @property
@@ -53,6 +55,7 @@ class Receiver:
                     self.gauges[name] = float(value)
                 else:
                     self.timings[name] += 1 / float(rate or 1)
+                    self.timing_values.setdefault(name, []).append(float(value))
 
     def close(self) -> None:
         self.sock.close()
@@ -111,14 +114,13 @@ def test_saturation_gauges_show_a_busy_worker_and_its_queued_connections(server,
     queued, slow = 3, 4.0
     holder = threading.Thread(target=requests.get, args=(f"{srv.url}/?{slow}",), kwargs={"timeout": 30},
                               daemon=True)
+    held_from = time.monotonic()
     holder.start()
     waiting = []
     try:
         poll(lambda: receiver.read().gauges.get("forkserver.requests_in_flight") == 1, what="the busy worker")
-        for _ in range(queued):
-            conn = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-            conn.sendall(b"GET /?0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            waiting.append(conn)
+        waiting += send_requests(srv.port, queued, 30)
+        least_wait = held_from + slow - time.monotonic()  # each queued request waits at least this long
         poll(lambda: receiver.read().gauges.get(f"{listener}.accept_queue_peak") == queued, what="the queue's peak")
         gauges = receiver.gauges
         assert gauges["forkserver.threads_busy_ratio"] == 1.0
@@ -129,3 +131,7 @@ def test_saturation_gauges_show_a_busy_worker_and_its_queued_connections(server,
             conn.close()
     poll(lambda: receiver.read().gauges.get("forkserver.threads_busy_ratio") == 0.0, what="the worker to be idle")
     poll(lambda: receiver.read().counters["forkserver.thread_busy_ms"] >= slow * 1000, what="the busy time")
+    # Their queue times, as timings: each over a second (a bucket's middle stands for it).
+    assert least_wait > 1.2, f"the machine took {slow - least_wait:.1f}s to queue {queued} requests"
+    poll(lambda: len([ms for ms in receiver.read().timing_values.get("forkserver.request.queue", ())
+                      if ms > 1000]) >= queued, what=f"{queued} queue times over a second")

@@ -29,6 +29,7 @@ from forkserver.stats import (
     STATUS_CLASSES,
     MAX_COUNT,
     WIRE,
+    WIRE_VERSION,
     CountersFlushed,
     Reporter,
     decode,
@@ -142,17 +143,35 @@ def test_a_message_is_fixed_bytes_that_fit_one_atomic_pipe_write_even_with_huge_
     assert decode(encode(_message()), 77).pid == 77  # whose it is comes from the channel
 
 
+# Where fields sit in the unpacked WIRE: the duration sum, CPU seconds, dropped log
+# lines, the first queue-time bucket and its sum, the first proxy bucket and its sum.
+DURATION_SUM, CPU_SECONDS, LOG_LINES = 24, 25, 27
+QUEUE_FIRST, QUEUE_SUM = 28, 28 + len(HISTOGRAM_BUCKETS)
+PROXY_FIRST, PROXY_SUM = QUEUE_SUM + 1, QUEUE_SUM + 1 + len(HISTOGRAM_BUCKETS)
+
+
+def test_the_field_positions_the_tests_use_are_the_wire_layout():
+    fields = WIRE.unpack(encode(_message(queue_sum=0.125, proxy_queue_sum=0.375)))
+    assert (fields[DURATION_SUM], fields[CPU_SECONDS], fields[LOG_LINES]) == (0.5, 0.25, 2)
+    assert (fields[QUEUE_SUM], fields[PROXY_SUM], len(fields)) == (0.125, 0.375, PROXY_SUM + 1)
+
+
 @pytest.mark.parametrize("change, why", [
-    (lambda f: f.__setitem__(0, 2), "version"),
+    (lambda f: f.__setitem__(0, 99), "version"),
     (lambda f: f.__setitem__(1, 9), "kind"),
     (lambda f: f.__setitem__(2, -1), "out of range"),  # requests
     (lambda f: f.__setitem__(4, 2**60), "out of range"),  # a status class
-    (lambda f: f.__setitem__(-1, -5), "out of range"),  # dropped log lines
-    (lambda f: f.__setitem__(-4, math.nan), "not a number"),  # duration sum
-    (lambda f: f.__setitem__(-3, math.inf), "too large"),  # cpu seconds
-    (lambda f: f.__setitem__(-4, -1.0), "negative"),
+    (lambda f: f.__setitem__(LOG_LINES, -5), "out of range"),
+    (lambda f: f.__setitem__(DURATION_SUM, math.nan), "not a number"),
+    (lambda f: f.__setitem__(CPU_SECONDS, math.inf), "too large"),
+    (lambda f: f.__setitem__(DURATION_SUM, -1.0), "negative"),
     (lambda f: f.__setitem__(4, 2), "add up"),  # 2xx no longer matches the requests
     (lambda f: f.__setitem__(10, 1), "add up"),  # nor the histogram
+    (lambda f: f.__setitem__(QUEUE_FIRST, 4), "more queue times than requests"),  # of 3
+    (lambda f: f.__setitem__(PROXY_FIRST + 3, 4), "more queue times than requests"),
+    (lambda f: f.__setitem__(PROXY_FIRST, -1), "out of range"),
+    (lambda f: f.__setitem__(QUEUE_SUM, math.nan), "not a number"),
+    (lambda f: f.__setitem__(PROXY_SUM, -0.5), "negative"),
 ])
 def test_decode_refuses_what_no_worker_would_send(change, why):
     fields = list(WIRE.unpack(encode(_message())))
@@ -313,7 +332,7 @@ def test_the_collector_takes_valid_messages_and_watches_the_channel(master):
 
 
 def test_a_malformed_message_is_dropped_counted_and_logged_once(master, caplog):
-    bad = WIRE.pack(*([1, 1, -1] + list(WIRE.unpack(encode(_message())))[3:]))
+    bad = WIRE.pack(*([WIRE_VERSION, 1, -1] + list(WIRE.unpack(encode(_message())))[3:]))
     caplog.set_level(logging.WARNING, logger="forkserver")
     for _ in range(3):
         master.write(FRAME_HEADER.pack(len(bad)) + bad)
@@ -464,12 +483,13 @@ def test_sigkill_mid_send_never_stalls_the_reader():
 
 def test_a_reaped_workers_whole_backlog_is_read_so_its_last_flush_counts(master):
     """More than one turn's worth waits in the pipe when the worker ends: the last message still counts."""
-    for requests in range(1, 150):  # ~33 KB, two turns' worth
+    last = 2 * MAX_READ_BYTES // (FRAME_HEADER.size + WIRE.size) + 1  # two turns' worth and a bit
+    for requests in range(1, last + 1):
         master.send(_message(requests))
     os.close(master.write_fd)
     master.write_fd = os.open(os.devnull, os.O_WRONLY)
     finishes(master.collector.forget, PID)
-    assert master.latest().requests == 149 and not master.is_open
+    assert master.latest().requests == last and not master.is_open
 
 
 def test_totals_that_go_backwards_are_rejected(master):
