@@ -94,9 +94,14 @@ def run(argv: Sequence[str]) -> int:
         workers = config.workers or "auto"  # AUTO_WORKERS: sized by the master at start
         return check(f"app {config.app!r} imports; {workers} worker(s) on {', '.join(config.bind)}")
     with collector_paused():  # the master's own imports, and those it shares with the workers
-        from .master import Master  # deferred: --check-config and --help need none of it
+        # Deferred: --check-config and --help need none of it.  The worker's
+        # module (and through it the HTTP side) is loaded here, not by the
+        # master's: the master only supervises, yet every worker it forks
+        # shares this copy of the code instead of importing its own.
+        from .master import Master
+        from .worker import Worker
 
-        master = Master(config, argv, os.environ)
+        master = Master(config, argv, os.environ, run_worker=lambda spec: Worker(spec).run())
         master.start()
     return master.run()
 

@@ -55,7 +55,7 @@ from .signals import Wakeup
 from .sockets import Listener, adopt, bind_all, describe, parse_address, remove_unanswered
 from .sources import load_config
 from .upgrade import oldbin_path, start_new_master
-from .worker import Worker, WorkerSpec
+from .workerspec import WorkerMain, WorkerSpec
 
 if TYPE_CHECKING:
     import socket
@@ -154,8 +154,12 @@ def release_free_heap() -> None:
 class Master:
     """Supervises the worker pool for the lifetime of the server."""
 
-    def __init__(self, config: Config, argv: Sequence[str], environ: Mapping[str, str]) -> None:
+    def __init__(self, config: Config, argv: Sequence[str], environ: Mapping[str, str],
+                 run_worker: WorkerMain) -> None:
         self.config = config
+        # The worker's entry, given by the caller that loaded it: this module never imports
+        # the worker (and through it HTTP), yet its code is loaded before the first fork.
+        self.run_worker = run_worker
         self.argv = list(argv)
         self.environ = dict(environ)
         self.pid = os.getpid()
@@ -758,7 +762,7 @@ class Master:
                 if self.refork is not None:
                     self.drop_inherited_refork(provisions)
                 random.seed()
-                code = Worker(spec).run()
+                code = self.run_worker(spec)
             except BaseException:
                 log.exception("worker crashed slot=%d", slot)
             finally:

@@ -11,7 +11,6 @@ This module never prints and never exits; it raises ``ConfigError``.
 from __future__ import annotations
 
 import argparse
-import difflib
 import functools
 import os
 import re
@@ -92,9 +91,21 @@ def _unknown(key: str, where: str) -> str:
     gunicorn_name = gunicorn.BY_NAME.get(key)
     if gunicorn_name is not None and gunicorn_name.native in _setting_names():
         return f"{where}: unknown setting '{key}' (that is gunicorn's name; forkserver's is '{gunicorn_name.native}')"
-    close = difflib.get_close_matches(key, sorted(_setting_names()), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else " (forkserver --help lists the settings)"
+    close = _closest(key, sorted(_setting_names()))
+    hint = f" (did you mean '{close}'?)" if close else " (forkserver --help lists the settings)"
     return f"{where}: unknown setting '{key}'{hint}"
+
+
+def _closest(word: str, choices: list[str], cutoff: float = 0.6) -> str:
+    """The choice most like ``word``, or ''.
+
+    Only a mistyped name needs it, so difflib (and heapq with it) is imported
+    here, on that error path, not by every start.
+    """
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=cutoff)
+    return close[0] if close else ""
 
 
 def _text(path: str) -> str:
@@ -253,9 +264,9 @@ def _find_option(parser: argparse.ArgumentParser, flag: str) -> tuple[argparse.A
             return options[matches[0]], "", ""
         if matches:
             return None, f"ambiguous option {flag!r}: it could be {', '.join(matches)}", matches[0]
-    close = difflib.get_close_matches(flag, list(options), n=1, cutoff=0.7)
-    hint = f" (did you mean '{close[0]}'?)" if close else " (forkserver --help lists the options)"
-    return None, f"unknown option {flag!r}{hint}", close[0] if close else ""
+    close = _closest(flag, list(options), cutoff=0.7)
+    hint = f" (did you mean '{close}'?)" if close else " (forkserver --help lists the options)"
+    return None, f"unknown option {flag!r}{hint}", close
 
 
 def _normalized_argv(parser: argparse.ArgumentParser, argv: Sequence[str], source: str,

@@ -27,37 +27,35 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
 from . import handover, libc, refork, reloader
 from .backoff import AcceptPause
-from .balance import RECHECK, AcceptBoard
-from .config import Config
+from .balance import RECHECK
 from .connection import BodyClock, BodyRules, ClientGone, Connection
 from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
 from .forksafety import open_descriptors
-from .hooks import HookContext, Hooks, StuckRequest
+from .hooks import HookContext, StuckRequest
 from .http.errors import RequestTimeout
 from .http.exchange import Closing
 from .http.parser import Limits
 from .http.response import DateHeader
 from .identity import drop_privileges
 from .loader import load_app, prepare_path
-from .logs import AccessLog, LogFile, make_access_log
+from .logs import AccessLog, make_access_log
 from .proxy import Trust
 from .relay import Relay
-from .scoreboard import Scoreboard
 from .serving import Service, serve
 from .signals import Wakeup
 from .sockets import Listener
 from .stats import Reporter
+from .workerspec import WorkerSpec
 from .wsgi import base_environ
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection as StatsChannel
     from types import FrameType
 
 log = logging.getLogger("forkserver")
@@ -94,34 +92,6 @@ GATHER = 2
 # WINCH: become the refork mold (forkserver.refork); ignored without refork.
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1, signal.SIGWINCH)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
-
-
-@dataclass(eq=False, repr=False)
-class WorkerSpec:
-    """Everything a worker is handed at fork time by the master."""
-
-    config: Config
-    listeners: list[Listener]
-    slot: int
-    generation: int
-    board: Scoreboard
-    notify_fd: int
-    master_pid: int
-    log_files: list[LogFile]  # the master's, inherited: the error log first
-    access_logfile: LogFile | None  # one of log_files, or None with the access log off
-    log_channel: socket.socket  # where the master sends reopened log descriptors (forkserver.handover)
-    app: Callable[..., Any] | None
-    hooks: Hooks
-    uid: int | None
-    gid: int | None
-    stats_channel: StatsChannel | None  # the write end of our own stats channel, None with stats off
-    reload_dir: str = ""  # with reload: where to report the files the app imported
-    accept_board: AcceptBoard | None = None  # shared with the other workers, to spread connections
-    seat: int = -1  # our entry on it
-    refork_channel: socket.socket | None = None  # with refork_after: our end of the channel (forkserver.refork)
-    tls_context: Any = None  # the master's ssl.SSLContext, with certfile set (forkserver.tls)
-    tls_listeners: tuple[Listener, ...] = ()  # the listeners whose connections speak TLS
-    relay_channel: socket.socket | None = None  # our end of the connection relay (forkserver.relay)
 
 
 class Entrance:

@@ -57,6 +57,7 @@ Every run is bounded in time, and every server is stopped by its PID in a
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib.metadata
 import importlib.util
 import json
@@ -240,8 +241,10 @@ def listening_socket(backlog: int = 2048) -> socket.socket:
 class Server:
     """A server master we started, on a socket we bound, and its process tree."""
 
-    def __init__(self, config: ServerConfig, workers: int, keepalive: float, tmpdir: Path) -> None:
+    def __init__(self, config: ServerConfig, workers: int, keepalive: float, tmpdir: Path,
+                 app: str = APP) -> None:
         self.config = config
+        self.app = app
         self.workers = workers
         self.keepalive = keepalive
         self.tmpdir = tmpdir
@@ -262,22 +265,22 @@ class Server:
         extra = [arg.format(tmp=self.tmpdir, id=self.port) for arg in self.config.extra]
         kind = self.config.kind
         if kind == "forkserver":
-            return [sys.executable, "-m", "forkserver", APP, "-w", workers, "-b", f"fd://{fd}",
+            return [sys.executable, "-m", "forkserver", self.app, "-w", workers, "-b", f"fd://{fd}",
                     "--keepalive", str(self.keepalive), "--log-level", "warning", *extra]
         if kind == "gunicorn":
             return [sys.executable, "-m", "gunicorn", "-w", workers, "--bind", f"fd://{fd}",
-                    "--keep-alive", str(int(self.keepalive)), "--log-level", "warning", *extra, APP]
+                    "--keep-alive", str(int(self.keepalive)), "--log-level", "warning", *extra, self.app]
         if kind == "uwsgi":
             # Without the header the client learns of the close only by reading EOF (wrk: a read error).
             home = ["--home", sys.prefix] if sys.prefix != sys.base_prefix else []
             return [peer_executable("uwsgi") or "uwsgi", "--http-socket", f"fd://{fd}", "--add-header",
-                    "Connection: close", "--master", "--processes", workers, "--module", APP,
+                    "Connection: close", "--master", "--processes", workers, "--module", self.app,
                     "--pythonpath", str(SCRIPTS), *home, "--disable-logging"]
         if kind == "granian":
             return [sys.executable, "-m", "granian", "--interface", "wsgi", "--http", "1", "--no-ws",
-                    "--workers", workers, "--host", HOST, "--port", str(self.port), "--log-level", "warning", APP]
+                    "--workers", workers, "--host", HOST, "--port", str(self.port), "--log-level", "warning", self.app]
         if kind == "bjoern":
-            return [sys.executable, str(SCRIPTS / "bjoern_server.py"), str(fd), workers, APP]
+            return [sys.executable, str(SCRIPTS / "bjoern_server.py"), str(fd), workers, self.app]
         if kind == "floor":
             return [sys.executable, str(SCRIPTS / "floor_server.py"), str(fd), workers]
         if kind == "nginx":
@@ -743,6 +746,26 @@ def stop_servers(servers: Iterable[Server], started: list[Server]) -> None:
             started.remove(server)
 
 
+def compile_bytecode() -> list[str]:
+    """Write the ``.pyc`` files of forkserver's package and of these scripts; return the directories.
+
+    ``pip install`` compiles a package's modules when it installs it, and
+    the peers and Flask were installed so. An editable install, or
+    ``PYTHONDONTWRITEBYTECODE=1`` in the environment, leaves forkserver's
+    checkout without them, and every start then compiles its fifty-odd
+    modules from source again: about 100 ms (a start of hello took 234 ms
+    without them, 134 ms with them, medians of 9 starts), which no
+    installed server pays. bench_apps.py and the peers' scripts here are
+    compiled too, so every server imports the same bytecode.
+    """
+    spec = importlib.util.find_spec("forkserver")  # the one ``python -m forkserver`` runs: same sys.path
+    package = list(spec.submodule_search_locations or []) if spec is not None else []
+    for directory in package:
+        compileall.compile_dir(directory, quiet=1)
+    compileall.compile_dir(str(SCRIPTS), maxlevels=0, quiet=1)
+    return [*package, str(SCRIPTS)]
+
+
 def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict[str, Any]:
     configs = server_configs(args.gthread_threads)
     results: dict[str, Any] = {"scenarios": {}, "skipped": [], "startup": {}, "memory": {}, "memory_hello": {},
@@ -752,6 +775,7 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
             log(f"missing: {name}: {reason}")
             results["missing"][name] = reason
     present = [name for name in args.servers if name not in results["missing"]]
+    log(f"bytecode compiled, as an installed package has it: {', '.join(compile_bytecode())}")
 
     def taking_part(key: str) -> list[str]:
         return [name for name in present if configs[name].runs(key)]
@@ -791,11 +815,12 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
 
     # Startup: fresh starts, interleaved, one per server per round.
     if "startup" in args.scenarios:
-        log(f"startup: {args.starts} start(s) each, time from exec to the first 200 on /")
+        log(f"startup: {args.starts} start(s) each of {args.startup_app}, time from exec to the first 200 on /")
+        results["startup_app"] = args.startup_app
         samples: dict[str, list[float]] = {name: [] for name in taking_part("startup")}
         for rnd in range(args.starts):
             for name in turn_order(list(samples), rnd):
-                server = Server(configs[name], args.workers, args.keepalive, tmpdir)
+                server = Server(configs[name], args.workers, args.keepalive, tmpdir, app=args.startup_app)
                 started.append(server)
                 try:
                     samples[name].append(server.start())
@@ -982,8 +1007,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
         out.append("")
 
     if results["startup"] or results["memory"] or results["memory_hello"]:
-        out.append("| server | startup to first 200 (median, min–max) | tree PSS after hello "
-                   "| tree PSS after the run | processes |")
+        started_app = results.get("startup_app", APP)
+        out.append(f"| server | startup to first 200{'' if started_app == APP else f' of {started_app}'} "
+                   "(median, min–max) | tree PSS after hello | tree PSS after the run | processes |")
         out.append("|---|---:|---:|---:|---:|")
         for name in args.servers:
             st = results["startup"].get(name)
@@ -1209,6 +1235,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="1 s runs per config and round in the on/off pairs (default 15; 2 with --quick)")
     parser.add_argument("--starts", type=int, default=None,
                         help="fresh starts per server for the startup time, interleaved (default 15; 1 with --quick)")
+    parser.add_argument("--startup-app", default=APP, metavar="MODULE:APP",
+                        help=f"the app the startup scenario starts (default {APP}, which imports Flask); "
+                             "hello_app:app imports nothing, so its start-up is the server's own")
     parser.add_argument("--idle-connections", type=int, default=200,
                         help="idle keep-alive connections in 'idle' (default 200)")
     parser.add_argument("--keepalive", type=float, default=30.0,

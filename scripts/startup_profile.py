@@ -4,6 +4,10 @@
     python3 scripts/startup_profile.py                  # bench_apps:app, -w 2, as scripts/bench.py starts it
     python3 scripts/startup_profile.py --app mod:app -w 1
     python3 scripts/startup_profile.py --modules        # also list every module each process imported
+    python3 scripts/startup_profile.py --runs 11 --no-importtime   # each step's median over 11 starts
+
+Like scripts/bench.py it first writes the .pyc files of forkserver's package
+and of the scripts (an installed package has them; a checkout may not).
 
 forkserver is started as scripts/bench.py starts it (on a pre-bound loopback
 socket, so a client's connect succeeds at once and its answer comes when the
@@ -38,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import compile_bytecode
 from stopping import stop, tree
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -86,20 +91,41 @@ def main() -> int:
     parser.add_argument("-w", "--workers", type=int, default=2, help="workers (default 2, as scripts/bench.py)")
     parser.add_argument("--modules", action="store_true", help="list every module each process imported")
     parser.add_argument("--top", type=int, default=15, help="modules shown by import time (default 15)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="starts to time; with more than one, each step's median is printed (default 1)")
+    parser.add_argument("--no-importtime", dest="importtime", action="store_false",
+                        help="run without -X importtime, which slows every import: true milliseconds, "
+                             "but no per-module times")
     args = parser.parse_args()
 
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SCRIPTS), env.get("PYTHONPATH", "")]))
+    compile_bytecode()  # as scripts/bench.py does: an installed package has its .pyc files
+    paths = []
+    for _ in range(args.runs):
+        events, times, began, answered, master = start_once(args, env)
+        paths.append(first_200_path(events, began, answered, master))
+    if args.runs > 1:
+        print_medians(paths, args)
+    report(events, times, began, answered, master, args)
+    print_floor(args.app, env)
+    return 0
+
+
+def start_once(args: argparse.Namespace, env: dict[str, str]) -> tuple[list[list[str]], dict[str, tuple[int, int, int]],
+                                                                       float, float, int]:
+    """Start forkserver once, wait for its first 200, stop it; return what the hook and importtime saw."""
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
     port = listener.getsockname()[1]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SCRIPTS), env.get("PYTHONPATH", "")]))
-    with tempfile.TemporaryDirectory(prefix="forkserver-startup-") as tmp:
+    with listener, tempfile.TemporaryDirectory(prefix="forkserver-startup-") as tmp:
         events_path = os.path.join(tmp, "events")
         stderr_path = os.path.join(tmp, "stderr")
-        cmd = [sys.executable, "-X", "importtime", str(SCRIPTS / "startup_hook.py"), events_path,
-               args.app, "-w", str(args.workers), "-b", f"fd://{listener.fileno()}", "--log-level", "warning"]
+        cmd = [sys.executable, *(("-X", "importtime") if args.importtime else ()), str(SCRIPTS / "startup_hook.py"),
+               events_path, args.app, "-w", str(args.workers), "-b", f"fd://{listener.fileno()}",
+               "--log-level", "warning"]
         with open(stderr_path, "wb") as stderr:
             began = time.monotonic()
             proc = subprocess.Popen(cmd, pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL,
@@ -110,9 +136,18 @@ def main() -> int:
             stop(proc, tree(proc))
         events = [line.split(" ", 3) for line in Path(events_path).read_text().splitlines()]
         times = import_times(Path(stderr_path).read_text(errors="replace"))
-    report(events, times, began, answered, proc.pid, args)
-    print_floor(args.app, env)
-    return 0
+    return events, times, began, answered, proc.pid
+
+
+def print_medians(paths: list[list[tuple[str, float, float]]], args: argparse.Namespace) -> None:
+    """Each step's median (and range) over the runs; steps are matched by their place on the path."""
+    print(f"the path to the first 200, median (min-max) of {len(paths)} starts"
+          f"{' under -X importtime' if args.importtime else ''}:")
+    for index, (what, _, _) in enumerate(paths[-1]):
+        spans = [(path[index][2] - path[index][1]) * 1000 for path in paths if len(path) > index]
+        print(f"  {statistics.median(spans):7.1f} ms ({min(spans):.1f}-{max(spans):.1f})  {what}")
+    totals = [(path[-1][2] - path[0][1]) * 1000 for path in paths]
+    print(f"  {statistics.median(totals):7.1f} ms ({min(totals):.1f}-{max(totals):.1f})  exec to the first 200\n")
 
 
 def print_floor(app: str, env: dict[str, str]) -> None:
@@ -134,16 +169,50 @@ def print_floor(app: str, env: dict[str, str]) -> None:
           f"costs {loaded - bare:.0f} ms")
 
 
-def report(events: list[list[str]], times: dict[str, tuple[int, int, int]], began: float, answered: float,
-           master: int, args: argparse.Namespace) -> None:
-    def ms(stamp: float) -> str:
-        return f"{(stamp - began) * 1000:7.1f} ms"
-
+def events_by_pid(events: list[list[str]]) -> dict[int, list[tuple[float, str, str]]]:
+    """The hook's lines per process, in order; a module counted once."""
     by_pid: dict[int, list[tuple[float, str, str]]] = collections.defaultdict(list)
     for stamp, pid, event, name in events:
         if event == "import" and any(e == "import" and n == name for _, e, n in by_pid[int(pid)]):
             continue  # an extension module raises the event twice (finding, then loading)
         by_pid[int(pid)].append((float(stamp), event, name))
+    return by_pid
+
+
+def first_200_path(events: list[list[str]], began: float, answered: float,
+                   master: int) -> list[tuple[str, float, float]]:
+    """(step, start, end) from exec to the first 200: the master until its first fork, then the first worker."""
+    by_pid = events_by_pid(events)
+    mine = by_pid.get(master, [])
+    fork = next((stamp for stamp, event, _ in mine if event == "os.fork"), None)
+    workers = [items for pid, items in by_pid.items() if pid != master]
+    if not (mine and fork is not None and workers):
+        return [("exec to the first 200", began, answered)]
+    first = min(workers, key=lambda items: items[0][0])
+    master_imports = [stamp for stamp, event, _ in mine if event == "import" and stamp < fork]
+    worker_imports = [stamp for stamp, event, _ in first if event == "import"]
+    accept = next((stamp for stamp, event, _ in first if event.startswith("socket.")), None)
+    steps = [("interpreter start-up, before the hook (python itself, site)", began, mine[0][0])]
+    if master_imports:
+        steps.append((f"master: imports ({len(master_imports)} modules) and set-up until its last import",
+                      mine[0][0], master_imports[-1]))
+    steps.append(("master: from its last import to the first fork", steps[-1][2], fork))
+    steps.append(("worker: from the fork to its first import" if worker_imports else
+                  "worker: from the fork to its first event", fork, first[0][0]))
+    if worker_imports:
+        steps.append((f"worker: importing the app ({len(worker_imports)} modules)", first[0][0], worker_imports[-1]))
+    if accept is not None:
+        steps.append(("worker: from the app's import to its first socket call (the accept)", steps[-1][2], accept))
+        steps.append(("the first request: accept to the client's first 200", accept, answered))
+    return steps
+
+
+def report(events: list[list[str]], times: dict[str, tuple[int, int, int]], began: float, answered: float,
+           master: int, args: argparse.Namespace) -> None:
+    def ms(stamp: float) -> str:
+        return f"{(stamp - began) * 1000:7.1f} ms"
+
+    by_pid = events_by_pid(events)
     print(f"forkserver {args.app} -w {args.workers}: first 200 {ms(answered).strip()} after exec\n")
     print("every process (ms after exec; the audit hook starts once the interpreter has started):")
     for pid, items in sorted(by_pid.items(), key=lambda kv: kv[1][0][0]):
@@ -157,29 +226,9 @@ def report(events: list[list[str]], times: dict[str, tuple[int, int, int]], bega
               + (f", first socket call {ms(first_socket).strip()}" if first_socket else ""))
     print(f"  client: first 200 at {ms(answered)}\n")
 
-    # The path to the first 200: the master until its first fork, then the first worker.
-    mine = by_pid.get(master, [])
-    fork = next((stamp for stamp, event, _ in mine if event == "os.fork"), None)
-    workers = [items for pid, items in by_pid.items() if pid != master]
-    if mine and fork is not None and workers:
-        first = min(workers, key=lambda items: items[0][0])
-        master_imports = [stamp for stamp, event, _ in mine if event == "import" and stamp < fork]
-        worker_imports = [stamp for stamp, event, _ in first if event == "import"]
-        accept = next((stamp for stamp, event, _ in first if event.startswith("socket.")), None)
-        steps = [("interpreter start-up, before the hook (python itself, site)", began, mine[0][0])]
-        if master_imports:
-            steps.append((f"master: imports ({len(master_imports)} modules) and set-up until its last import",
-                          mine[0][0], master_imports[-1]))
-        steps.append(("master: from its last import to the first fork", steps[-1][2], fork))
-        steps.append(("worker: from the fork to its first import", fork, first[0][0]))
-        if worker_imports:
-            steps.append((f"worker: importing the app ({len(worker_imports)} modules)", first[0][0],
-                          worker_imports[-1]))
-        if accept is not None:
-            steps.append(("worker: from the app's import to its first socket call (the accept)", steps[-1][2], accept))
-            steps.append(("the first request: accept to the client's first 200", accept, answered))
+    if len(path := first_200_path(events, began, answered, master)) > 1:
         print("the path to the first 200:")
-        for what, start, end in steps:
+        for what, start, end in path:
             print(f"  {(end - start) * 1000:7.1f} ms  {what}")
         print()
 
@@ -191,14 +240,18 @@ def report(events: list[list[str]], times: dict[str, tuple[int, int, int]], bega
         packages = collections.Counter(name.split(".")[0] for name in names)
         own = {package: sum(times.get(n, (0, 0, 0))[0] for n in names if n.split(".")[0] == package)
                for package in packages}
-        total = sum(own.values())
-        print(f"{role} {pid}: {len(names)} modules, {total / 1000:.1f} ms of import time (self, under -X importtime); "
-              "by top-level package:")
-        for package, us in sorted(own.items(), key=lambda kv: -kv[1])[:args.top]:
-            print(f"  {us / 1000:6.1f} ms  {packages[package]:3d} modules  {package}")
-        print(f"  the {args.top} slowest modules (self time):")
-        for name in sorted(names, key=lambda n: -times.get(n, (0, 0, 0))[0])[:args.top]:
-            print(f"  {times.get(name, (0, 0, 0))[0] / 1000:6.1f} ms  {name}")
+        if not times:  # --no-importtime: counts only
+            print(f"{role} {pid}: {len(names)} modules; by top-level package: "
+                  + ", ".join(f"{package} {count}" for package, count in packages.most_common(args.top)))
+        else:
+            total = sum(own.values())
+            print(f"{role} {pid}: {len(names)} modules, {total / 1000:.1f} ms of import time (self, under "
+                  "-X importtime); by top-level package:")
+            for package, us in sorted(own.items(), key=lambda kv: -kv[1])[:args.top]:
+                print(f"  {us / 1000:6.1f} ms  {packages[package]:3d} modules  {package}")
+            print(f"  the {args.top} slowest modules (self time):")
+            for name in sorted(names, key=lambda n: -times.get(n, (0, 0, 0))[0])[:args.top]:
+                print(f"  {times.get(name, (0, 0, 0))[0] / 1000:6.1f} ms  {name}")
         if args.modules:
             print("  every module, in import order: " + " ".join(names))
         print()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 
 def _record(name: str, context) -> None:
@@ -21,6 +22,9 @@ def _record(name: str, context) -> None:
         "slot": getattr(context, "slot", None),
         "generation": getattr(context, "generation", None),
         "workers": getattr(getattr(context, "config", None), "workers", None),
+        # Whether this process has the worker's code (and HTTP's) loaded: the
+        # master must, before it forks, for the workers to share it.
+        "worker_code_loaded": all(name in sys.modules for name in ("forkserver.worker", "forkserver.http.exchange")),
     }
     path = os.environ.get("LIFECYCLE_HOOK_LOG")
     if path:

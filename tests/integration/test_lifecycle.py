@@ -886,6 +886,8 @@ def test_all_nine_hooks_run_at_their_moment_with_a_context(server, tmp_path):
     assert where("on_starting") == [0] and where("on_exit") == [len(got) - 1]
     assert sorted((r["slot"], r["generation"]) for r in got if r["hook"] == "pre_fork") == \
         [(0, 1), (0, 2), (1, 1), (1, 2)]
+    # The master does not import the worker itself (cli hands it the entry), yet has its code before forking.
+    assert all(r["worker_code_loaded"] for r in got if r["hook"] == "pre_fork"), got
     assert pids("post_fork", 1) == pids("post_worker_init", 1) == first
     assert pids("post_fork", 2) == pids("post_worker_init", 2) == second
     for pid in first | second:  # post_fork, then post_worker_init, in each worker
