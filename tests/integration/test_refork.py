@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -310,6 +311,22 @@ def test_a_worker_the_mold_forked_that_fails_to_boot_falls_back_to_the_master(se
         poll(from_the_master, timeout=READY, what="two workers forked from the master, and no mold")
     assert loop.failures == []
     assert "this worker was forked from the mold" in srv.log()
+
+
+def test_on_mold_as_a_function_in_a_gunicorn_config_file_runs_in_the_mold(server, tmp_path):
+    record = tmp_path / "on_mold.json"
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text("import json, os\n"
+                    "refork_after = [20]\n"
+                    "def on_mold(server, worker):\n"
+                    f"    with open({str(record)!r}, 'w') as out:\n"
+                    "        json.dump({'in': os.getpid(), 'server': server.pid, 'worker': worker.pid}, out)\n")
+    conf.chmod(0o644)
+    srv = server("-c", str(conf), "refork_app:app", "-w", "2", workers=2)
+    with load(srv.url) as loop:
+        mold = wait_rolled_over(srv, loop, 2)
+    assert loop.failures == []
+    assert json.loads(record.read_text()) == {"in": mold, "server": srv.pid, "worker": mold}
 
 
 def fork_warnings(srv, who: str) -> list[str]:
