@@ -119,14 +119,12 @@ class Provisions:
     log_ends: tuple[socket.socket, socket.socket]
     refork_ends: tuple[socket.socket, socket.socket] | None  # None with refork off
     seat: int
-    # The connection relay's channel (forkserver.relay); None with refork on: a mold
-    # must fork alone, without the relay's watcher thread, so reforked pools go without.
-    relay_ends: tuple[socket.socket, socket.socket] | None = None
+    relay_ends: tuple[socket.socket, socket.socket]  # the connection relay's channel (forkserver.relay)
 
     def worker_fds(self) -> list[int]:
         """The worker's ends, in the order a mold expects them (forkserver.mold)."""
         assert self.refork_ends is not None
-        fds = [self.board_fd, self.log_ends[1].fileno(), self.refork_ends[1].fileno()]
+        fds = [self.board_fd, self.log_ends[1].fileno(), self.refork_ends[1].fileno(), self.relay_ends[1].fileno()]
         return fds + ([self.stats_ends[1].fileno()] if self.stats_ends is not None else [])
 
     def close_board_file(self) -> None:
@@ -722,7 +720,7 @@ class Master:
             accept_board=self.accept_board, seat=provisions.seat,
             refork_channel=None if provisions.refork_ends is None else provisions.refork_ends[1],
             tls_context=self.tls_context, tls_listeners=self.tls_listeners,
-            relay_channel=None if provisions.relay_ends is None else provisions.relay_ends[1],
+            relay_channel=provisions.relay_ends[1],
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
         try:
@@ -763,9 +761,8 @@ class Master:
         # Workers count requests only for someone who reads the counts: /stats or StatsD.
         stats_ends = self.collector.prepare() if self.status is not None or self.statsd is not None else None
         refork_ends = refork.new_channel() if self.refork is not None else None
-        relay_ends = relay.channel() if self.refork is None else None
         return Provisions(board, board_fd, stats_ends, self.handover.prepare(), refork_ends, self.accept_board.take(),
-                          relay_ends)
+                          relay.channel())
 
     def give_back(self, provisions: Provisions) -> None:
         """The worker was never forked (or never adopted): release everything made for it."""
@@ -775,7 +772,7 @@ class Master:
         if provisions.stats_ends is not None:
             self.collector.abandon(provisions.stats_ends)
         self.handover.abandon(provisions.log_ends)
-        for end in (*(provisions.refork_ends or ()), *(provisions.relay_ends or ())):
+        for end in (*(provisions.refork_ends or ()), *provisions.relay_ends):
             end.close()
 
     def admit(self, pid: int, slot: int, generation: int, provisions: Provisions, *, mold: int = 0,
@@ -793,8 +790,7 @@ class Master:
         if provisions.stats_ends is not None:
             self.collector.attach(pid, slot, provisions.stats_ends)
         self.handover.attach(pid, provisions.log_ends)
-        if provisions.relay_ends is not None:
-            self.relay.attach(pid, provisions.relay_ends)
+        self.relay.attach(pid, provisions.relay_ends)
         if self.refork is not None and provisions.refork_ends is not None:
             self.refork.attach(handle, provisions.refork_ends)
         log.debug("worker spawned slot=%d pid=%d gen=%d%s", slot, pid, generation,

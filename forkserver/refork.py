@@ -84,7 +84,7 @@ PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 MAX_MESSAGE = 128  # bytes; the longest real message is about 40
 MAX_MESSAGES = 16  # per channel and turn of the master's loop
 ANSWER_TIMEOUT = 5.0  # seconds a mold has to answer a fork request (a fork takes milliseconds)
-MAX_FDS = 4  # a fork request's descriptors: scoreboard, log handover, refork channel, stats
+MAX_FDS = 5  # a fork request's descriptors: scoreboard, log handover, refork channel, relay channel, stats
 ROLL_SHARE = 4  # a rollover replaces at most a quarter of the pool (at least one worker) at once
 MAX_EARLY = 64  # notices held for workers a mold forked but the master has not adopted yet
 _FROM_WORKER = re.compile(rb"(warm) ([0-9]{1,12})|(molded)|(forked) ([0-9]{1,12}) ([0-9]{1,10})"
@@ -503,7 +503,7 @@ class ReforkSupervisor:
         own.refork_ends[0].close()
         for pending in self.state.pending.values():
             theirs = pending.provisions
-            for end in (*(theirs.stats_ends or ()), *theirs.log_ends, *(theirs.refork_ends or ())):
+            for end in (*(theirs.stats_ends or ()), *theirs.log_ends, *(theirs.refork_ends or ()), *theirs.relay_ends):
                 end.close()
 
     def restart(self) -> None:
