@@ -5,9 +5,9 @@ connections: stop the request threads and the relay's watcher (a fork
 copies only the forking thread), close what only a serving worker needs,
 run the ``on_mold`` hook, collect and freeze the heap (so the children's
 collectors never write to the shared pages), and wait for fork requests
-from the master.  Each
-request carries the new worker's resources, made by the master; the mold
-forks twice so that the worker's parent is the master, and reports its pid.
+from the master.  Each request carries the new worker's resources, made by
+the master; the mold forks twice so that the worker's parent is the master,
+and reports its pid.
 """
 
 from __future__ import annotations
