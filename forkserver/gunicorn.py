@@ -36,6 +36,9 @@ HOOK_PARAMETERS = {
     "worker_exit": "server, worker", "nworkers_changed": "server, new_value, old_value", "on_exit": "server",
 }
 HOOK_ARITY = {name: len(parameters.split(", ")) for name, parameters in HOOK_PARAMETERS.items()}
+# forkserver's own hooks that gunicorn lacks: a gunicorn config file may define
+# them as functions too, called in the same style (on_mold runs in the mold).
+OWN_HOOK_PARAMETERS = {"on_mold": "server, worker"}
 
 # Threads a gevent or eventlet worker gets from worker_connections: enough
 # for many concurrent I/O-bound requests, few enough that each worker's
@@ -354,16 +357,19 @@ class Translation:
     extras: dict[str, Any]  # gunicorn values settled after the merge (proxy_allow_ips)
 
 
-def translate(raw: Mapping[str, Any], where: Callable[[str], str]) -> Translation:
+def translate(raw: Mapping[str, Any], where: Callable[[str], str],
+              own_hooks: Mapping[str, Callable[..., Any]] | None = None) -> Translation:
     """Turn gunicorn setting names and values into forkserver's raw settings.
 
+    ``own_hooks`` are functions a config file defined for forkserver's own
+    hooks (``OWN_HOOK_PARAMETERS``); they are checked like gunicorn's.
     ``where(name)`` names the source for messages.  Problems are collected,
     not raised, so one run reports them all.
     """
     out = Translation({}, {}, [], [], [], {}, {})
-    for name, value in raw.items():
-        spec = BY_NAME[name]
-        kind = spec.disposition()
+    for name, value in {**raw, **(own_hooks or {})}.items():
+        spec = BY_NAME.get(name)
+        kind = "hook" if spec is None else spec.disposition()
         if kind == "hook":
             if isinstance(value, str) and value.strip():
                 out.hooks[name] = value.strip()  # imported at start, once pythonpath applies
@@ -408,7 +414,9 @@ def check_hook(name: str, value: Any) -> Callable[..., Any]:
     if not callable(value):
         raise ConfigError(f"{name} must be a function, got {value!r}")
     count = positional_count(value)
-    wanted = HOOK_ARITY[name]
+    caller = "gunicorn" if name in HOOK_PARAMETERS else "forkserver"
+    parameters = HOOK_PARAMETERS.get(name) or OWN_HOOK_PARAMETERS[name]
+    wanted = len(parameters.split(", "))
     if name == "post_request" and count in (2, 3):
         # gunicorn also takes post_request(worker, req) and (worker, req, environ).
         short = value
@@ -419,7 +427,7 @@ def check_hook(name: str, value: Any) -> Callable[..., Any]:
         return post_request
     if count is not None and count != wanted:
         raise ConfigError(f"{name} must take {wanted} argument{'s' if wanted > 1 else ''} "
-                          f"({HOOK_PARAMETERS[name]}), as gunicorn calls it; it takes {count}")
+                          f"({parameters}), as {caller} calls it; it takes {count}")
     return value
 
 

@@ -33,14 +33,15 @@ HOOK_NAMES = (
     "on_starting", "when_ready", "pre_fork", "post_fork", "post_worker_init",
     "worker_int", "worker_abort", "worker_exit", "on_mold", "on_reload", "on_exit",
 )
-# gunicorn's hooks that run in a worker process rather than in the master.
+# Hooks from a gunicorn config file that run in a worker process (the mold is
+# one) rather than in the master.
 IN_WORKER = frozenset({"post_fork", "post_worker_init", "worker_int", "worker_abort", "worker_exit",
-                       "pre_request", "post_request"})
-# gunicorn's hooks that get the server (the master) first, then maybe the worker.
+                       "pre_request", "post_request", "on_mold"})
+# Those that get the server (the master) first, then maybe the worker.
 SERVER_FIRST = frozenset({"on_starting", "when_ready", "on_reload", "on_exit", "pre_exec",
-                          "pre_fork", "post_fork", "worker_exit", "child_exit", "nworkers_changed"})
+                          "pre_fork", "post_fork", "worker_exit", "child_exit", "nworkers_changed", "on_mold"})
 WITH_WORKER = frozenset({"pre_fork", "post_fork", "worker_exit", "child_exit",
-                         "post_worker_init", "worker_int", "worker_abort"})
+                         "post_worker_init", "worker_int", "worker_abort", "on_mold"})
 
 
 @dataclass(frozen=True, eq=False)

@@ -46,7 +46,7 @@ from .logs import LogFile, capture_stdio, open_access_logfile, setup_error_log
 from .notices import Notice, NoticeReader
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
-from .refork import PendingFork, ReforkState
+from .refork import ReforkSupervisor
 from .reloader import Reloader
 from .safefiles import check_locations, reason
 from .sampler import BACKLOG_SAMPLE_INTERVAL, BacklogWatch, ProcessSampler, listener_stats
@@ -77,7 +77,6 @@ MAX_BOOT_BACKOFF = 30.0
 FORK_RETRY = 1.0  # seconds before a slot whose fork failed is tried again
 MEMORY_CHECK_INTERVAL = 5.0
 MEMORY_SAMPLES = 3  # consecutive samples over max_worker_memory before a recycle: a spike is not a leak
-ROLL_SHARE = 4  # a refork rollover replaces at most a quarter of the pool (at least one worker) at once
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN,
                   signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD)
 # Standard-library modules that Flask, Django and Bottle all import (checked
@@ -120,14 +119,12 @@ class Provisions:
     log_ends: tuple[socket.socket, socket.socket]
     refork_ends: tuple[socket.socket, socket.socket] | None  # None with refork off
     seat: int
-    # The connection relay's channel (forkserver.relay); None with refork on: a mold
-    # must fork alone, without the relay's watcher thread, so reforked pools go without.
-    relay_ends: tuple[socket.socket, socket.socket] | None = None
+    relay_ends: tuple[socket.socket, socket.socket]  # the connection relay's channel (forkserver.relay)
 
     def worker_fds(self) -> list[int]:
         """The worker's ends, in the order a mold expects them (forkserver.mold)."""
         assert self.refork_ends is not None
-        fds = [self.board_fd, self.log_ends[1].fileno(), self.refork_ends[1].fileno()]
+        fds = [self.board_fd, self.log_ends[1].fileno(), self.refork_ends[1].fileno(), self.relay_ends[1].fileno()]
         return fds + ([self.stats_ends[1].fileno()] if self.stats_ends is not None else [])
 
     def close_board_file(self) -> None:
@@ -183,7 +180,7 @@ class Master:
         self.preloaded_modules: set[str] = set()
         self.app_descriptors: dict[int, tuple[int, int]] = {}  # what the preloaded app opened (forkserver.forksafety)
         self.fork_safety = ForkSafety("master")
-        self.refork: ReforkState | None = None  # with refork_after (forkserver.refork)
+        self.refork: ReforkSupervisor | None = None  # with refork_after (forkserver.refork)
         self.pidfile: Pidfile | None = None
         self.new_master = 0  # PID of the master a USR2 started, while it runs
         self.stopping = False
@@ -308,7 +305,7 @@ class Master:
         if config.refork_after and config.reload:
             log.info("refork_after is off under reload: every worker loads the code afresh")
         elif config.refork_after and refork.become_subreaper():  # after daemonize: forks do not inherit it
-            self.refork = ReforkState(config.refork_after)
+            self.refork = ReforkSupervisor(self, config.refork_after)
         setproctitle(f"forkserver: master [{config.proc_name}]")
         release_free_heap()
 
@@ -377,7 +374,8 @@ class Master:
                     self.feed_watchdog()
                     for signum in self.wakeup.drain():
                         self.actions.get(signum, lambda: None)()
-                    self.read_refork()  # first: a worker a mold forked may already say it is ready
+                    if self.refork is not None:
+                        self.refork.read()  # first: a worker a mold forked may already say it is ready
                     self.read_notices()
                     # Always drained (its fd must not stay readable); a reload waits for the one under way.
                     if self.reloader is not None and self.reloader.changed(hold=self.reloading or self.stopping):
@@ -403,7 +401,7 @@ class Master:
                     self.report_lost_log_lines()
                     self.spawn_missing()
                     if self.refork is not None:
-                        self.tend_refork()
+                        self.refork.tend()
                 except ForkserverError:
                     raise
                 except Exception:
@@ -443,8 +441,8 @@ class Master:
 
     def on_ready(self, handle: WorkerHandle) -> None:
         handle.ready = True
-        if handle.replaces:
-            self.end_rollover(handle)
+        if handle.replaces and self.refork is not None:
+            self.refork.end_rollover(handle)
         if not handle.retiring:
             self.stats.set_state(handle.pid, "idle")
         self.boot_failures.pop(handle.slot, None)
@@ -493,7 +491,7 @@ class Master:
         if handle.generation > self.generation:
             return  # one more worker of a reload already abandoned
         if handle.mold and self.refork is not None and self.started:
-            self.refork_failed(handle, reason)
+            self.refork.worker_failed(handle, reason)
             return
         if not self.started:
             self.stop(graceful=False)
@@ -522,7 +520,7 @@ class Master:
             self.handover.forget(pid)
             self.relay.forget(pid)
             if self.refork is not None:
-                self.forget_refork(handle, how)
+                self.refork.forget(handle, how)
                 if handle.is_mold:
                     continue
             if not self.stopping and handle.generation == self.generation:
@@ -696,7 +694,7 @@ class Master:
     def spawn_missing(self) -> None:
         occupied = {h.slot for h in self.pool.of_generation(self.generation)}
         if self.refork is not None:
-            occupied |= {p.slot for p in self.refork.pending.values()
+            occupied |= {p.slot for p in self.refork.state.pending.values()
                          if p.generation == self.generation and not p.replaces}
         spawn, retire = plan(occupied, self.desired)
         if self.memory_limit is not None and occupied:
@@ -720,12 +718,13 @@ class Master:
 
     def spawn(self, slot: int) -> None:
         """Start a worker in ``slot``: forked by the refork mold if there is one, else by us."""
-        source = self.fork_source()
-        if source == "mold":
-            self.ask_mold(slot)
-            return
-        if source == "wait":
-            return  # the mold is getting ready; it forks this one in a moment
+        if self.refork is not None:
+            source = self.refork.fork_source()
+            if source == "mold":
+                self.refork.ask_mold(slot)
+                return
+            if source == "wait":
+                return  # the mold is getting ready; it forks this one in a moment
         provisions = self.provide(for_mold=False)
         spec = WorkerSpec(
             config=self.config, listeners=self.listeners, slot=slot, generation=self.generation,
@@ -737,7 +736,7 @@ class Master:
             accept_board=self.accept_board, seat=provisions.seat,
             refork_channel=None if provisions.refork_ends is None else provisions.refork_ends[1],
             tls_context=self.tls_context, tls_listeners=self.tls_listeners,
-            relay_channel=None if provisions.relay_ends is None else provisions.relay_ends[1],
+            relay_channel=provisions.relay_ends[1],
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
         try:
@@ -760,7 +759,7 @@ class Master:
                 self.handover.close_inherited(provisions.log_ends)
                 self.relay.close_inherited(provisions.relay_ends)
                 if self.refork is not None:
-                    self.drop_inherited_refork(provisions)
+                    self.refork.drop_inherited(provisions)
                 random.seed()
                 code = self.run_worker(spec)
             except BaseException:
@@ -782,9 +781,8 @@ class Master:
         # Workers count requests only for someone who reads the counts: /stats or StatsD.
         stats_ends = self.collector.prepare() if self.status is not None or self.statsd is not None else None
         refork_ends = refork.new_channel() if self.refork is not None else None
-        relay_ends = relay.channel() if self.refork is None else None
         return Provisions(board, board_fd, stats_ends, self.handover.prepare(), refork_ends, self.accept_board.take(),
-                          relay_ends)
+                          relay.channel())
 
     def give_back(self, provisions: Provisions) -> None:
         """The worker was never forked (or never adopted): release everything made for it."""
@@ -794,7 +792,7 @@ class Master:
         if provisions.stats_ends is not None:
             self.collector.abandon(provisions.stats_ends)
         self.handover.abandon(provisions.log_ends)
-        for end in (*(provisions.refork_ends or ()), *(provisions.relay_ends or ())):
+        for end in (*(provisions.refork_ends or ()), *provisions.relay_ends):
             end.close()
 
     def admit(self, pid: int, slot: int, generation: int, provisions: Provisions, *, mold: int = 0,
@@ -812,17 +810,9 @@ class Master:
         if provisions.stats_ends is not None:
             self.collector.attach(pid, slot, provisions.stats_ends)
         self.handover.attach(pid, provisions.log_ends)
-        if provisions.relay_ends is not None:
-            self.relay.attach(pid, provisions.relay_ends)
+        self.relay.attach(pid, provisions.relay_ends)
         if self.refork is not None and provisions.refork_ends is not None:
-            ours, theirs = provisions.refork_ends
-            theirs.close()
-            self.refork.channels[pid] = ours
-            self.poller.register(ours.fileno(), select.POLLIN)
-            if mold:
-                handle.lineage = self.refork.lineage
-            for notice in self.refork.claim_early(pid):
-                self.act_on_notice(handle, notice)
+            self.refork.attach(handle, provisions.refork_ends)
         log.debug("worker spawned slot=%d pid=%d gen=%d%s", slot, pid, generation,
                   f" from mold pid={mold}" if mold else "")
         return handle
@@ -882,269 +872,6 @@ class Master:
         handle.retiring = True
         self.stats.set_state(handle.pid, "retiring")
         self.signal_worker(handle, signal.SIGUSR2)
-
-    # -- refork (forkserver.refork) ------------------------------------------------
-
-    def fork_source(self) -> str:
-        """Who forks the next worker of this generation: "mold", "master", or "wait" (the mold gets ready)."""
-        state = self.refork
-        if state is None or not state.mold or state.off_for == self.generation:
-            return "master"
-        mold = self.pool.workers.get(state.mold)
-        if mold is None or mold.generation != self.generation:
-            return "master"
-        if state.mold_ready:
-            return "mold"
-        # While the mold finishes its last connections, wait for it, unless
-        # nobody else serves (one worker): then the master forks at once.
-        return "wait" if any(h.ready for h in self.pool.of_generation(self.generation)) else "master"
-
-    def ask_mold(self, slot: int, replaces: int = 0) -> None:
-        """Send the mold a fork request with the new worker's resources; the answer comes on its channel."""
-        state = self.refork
-        assert state is not None
-        provisions = self.provide(for_mold=True)
-        token = state.token()
-        self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
-        sent = refork.send(state.channels[state.mold], refork.encode_fork(token, slot, self.generation,
-                                                                            provisions.seat),
-                           provisions.worker_fds())
-        if not sent:
-            self.give_back(provisions)
-            self.drop_mold(state.mold, "it takes no fork requests")
-            return
-        provisions.close_board_file()  # the mold has its own copy now
-        state.pending[token] = PendingFork(token, state.mold, slot, self.generation, provisions, replaces)
-
-    def read_refork(self) -> None:
-        """Act on what workers and molds said on their channels; a mold's words count only for its own forks."""
-        state = self.refork
-        if state is None:
-            return
-        for pid in list(state.channels):
-            for message in state.receive(pid):
-                handle = self.pool.workers.get(pid)
-                if handle is None:
-                    break
-                kind = message[0]
-                if kind == "warm":
-                    handle.warm = max(handle.warm, int(message[1]))
-                elif kind == "molded" and pid == state.mold and not state.mold_ready:
-                    self.on_molded(handle)
-                elif kind == "molded" and not handle.is_mold:
-                    # Promoted by a WINCH from someone else: it serves nobody now. Replace it.
-                    log.warning("refork: worker slot=%d pid=%d became a mold unasked; replacing it",
-                                handle.slot, handle.pid)
-                    self.retire(handle)
-                elif kind in ("forked", "unforked"):
-                    pending = state.pending.get(int(message[1]))
-                    if pending is None or pending.mold != pid:
-                        if kind == "forked":
-                            self.stop_stray(int(message[2]))  # an answer after we gave up on it
-                        continue
-                    del state.pending[pending.token]
-                    if kind == "forked":
-                        self.adopt(pending, int(message[2]))
-                    else:
-                        self.give_back(pending.provisions)
-                        self.drop_mold(pid, f"it could not fork: {message[2]}")
-
-    def on_molded(self, mold: WorkerHandle) -> None:
-        state = self.refork
-        assert state is not None
-        state.mold_ready = True
-        state.lineage += 1
-        self.accept_board.release(mold.pid)  # it accepts nothing any more
-        log.info("refork: mold ready pid=%d gen=%d; new workers fork from it, the others roll over",
-                 mold.pid, mold.generation)
-
-    def adopt(self, pending: PendingFork, pid: int) -> None:
-        """Take a worker the mold forked, once the kernel confirms it is our child."""
-        if pid in self.pool.workers or pid == self.new_master or refork.parent_of(pid) != self.pid:
-            # The mold runs app code: a pid it names may be anybody's, or a
-            # worker we have already. Never signal it, never adopt it twice.
-            log.warning("refork: mold pid=%d named pid=%d, which is not a child of the master; not adopted",
-                        pending.mold, pid)
-            self.give_back(pending.provisions)
-            self.drop_mold(pending.mold, "it named a process that is not ours")
-            return
-        self.admit(pid, pending.slot, pending.generation, pending.provisions, mold=pending.mold,
-                   replaces=pending.replaces)
-
-    def stop_stray(self, pid: int) -> None:
-        """A worker a mold forked that we never adopted: if it is our child, let it finish and leave (TERM)."""
-        if pid in self.pool.workers or pid == self.new_master or refork.parent_of(pid) != self.pid:
-            return
-        log.warning("refork: pid=%d is a worker nobody adopted (its mold failed before reporting it); "
-                    "stopping it", pid)
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-    def drop_mold(self, pid: int, reason: str, *, kill: bool = False, expected: bool = False) -> None:
-        """Stop forking from mold ``pid``: its unanswered requests are given back and the master forks instead.
-
-        ``expected``: a reload retires it, which is no cause for a warning.
-        """
-        state = self.refork
-        assert state is not None
-        for token, pending in list(state.pending.items()):
-            if pending.mold == pid:
-                del state.pending[token]
-                self.give_back(pending.provisions)
-                self.clear_rolling(pending.replaces)
-        if pid == state.mold:
-            state.mold, state.mold_ready = 0, False
-            log.log(logging.INFO if expected else logging.WARNING,
-                    "refork: dropping mold pid=%d: %s; new workers fork from the master", pid, reason)
-        handle = self.pool.workers.get(pid)
-        if handle is not None:
-            self.signal_worker(handle, signal.SIGKILL if kill else signal.SIGTERM)
-
-    def refork_failed(self, handle: WorkerHandle, reason: str) -> None:
-        """A worker a mold forked failed to boot: refork is off for the generation, the slot forks from us now."""
-        state = self.refork
-        assert state is not None
-        self.clear_rolling(handle.replaces)
-        if handle.generation != self.generation:
-            return
-        if state.off_for != self.generation:
-            state.off_for = self.generation
-            log.error("refork: a worker forked from mold pid=%d failed to boot slot=%d: %s; refork is off for "
-                      "generation %d, workers fork from the master", handle.mold, handle.slot, reason,
-                      self.generation)
-            for pid in [state.mold, *state.retired_molds]:
-                if pid:
-                    self.drop_mold(pid, "a worker it forked failed to boot")
-        self.respawn_after.pop(handle.slot, None)
-
-    def end_rollover(self, handle: WorkerHandle) -> None:
-        """A mold's worker that replaces an older one is ready: retire the older one now."""
-        old = self.pool.workers.get(handle.replaces)
-        if old is not None and not old.retiring:
-            old.recycled = True
-            self.retire(old)
-
-    def clear_rolling(self, pid: int) -> None:
-        """A replacement did not come: the worker it was for is rolled over later."""
-        old = self.pool.workers.get(pid) if pid else None
-        if old is not None:
-            old.rolling = False
-
-    def tend_refork(self) -> None:
-        """Each turn: time out a silent mold, promote the next one when due, roll the pool over."""
-        state = self.refork
-        assert state is not None
-        now = time.monotonic()
-        for pid in state.strays():
-            self.stop_stray(pid)
-        for pending in list(state.pending.values()):
-            if now - pending.asked_at > refork.ANSWER_TIMEOUT:
-                self.drop_mold(pending.mold, f"no answer to a fork request in {refork.ANSWER_TIMEOUT:g}s", kill=True)
-        if state.mold and not state.mold_ready and \
-                now - state.promoted_at > self.config.graceful_timeout + refork.ANSWER_TIMEOUT:
-            self.drop_mold(state.mold, "it did not get ready in time", kill=True)
-        for pid in list(state.retired_molds):
-            if state.mold_ready and not any(p.mold == pid for p in state.pending.values()):
-                state.retired_molds.discard(pid)
-                self.drop_mold(pid, "replaced by a newer mold")
-        if self.reloading or state.off_for == self.generation:
-            return
-        self.promote_if_due()
-        self.roll_over()
-
-    def promote_if_due(self) -> None:
-        """Promote a worker that served the next count (or, the mold lost, the last count) to mold."""
-        state = self.refork
-        assert state is not None
-        if state.mold and not state.mold_ready:
-            return  # one promotion at a time
-        if not state.mold and state.stage:
-            count, advance = state.counts[state.stage - 1], 0  # the mold was lost: replace it
-        elif state.next_count():
-            count, advance = state.next_count(), 1
-        else:
-            return
-        for handle in self.pool.of_generation(self.generation):
-            if handle.ready and handle.warm >= count and (not state.mold or handle.lineage == state.lineage):
-                break
-        else:
-            return
-        state.stage += advance
-        if state.mold:
-            state.retired_molds.add(state.mold)
-        state.mold, state.mold_ready, state.promoted_at = handle.pid, False, time.monotonic()
-        handle.retiring = handle.is_mold = True
-        self.stats.set_state(handle.pid, "mold")
-        log.info("refork: promoting worker slot=%d pid=%d gen=%d to mold after %d requests", handle.slot,
-                 handle.pid, handle.generation, count)
-        self.signal_worker(handle, signal.SIGWINCH)
-
-    def roll_over(self) -> None:
-        """Replace workers forked before the mold with ones it forks, a few at a time, each old one
-        retiring only once its replacement is ready: capacity never drops."""
-        state = self.refork
-        assert state is not None
-        if not state.mold_ready or self.fork_source() != "mold":
-            return
-        current = self.pool.of_generation(self.generation)
-        booting = sum(1 for p in state.pending.values() if p.replaces) + \
-            sum(1 for h in current if h.replaces and not h.ready)
-        room = max(1, self.desired // ROLL_SHARE) - booting
-        for handle in current:
-            if room <= 0:
-                return
-            if handle.ready and not handle.rolling and handle.lineage < state.lineage:
-                handle.rolling = True
-                room -= 1
-                self.ask_mold(handle.slot, replaces=handle.pid)
-
-    def forget_refork(self, handle: WorkerHandle, how: str) -> None:
-        """A worker (or mold) was reaped: close its channel; a lost mold's requests go to the master."""
-        state = self.refork
-        assert state is not None
-        sock = state.forget(handle.pid)
-        if sock is not None:
-            self.poller.unregister(sock.fileno())
-            sock.close()
-        self.clear_rolling(handle.replaces)
-        if handle.is_mold:
-            if handle.pid == state.mold:
-                self.drop_mold(handle.pid, f"it exited ({how})")
-            else:
-                self.drop_mold(handle.pid, "")
-            log.info("mold exited slot=%d pid=%d gen=%d %s", handle.slot, handle.pid, handle.generation, how)
-
-    def drop_inherited_refork(self, own: Provisions) -> None:
-        """In a new worker: close the master's ends of every refork channel, our own included, and
-        both ends of what was made for workers a mold is forking right now (else we could speak as them)."""
-        assert self.refork is not None and own.refork_ends is not None
-        for sock in self.refork.channels.values():
-            sock.close()
-        own.refork_ends[0].close()
-        for pending in self.refork.pending.values():
-            theirs = pending.provisions
-            for end in (*(theirs.stats_ends or ()), *theirs.log_ends, *(theirs.refork_ends or ())):
-                end.close()
-
-    def restart_refork(self) -> None:
-        """A reload: the new generation starts from the master again, the old mold leaves.
-
-        The reloaded ``refork_after`` applies from here; once on, the master
-        stays a subreaper and keeps the channels even if it is emptied.
-        """
-        state = self.refork
-        if state is None:
-            if self.config.refork_after and not self.config.reload and refork.become_subreaper():
-                self.refork = ReforkState(self.config.refork_after)
-            return
-        for pid in [state.mold, *state.retired_molds]:
-            if pid:
-                self.drop_mold(pid, "reloading", expected=True)
-        state.retired_molds.clear()
-        state.stage = 0
-        state.counts = self.config.refork_after
 
     # -- stats --------------------------------------------------------------------
 
@@ -1284,7 +1011,10 @@ class Master:
             log.info("%s", self.sizing)
         self.generation += 1
         self.reloading = True
-        self.restart_refork()
+        if self.refork is not None:
+            self.refork.restart()  # the new generation starts from the master again
+        elif self.config.refork_after and not self.config.reload and refork.become_subreaper():
+            self.refork = ReforkSupervisor(self, self.config.refork_after)  # turned on by the reload
         self.stats.note_reload()
         self.respawn_after.clear()
         self.spawn_missing()

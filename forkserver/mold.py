@@ -1,12 +1,13 @@
 """The refork mold: a warmed worker that stopped serving and forks new workers (see forkserver.refork).
 
 It runs in the worker's own process once the worker's loop has finished its
-connections: stop the request threads (a fork copies only the forking
-thread), close what only a serving worker needs, run the ``on_mold`` hook,
-collect and freeze the heap (so the children's collectors never write to
-the shared pages), and wait for fork requests from the master.  Each
-request carries the new worker's resources, made by the master; the mold
-forks twice so that the worker's parent is the master, and reports its pid.
+connections: stop the request threads and the relay's watcher (a fork
+copies only the forking thread), close what only a serving worker needs,
+run the ``on_mold`` hook, collect and freeze the heap (so the children's
+collectors never write to the shared pages), and wait for fork requests
+from the master.  Each request carries the new worker's resources, made by
+the master; the mold forks twice so that the worker's parent is the master,
+and reports its pid.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Mold:
             fds = list(received)
             request = refork.parse_fork(data)
             try:
-                if request is None or len(fds) not in (3, 4):
+                if request is None or len(fds) not in (4, 5):
                     log.warning("mold: ignoring a malformed fork request")
                     continue
                 self.fork_worker(*request, fds)
@@ -166,13 +167,14 @@ class Mold:
         while os.getppid() == intermediate and time.monotonic() < deadline:
             time.sleep(0.001)
         worker, spec = self.worker, self.spec
-        board_fd, log_fd, channel_fd, *stats_fd = fds
+        board_fd, log_fd, channel_fd, relay_fd, *stats_fd = fds
         own = dataclasses.replace(
             spec, slot=slot, generation=generation, seat=seat, app=worker.app,
             board=Scoreboard(worker.config.threads, board_fd, timeout=worker.config.timeout,
                              longest=worker.config.deadline_limit),
             log_channel=socket.socket(fileno=os.dup(log_fd)),
             refork_channel=socket.socket(fileno=os.dup(channel_fd)),
+            relay_channel=socket.socket(fileno=os.dup(relay_fd)),
             stats_channel=Connection(os.dup(stats_fd[0]), readable=False) if stats_fd else None,
         )
         for fd in fds:

@@ -319,14 +319,42 @@ class Relay:
         self.pending: tuple[int, list[Connection]] | None = None  # the offer out, and its connections
         self.offers = 0
         self.next_offer = 0.0  # no offer before this (monotonic), after one came to nothing
+        self.watcher: threading.Thread | None = None
 
     def start(self) -> bool:
         """Start the watcher; False if no thread can be started (a cgroup's ``pids.max`` counts threads)."""
+        watcher = threading.Thread(target=self._watch, name="relay", daemon=True)
         try:
-            threading.Thread(target=self._watch, name="relay", daemon=True).start()
+            watcher.start()
         except RuntimeError:
             return False
+        self.watcher = watcher
         return True
+
+    def stop(self) -> None:
+        """End the watcher and close the channel: the worker becomes a refork mold, which must fork alone.
+
+        Shutting the channel down is what wakes the watcher (it reads the
+        end of the stream and returns); the master then forgets the channel.
+        Connections still out in an offer, or handed back and not yet taken
+        by the loop, are closed: the mold serves nothing, and every worker
+        it forks would inherit them.
+        """
+        self.enabled = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self.watcher is not None:
+            self.watcher.join()
+        self.sock.close()
+        stranded = [*(self.pending[1] if self.pending else ()), *self.returned]
+        self.pending = None
+        self.returned.clear()
+        for connection in stranded:
+            connection.close()
+        while self.arrived:
+            self.arrived.popleft()[0].close()
 
     def _watch(self) -> None:
         poller = select.poll()

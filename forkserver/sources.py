@@ -408,9 +408,11 @@ def _command_line_layers(sources: _Sources, namespace: argparse.Namespace, sourc
 
 
 def _add_gunicorn(sources: _Sources, raw: Mapping[str, Any], where: Callable[[str], str],
-                  typed: bool | None, native: Mapping[str, Any] | None = None) -> None:
-    """Translate gunicorn-named values into one layer (with ``native`` forkserver-named ones beside)."""
-    translation = gunicorn.translate(raw, where)
+                  typed: bool | None, native: Mapping[str, Any] | None = None,
+                  own_hooks: Mapping[str, Callable[..., Any]] | None = None) -> None:
+    """Translate gunicorn-named values into one layer (with ``native`` forkserver-named ones beside,
+    and ``own_hooks``, functions for forkserver's own hooks)."""
+    translation = gunicorn.translate(raw, where, own_hooks)
     sources.problems.extend(translation.problems)
     sources.notices.extend(translation.notices)
     sources.warnings.extend(translation.warnings)
@@ -441,8 +443,9 @@ def _config_file_layer(sources: _Sources, path: str) -> None:
     known, own, near = gunicorn.split_python_names(names, _setting_names())
     sources.warnings.extend(f"{path}: {line}" for line in near)
     own = {key: value for key, value in own.items() if value is not None}
+    own_hooks = {name: own.pop(name) for name in gunicorn.OWN_HOOK_PARAMETERS if callable(own.get(name))}
     sources.hook_file = path
-    _add_gunicorn(sources, known, lambda key: path, typed=None, native=own)
+    _add_gunicorn(sources, known, lambda key: path, typed=None, native=own, own_hooks=own_hooks)
 
 
 def _find_config_file(namespace: argparse.Namespace, env_namespace: argparse.Namespace,

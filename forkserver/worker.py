@@ -1095,6 +1095,11 @@ class Worker:
         for thread in self.threads:
             thread.join(timeout=5.0)
         self.threads.clear()
+        if self.relay is not None:
+            self.relay.stop()  # its watcher is a thread too; the mold's workers start their own
+            self.relay = None
+        if self.spec.relay_channel is not None:
+            self.spec.relay_channel.close()  # (closed already if a relay ran) the workers get their own
         self.epoll.close()
         os.close(self.finished_r)
         os.close(self.finished_w)

@@ -2,7 +2,7 @@
 
 Not a test: a measurement to run by hand (docs/refork.md quotes it).
 
-    python scripts/refork_bench.py [--requests 2000] [--workers 4] [--refork-after 150]
+    python scripts/refork_bench.py [--requests 2000] [--workers 4] [--refork-after 150] [--pages]
 
 It generates a small but real Django project in a temporary directory (the
 admin, templates with inheritance and filters, a French translation
@@ -16,6 +16,10 @@ tree.  It prints the total PSS of the tree, the mean private memory (USS)
 per serving worker, and p99 latency of the 200 requests that follow a
 worker's replacement (SIGTERM to one worker), then the ratios against
 forkserver ``--preload``.  gunicorn is measured if it is installed.
+With ``--pages`` (root), it also compares one worker's memory page by page
+with the process it was forked from (the mold, or the master), through
+``/proc/PID/pagemap``: which pages were copied on a write, and whether the
+write changed only reference counts or real content.
 
 Figures vary with the machine's load: run it on a quiet machine, or read
 only the ratios.
@@ -24,6 +28,7 @@ only the ratios.
 from __future__ import annotations
 
 import argparse
+import array
 import http.client
 import os
 import signal
@@ -39,6 +44,9 @@ import time
 from pathlib import Path
 
 MIB = 1024 * 1024
+PAGE = os.sysconf("SC_PAGE_SIZE")
+FRAME = (1 << 55) - 1  # a pagemap entry's physical frame number bits
+SMALL_CHANGE = 4096  # a word that moved by less than this, between small positive values: a reference count
 CLIENTS = 4
 SETTLE_TIMEOUT = 120.0
 FORKSERVER_ROOT = Path(__file__).resolve().parent.parent
@@ -286,6 +294,58 @@ def rollup(pid: int) -> dict[str, int]:
     return {"pss": fields["Pss"], "private": fields["Private_Clean"] + fields["Private_Dirty"]}
 
 
+def frames(pid: int, start: int, end: int) -> array.array:
+    """The physical frame of each page of ``pid`` from ``start`` to ``end``, 0 where none (root only)."""
+    with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        pagemap.seek(start // PAGE * 8)
+        entries = array.array("Q", pagemap.read((end - start) // PAGE * 8))
+    return array.array("Q", (entry & FRAME if entry >> 63 else 0 for entry in entries))
+
+
+def page_kind(mine: bytes, theirs: bytes) -> str:
+    """What a write changed in a page copied on write, from the two copies."""
+    diffs = [(a, b) for a, b in zip(array.array("q", mine), array.array("q", theirs)) if a != b]
+    if not diffs:
+        return "same"  # written and restored: reference counts raised and lowered again
+    if all(0 < a < 1 << 32 and 0 < b < 1 << 32 and abs(a - b) < SMALL_CHANGE for a, b in diffs):
+        return "counts"
+    return "content"
+
+
+def copied_pages(worker: int, source: int) -> dict[str, float]:
+    """MiB of ``worker``'s own pages by how they came to be its own, against ``source``, its fork parent.
+
+    A page mapped at the same address in both but held in another physical
+    frame was copied on a write.  For the Python heap (anonymous memory) the
+    two copies tell what the write did: ``same`` (the content is as in the
+    source: counts raised and lowered), ``counts`` (only reference counts
+    moved), ``content``; ``other`` is copied library data and stacks, ``new``
+    what the source does not have at that address.
+    """
+    found = dict.fromkeys(("same", "counts", "content", "other", "new"), 0)
+    with open(f"/proc/{worker}/mem", "rb") as mine, open(f"/proc/{source}/mem", "rb") as theirs:
+        for line in Path(f"/proc/{worker}/maps").read_text().splitlines():
+            span, *rest = line.split()
+            start, end = (int(part, 16) for part in span.split("-"))
+            name = rest[4] if len(rest) > 4 else ""
+            if name in ("[vvar]", "[vdso]", "[vsyscall]"):
+                continue
+            own, parent = frames(worker, start, end), frames(source, start, end)
+            for index, frame in enumerate(own):
+                if not frame or frame == parent[index]:
+                    continue
+                if not parent[index]:
+                    found["new"] += 1
+                elif name not in ("", "[heap]"):
+                    found["other"] += 1
+                else:
+                    address = start + index * PAGE
+                    mine.seek(address)
+                    theirs.seek(address)
+                    found[page_kind(mine.read(PAGE), theirs.read(PAGE))] += 1
+    return {kind: count * PAGE / MIB for kind, count in found.items()}
+
+
 def title(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -332,7 +392,7 @@ def settle(master: int, workers: int, *, replaced: set[int] = frozenset(), mold:
 
 
 def measure(name: str, command: list[str], port: int, cwd: Path, requests: int, workers: int,
-            refork: bool) -> dict[str, float]:
+            refork: bool, pages: bool) -> dict[str, float]:
     # This checkout's forkserver, not whichever one is installed.
     path = os.pathsep.join(filter(None, [str(cwd), str(FORKSERVER_ROOT), os.environ.get("PYTHONPATH", "")]))
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "site_settings", "PYTHONPATH": path}
@@ -358,6 +418,9 @@ def measure(name: str, command: list[str], port: int, cwd: Path, requests: int, 
             "private_per_worker": statistics.mean(readings[pid]["private"] for pid in serving) / MIB,
             "processes": len(processes),
         }
+        if pages:
+            molds = [pid for pid in processes if "forkserver: mold" in title(pid)]
+            result["pages"] = copied_pages(serving[0], molds[0] if molds else process.pid)
         os.kill(serving[0], signal.SIGTERM)  # replaced (by the mold, with refork) while the clients go on
         latencies = sorted(send(port, 200))
         result["p99_after_replacement_ms"] = latencies[int(len(latencies) * 0.99) - 1] * 1000
@@ -376,9 +439,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="warm-up requests (then half as many more)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--refork-after", default="150", help="forkserver's --refork-after for the refork runs")
+    parser.add_argument("--pages", action="store_true", help="also say how one worker's private memory came to "
+                        "be (pages copied from the mold or master, and what the writes changed); needs root")
     parser.add_argument("--only", default="", help="measure only the servers whose name contains this (the "
                         "preload run is always measured: it is the base of the ratios)")
     args = parser.parse_args()
+    if args.pages and os.geteuid() != 0:
+        parser.error("--pages reads physical page frames from /proc/PID/pagemap, which only root may")
     with tempfile.TemporaryDirectory(prefix="refork-bench-") as directory:
         root = Path(directory)
         make_project(root)
@@ -394,7 +461,7 @@ def main() -> int:
             port = free_port()
             command = [sys.executable, "-m", "forkserver", "site_wsgi:application", "-w", str(args.workers),
                        "-b", f"127.0.0.1:{port}", "--pythonpath", str(root), *options]
-            results[name] = measure(name, command, port, root, args.requests, args.workers, refork)
+            results[name] = measure(name, command, port, root, args.requests, args.workers, refork, args.pages)
             print(f"{name:38} measured", file=sys.stderr)
         if args.only and args.only not in "gunicorn --preload":
             pass
@@ -403,7 +470,7 @@ def main() -> int:
             command = [sys.executable, "-m", "gunicorn", "site_wsgi:application", "-w", str(args.workers),
                        "-b", f"127.0.0.1:{port}", "--preload", "--access-logfile", "/dev/null"]
             results["gunicorn --preload"] = measure("gunicorn", command, port, root, args.requests, args.workers,
-                                                    False)
+                                                    False, args.pages)
         else:
             print("gunicorn is not installed: pip install gunicorn to compare", file=sys.stderr)
     base = results["forkserver --preload"]
@@ -415,6 +482,12 @@ def main() -> int:
         print(f"{name:38} {result['total_pss']:8.1f}Mi {result['total_pss'] / base['total_pss']:9.2f} "
               f"{result['private_per_worker']:13.1f}Mi {result['private_per_worker'] / base['private_per_worker']:9.2f} "
               f"{result['p99_after_replacement_ms']:16.1f}ms")
+    if args.pages:
+        print("\none worker's own pages against the process it was forked from (MiB), heap pages by what changed:")
+        kinds = ("same", "counts", "content", "other", "new")
+        print(f"{'server':38}" + "".join(f" {kind:>8}" for kind in kinds))
+        for name, result in results.items():
+            print(f"{name:38}" + "".join(f" {result['pages'][kind]:8.1f}" for kind in kinds))
     return 0
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +19,7 @@ import requests
 from forkserver.top import fetch
 
 from harness import poll, read_all
+from test_relay import PROMPTLY, SLOW, clients_of_one_worker
 
 READY = 30.0  # deadline for promotions and rollovers on a shared, loaded machine
 MAX_LOAD_REQUESTS = 20000  # the load loop stops here at the latest (or after LOAD_SECONDS)
@@ -310,6 +313,50 @@ def test_a_worker_the_mold_forked_that_fails_to_boot_falls_back_to_the_master(se
         poll(from_the_master, timeout=READY, what="two workers forked from the master, and no mold")
     assert loop.failures == []
     assert "this worker was forked from the mold" in srv.log()
+
+
+def test_on_mold_as_a_function_in_a_gunicorn_config_file_runs_in_the_mold(server, tmp_path):
+    record = tmp_path / "on_mold.json"
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text("import json, os\n"
+                    "refork_after = [20]\n"
+                    "def on_mold(server, worker):\n"
+                    f"    with open({str(record)!r}, 'w') as out:\n"
+                    "        json.dump({'in': os.getpid(), 'server': server.pid, 'worker': worker.pid}, out)\n")
+    conf.chmod(0o644)
+    srv = server("-c", str(conf), "refork_app:app", "-w", "2", workers=2)
+    with load(srv.url) as loop:
+        mold = wait_rolled_over(srv, loop, 2)
+    assert loop.failures == []
+    assert json.loads(record.read_text()) == {"in": mold, "server": srv.pid, "worker": mold}
+
+
+def test_the_relay_works_in_a_reforked_pool_and_the_mold_forks_without_its_thread(server):
+    srv = server("relay_apps:app", "-w", "2", "--keep-alive", "30", "--refork-after", "10", workers=2)
+    originals = set(srv.worker_pids())
+
+    def rolled_over() -> bool:
+        requests.get(srv.url, headers={"Connection": "close"}, timeout=10)
+        workers = serving(srv)
+        return the_mold(srv) is not None and len(workers) == 2 and not set(workers) & originals
+
+    poll(rolled_over, timeout=READY, what="a mold, and two workers it forked")
+    mold = the_mold(srv)
+    assert psutil.Process(mold).num_threads() == 1, "the relay's watcher ended before the mold forked"
+    for pid in serving(srv):
+        assert psutil.Process(pid).ppid() == srv.pid
+        assert psutil.Process(pid).num_threads() == 2, "its own relay watcher runs"
+    busy, clients = clients_of_one_worker(srv.port, 2)
+    slow, quick = clients
+    slow.send(f"/slow/{SLOW}/")
+    time.sleep(0.3)  # well past the relay's threshold, and the slow request is surely running
+    quick.send("/quick")
+    answer = poll(lambda: quick.answered() and quick.receive(), PROMPTLY, interval=0.01,
+                  what="the quick request's answer while the slow one runs")
+    assert answer["pid"] != busy and answer["pid"] in serving(srv), "the other mold-forked worker answers"
+    assert not slow.answered(), "the slow request ended first: the test proves nothing"
+    assert slow.receive()["pid"] == busy
+    assert "about to fork" not in srv.log(), "the relay's channel is the server's, not the app's"
 
 
 def fork_warnings(srv, who: str) -> list[str]:

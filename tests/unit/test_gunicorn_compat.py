@@ -266,6 +266,23 @@ def test_hook_functions_keep_gunicorns_convention_unless_a_later_source_names_a_
     assert overridden.when_ready == "mymodule:ready"
 
 
+def test_forkservers_own_hook_as_a_function_takes_server_and_worker(tmp_path):
+    path = python_conf(tmp_path, """
+        def on_mold(server, worker):
+            pass
+        """)
+    config = load("-c", path, "app:app")
+    assert set(config.gunicorn_hooks) == {"on_mold"} and config.source_of("on_mold") == path
+    overridden = load("-c", path, "app:app", "--on-mold", "mymodule:close")
+    assert overridden.gunicorn_hooks == {} and overridden.on_mold == "mymodule:close"
+    wrong = python_conf(tmp_path, """
+        def on_mold(worker):
+            pass
+        """)
+    with pytest.raises(ConfigError, match=r"on_mold must take 2 arguments \(server, worker\), as forkserver calls"):
+        load("-c", wrong, "app:app")
+
+
 @pytest.mark.parametrize("a, b, expected", [
     ("worker", "workers", True), ("wrokers", "workers", True), ("bnd", "bind", True),
     ("timeot", "timeout", True), ("workers", "workers", False), ("work", "workers", False),
