@@ -63,7 +63,7 @@ def where(code: Any) -> str:
 
 
 class Counter:
-    """Counts the bytecodes (by code object) and the calls into C (by caller) of the thread it traces."""
+    """Counts the bytecodes (by code object and line) and the calls into C (by caller) of the thread it traces."""
 
     def __init__(self) -> None:
         self.bytecodes: collections.Counter[Any] = collections.Counter()
@@ -81,7 +81,7 @@ class Counter:
             frame.f_trace_opcodes = True
             frame.f_trace_lines = False
         elif event == "opcode":
-            self.bytecodes[code] += 1
+            self.bytecodes[(code, frame.f_lineno)] += 1
         return self._trace
 
     def _profile(self, frame: Any, event: str, arg: Any) -> None:
@@ -189,14 +189,18 @@ class DrivenEpoll:
         assert self.start is not None
         per_request = self.requests * self.client.clients
         bytecodes: collections.Counter[str] = collections.Counter()
-        for code, count in end[0].items():
-            bytecodes[where(code)] += count - self.start[0].get(code, 0)
+        lines: collections.Counter[str] = collections.Counter()
+        for (code, line), count in end[0].items():
+            count -= self.start[0].get((code, line), 0)
+            bytecodes[where(code)] += count
+            lines[f"{Path(code.co_filename).name}:{line} ({code.co_name})"] += count
         c_calls: collections.Counter[str] = collections.Counter()
         for (code, name), count in end[1].items():
             c_calls[f"{where(code)} -> {name}"] += count - self.start[1].get((code, name), 0)
         result = {
             "requests": per_request,
             "bytecodes": {name: count / per_request for name, count in bytecodes.items() if count},
+            "lines": {name: count / per_request for name, count in lines.items() if count},
             "c_calls": {name: count / per_request for name, count in c_calls.items() if count},
         }
         Path(self.output + ".part").write_text(json.dumps(result))
@@ -256,12 +260,16 @@ def run_checkout(checkout: Path, close: bool, args: argparse.Namespace) -> dict[
                     server.wait()
 
 
-def print_result(label: str, result: dict[str, Any], top: int) -> None:
+def print_result(label: str, result: dict[str, Any], top: int, by_line: bool) -> None:
     bytecodes, c_calls = result["bytecodes"], result["c_calls"]
     print(f"{label}: {sum(bytecodes.values()):.1f} bytecodes and {sum(c_calls.values()):.1f} calls into C "
           f"per request ({result['requests']} requests); by function:")
     for name, count in sorted(bytecodes.items(), key=lambda item: -item[1])[:top]:
         print(f"  {count:7.1f}  {name}")
+    if by_line:
+        print("  by line:")
+        for name, count in sorted(result["lines"].items(), key=lambda item: -item[1])[:top]:
+            print(f"  {count:7.1f}  {name}")
     print("  calls into C, by caller:")
     for name, count in sorted(c_calls.items(), key=lambda item: -item[1])[:top]:
         print(f"  {count:7.1f}  {name}")
@@ -286,6 +294,7 @@ def main() -> int:
     parser.add_argument("--path", default="/", help="path to request from scripts/bench_apps.py (default /)")
     parser.add_argument("--requests", type=int, default=1000, help="counted wakes (default 1000)")
     parser.add_argument("--warmup", type=int, default=100, help="wakes before the count starts (default 100)")
+    parser.add_argument("--lines", action="store_true", help="also list the source lines that run the most bytecodes")
     parser.add_argument("--top", type=int, default=15, help="functions to list (default 15)")
     args = parser.parse_args()
     checkouts = [Path(checkout).resolve() for checkout in args.checkouts]
@@ -296,7 +305,7 @@ def main() -> int:
         results = [run_checkout(checkout, mode == "close", args) for checkout in checkouts]
         labels = [str(checkout) for checkout in checkouts]
         for label, result in zip(labels, results):
-            print_result(f"{mode}, {label}", result, args.top)
+            print_result(f"{mode}, {label}", result, args.top, args.lines)
         if len(results) == 2:
             print_difference(labels, results, args.top)
         print()
