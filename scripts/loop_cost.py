@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 SCRIPTS = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
 SETTINGS = "LOOP_COST_SETTINGS"  # the environment variable that hands the hook its settings
@@ -251,13 +253,30 @@ def run_checkout(checkout: Path, close: bool, args: argparse.Namespace) -> dict[
                 time.sleep(0.1)
             return json.loads(Path(output).read_text())
         finally:
-            if server.poll() is None:
-                server.send_signal(signal.SIGINT)
-                try:
-                    server.wait(10)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                    server.wait()
+            stop_tree(server)
+
+
+def stop_tree(server: subprocess.Popen[bytes]) -> None:
+    """Stop the master (INT: at once), then KILL whatever of its tree is left, by PID.
+
+    A measured worker puts its sweep off, so it would not notice a master that died.
+    """
+    try:
+        tree = psutil.Process(server.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if server.poll() is None:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def print_result(label: str, result: dict[str, Any], top: int, by_line: bool) -> None:
