@@ -28,7 +28,7 @@ from .logs import AccessLog
 from .proxy import FORWARDING_ENVIRON_KEYS, REQUEST_START_KEYS, Trust, apply_origin, proxy_queue_time, read_forwarded
 from .scoreboard import Scoreboard
 from .stats import Reporter, kernel_wait
-from .wsgi import AppError, Codec, Response, build_environ, run_app
+from .wsgi import AppError, Codec, Response, run_app
 
 log = logging.getLogger("forkserver")
 
@@ -157,7 +157,8 @@ def environ_for(connection: Connection, request: Request) -> dict[str, Any]:
     key = (request.method, request.target, request.version, request.headers)
     if key != connection.environ_of:
         service = connection.service
-        environ = build_environ(request, connection.base_environ, connection.remote, service.codec)
+        environ = service.codec.environ(key, request, connection.base_environ).copy()
+        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = connection.remote
         if connection.trusted and not environ.keys().isdisjoint(FORWARDING_ENVIRON_KEYS):
             apply_origin(environ, read_forwarded(request.headers, service.trust))
         connection.environ_of, connection.environ = key, environ

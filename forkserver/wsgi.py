@@ -90,11 +90,12 @@ FIELD_CACHE_SIZE = 2048
 DIGITS = re.compile(r"[0-9]+\Z")
 
 
-def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str], codec: Codec) -> dict[str, Any]:
-    """Build the environ of a request (PEP 3333 §"environ Variables"), all but ``wsgi.input``.
+def build_environ(request: Request, base: dict[str, Any], codec: Codec) -> dict[str, Any]:
+    """Build the environ of a request (PEP 3333 §"environ Variables"), all but ``wsgi.input`` and the peer.
 
-    ``remote`` is the socket's peer; what a trusted proxy says about the
-    client is applied afterwards (``forkserver.proxy.apply_origin``).
+    The caller adds ``REMOTE_ADDR`` and ``REMOTE_PORT``, the socket's peer;
+    what a trusted proxy says about the client is applied after that
+    (``forkserver.proxy.apply_origin``).
     """
     environ = base.copy()
     environ.update(codec.header_environ(request.headers))
@@ -118,7 +119,6 @@ def build_environ(request: Request, base: dict[str, Any], remote: tuple[str, str
     environ["QUERY_STRING"] = query.partition(b"#")[0].decode("latin-1") if query else ""
     environ["RAW_URI"] = raw.decode("latin-1")
     environ["SERVER_PROTOCOL"] = _PROTOCOLS[request.version]
-    environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
     if request.chunked:
         environ.pop("CONTENT_LENGTH", None)
     return environ
@@ -144,8 +144,26 @@ class Codec:
         # apps answer with an equal list every time, and comparing lists is
         # cheaper than looking up each field.
         self._last_headers: tuple[list[tuple[str, str]], tuple[bytes, int | None]] = ([], (b"", None))
+        # The last environ built for a new connection's request (see ``environ``):
+        # its request line and fields, the base it was built on, and the environ.
+        self._last_environ: tuple[tuple[Any, ...], dict[str, Any] | None, dict[str, Any]] = ((), None, {})
 
     # -- request header fields to environ entries ------------------------------------
+
+    def environ(self, key: tuple[Any, ...], request: Request, base: dict[str, Any]) -> dict[str, Any]:
+        """``build_environ(request, base)``, shared: the caller copies it and never changes it.
+
+        ``key`` is the request's method, target, version and header fields,
+        all the environ is made of besides ``base``.  A new connection often
+        sends what the one before it sent (a health checker, a proxy, the
+        same client again); the last environ built is kept for it, so such a
+        connection's first request pays for a copy instead of a build.
+        """
+        last_key, last_base, environ = self._last_environ
+        if last_base is not base or last_key != key:
+            environ = build_environ(request, base, self)
+            self._last_environ = (key, base, environ)
+        return environ
 
     def header_environ(self, headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
         """Map request header fields to their environ entries (``HTTP_*``, ``CONTENT_*``).

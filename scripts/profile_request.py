@@ -26,7 +26,7 @@ it, without the master, signals or the event loop) accepts on a loopback TCP
 listener, and each cycle is a client connecting, sending one GET, reading the
 answer and closing. ``close``: the request says ``Connection: close``, so the
 worker accepts, reads, serves and closes inside one ``_accept`` call (with
-its failed accept at the end of the batch). ``keep-alive``: the connection
+its look for a second connection at the end). ``keep-alive``: the connection
 stays open, is registered with epoll, and is closed when the client's EOF is
 read. Printed: time per cycle against a floor (the same client, and a server
 side that only accepts, reads, sends a canned reply and closes, with no
@@ -268,7 +268,7 @@ def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], r
     """Time the steps of ``Worker._accept`` one by one, in sequence, on fresh connections; and the floor's.
 
     The steps are restated here (accept and wrap, Connection, receive, serve,
-    close, the batch's failed accept) so a clock can sit between them: keep
+    close, the batch's look for a second connection) so a clock can sit between them: keep
     them in step with ``Worker._accept`` when it changes. Each step is timed
     where it really runs, cold caches and all, unlike a step repeated alone.
     """
@@ -292,10 +292,7 @@ def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], r
         yield
         connection.close()
         yield
-        try:
-            listener._accept()
-        except BlockingIOError:
-            pass
+        entrance.queued(0)
         yield
 
     def floor_steps() -> Iterator[None]:  # system calls only, as scripts/floor_server.py makes them
@@ -311,7 +308,7 @@ def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], r
     print(f"  in steps (server side, {count} connections, Connection: close): ", end="")
     time_steps(address, request, count, forkserver_steps,
                ("accept + socket object + setblocking", "Connection() and its parser", "receive (recv + parse)",
-                "serve (environ, app, response, send)", "close", "the batch's failed accept (EAGAIN)"))
+                "serve (environ, app, response, send)", "close", "the batch's look for a second connection (poll)"))
     print("  the floor's steps: ", end="")
     time_steps(address, request, count, floor_steps, ("accept + socket object + setblocking", "recv", "send", "close"))
 
@@ -369,7 +366,8 @@ def main() -> int:
         parsed = request_parser.feed(request)[0]
         base = base_environ("127.0.0.1", "8000", False)
         codec = Codec()
-        environ = build_environ(parsed, base, ("127.0.0.1", "40000"), codec)
+        environ = build_environ(parsed, base, codec)
+        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = "127.0.0.1", "40000"
         environ["wsgi.input"] = io.BytesIO()
         output = NullOutput()
         exchange = Exchange(service.limits, service.date, service.closing)
@@ -381,7 +379,7 @@ def main() -> int:
             exchange.reuse()
 
         parse = best_per_call(lambda: request_parser.feed(request), count)
-        build = best_per_call(lambda: build_environ(parsed, base, ("127.0.0.1", "40000"), codec), count)
+        build = best_per_call(lambda: build_environ(parsed, base, codec), count)
         respond = best_per_call(respond_once, count)
 
         print(f"GET {args.path}: {total * 1e6:.1f} us per request, of which {socket_floor * 1e6:.1f} us "

@@ -168,7 +168,7 @@ def requests_of(events: list[Any]) -> list[tuple[Request, bytes]]:
 
 
 def environ_of(request: Request) -> dict[str, Any]:
-    return build_environ(request, base_environ("localhost", "80", False), ("127.0.0.1", "1"), Codec())
+    return build_environ(request, base_environ("localhost", "80", False), Codec())
 
 
 def check_environ(environ: dict[str, Any], body: str, expected: dict[str, Any]) -> None:

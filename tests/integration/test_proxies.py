@@ -153,6 +153,30 @@ def test_untrusted_peer_changes_nothing(server):
     assert environ["HTTP_FORWARDED"] == "for=192.0.2.60;proto=https;host=fw.example"
 
 
+def test_the_same_request_from_trusted_and_untrusted_peers_gets_each_its_own_client(server):
+    """A worker shares the environ built for one connection's request with the next that sends the same;
+    the peer, and what a trusted proxy says of the client, must stay each connection's own."""
+    srv = server("basic:echo", "-w", "1", "--forwarded-allow-ips", "127.0.0.2")
+    data = request(FORWARDED_HEADERS)
+
+    def from_source(source: str) -> tuple[dict, int]:
+        with socket.socket() as conn:
+            conn.settimeout(10)
+            conn.bind((source, 0))
+            conn.connect(("127.0.0.1", srv.port))
+            conn.sendall(data)
+            return environ_of(read_all(conn)), conn.getsockname()[1]
+
+    for source in ("127.0.0.2", "127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.1"):
+        environ, port = from_source(source)
+        if source == "127.0.0.2":  # the trusted proxy
+            assert (environ["REMOTE_ADDR"], environ["REMOTE_PORT"]) == ("203.0.113.7", ""), source
+            assert environ["wsgi.url_scheme"] == "https" and environ["HTTP_HOST"] == "shop.example"
+        else:
+            assert (environ["REMOTE_ADDR"], environ["REMOTE_PORT"]) == ("127.0.0.1", str(port)), source
+            assert environ["wsgi.url_scheme"] == "http" and environ["HTTP_HOST"] == "origin.example"
+
+
 def test_cidr_trust_list_trusts_loopback_network(server):
     srv = server("basic:echo", "-w", "1", "--forwarded-allow-ips", "10.0.0.0/8, 127.0.0.0/8")
     environ = environ_of(exchange(request(b"X-Forwarded-For: 203.0.113.7, 127.0.0.5\r\n"), port=srv.port))

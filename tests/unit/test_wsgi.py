@@ -58,7 +58,8 @@ def serve(app: Any, request: bytes = GET, codec: Codec | None = None) -> tuple[R
     exchange = Exchange(Limits(), DateHeader(), Closing())
     exchange.receive(request)
     parsed = exchange.start()
-    environ = build_environ(parsed, base_environ("localhost", "80", False), ("127.0.0.1", "5"), codec)
+    environ = build_environ(parsed, base_environ("localhost", "80", False), codec)
+    environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = "127.0.0.1", "5"
     output = Recorded()
     response = Response(exchange, output, codec)
     run_app(app, environ, response)
@@ -79,13 +80,30 @@ def test_environ_maps_the_request():
     codec = Codec()
     exchange = Exchange(Limits(), DateHeader(), Closing())
     exchange.receive(GET)
-    environ = build_environ(exchange.start(), base_environ("localhost", "80", False), ("127.0.0.1", "5"), codec)
+    environ = build_environ(exchange.start(), base_environ("localhost", "80", False), codec)
     assert environ["REQUEST_METHOD"] == "GET" and environ["PATH_INFO"] == "/p" and environ["QUERY_STRING"] == "q=1"
     assert environ["HTTP_COOKIE"] == "a=1; b=2" and environ["HTTP_X_FORWARDED_FOR"] == "1.2.3.4"
-    assert environ["REMOTE_ADDR"] == "127.0.0.1" and environ["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert environ["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert "REMOTE_ADDR" not in environ and "REMOTE_PORT" not in environ  # the connection's, added by its caller
     # A second build from the codec's remembered keys is the same.
-    assert build_environ(exchange.request, base_environ("localhost", "80", False), ("127.0.0.1", "5"),
-                         codec) == environ
+    assert build_environ(exchange.request, base_environ("localhost", "80", False), codec) == environ
+
+
+def test_the_codec_shares_the_last_environ_only_for_the_same_request_on_the_same_base():
+    codec = Codec()
+    first, second = base_environ("localhost", "80", False), base_environ("localhost", "80", False)
+    requests = []
+    for data in (GET, GET.replace(b"/p?q=1", b"/other")):
+        exchange = Exchange(Limits(), DateHeader(), Closing())
+        exchange.receive(data)
+        request = exchange.start()
+        requests.append(((request.method, request.target, request.version, request.headers), request))
+    (key, request), (other_key, other) = requests
+    environ = codec.environ(key, request, first)
+    assert environ == build_environ(request, first, codec)
+    assert codec.environ(key, request, first) is environ
+    assert codec.environ(key, request, second) is not environ  # another listener's base: built anew
+    assert codec.environ(other_key, other, second)["PATH_INFO"] == "/other"
 
 
 def test_a_header_name_with_underscore_is_dropped():
