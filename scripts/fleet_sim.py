@@ -262,10 +262,12 @@ HEADER = (f"{'':{len(COUNTS)}}   {'latency, ms':<{len(SPREAD)}}   queue time, ms
 
 
 def spread(values: list[float]) -> str:
-    """p50, p90, p99 and max of ``values`` (seconds) in milliseconds, under SPREAD's headings."""
+    """p50, p90, p99 and max of ``values`` (seconds) in milliseconds, under SPREAD's headings; dashes if none."""
+    if not values:
+        return f"{'-':>6} {'-':>6} {'-':>6} {'-':>7}"
     ordered = sorted(values)
     p50, p90, p99 = (percentile(ordered, share) * 1000 for share in SHARES)
-    return f"{p50:>6.1f} {p90:>6.1f} {p99:>6.1f} {ordered[-1] * 1000 if ordered else 0.0:>7.1f}"
+    return f"{p50:>6.1f} {p90:>6.1f} {p99:>6.1f} {ordered[-1] * 1000:>7.1f}"
 
 
 def report(phase: str, results: list[Outcome], before: dict[str, int], after: dict[str, int]) -> int:
@@ -337,6 +339,8 @@ def main() -> int:
             after = proxy.backend_counters()
             errors += report(name, load.take(), counters, after)
             counters = after
+        if load.sent >= args.max_requests:
+            print(f"the load stopped at --max-requests {args.max_requests}: later phases ran without it")
     finally:
         if load is not None:
             load.finish()
