@@ -14,7 +14,7 @@ through HAProxy, each on a new connection and each taking ``--app-ms`` in the
 app, while the script
 
 1. restarts every instance in turn (TERM, wait for the exit, start a new one
-   on the same port, wait until HAProxy has it UP again), then
+   on the same port, wait until it serves and HAProxy has it UP again), then
 2. scales down by stopping the last instance for good.
 
 For each phase it prints the requests sent, client errors, HAProxy's retries,
