@@ -303,6 +303,9 @@ class Worker:
             self.threads.append(threading.Thread(target=self._run_jobs, args=(thread,), daemon=True))
             self.threads[-1].start()
         log.debug("worker ready slot=%d pid=%d gen=%d", spec.slot, self.pid, spec.generation)
+        # Booted: say idle now, not at the first wait that times out, which
+        # health checks arriving faster than that would put off for good.
+        self._show_idle()
         self._notify(f"ready {self.pid}")
         self._loop()
         self._flush_access_log()

@@ -272,3 +272,41 @@ def test_term_with_shutdown_delay_behind_haproxy_loses_no_request_and_refuses_no
                             f"{proxy.log()}"
     assert not leaving_pids & set(load.pids[served_before:]), "the stopped instance served after it exited"
     assert "graceful stop after a shutdown delay" in leaving.log()
+
+
+def test_a_worker_booted_under_frequent_health_checks_says_idle_not_booting(server):
+    """A new worker's title leaves "booting" once it is ready, however often the health checker calls.
+
+    It used to change only at the first wait without events, which health
+    checks every few hundred milliseconds never let come.
+    """
+    srv = server(APP, "-w", "1", "--health-path", "/healthz", workers=1)
+    first = srv.worker_pids()
+    checking = threading.Event()
+    checking.set()
+
+    def check_health() -> None:
+        end = time.monotonic() + 2 * DEADLINE
+        while checking.is_set() and time.monotonic() < end:
+            get(srv.port, "/healthz")
+            time.sleep(0.05)
+
+    checker = threading.Thread(target=check_health, daemon=True)
+    checker.start()
+    try:
+        srv.signal(signal.SIGHUP)  # its replacement boots while the checks keep coming
+        poll(lambda: (pids := srv.worker_pids()) and set(pids).isdisjoint(first), DEADLINE, what="a new worker")
+
+        def says_idle() -> bool:
+            for pid in set(srv.worker_pids()) - set(first):
+                try:
+                    if " idle, " in " ".join(psutil.Process(pid).cmdline()):
+                        return True
+                except psutil.NoSuchProcess:
+                    pass
+            return False
+
+        poll(says_idle, DEADLINE, what="the new worker's title to say idle")
+    finally:
+        checking.clear()
+        checker.join(DEADLINE)
