@@ -181,7 +181,6 @@ def profile_connection(mode: str, path: str, count: int, show_profile: bool) -> 
     expected = 0  # bytes of one keep-alive response, learned on the first cycle
 
     def cycle() -> None:
-        nonlocal expected
         client = new_client(family, stream)
         client.connect(address)
         client.send(request)

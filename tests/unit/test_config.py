@@ -8,7 +8,6 @@ and what was expected.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 import sys

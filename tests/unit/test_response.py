@@ -10,7 +10,6 @@ import re
 import time
 from email.utils import parsedate_to_datetime
 
-import httptools
 import pytest
 
 from forkserver.http.errors import (
