@@ -183,6 +183,7 @@ class Master:
         self.pidfile: Pidfile | None = None
         self.new_master = 0  # PID of the master a USR2 started, while it runs
         self.stopping = False
+        self.stop_began = 0.0  # when a graceful stop began: replacements forked in its delay drain with the rest
         self.stop_deadline = 0.0
         self.close_listeners_at = 0.0  # TERM with shutdown_delay: when our copies of the listeners go
         self.started = False  # a worker of the first generation became ready
@@ -387,18 +388,20 @@ class Master:
                         self.statsd.send_if_due(self.statsd_snapshot)
                     if self.status is not None:
                         self.status.handle_ready()
-                    if self.stopping:
+                    self.kill_hung()  # while stopping too: a hung worker must not hold the stop up
+                    self.report_lost_log_lines()
+                    if self.stopping and not self.replaces_workers():
+                        if self.listeners:
+                            self.close_listeners()  # the shutdown delay is over; the workers drain
                         if not self.pool.workers:
                             break
-                        if self.close_listeners_at and time.monotonic() >= self.close_listeners_at:
-                            self.close_listeners()  # the shutdown delay is over; the workers drain
                         self.enforce_stop_deadline()
                         continue
-                    self.kill_hung()
-                    self.check_memory()
-                    self.report_lost_log_lines()
+                    # In a shutdown delay the pool only keeps its strength: no recycling, no refork.
+                    if not self.stopping:
+                        self.check_memory()
                     self.spawn_missing()
-                    if self.refork is not None:
+                    if self.refork is not None and not self.stopping:
                         self.tend_refork()
                 except ForkserverError:
                     raise
@@ -521,9 +524,10 @@ class Master:
                 self.forget_refork(handle, how)
                 if handle.is_mold:
                     continue
-            if not self.stopping and handle.generation == self.generation:
+            replaced = self.replaces_workers()
+            if replaced and handle.generation == self.generation:
                 self.respawn_due.add(handle.slot)
-            if self.stopping or handle.retiring:
+            if not replaced or handle.retiring:
                 log.info("worker exited slot=%d pid=%d gen=%d %s", handle.slot, handle.pid, handle.generation, how)
             elif not handle.ready:
                 self.on_boot_failure(handle, f"worker slot={handle.slot} died during boot ({how})",
@@ -704,7 +708,8 @@ class Master:
 
     def spawn(self, slot: int) -> None:
         """Start a worker in ``slot``: forked by the refork mold if there is one, else by us."""
-        source = self.fork_source()
+        # A stop under way has told the mold to leave too: the master forks.
+        source = "master" if self.stopping else self.fork_source()
         if source == "mold":
             self.ask_mold(slot)
             return
@@ -722,6 +727,7 @@ class Master:
             refork_channel=None if provisions.refork_ends is None else provisions.refork_ends[1],
             tls_context=self.tls_context, tls_listeners=self.tls_listeners,
             relay_channel=None if provisions.relay_ends is None else provisions.relay_ends[1],
+            stop_began=self.stop_began,
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
         try:
@@ -751,7 +757,13 @@ class Master:
                 log.exception("worker crashed slot=%d", slot)
             finally:
                 os._exit(code)
-        self.admit(pid, slot, self.generation, provisions)
+        handle = self.admit(pid, slot, self.generation, provisions)
+        if self.stopping:
+            # A replacement in the shutdown delay: like every worker since
+            # the TERM it answers the health path with 503 and drains with
+            # the others (WorkerSpec.stop_began); the TERM waits, blocked,
+            # until its handlers are in place.
+            self.signal_worker(handle, signal.SIGTERM)
 
     def provide(self, *, for_mold: bool) -> Provisions:
         """Make a new worker's scoreboard, channels and accept-board seat, before it is forked."""
@@ -1135,7 +1147,7 @@ class Master:
             cause = "killed_timeout"
         elif handle.recycled:
             cause = "recycled"
-        elif handle.retiring or self.stopping:
+        elif handle.retiring or not self.replaces_workers():
             cause = "exited"
         else:
             cause = "died"
@@ -1434,6 +1446,7 @@ class Master:
         if self.stopping and graceful:
             return
         self.stopping = True
+        self.stop_began = time.monotonic()
         delay = self.config.shutdown_delay if graceful else 0.0
         grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
         self.stop_deadline = time.monotonic() + delay + grace + (1.0 if graceful else 0.0)
@@ -1452,6 +1465,15 @@ class Master:
             self.close_listeners()
         for handle in list(self.pool.workers.values()):
             self.signal_worker(handle, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def replaces_workers(self) -> bool:
+        """Does a worker that dies or hangs get a successor now?
+
+        Yes, except in a stop's drain: through a TERM's ``shutdown_delay``
+        load balancers may still send us their share, so the pool is kept
+        at full strength until the delay is over.
+        """
+        return not self.stopping or time.monotonic() < self.close_listeners_at
 
     def enforce_stop_deadline(self) -> None:
         if time.monotonic() < self.stop_deadline:

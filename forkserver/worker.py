@@ -119,6 +119,9 @@ class WorkerSpec:
     tls_context: Any = None  # the master's ssl.SSLContext, with certfile set (forkserver.tls)
     tls_listeners: tuple[Listener, ...] = ()  # the listeners whose connections speak TLS
     relay_channel: socket.socket | None = None  # our end of the connection relay (forkserver.relay)
+    # Forked during a TERM's shutdown delay (a replacement): when the master
+    # got the TERM, so that we drain when the workers told then do.
+    stop_began: float = 0.0
 
 
 class Entrance:
@@ -149,7 +152,7 @@ class Worker:
         self.term_received = False
         self.stop_deadline = 0.0
         # TERM with shutdown_delay: when it came, and when the drain begins; 0 otherwise.
-        self.term_at = 0.0
+        self.term_at = spec.stop_began
         self.drain_at = 0.0
         self.connections: dict[int, Connection] = {}
         self.deadlines: dict[int, float] = {}  # fd -> when an idle connection is closed
