@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import __version__, libc, refork, relay, systemd
+from . import __version__, libc, preflight, refork, relay, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .collector import StatsCollector
@@ -48,11 +48,11 @@ from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .refork import PendingFork, ReforkState
 from .reloader import Reloader
-from .safefiles import check_locations, reason
+from .safefiles import reason
 from .sampler import BACKLOG_SAMPLE_INTERVAL, BacklogWatch, ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
-from .sockets import Listener, adopt, bind_all, describe, parse_address, remove_unanswered
+from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
 from .sources import load_config
 from .upgrade import oldbin_path, start_new_master
 from .worker import Worker, WorkerSpec
@@ -98,16 +98,6 @@ def share_stdlib() -> None:
     """
     for name in SHARED_STDLIB:
         importlib.import_module(name)
-
-
-def written_files(config: Config) -> list[tuple[str, str]]:
-    """(setting, path) for every file the master creates or writes: logs, pid file, UNIX sockets."""
-    places = [(name, path) for name, path in (("error_logfile", config.error_logfile),
-                                               ("access_logfile", config.access_logfile),
-                                               ("pid", config.pid)) if path and path != "-"]
-    for name, addresses in (("bind", config.bind), ("tls_bind", config.tls_bind), ("stats_bind", (config.stats_bind,))):
-        places += [(name, parse_address(text).path) for text in addresses if text.startswith("unix:")]
-    return places
 
 
 @dataclasses.dataclass(eq=False)
@@ -227,7 +217,7 @@ class Master:
     def start(self) -> None:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
-        check_locations(written_files(config))  # before any of them exists: all problems at once
+        preflight.refuse(preflight.start_problems(config))  # before anything is bound or written
         if config.certfile:
             # Deferred: a start without TLS does not import ssl.  Read here, by
             # the master, before anything is bound: a bad file is one line.
