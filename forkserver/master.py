@@ -173,7 +173,7 @@ class Master:
         self.pidfile: Pidfile | None = None
         self.new_master = 0  # PID of the master a USR2 started, while it runs
         self.stopping = False
-        self.stop_began = 0.0  # when a graceful stop began: replacements forked in its delay drain with the rest
+        self.stop_began = 0.0  # when the stop began: replacements forked in a shutdown delay drain with the rest
         self.stop_deadline = 0.0
         self.close_listeners_at = 0.0  # TERM with shutdown_delay: when our copies of the listeners go
         self.started = False  # a worker of the first generation became ready
