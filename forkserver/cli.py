@@ -13,12 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .config import environment_of
+from . import __version__, preflight
 from .errors import ConfigError, ForkserverError
 from .hooks import Hooks
-from .loader import collector_paused, load_app, parse_spec, prepare_path
-from .sockets import parse_address
+from .loader import collector_paused, load_app, parse_spec
 from .sources import build_arg_parser, load_config, render_toml
 
 
@@ -80,15 +78,8 @@ def run(argv: Sequence[str]) -> int:
                           "(wsgi_app in a gunicorn config file)")
     parse_spec(config.app)  # a malformed spec fails before anything is bound
     if invocation.check_only:
-        # Check the addresses and import the app as a worker would, but bind nothing and fork nothing.
-        for address in (*config.bind, *config.tls_bind):
-            parse_address(address)
-        if config.certfile:
-            from .tls import build_context  # deferred: only TLS needs ssl
-
-            build_context(config)  # the certificate, key and CA files load, as the master will load them
-        os.environ.update(environment_of(config))
-        prepare_path(config.chdir, config.pythonpath)
+        # Everything a start checks, but bind nothing, write nothing and fork nothing.
+        preflight.check(config)
         Hooks(config)  # every hook imports and takes the arguments it will be given
         load_app(config.app)
         workers = config.workers or "auto"  # AUTO_WORKERS: sized by the master at start

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import __version__, libc, refork, relay, systemd
+from . import __version__, libc, preflight, refork, relay, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .collector import StatsCollector
@@ -48,11 +48,11 @@ from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from .refork import ReforkSupervisor
 from .reloader import Reloader
-from .safefiles import check_locations, reason
+from .safefiles import reason
 from .sampler import BACKLOG_SAMPLE_INTERVAL, BacklogWatch, ProcessSampler, listener_stats
 from .scoreboard import Scoreboard
 from .signals import Wakeup
-from .sockets import Listener, adopt, bind_all, describe, parse_address, remove_unanswered
+from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
 from .sources import load_config
 from .upgrade import oldbin_path, start_new_master
 from .workerspec import WorkerMain, WorkerSpec
@@ -97,16 +97,6 @@ def share_stdlib() -> None:
     """
     for name in SHARED_STDLIB:
         importlib.import_module(name)
-
-
-def written_files(config: Config) -> list[tuple[str, str]]:
-    """(setting, path) for every file the master creates or writes: logs, pid file, UNIX sockets."""
-    places = [(name, path) for name, path in (("error_logfile", config.error_logfile),
-                                               ("access_logfile", config.access_logfile),
-                                               ("pid", config.pid)) if path and path != "-"]
-    for name, addresses in (("bind", config.bind), ("tls_bind", config.tls_bind), ("stats_bind", (config.stats_bind,))):
-        places += [(name, parse_address(text).path) for text in addresses if text.startswith("unix:")]
-    return places
 
 
 @dataclasses.dataclass(eq=False)
@@ -184,6 +174,7 @@ class Master:
         self.pidfile: Pidfile | None = None
         self.new_master = 0  # PID of the master a USR2 started, while it runs
         self.stopping = False
+        self.stop_began = 0.0  # when the stop began: replacements forked in a shutdown delay drain with the rest
         self.stop_deadline = 0.0
         self.close_listeners_at = 0.0  # TERM with shutdown_delay: when our copies of the listeners go
         self.started = False  # a worker of the first generation became ready
@@ -227,7 +218,7 @@ class Master:
     def start(self) -> None:
         """Open logs, bind, preload and daemonize; raise ForkserverError on any problem."""
         config = self.config
-        check_locations(written_files(config))  # before any of them exists: all problems at once
+        preflight.refuse(preflight.start_problems(config))  # before anything is bound or written
         if config.certfile:
             # Deferred: a start without TLS does not import ssl.  Read here, by
             # the master, before anything is bound: a bad file is one line.
@@ -389,18 +380,20 @@ class Master:
                         self.statsd.send_if_due(self.statsd_snapshot)
                     if self.status is not None:
                         self.status.handle_ready()
-                    if self.stopping:
+                    self.kill_hung()  # while stopping too: a hung worker must not hold the stop up
+                    self.report_lost_log_lines()
+                    if self.stopping and not self.replaces_workers():
+                        if self.listeners:
+                            self.close_listeners()  # the shutdown delay is over; the workers drain
                         if not self.pool.workers:
                             break
-                        if self.close_listeners_at and time.monotonic() >= self.close_listeners_at:
-                            self.close_listeners()  # the shutdown delay is over; the workers drain
                         self.enforce_stop_deadline()
                         continue
-                    self.kill_hung()
-                    self.check_memory()
-                    self.report_lost_log_lines()
+                    # In a shutdown delay the pool only keeps its strength: no recycling, no refork.
+                    if not self.stopping:
+                        self.check_memory()
                     self.spawn_missing()
-                    if self.refork is not None:
+                    if self.refork is not None and not self.stopping:
                         self.refork.tend()
                 except ForkserverError:
                     raise
@@ -523,9 +516,10 @@ class Master:
                 self.refork.forget(handle, how)
                 if handle.is_mold:
                     continue
-            if not self.stopping and handle.generation == self.generation:
+            replaced = self.replaces_workers()
+            if replaced and handle.generation == self.generation:
                 self.respawn_due.add(handle.slot)
-            if self.stopping or handle.retiring:
+            if not replaced or handle.retiring:
                 log.info("worker exited slot=%d pid=%d gen=%d %s", handle.slot, handle.pid, handle.generation, how)
             elif not handle.ready:
                 self.on_boot_failure(handle, f"worker slot={handle.slot} died during boot ({how})",
@@ -718,7 +712,8 @@ class Master:
 
     def spawn(self, slot: int) -> None:
         """Start a worker in ``slot``: forked by the refork mold if there is one, else by us."""
-        if self.refork is not None:
+        # A stop under way has told the mold to leave too: the master forks.
+        if self.refork is not None and not self.stopping:
             source = self.refork.fork_source()
             if source == "mold":
                 self.refork.ask_mold(slot)
@@ -737,6 +732,7 @@ class Master:
             refork_channel=None if provisions.refork_ends is None else provisions.refork_ends[1],
             tls_context=self.tls_context, tls_listeners=self.tls_listeners,
             relay_channel=provisions.relay_ends[1],
+            stop_began=self.stop_began,
         )
         self.hooks.run("pre_fork", HookContext(self.config, self.pid, slot, self.generation))
         try:
@@ -766,7 +762,13 @@ class Master:
                 log.exception("worker crashed slot=%d", slot)
             finally:
                 os._exit(code)
-        self.admit(pid, slot, self.generation, provisions)
+        handle = self.admit(pid, slot, self.generation, provisions)
+        if self.stopping:
+            # A replacement in the shutdown delay: like every worker since
+            # the TERM it answers the health path with 503 and drains with
+            # the others (WorkerSpec.stop_began); the TERM waits, blocked,
+            # until its handlers are in place.
+            self.signal_worker(handle, signal.SIGTERM)
 
     def request_limits(self) -> dict[str, float]:
         """A new worker's scoreboard limits: ``timeout``, and how far an app may move a request's deadline."""
@@ -882,7 +884,7 @@ class Master:
             cause = "killed_timeout"
         elif handle.recycled:
             cause = "recycled"
-        elif handle.retiring or self.stopping:
+        elif handle.retiring or not self.replaces_workers():
             cause = "exited"
         else:
             cause = "died"
@@ -1184,6 +1186,7 @@ class Master:
         if self.stopping and graceful:
             return
         self.stopping = True
+        self.stop_began = time.monotonic()
         delay = self.config.shutdown_delay if graceful else 0.0
         grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
         self.stop_deadline = time.monotonic() + delay + grace + (1.0 if graceful else 0.0)
@@ -1202,6 +1205,15 @@ class Master:
             self.close_listeners()
         for handle in list(self.pool.workers.values()):
             self.signal_worker(handle, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def replaces_workers(self) -> bool:
+        """Does a worker that dies or hangs get a successor now?
+
+        Yes, except in a stop's drain: through a TERM's ``shutdown_delay``
+        load balancers may still send us their share, so the pool is kept
+        at full strength until the delay is over.
+        """
+        return not self.stopping or time.monotonic() < self.close_listeners_at
 
     def enforce_stop_deadline(self) -> None:
         if time.monotonic() < self.stop_deadline:

@@ -27,7 +27,6 @@ import stat
 import tempfile
 from collections.abc import Iterable
 
-from .errors import ConfigError
 
 LINK_REFUSED = "it is a symbolic link, and forkserver never follows one where it writes as root"
 
@@ -132,11 +131,11 @@ def unsafe_directory(path: str) -> str | None:
         directory = parent
 
 
-def check_locations(places: Iterable[tuple[str, str]]) -> None:
-    """Refuse to start if any (setting, path) sits where a link could be planted or is one.
+def location_problems(places: Iterable[tuple[str, str]]) -> list[str]:
+    """One line for each (setting, path) that sits where a link could be planted, or is one.
 
-    Raises one ConfigError naming every problem, one per line, before the
-    master has created any file, so the operator fixes them all at once.
+    Checked before the master has created any file, and all at once, so the
+    operator fixes every problem in one go.
     """
     problems = []
     for setting, path in places:
@@ -147,5 +146,4 @@ def check_locations(places: Iterable[tuple[str, str]]) -> None:
                             "(or one with the sticky bit, like /tmp)")
         elif os.path.islink(path):
             problems.append(f"{setting}: '{path}': {LINK_REFUSED}; name the file itself")
-    if problems:
-        raise ConfigError("\n".join(problems))
+    return problems

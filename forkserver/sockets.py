@@ -222,17 +222,30 @@ def bind(address: Address, *, backlog: int, reuse_port: bool, unix_mode: int) ->
     return listener
 
 
+def _reuse_port_holder(sock: socket.socket) -> bool:
+    """Is ``sock`` what ``bind`` makes under ``reuse_port``: a TCP socket bound with SO_REUSEPORT, not listening?
+
+    That is what an upgrading master hands over for such an address; its
+    workers listen on their own sockets, and the new master's will too.
+    """
+    return (sock.family in (socket.AF_INET, socket.AF_INET6)
+            and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+            and sock.getsockname()[1] != 0)
+
+
 def _inherit(address: Address, backlog: int) -> Listener:
     try:
         sock = socket.socket(fileno=address.fd)
     except OSError as exc:
         raise BindError(f"bind {address.text!r}: descriptor {address.fd} is not a socket ({exc.strerror})") from None
-    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+    listening = sock.type == socket.SOCK_STREAM and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    reuse_port = sock.type == socket.SOCK_STREAM and not listening and _reuse_port_holder(sock)
+    if not listening and not reuse_port:
         sock.detach()
         raise BindError(f"bind {address.text!r}: descriptor {address.fd} is not a listening stream socket")
     sock.set_inheritable(False)
     sock.setblocking(False)
-    listener = Listener(address, sock, backlog=backlog)
+    listener = Listener(address, sock, reuse_port=reuse_port, backlog=backlog)
     listener.name = _server_name(sock)
     return listener
 

@@ -216,6 +216,19 @@ def _is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
+def exposure_problem(address: str, host: str) -> str | None:
+    """Why stats may not bind ``address`` (which binds ``host``) without ``stats_allow_ips``; None if it may.
+
+    The endpoint has no authentication and shows request paths, so only
+    loopback may reach it unless the clients allowed are named.
+    """
+    if _is_loopback(host):
+        return None
+    return (f"stats_bind {address!r} binds {host}, reachable from other hosts, and the stats endpoint has "
+            "no authentication: bind 127.0.0.1 or unix:PATH, or set stats_allow_ips to the clients "
+            "that may read it (for Prometheus in Kubernetes, its pods' network, e.g. [\"10.0.0.0/8\"])")
+
+
 class _Client:
     """One accepted connection: bytes read so far, bytes still to write, and when to give up."""
 
@@ -242,12 +255,10 @@ class StatusServer:
             raise BindError(f"stats-bind {address!r}: not a listening socket")
         tcp = self.listener.sock.family in (socket.AF_INET, socket.AF_INET6)
         host = self.listener.sock.getsockname()[0] if tcp else ""
-        if tcp and not allow and not _is_loopback(host):
+        problem = exposure_problem(address, host) if tcp and not allow else None
+        if problem is not None:
             self.listener.close()
-            raise ConfigError(
-                f"stats_bind {address!r} binds {host}, reachable from other hosts, and the stats endpoint has "
-                "no authentication: bind 127.0.0.1 or unix:PATH, or set stats_allow_ips to the clients "
-                "that may read it (for Prometheus in Kubernetes, its pods' network, e.g. [\"10.0.0.0/8\"])")
+            raise ConfigError(problem)
         # Checked on a TCP bind only: a UNIX socket's readers are whoever its file mode lets in.
         self.allowed = Trust(allow) if tcp and allow else None
         self.refusals = CountedLog(logging.WARNING, clock=clock)

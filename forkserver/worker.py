@@ -125,7 +125,7 @@ class Worker:
         self.term_received = False
         self.stop_deadline = 0.0
         # TERM with shutdown_delay: when it came, and when the drain begins; 0 otherwise.
-        self.term_at = 0.0
+        self.term_at = spec.stop_began
         self.drain_at = 0.0
         self.connections: dict[int, Connection] = {}
         self.deadlines: dict[int, float] = {}  # fd -> when an idle connection is closed

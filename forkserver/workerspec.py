@@ -51,6 +51,9 @@ class WorkerSpec:
     tls_context: Any = None  # the master's ssl.SSLContext, with certfile set (forkserver.tls)
     tls_listeners: tuple[Listener, ...] = ()  # the listeners whose connections speak TLS
     relay_channel: socket.socket | None = None  # our end of the connection relay (forkserver.relay)
+    # Forked during a TERM's shutdown delay (a replacement): when the master
+    # got the TERM, so that we drain when the workers told then do.
+    stop_began: float = 0.0
 
 
 # A worker's whole life in the child: run it, return the exit code (forkserver.worker.run).

@@ -14,6 +14,8 @@ Load loops are bounded in count and time and judged only by their failures.
 from __future__ import annotations
 
 import http.client
+import json
+import os
 import select
 import shutil
 import signal
@@ -136,6 +138,50 @@ def test_a_worker_draining_after_the_delay_waits_for_its_request_instead_of_spin
     assert used < 0.2, f"the draining worker's loop used {used:.2f} s of CPU in 1 s while waiting"
     assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in answer, answer[:300]
     assert srv.wait_exit(30) == 0
+
+
+def test_a_worker_lost_in_the_shutdown_delay_is_replaced_and_drains_with_the_others(server):
+    # The master kills whatever still runs 6 + 1.5 + 1 s after the TERM.  The
+    # replacement starts 2.5 s into the delay: had it counted the delay from
+    # its own start, it would still be serving then, and be killed.
+    srv = server(APP, "-w", "2", "--health-path", "/healthz", "--shutdown-delay", "6", "--graceful-timeout", "1.5",
+                 workers=2)
+    srv.sock.close()
+    first = srv.worker_pids()
+    srv.signal(signal.SIGTERM)
+    termed = time.monotonic()
+    poll(lambda: get(srv.port, "/healthz")[0] == 503, DEADLINE, what="the health path to answer 503")
+
+    def served(pids: set[int]) -> bool:
+        status, headers, body = get(srv.port, "/")
+        assert status == 200 and headers.get("connection") == "close", (status, headers)
+        return json.loads(body)["pid"] in pids
+
+    while time.monotonic() < termed + 2.5:  # the pool serves through the delay (bounded by the delay itself)
+        served(set(first))
+    os.kill(first[0], signal.SIGKILL)
+    replacement = poll(lambda: set(srv.worker_pids()) - set(first), DEADLINE, what="a replacement worker")
+    # Requests keep succeeding, the replacement's too, and it tells clients to go as the others do.
+    poll(lambda: served(replacement), DEADLINE, what="the replacement to serve")
+    assert srv.wait_exit(30) == 0
+    log = srv.log()
+    assert f"worker died slot=0 pid={first[0]} gen=1 killed by SIGKILL; replacing" in log, log
+    assert "did not stop in time" not in log and "graceful timeout" not in log, log
+
+
+def test_a_worker_hung_in_the_drain_is_timed_out_instead_of_waited_for_until_the_grace(server):
+    srv = server(APP, "-w", "1", "--timeout", "4", "--graceful-timeout", "120", workers=1)
+    (worker,) = [psutil.Process(pid) for pid in srv.worker_pids()]
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as conn:
+        conn.sendall(b"GET /hang?300 HTTP/1.1\r\nHost: t\r\n\r\n")
+        poll(lambda: "busy GET /hang" in " ".join(worker.cmdline()), DEADLINE, what="the request to hang")
+        srv.signal(signal.SIGTERM)
+        assert read_all(conn) == b""  # the master killed the worker mid-request
+    assert srv.wait_exit(60) == 0  # the timeout ended the stop, not the 120 s grace
+    log = srv.log()
+    assert 0 <= log.find("graceful stop") < log.find("worker timeout slot=0"), log
+    assert "in flight: GET /hang" in log, log
+
 
 
 def test_a_trusted_proxys_idle_connection_outlives_the_default_keepalive(server):

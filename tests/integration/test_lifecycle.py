@@ -556,6 +556,61 @@ def test_usr2_upgrade_with_an_inherited_fd_listener(server, tmp_path):
         stop_master(new_master or (read_pid(pidfile) if read_pid(pidfile) != srv.pid else 0))
 
 
+
+def test_usr2_upgrade_under_reuse_port_answers_every_connection_before_during_and_after(server, tmp_path):
+    """With reuse_port the master holds the port without listening; each worker listens on its own socket.
+
+    The kernel spreads connections over every listening socket of the
+    port, so one that nobody accepts from would leave its share unanswered.
+    A USR2 hands the new master that non-listening holder, and both masters'
+    workers then share the port until the old one stops.
+    """
+    pidfile = tmp_path / "fs.pid"
+    holder = socket.socket()  # keeps the port ours between choosing it and the server binding it
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    srv = server("lifecycle_app:app", "-w", "2", "--reuse-port", "-b", f"127.0.0.1:{port}", "--pid", str(pidfile),
+                 wait=False)
+    srv.port = port
+    new_master = 0
+
+    def answering(count: int = 60) -> set[int]:
+        """The workers that answered ``count`` fresh connections; every one must be answered, and promptly."""
+        pids = set()
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                answer = read_all(conn)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            pids.add(json.loads(answer.partition(b"\r\n\r\n")[2])["pid"])
+        return pids
+    try:
+        srv.wait_ready(workers=2)
+        holder.close()
+        old_workers = set(live_children(srv.pid))
+        assert answering() <= old_workers
+        srv.signal(signal.SIGUSR2)
+
+        def upgraded() -> str:
+            pid = read_pid(pidfile)
+            if pid not in (0, srv.pid) and f"master started pid={pid}" in srv.log():
+                return "started"
+            return "failed" if re.search(r"new master pid=\d+ exited", srv.log()) else ""
+        assert poll(upgraded, timeout=READY, what="the new master to start or fail") == "started", srv.log()
+        new_master = read_pid(pidfile)
+        poll(lambda: srv.log().count(f"[{new_master}] [INFO] worker ready") >= 2, timeout=READY,
+             what="the new master's two workers to be ready")
+        new_workers = set(live_children(new_master))
+        assert answering() <= old_workers | new_workers
+        srv.signal(signal.SIGTERM)  # retire the old master
+        assert srv.wait_exit(30) == 0
+        assert answering() <= new_workers
+        assert stop_master(new_master), "the new master did not stop on TERM"
+    finally:
+        holder.close()
+        stop_master(new_master)
+
 # -- 4. WINCH ----------------------------------------------------------------------------
 
 

@@ -310,6 +310,38 @@ def test_check_config_bad_address_format(forkserver):
                  "port must be a number")
 
 
+def test_check_config_names_every_problem_a_start_refuses_on_and_writes_nothing(forkserver, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o777)  # anybody could plant a link in it, sticky bit missing
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    (tmp_path / "error.log").symlink_to(victim)
+    settings = ["basic:hello", "-b", f"unix:{run}/fs.sock", "--pid", str(run / "fs.pid"),
+                "--access-logfile", str(run / "access.log"), "--error-logfile", str(tmp_path / "error.log"),
+                "--stats-bind", "0.0.0.0:0", "--user", "forkserver-no-such-user", "--static", "/s=no-such-dir"]
+    checked = forkserver(*settings, "--check-config")
+    assert checked.code == EXIT_CONFIG and checked.stdout == "" and "Traceback" not in checked.stderr, checked
+    lines = [line.removeprefix("forkserver: error: ") for line in checked.stderr.splitlines()]
+    for start in ("pid: ", "access_logfile: ", "bind: ", "error_logfile: ", "stats_bind '0.0.0.0:0' binds 0.0.0.0",
+                  "user: no such user", "command line --static: static directory 'no-such-dir'"):
+        assert [line for line in lines if line.startswith(start)], (start, lines)
+    assert len(lines) == 7, lines
+    # A real start refuses on the same lines, which the check therefore must not pass.
+    started = forkserver(*settings)
+    assert started.code == EXIT_CONFIG, started
+    assert set(started.stderr.splitlines()) <= set(checked.stderr.splitlines()), (started.stderr, checked.stderr)
+    assert list(run.iterdir()) == [] and victim.read_text() == "untouched\n"
+
+
+@pytest.mark.parametrize("stats", [["--stats-bind", "127.0.0.1:0"], ["--stats-bind", "localhost:0"],
+                                   ["--stats-bind", "0.0.0.0:0", "--stats-allow-ips", "10.0.0.0/8"]],
+                         ids=["loopback", "localhost", "allowed"])
+def test_check_config_passes_a_stats_endpoint_a_start_accepts(forkserver, stats):
+    outcome = forkserver("basic:hello", *stats, "--check-config")
+    assert outcome.code == 0 and "config OK" in outcome.stdout, outcome.stderr
+
+
 # -- ASGI apps: refused at import, exit 4, one line ------------------------------------
 
 

@@ -187,14 +187,18 @@ def test_int_and_quit_stop_fast(server, signum):
 
 
 def test_hung_worker_is_killed_and_replaced(server):
-    srv = server("basic:slow", "-w", "1", "--timeout", "1", workers=1)
+    # The readiness probe asks for /?0: basic:slow's default second would
+    # itself come close to the timeout and, on a loaded machine, get the
+    # worker killed during the probe.  Two seconds, not one, leave a worker
+    # booting (which does not beat until it serves) room on a loaded machine.
+    srv = server("basic:slow", "-w", "1", "--timeout", "2", ready_path="/?0", workers=1)
     (victim,) = srv.worker_pids()
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as conn:
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as conn:
         conn.sendall(b"GET /?60 HTTP/1.1\r\nHost: t\r\n\r\n")
         assert read_all(conn) == b""  # the worker was killed mid-request
-    poll(lambda: srv.worker_pids() and victim not in srv.worker_pids(), what="a replacement worker")
-    assert "worker timeout slot=0" in srv.log()
-    assert requests.get(srv.url + "/?0").status_code == 200
+    poll(lambda: srv.worker_pids() and victim not in srv.worker_pids(), 30, what="a replacement worker")
+    assert f"worker timeout slot=0 pid={victim}: no progress" in srv.log(), srv.log()
+    assert requests.get(srv.url + "/?0", timeout=30).status_code == 200
 
 
 def test_stopped_master_kills_nobody_after_it_resumes(server):

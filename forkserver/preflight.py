@@ -1,0 +1,107 @@
+"""What a start refuses before it binds, forks or writes anything, all problems at once.
+
+The master runs ``start_problems`` first thing; ``--check-config`` runs
+``check`` (the same and what the start checks later, short of binding,
+writing and importing), so a configuration the check passes is not refused
+by a real start over a file's location or the stats endpoint's exposure.
+Neither looks at what only a running server can settle: whether the ports
+are free or the pid file names a live process (while the server runs and
+the check is made before a reload, both are expected).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+from .config import Config, environment_of
+from .errors import BindError, ConfigError
+from .identity import resolve_identity
+from .loader import prepare_path
+from .safefiles import location_problems
+from .sockets import parse_address
+
+
+def written_files(config: Config) -> list[tuple[str, str]]:
+    """(setting, path) for every file the master creates or writes: logs, pid file, UNIX sockets."""
+    places = [(name, path) for name, path in (("error_logfile", config.error_logfile),
+                                               ("access_logfile", config.access_logfile),
+                                               ("pid", config.pid)) if path and path != "-"]
+    for name, addresses in (("bind", config.bind), ("tls_bind", config.tls_bind), ("stats_bind", (config.stats_bind,))):
+        places += [(name, parse_address(text).path) for text in addresses if text.startswith("unix:")]
+    return places
+
+
+def stats_exposure(config: Config) -> str | None:
+    """Why ``stats_bind`` is refused as it stands (reachable from other hosts, nobody allowed), or None.
+
+    Decided on the address the bind would take, found without binding.  An
+    inherited descriptor (fd://N) is only known once adopted: the status
+    server checks it then.
+
+    Raises:
+        BindError: ``stats_bind`` is malformed or its host does not resolve.
+    """
+    if not config.stats_bind or config.stats_allow_ips:
+        return None
+    try:
+        address = parse_address(config.stats_bind)
+        if address.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        infos = socket.getaddrinfo(address.host, address.port, address.family, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)
+    except BindError as exc:
+        raise BindError(f"stats-bind: {exc}") from None
+    except socket.gaierror as exc:
+        raise BindError(f"stats-bind {config.stats_bind!r}: cannot resolve {address.host!r}: {exc.strerror}") from None
+    from .status import exposure_problem  # deferred, as the master defers it: only stats needs it
+
+    return exposure_problem(config.stats_bind, infos[0][4][0])
+
+
+def start_problems(config: Config) -> list[str]:
+    """One line per problem the master refuses to start on before it creates anything."""
+    problems = location_problems(written_files(config))
+    exposure = stats_exposure(config)
+    return problems + ([exposure] if exposure else [])
+
+
+def refuse(problems: list[str]) -> None:
+    """Raise one ConfigError naming every problem, one per line, if there are any."""
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _problem(step: Callable[[], object]) -> list[str]:
+    """``step``'s ConfigError as lines (none if it passed), so that one check does not hide the next."""
+    try:
+        step()
+    except ConfigError as exc:
+        return str(exc).splitlines()
+    return []
+
+
+def check(config: Config) -> None:
+    """``--check-config``: every setting problem a start would refuse on, all at once (ConfigError, exit 78).
+
+    Binds nothing and writes nothing.  Sets ``raw_env``, changes to
+    ``chdir`` and puts ``pythonpath`` first, as a start does before it
+    imports anything; the caller then imports the hooks and the app.
+    """
+    for address in (*config.bind, *config.tls_bind):
+        parse_address(address)  # a malformed address is a bind error (exit 5), as at start
+    problems = start_problems(config)  # relative paths from the directory we were started in, as at start
+    if config.certfile:
+        from .tls import build_context  # deferred: only TLS needs ssl
+
+        problems += _problem(lambda: build_context(config))  # the files load as the master will load them
+    problems += _problem(lambda: resolve_identity(config.user, config.group))
+    os.environ.update(environment_of(config))  # raw_env, which hooks and the app may read at import
+    prepare_path(config.chdir, config.pythonpath)
+    if config.static:
+        from .static import check_roots  # deferred, as the master defers it
+
+        problems += _problem(lambda: check_roots(config))  # relative to chdir, as the workers see them
+    refuse(problems)
+
