@@ -300,6 +300,7 @@ class Worker:
             self.threads.append(threading.Thread(target=self._run_jobs, args=(thread,), daemon=True))
             self.threads[-1].start()
         log.debug("worker ready slot=%d pid=%d gen=%d", spec.slot, self.pid, spec.generation)
+        self._show_idle()  # booted: the title says so now, not after a whole idle wait (a second) to come
         self._notify(f"ready {self.pid}")
         self._loop()
         self._flush_access_log()

@@ -178,7 +178,7 @@ class ServerProcess:
             return []
 
     def booting_pids(self) -> list[int]:
-        """PIDs of workers still booting: their title says so until their first idle moment
+        """PIDs of workers still booting: their title says so until they are ready
         (and, for a moment after the fork, is still the master's).
 
         Waiting for these matters to any test that changes the app's code
