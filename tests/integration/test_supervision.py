@@ -124,6 +124,14 @@ def test_worker_titles_show_what_is_running(server):
              what="the request in the title")
 
 
+def test_a_worker_title_says_idle_as_soon_as_the_worker_is_ready(server):
+    """Not a whole idle wait (a second) later: ps, and wait_ready here, go by the title."""
+    srv = server("basic:pid", "-w", "2", wait=False)
+    poll(lambda: srv.log().count("worker ready") == 2, what="both workers' ready lines")
+    titles = [psutil.Process(pid).cmdline()[0] for pid in srv.worker_pids()]
+    assert titles == ["forkserver: worker [basic:pid] idle, 0 served"] * 2, titles
+
+
 def test_ttin_and_ttou_scale_but_never_below_one(server):
     srv = server("basic:pid", "-w", "1", workers=1)
     srv.signal(signal.SIGTTIN)
