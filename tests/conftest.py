@@ -26,5 +26,8 @@ def server(tmp_path: Path) -> Iterator:
         return proc
 
     yield start
+    # Teardown checks nothing about stopping (tests of it send their own
+    # signal), so it asks for the fast stop: a graceful one waits out any
+    # request a test leaves running, 10 s a time in the relay tests.
     for proc in started:
-        proc.stop()
+        proc.stop(fast=True)

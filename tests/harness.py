@@ -178,7 +178,7 @@ class ServerProcess:
             return []
 
     def booting_pids(self) -> list[int]:
-        """PIDs of workers still booting: their title says so until their first idle moment
+        """PIDs of workers still booting: their title says so until they are ready
         (and, for a moment after the fork, is still the master's).
 
         Waiting for these matters to any test that changes the app's code
@@ -201,9 +201,9 @@ class ServerProcess:
     def wait_exit(self, timeout: float = 15.0) -> int:
         return self.proc.wait(timeout)
 
-    def stop(self) -> None:
-        """TERM, then KILL the master and any worker left, by PID."""
-        stop_process_tree(self.proc, signal.SIGTERM)
+    def stop(self, *, fast: bool = False) -> None:
+        """TERM (QUIT if ``fast``), then KILL the master and any worker left, by PID."""
+        stop_process_tree(self.proc, signal.SIGQUIT if fast else signal.SIGTERM)
         self.sock.close()
 
 

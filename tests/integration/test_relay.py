@@ -24,7 +24,7 @@ from harness import poll
 from test_nginx import CLIENT_ADDR, DEADLINE, certificate, nginx, short_dir, unix_health  # noqa: F401 (fixtures)
 
 APP = "relay_apps:app"
-SLOW = 10.0  # seconds the slow request runs: far beyond any answer the test waits for
+SLOW = 6.0  # seconds the slow request runs: far beyond any answer the test waits for
 PROMPTLY = SLOW / 2  # a quick request answered within this did not wait for the slow one
 
 

@@ -22,8 +22,9 @@ from harness import poll, read_all
 
 # A rule the tricklers below break (they send about 10 to 60 bytes a second),
 # checked over windows long enough for the test's normal client to be served
-# while they are all still sending.
-RATE_ARGS = ("--body-min-rate", "1000", "--body-rate-window", "6")
+# while they are all still sending (it is, within a second, even loaded): each
+# trickler test waits out one window.
+RATE_ARGS = ("--body-min-rate", "1000", "--body-rate-window", "4")
 TRICKLE_SECONDS = 20.0  # a trickler gives up after this (bounds the test)
 
 

@@ -33,9 +33,9 @@ def stats(path: str) -> dict:
     return json.loads(fetch(path))
 
 
-def start_with_stats(server, tmp_path, *args, workers, app="basic:status"):
+def start_with_stats(server, tmp_path, *args, workers, app="basic:status", ready_path="/"):
     sock = tmp_path / "stats.sock"
-    srv = server(app, *args, "--stats-bind", f"unix:{sock}", workers=workers)
+    srv = server(app, *args, "--stats-bind", f"unix:{sock}", workers=workers, ready_path=ready_path)
     return srv, str(sock)
 
 
@@ -78,7 +78,7 @@ def content_length(answer: bytes) -> int:
 def test_bytes_are_counted_exactly_when_responses_wait_for_the_end_of_a_batch(server, tmp_path):
     """Requests that arrive while the worker is busy are served as one batch, their responses
     held to its end: each byte is counted once."""
-    srv, sock = start_with_stats(server, tmp_path, "-w", "1", workers=1, app="basic:slow")
+    srv, sock = start_with_stats(server, tmp_path, "-w", "1", workers=1, app="basic:slow", ready_path="/?0")
     base = poll(lambda: stats(sock)["totals"]["requests"] >= 1 and stats(sock), what="the readiness probe")
     blocker, *conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(5)]
     sent = received = 0

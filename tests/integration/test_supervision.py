@@ -114,17 +114,22 @@ def test_workers_are_direct_children_with_titles(server):
 
 
 def test_worker_titles_show_what_is_running(server):
-    srv = server("basic:slow", "-w", "1", "--name", "shop", workers=1)
+    srv = server("basic:slow", "-w", "1", "--name", "shop", ready_path="/?0", workers=1)
     (worker,) = srv.worker_pids()
     poll(lambda: psutil.Process(worker).cmdline()[0].startswith("forkserver: worker [shop] idle"),
          what="an idle title")
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as conn:
-        # Connection: close, so read_all ends with the answer: a loopback client
-        # counts as a trusted proxy, whose idle connection stays open 75 s.
-        conn.sendall(b"GET /stuck?2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        conn.sendall(b"GET /stuck?2 HTTP/1.1\r\nHost: t\r\n\r\n")
         poll(lambda: psutil.Process(worker).cmdline()[0] == "forkserver: worker [shop] busy GET /stuck",
              what="the request in the title")
-        read_all(conn)
+
+
+def test_a_worker_title_says_idle_as_soon_as_the_worker_is_ready(server):
+    """Not a whole idle wait (a second) later: ps, and wait_ready here, go by the title."""
+    srv = server("basic:pid", "-w", "2", wait=False)
+    poll(lambda: srv.log().count("worker ready") == 2, what="both workers' ready lines")
+    titles = [psutil.Process(pid).cmdline()[0] for pid in srv.worker_pids()]
+    assert titles == ["forkserver: worker [basic:pid] idle, 0 served"] * 2, titles
 
 
 def test_ttin_and_ttou_scale_but_never_below_one(server):
