@@ -29,7 +29,6 @@ from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .collector import StatsCollector
 from .config import AUTO_WORKERS, Config, environment_of
-from .containers import available_cpus, read_limits, workers_for_cpus, workers_that_fit
 from .errors import (
     EXIT_APP_LOAD,
     EXIT_OK,
@@ -675,6 +674,9 @@ class Master:
         self.memory_limit, self.sizing = None, ""
         if config.workers != AUTO_WORKERS:
             return config.workers
+        # Deferred: only ``auto`` reads the cgroup, and the module's pathlib is 2 ms of a start.
+        from .containers import available_cpus, read_limits, workers_for_cpus
+
         limits, cpus = read_limits(), available_cpus()
         count = workers_for_cpus(limits, cpus)
         self.memory_limit = limits.memory
@@ -684,6 +686,8 @@ class Master:
     def fit_memory(self, handle: WorkerHandle) -> None:
         """With ``auto`` under a memory limit: measure the first booted worker and keep the pool inside the limit."""
         import psutil  # deferred, as in check_memory
+
+        from .containers import workers_that_fit  # loaded by size_pool, which set memory_limit
 
         limit, self.memory_limit = self.memory_limit, None
         assert limit is not None
