@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import __version__, libc, preflight, refork, relay, systemd
+from . import __version__, libc, preflight, relay, systemd
 from .aggregator import Aggregator
 from .balance import AcceptBoard
 from .collector import StatsCollector
 from .config import AUTO_WORKERS, Config, environment_of
-from .containers import available_cpus, read_limits, workers_for_cpus, workers_that_fit
 from .errors import (
     EXIT_APP_LOAD,
     EXIT_OK,
@@ -46,7 +45,6 @@ from .logs import LogFile, capture_stdio, open_access_logfile, setup_error_log
 from .notices import Notice, NoticeReader
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
-from .refork import ReforkSupervisor
 from .reloader import Reloader
 from .safefiles import reason
 from .sampler import BACKLOG_SAMPLE_INTERVAL, BacklogWatch, ProcessSampler, listener_stats
@@ -62,6 +60,7 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from .logconfig import FileHandlers
+    from .refork import ReforkSupervisor
     from .statsd import StatsdExporter
     from .status import StatusServer
 
@@ -295,10 +294,22 @@ class Master:
         self.wakeup = Wakeup(MASTER_SIGNALS)
         if config.refork_after and config.reload:
             log.info("refork_after is off under reload: every worker loads the code afresh")
-        elif config.refork_after and refork.become_subreaper():  # after daemonize: forks do not inherit it
-            self.refork = ReforkSupervisor(self, config.refork_after)
+        else:
+            self.refork = self.refork_supervisor()  # after daemonize: forks do not inherit the subreaper
         setproctitle(f"forkserver: master [{config.proc_name}]")
         release_free_heap()
+
+    def refork_supervisor(self) -> ReforkSupervisor | None:
+        """The supervisor ``refork_after`` asks for; None with it off, under reload, or without a subreaper.
+
+        Imported here: a start without refork (the default) does not load
+        ``forkserver.refork``, 1.5 ms of import.
+        """
+        if not self.config.refork_after or self.config.reload:
+            return None
+        from . import refork
+
+        return refork.ReforkSupervisor(self, self.config.refork_after) if refork.become_subreaper() else None
 
     def open_listeners(self) -> list[Listener]:
         """Adopt sockets handed to us (systemd, or an upgrading master), bind the rest."""
@@ -657,6 +668,9 @@ class Master:
         self.memory_limit, self.sizing = None, ""
         if config.workers != AUTO_WORKERS:
             return config.workers
+        # Deferred: only ``auto`` reads the cgroup, and the module's pathlib is 2 ms of a start.
+        from .containers import available_cpus, read_limits, workers_for_cpus
+
         limits, cpus = read_limits(), available_cpus()
         count = workers_for_cpus(limits, cpus)
         self.memory_limit = limits.memory
@@ -666,6 +680,8 @@ class Master:
     def fit_memory(self, handle: WorkerHandle) -> None:
         """With ``auto`` under a memory limit: measure the first booted worker and keep the pool inside the limit."""
         import psutil  # deferred, as in check_memory
+
+        from .containers import workers_that_fit  # loaded by size_pool, which set memory_limit
 
         limit, self.memory_limit = self.memory_limit, None
         assert limit is not None
@@ -782,7 +798,11 @@ class Master:
             board, board_fd = Scoreboard(self.config.threads, **self.request_limits()), -1
         # Workers count requests only for someone who reads the counts: /stats or StatsD.
         stats_ends = self.collector.prepare() if self.status is not None or self.statsd is not None else None
-        refork_ends = refork.new_channel() if self.refork is not None else None
+        refork_ends = None
+        if self.refork is not None:
+            from .refork import new_channel  # loaded with the supervisor
+
+            refork_ends = new_channel()
         return Provisions(board, board_fd, stats_ends, self.handover.prepare(), refork_ends, self.accept_board.take(),
                           relay.channel())
 
@@ -1015,8 +1035,8 @@ class Master:
         self.reloading = True
         if self.refork is not None:
             self.refork.restart()  # the new generation starts from the master again
-        elif self.config.refork_after and not self.config.reload and refork.become_subreaper():
-            self.refork = ReforkSupervisor(self, self.config.refork_after)  # turned on by the reload
+        else:
+            self.refork = self.refork_supervisor()  # None unless the reload turned refork on
         self.stats.note_reload()
         self.respawn_after.clear()
         self.spawn_missing()

@@ -10,6 +10,7 @@ anything but ``MalformedProxyHeader`` (and the header reader alone raises it).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import time
@@ -28,15 +29,15 @@ TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 §5.6.2
 # RFC 7239 §4: forwarded-pair = token "=" value; value = token / quoted-string.
 # Optional whitespace around ";" is not in the grammar, but proxies send it.
 QDTEXT = r'[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f]'  # RFC 9110 §5.6.4
-FORWARDED_PAIR = re.compile(rf'({TOKEN})=(?:({TOKEN})|"((?:{QDTEXT})*)")[ \t]*')
-QUOTED_PAIR = re.compile(r"\\(.)")
+FORWARDED_PAIR = rf'({TOKEN})=(?:({TOKEN})|"((?:{QDTEXT})*)")[ \t]*'
+QUOTED_PAIR = r"\\(.)"
 # A Host header value (RFC 9110 §7.2): reg-name or IPv4, or an IP literal, and a port.
-HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::[0-9]{0,5})?\Z")
-PORT = re.compile(r"[0-9]{1,5}\Z")
+HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::[0-9]{0,5})?\Z"
+PORT = r"[0-9]{1,5}\Z"
 # Dotted-quad IPv4 already in canonical form (no leading zeros): the common
 # case, checked without the cost of building an ipaddress object.
 OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-CANONICAL_IPV4 = re.compile(rf"{OCTET}(?:\.{OCTET}){{3}}\Z")
+CANONICAL_IPV4 = rf"{OCTET}(?:\.{OCTET}){{3}}\Z"
 
 V1_PREFIX = b"PROXY "
 V1_MAX_BYTES = 107  # the spec's bound on a v1 line, CRLF included
@@ -50,7 +51,7 @@ V2_TYPE_SSL, V2_CLIENT_SSL = 0x20, 0x01
 # Where a proxy says when it received the request (nginx's ``t=${msec}`` in
 # seconds, Heroku's milliseconds, New Relic's microseconds), first one first.
 REQUEST_START_KEYS = ("HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START")
-STAMP = re.compile(r"[ \t]*(?:t=)?([0-9]{1,20}(?:\.[0-9]{1,9})?)[ \t]*\Z")
+STAMP = r"[ \t]*(?:t=)?([0-9]{1,20}(?:\.[0-9]{1,9})?)[ \t]*\Z"
 # A stamp's unit is told by its size: a time between the years 2001 (1e9 s)
 # and 2286 (1e10 s) in seconds, milliseconds or microseconds.  Anything
 # between or outside these ranges is no clock reading in any of the three.
@@ -59,6 +60,17 @@ STAMP_UNITS = ((1e9, 1e10, 1.0), (1e12, 1e13, 1e-3), (1e15, 1e16, 1e-6))
 # client's own header that a proxy passed on.  Ignored, it cannot swell the
 # sums the workers report (which the master refuses past stats.MAX_SECONDS).
 MAX_STAMP_AGE = 3600.0
+
+
+@functools.cache
+def pattern(source: str) -> re.Pattern[str]:
+    """The regular expression ``source`` (one of the patterns above), compiled on its first use.
+
+    Only requests from a trusted proxy, with a forwarding header or a
+    request-start stamp, use them: compiled at import, the six cost every
+    start about 1 ms, paid by configurations that never match one.
+    """
+    return re.compile(source)
 
 
 class MalformedProxyHeader(ValueError):
@@ -150,13 +162,13 @@ def parse_node(text: str) -> tuple[str, str] | None:
         host, _, port = text.partition(":")
     else:
         host = text  # IPv4, or IPv6 without brackets as X-Forwarded-For often has it
-    if port and not PORT.match(port):
+    if port and not pattern(PORT).match(port):
         if not port.startswith("_"):
             return None
         port = ""
     elif port and int(port) > 65535:
         return None
-    if CANONICAL_IPV4.match(host):
+    if pattern(CANONICAL_IPV4).match(host):
         return None if bracketed else (host, port)
     if ":" not in host:
         return None  # IPv4 with leading zeros or too few parts, or a name
@@ -222,7 +234,7 @@ def request_start(value: str) -> float | None:
     microseconds (``STAMP_UNITS``); of several comma-joined values, the
     first, as the proxy farthest out set it.
     """
-    match = STAMP.match(value.partition(",")[0])
+    match = pattern(STAMP).match(value.partition(",")[0])
     if match is None:
         return None
     number = float(match.group(1))
@@ -287,7 +299,7 @@ def x_forwarded_origin(for_value: str, proto_value: str, host_value: str, trust:
     return Origin(
         remote=remote,
         scheme=scheme if scheme in SCHEMES else None,
-        host=host if host is not None and HOST.match(host) else None,
+        host=host if host is not None and pattern(HOST).match(host) else None,
     )
 
 
@@ -309,14 +321,14 @@ def parse_forwarded(value: str) -> list[dict[str, str]] | None:
             elements.append({})
             pos += 1
             continue
-        match = FORWARDED_PAIR.match(value, pos)
+        match = pattern(FORWARDED_PAIR).match(value, pos)
         if match is None:
             return None
         key = match.group(1).lower()
         if key in elements[-1]:
             return None
         token, quoted = match.group(2), match.group(3)
-        elements[-1][key] = token if token is not None else QUOTED_PAIR.sub(r"\1", quoted)
+        elements[-1][key] = token if token is not None else pattern(QUOTED_PAIR).sub(r"\1", quoted)
         pos = match.end()
         if pos < end and value[pos] not in ";,":
             return None
@@ -341,7 +353,7 @@ def forwarded_origin(value: str, trust: Trust) -> Origin:
     return Origin(
         remote=remote,
         scheme=scheme if scheme in SCHEMES else None,
-        host=host if HOST.match(host) else None,
+        host=host if pattern(HOST).match(host) else None,
     )
 
 

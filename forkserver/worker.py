@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import handover, libc, refork, reloader
+from . import handover, libc, reloader
 from .backoff import AcceptPause
 from .balance import RECHECK
 from .connection import BodyClock, BodyRules, ClientGone, Connection
@@ -926,6 +926,8 @@ class Worker:
             target.report_losses(now)
         while self.warm_marks and self.served >= self.warm_marks[0]:
             assert self.spec.refork_channel is not None
+            from . import refork  # the master loaded it before the fork: only with refork on is it needed
+
             refork.send(self.spec.refork_channel, b"warm %d" % self.warm_marks.pop(0))
         if not self.stopping and os.getppid() != self.spec.master_pid:
             log.warning("master died; worker exiting pid=%d", self.pid)

@@ -1,0 +1,60 @@
+"""A start imports only what every start needs.
+
+Each module below serves some configurations only and is imported where that
+configuration is acted on, so a start without it does not pay for the import
+(docs/startup-and-connections.md lists what each cost).  Checked in a fresh
+interpreter run without ``site`` (``-S``): ``.pth`` files, such as an editable
+install's import finder, load some of these modules for their own reasons,
+which would hide a regression here while users of a plain install pay it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httptools
+import setproctitle
+
+import forkserver
+
+# module -> the configuration that imports it
+CONFIGURATION_ONLY = {
+    "shlex": "GUNICORN_CMD_ARGS",
+    "pathlib": "workers = auto",
+    "difflib": "a mistyped setting's hint",
+    "ssl": "certfile (or share_stdlib, in Master.start)",
+    "psutil": "max_worker_memory, workers = auto",
+    "forkserver.containers": "workers = auto",
+    "forkserver.refork": "refork_after",
+    "forkserver.mold": "a worker promoted by refork",
+    "forkserver.tls": "certfile",
+    "forkserver.status": "stats_bind",
+    "forkserver.statsd": "statsd_host",
+    "forkserver.logconfig": "logconfig, logconfig_dict",
+    "forkserver.static": "static",
+}
+
+PROBE = f"""
+import sys
+import forkserver.cli, forkserver.master, forkserver.worker
+from forkserver.proxy import pattern
+loaded = sorted(name for name in {sorted(CONFIGURATION_ONLY)!r} if name in sys.modules)
+print(",".join(loaded) or "-", pattern.cache_info().currsize)
+"""
+
+
+def test_importing_the_server_leaves_configuration_only_modules_unloaded() -> None:
+    # forkserver's checkout and the directories of its two compiled dependencies, without site.
+    roots = dict.fromkeys(str(Path(module.__file__).resolve().parents[1])
+                          for module in (forkserver, httptools, setproctitle))
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join(roots)}
+    result = subprocess.run([sys.executable, "-S", "-c", PROBE], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    loaded, compiled = result.stdout.split()
+    assert loaded == "-", "imported at start: " + ", ".join(f"{name} ({CONFIGURATION_ONLY[name]})"
+                                                          for name in loaded.split(","))
+    assert compiled == "0", "proxy's regular expressions were compiled at import"
