@@ -381,6 +381,9 @@ class Relay:
         try:
             if not self.enabled:
                 return
+            # Connections queued for the loop while it ran its own code count
+            # too: the loop may now be in a long request, not taking them.
+            self.take_queued()
             chosen = self.offerable()[:MAX_FDS]
             if not chosen:
                 self.next_offer = time.monotonic() + RETRY_INTERVAL
