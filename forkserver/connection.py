@@ -173,6 +173,9 @@ class Connection:
         # environ they map to (without wsgi.input): see serving.environ_for.
         self.environ_of: tuple[Any, ...] = ()
         self.environ: dict[str, Any] = {}
+        # Whether that environ holds a trusted proxy's stamp of when it got
+        # the request, to take the proxy's queue time from.
+        self.proxy_stamped = False
         # The rules' clock of the body being received, from when we first
         # waited for it (in the loop or the serving thread) to the request's end.
         self.body_clock: BodyClock | None = None

@@ -296,7 +296,8 @@ class Relay:
     coming back (an offer nobody took) or arriving (adopted) go straight
     into the table while the loop waits, so that they can move on again
     should the loop be busy; otherwise they are queued, the loop is woken
-    through ``wake_fd``, and it takes them (``take_queued``).  Either way
+    through ``wake_fd``, and it takes them (``take_queued``), unless the
+    watcher's next offer, made with the lock, takes them first.  Either way
     they are only watched, never read, here: the loop reads them when
     epoll says so.
     """
@@ -381,6 +382,9 @@ class Relay:
         try:
             if not self.enabled:
                 return
+            # Connections queued for the loop while it ran its own code count
+            # too: the loop may now be in a long request, not taking them.
+            self.take_queued()
             chosen = self.offerable()[:MAX_FDS]
             if not chosen:
                 self.next_offer = time.monotonic() + RETRY_INTERVAL

@@ -226,10 +226,15 @@ class Scoreboard:
         self._stamps[BEAT] = now
 
     def request_finished(self, thread: int) -> None:
-        """Clear a request slot, and beat: the worker is alive and back in its own code."""
-        self._stamps[self._starts[thread]] = 0.0
+        """Clear a request slot, and beat: the worker is alive and back in its own code.
+
+        (The beat is written here rather than by calling ``beat``: this runs
+        for every request, and the call was a fifth of its cost.)
+        """
+        stamps = self._stamps
+        stamps[self._starts[thread]] = 0.0
         self._environs[thread] = None
-        self.beat()
+        stamps[BEAT] = time.monotonic()
 
     def serving(self) -> list[tuple[int, dict[str, object], float]]:
         """Worker side: each busy slot, the environ of its request, and when the app got it."""

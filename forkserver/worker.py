@@ -378,6 +378,8 @@ class Worker:
         inline = self.inline
         accept_board, seat = self.accept_board, self.spec.seat
         pause = self.accept_pause
+        # (The relay is set up before the loop starts, and stopped only after it ends.)
+        relay_lock = self.relay.lock if self.relay is not None else None
         while not (self.stopping and self._done()):
             board.beat()
             if accept_board is not None:
@@ -400,12 +402,12 @@ class Worker:
                 timeout = self._poll_timeout(interval)
                 if accept_board is not None:
                     accept_board.publish(seat, held, willing, timeout)
-                if self.relay is not None:
-                    self.relay.lock.release()  # the relay may take idle connections while we sleep
+                if relay_lock is not None:
+                    relay_lock.release()  # the relay may take idle connections while we sleep
                     try:
                         events = poll(timeout)
                     finally:
-                        self.relay.lock.acquire()
+                        relay_lock.acquire()
                 else:
                     events = poll(timeout)
                 if events and accept_board is not None:
@@ -948,10 +950,9 @@ class Worker:
         if relay is None:
             keep = self._serve(connection, 0)
         else:
-            # The relay may take our other idle connections, should this request run long.
+            # The relay may take our other idle connections, should this
+            # request run long (and those queued for us meanwhile: see Relay._offer).
             self.serving = connection
-            if relay.returned or relay.arrived:
-                relay.take_queued()  # what came meanwhile may move on again
             relay.lock.release()
             try:
                 keep = self._serve(connection, 0)
