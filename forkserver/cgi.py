@@ -1,6 +1,6 @@
 """CGI's names for request header fields, which the WSGI environ and the access log both use.
 
-Kept apart from ``forkserver.wsgi`` so that the access log's format, which
+Kept apart from ``forkserver.worker.wsgi`` so that the access log's format, which
 the master checks at start-up, does not pull the request-serving side into
 the master (tests/unit/test_layering.py).
 """

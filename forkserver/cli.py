@@ -40,7 +40,7 @@ def run_viewer(argv: Sequence[str]) -> int:
         parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                             help="seconds between refreshes (default: 1)")
     args = parser.parse_args(argv[1:])
-    from . import top  # deferred: serving never needs the viewer
+    from .tools import top  # deferred: serving never needs the viewer
 
     if command == "top":
         if not args.interval > 0:
@@ -89,8 +89,8 @@ def run(argv: Sequence[str]) -> int:
         # module (and through it the HTTP side) is loaded here, not by the
         # master's: the master only supervises, yet every worker it forks
         # shares this copy of the code instead of importing its own.
-        from .master import Master
-        from .worker import Worker
+        from .master.process import Master
+        from .worker.process import Worker
 
         master = Master(config, argv, os.environ, run_worker=lambda spec: Worker(spec).run())
         master.start()

@@ -216,7 +216,7 @@ def _check_refork_after(value: tuple[int, ...]) -> str | None:
 def _check_statsd_host(value: str) -> str | None:
     if value == "":
         return None
-    from .statsd import parse_statsd_address  # deferred: only a start with statsd needs the module
+    from .master.statsd import parse_statsd_address  # deferred: only a start with statsd needs the module
 
     try:
         parse_statsd_address(value)
@@ -861,7 +861,7 @@ def combination_problems(config: Config) -> list[str]:
 
 
 def _tls_combinations(config: Config) -> list[str]:
-    """TLS settings that need one another (the files themselves are read at start: forkserver.tls)."""
+    """TLS settings that need one another (the files themselves are read at start: forkserver.worker.tls)."""
     problems = []
     need_cert = [name for name in ("keyfile", "tls_bind", "ca_certs") if getattr(config, name)]
     if config.cert_reqs != "none":

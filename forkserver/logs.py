@@ -166,7 +166,7 @@ def capture_stdio(target: LogFile) -> None:
 
 
 class Finished(Protocol):
-    """What the access log reads of a finished response (``forkserver.wsgi.Response``)."""
+    """What the access log reads of a finished response (``forkserver.worker.wsgi.Response``)."""
 
     code: int
     body_bytes: int

@@ -54,7 +54,7 @@ Design, and why:
   generation (the mold's state, e.g. a hook that closed what workers need,
   is the likely cause) and its slot is forked from the master at once.
 
-``ReforkSupervisor`` is the master's side of all this, ``forkserver.mold``
+``ReforkSupervisor`` is the master's side of all this, ``forkserver.worker.mold``
 the mold's.
 """
 
@@ -75,8 +75,8 @@ from . import libc
 from .hooks import HookContext
 
 if TYPE_CHECKING:
-    from .master import Master, Provisions
-    from .pool import WorkerHandle
+    from .master.process import Master, Provisions
+    from .master.pool import WorkerHandle
 
 log = logging.getLogger("forkserver")
 

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from .worker.connection import Connection
     from .scoreboard import Scoreboard
 
 log = logging.getLogger("forkserver")

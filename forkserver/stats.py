@@ -2,7 +2,7 @@
 
 A worker's ``Reporter`` counts each request and now and then sends one small
 cumulative message (``CountersFlushed``) down its own one-way channel; the
-master reads the channels without ever waiting (``forkserver.collector``)
+master reads the channels without ever waiting (``forkserver.master.collector``)
 and sums them in ``aggregator.Aggregator``.  This module never blocks: a
 worker never waits on a full pipe, the master never on an empty one, and the
 master never writes to a channel.

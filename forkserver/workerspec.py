@@ -48,7 +48,7 @@ class WorkerSpec:
     accept_board: AcceptBoard | None = None  # shared with the other workers, to spread connections
     seat: int = -1  # our entry on it
     refork_channel: socket.socket | None = None  # with refork_after: our end of the channel (forkserver.refork)
-    tls_context: Any = None  # the master's ssl.SSLContext, with certfile set (forkserver.tls)
+    tls_context: Any = None  # the master's ssl.SSLContext, with certfile set (forkserver.worker.tls)
     tls_listeners: tuple[Listener, ...] = ()  # the listeners whose connections speak TLS
     relay_channel: socket.socket | None = None  # our end of the connection relay (forkserver.relay)
     # Forked during a TERM's shutdown delay (a replacement): when the master

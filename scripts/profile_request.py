@@ -8,7 +8,7 @@
     python3 scripts/profile_request.py --connection close       # a new connection per request, as
     python3 scripts/profile_request.py --connection keep-alive  # nginx without upstream keepalive opens
 
-A real ``forkserver.connection.Connection``, served by ``forkserver.serving.serve``, answers ``scripts/bench_apps.py``
+A real ``forkserver.worker.connection.Connection``, served by ``forkserver.worker.serving.serve``, answers ``scripts/bench_apps.py``
 over a UNIX socketpair in this one process: the client side writes a request
 (what wrk sends), the connection reads, parses and answers it, the client
 reads the answer.  What is left once the socketpair's own send/recv pairs
@@ -21,7 +21,7 @@ bytecodes (and calls) the interpreter runs per request does not, so
 ``--bytecodes`` shows whether a change made the Python path shorter.
 
 ``--connection`` measures a whole connection instead: a real
-``forkserver.worker.Worker`` (default settings, built as its ``run`` builds
+``forkserver.worker.process.Worker`` (default settings, built as its ``run`` builds
 it, without the master, signals or the event loop) accepts on a loopback TCP
 listener, and each cycle is a client connecting, sending one GET, reading the
 answer and closing. ``close``: the request says ``Connection: close``, so the
@@ -59,18 +59,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_apps  # noqa: E402
 
 from forkserver.config import DEFAULT_ACCESS_LOG_FORMAT, Config  # noqa: E402
-from forkserver.connection import Connection  # noqa: E402
+from forkserver.worker.connection import Connection  # noqa: E402
 from forkserver.hooks import Hooks  # noqa: E402
 from forkserver.http.exchange import Closing, Exchange  # noqa: E402
 from forkserver.http.parser import Limits, RequestParser  # noqa: E402
 from forkserver.http.response import DateHeader  # noqa: E402
 from forkserver.logs import open_access_log  # noqa: E402
 from forkserver.scoreboard import Scoreboard  # noqa: E402
-from forkserver.serving import Service, serve  # noqa: E402
+from forkserver.worker.serving import Service, serve  # noqa: E402
 from forkserver.sockets import bind, parse_address  # noqa: E402
 from forkserver.stats import Reporter, new_channel  # noqa: E402
-from forkserver.worker import Entrance, Worker, WorkerSpec  # noqa: E402
-from forkserver.wsgi import Codec, Response, base_environ, build_environ, run_app  # noqa: E402
+from forkserver.worker.process import Entrance, Worker, WorkerSpec  # noqa: E402
+from forkserver.worker.wsgi import Codec, Response, base_environ, build_environ, run_app  # noqa: E402
 
 ROUNDS = 5  # the best of this many rounds is reported: the least disturbed by the rest of the machine
 

@@ -28,7 +28,7 @@ import pytest
 from forkserver.http.errors import ProtocolError
 from forkserver.http.events import BodyChunk, EndOfMessage, Request
 from forkserver.http.parser import Limits, RequestParser
-from forkserver.wsgi import Codec, base_environ, build_environ
+from forkserver.worker.wsgi import Codec, base_environ, build_environ
 from harness import ServerProcess
 
 CORPUS = Path(__file__).resolve().parent / "corpus"

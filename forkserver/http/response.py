@@ -1,7 +1,7 @@
 """Serialise response heads and chunked framing to bytes.
 
 Callers hand over already-validated status and header strings (see
-``forkserver.wsgi``); this module only encodes them, with the few headers the
+``forkserver.worker.wsgi``); this module only encodes them, with the few headers the
 server owns (Date, Server, Connection, Transfer-Encoding).
 """
 

@@ -34,9 +34,9 @@ import yaml
 from harness import APPS, ROOT, listening_socket, poll, raw_request, read_all, serving_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
-from forkserver.aggregator import Aggregator
+from forkserver.master.aggregator import Aggregator
 from forkserver.sources import load_config
-from forkserver.status import StatusServer, render_prometheus
+from forkserver.master.status import StatusServer, render_prometheus
 
 CONF = ROOT / "conf"
 SERVICE, SOCKET = CONF / "systemd" / "forkserver.service", CONF / "systemd" / "forkserver.socket"

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-from forkserver.top import fetch
+from forkserver.tools.top import fetch
 
 from harness import poll, read_all
 from test_relay import PROMPTLY, SLOW, clients_of_one_worker

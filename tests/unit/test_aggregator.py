@@ -7,7 +7,7 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from forkserver.aggregator import EXTRA_FIELDS, Aggregator, estimate_quantile
+from forkserver.master.aggregator import EXTRA_FIELDS, Aggregator, estimate_quantile
 from forkserver.stats import HISTOGRAM_BUCKETS, STATUS_CLASSES, CountersFlushed
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from forkserver.connection import (
+from forkserver.worker.connection import (
     DEFER_MAX_BYTES,
     BodyClock,
     BodyRules,
@@ -19,14 +19,14 @@ from forkserver.connection import (
     Connection,
     Stalled,
 )
-from forkserver import connection as connection_module
+from forkserver.worker import connection as connection_module
 from forkserver.http.errors import BadRequest, BodyTooLarge, RequestTimeout
 from forkserver.http.exchange import DONE, SEND_BODY, Closing
 from forkserver.http.parser import Limits
 from forkserver.http.response import CONTINUE_RESPONSE, DateHeader
 from forkserver.scoreboard import Scoreboard
-from forkserver.serving import Service
-from forkserver.wsgi import base_environ
+from forkserver.worker.serving import Service
+from forkserver.worker.wsgi import base_environ
 
 TIMEOUT = 10.0
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from forkserver.containers import Limits, read_limits, workers_for_cpus, workers_that_fit
+from forkserver.master.containers import Limits, read_limits, workers_for_cpus, workers_that_fit
 
 MIB = 1048576
 

@@ -3,7 +3,7 @@
 * ``forkserver.http`` is a pure protocol library: stdlib and httptools only,
   no I/O modules and no I/O calls, so it can be tested (and fuzzed) without
   sockets; it reaches nothing of forkserver outside itself.
-* ``forkserver.wsgi`` builds environs and responses; it never touches sockets.
+* ``forkserver.worker.wsgi`` builds environs and responses; it never touches sockets.
 * The master and its pool supervise processes; they never speak HTTP and
   never load the worker's module, directly or through any other.  The
   entry point (``cli.py``) loads the worker before the master forks and
@@ -108,8 +108,8 @@ FORBIDDEN_IN_HTTP = ("socket", "os", "select", "selectors", "asyncio", "io", "te
 # Built-ins that read or write outside the process.
 IO_CALLS = frozenset({"open", "print", "input"})
 # What speaks HTTP: the supervising side loads it only as the worker it forks.
-HTTP_SIDE = ("forkserver.http", "forkserver.wsgi", "forkserver.connection", "forkserver.serving",
-             "forkserver.static")
+HTTP_SIDE = ("forkserver.http", "forkserver.worker.wsgi", "forkserver.worker.connection", "forkserver.worker.serving",
+             "forkserver.worker.static")
 
 
 def test_imports_helper_resolves_relative_imports():
@@ -143,13 +143,13 @@ def test_http_reaches_nothing_outside_itself(path):
 
 def test_load_time_imports_skip_deferred_and_type_checking_imports():
     master = PACKAGE / "master.py"
-    assert "forkserver.status" in imports(master) and "forkserver.status" not in load_time_imports(master)
-    assert "forkserver.serving" not in load_time_imports(PACKAGE / "connection.py")  # TYPE_CHECKING
+    assert "forkserver.master.status" in imports(master) and "forkserver.master.status" not in load_time_imports(master)
+    assert "forkserver.worker.serving" not in load_time_imports(PACKAGE / "connection.py")  # TYPE_CHECKING
     assert "forkserver.workerspec" in load_time_imports(master)
 
 
 def test_reached_follows_imports_through_other_modules():
-    assert "forkserver.http.parser" in reached("forkserver.serving")  # serving -> connection -> exchange -> parser
+    assert "forkserver.http.parser" in reached("forkserver.worker.serving")  # serving -> connection -> exchange -> parser
 
 
 def test_wsgi_does_not_import_socket():
@@ -160,11 +160,11 @@ def test_wsgi_does_not_import_socket():
 @pytest.mark.parametrize("filename", ["master.py", "pool.py"])
 def test_supervisor_does_not_speak_http(filename):
     for name in imports(PACKAGE / filename):
-        for layer in ("forkserver.http", "forkserver.wsgi", "forkserver.connection", "forkserver.serving"):
+        for layer in ("forkserver.http", "forkserver.worker.wsgi", "forkserver.worker.connection", "forkserver.worker.serving"):
             assert not is_within(name, layer), f"{filename} imports {name}"
 
 
-@pytest.mark.parametrize("module", ["forkserver.master", "forkserver.pool", "forkserver.cli"])
+@pytest.mark.parametrize("module", ["forkserver.master", "forkserver.master.pool", "forkserver.cli"])
 def test_supervisor_never_reaches_the_worker_or_http(module):
     found = {name for name in reached(module)
              if any(is_within(name, side) for side in ("forkserver.worker", *HTTP_SIDE))}

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from forkserver.notices import MAX_LINE_BYTES, Notice, NoticeReader, parse
+from forkserver.master.notices import MAX_LINE_BYTES, Notice, NoticeReader, parse
 
 
 @pytest.fixture

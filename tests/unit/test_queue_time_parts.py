@@ -9,10 +9,10 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from forkserver.aggregator import Aggregator
+from forkserver.master.aggregator import Aggregator
 from forkserver.proxy import proxy_queue_time, request_start
 from forkserver.stats import HISTOGRAM_BUCKETS, CountersFlushed, Reporter, decode, encode, kernel_wait, new_channel
-from forkserver.statsd import metric_lines
+from forkserver.master.statsd import metric_lines
 
 NOW = 1_764_600_000.25  # a Unix time in the right decade
 

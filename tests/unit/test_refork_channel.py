@@ -11,7 +11,7 @@ import pytest
 from forkserver import refork
 from forkserver.sources import load_config
 from forkserver.errors import ConfigError
-from forkserver.notices import Notice
+from forkserver.master.notices import Notice
 
 
 @pytest.mark.parametrize("message, expected", [

@@ -12,7 +12,7 @@ import pytest
 
 from forkserver.errors import BindError, ConfigError
 from forkserver.logs import LogFile
-from forkserver.pidfile import Pidfile
+from forkserver.master.pidfile import Pidfile
 from forkserver.safefiles import (
     FIFO_REFUSED,
     LINK_REFUSED,

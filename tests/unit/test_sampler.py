@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from forkserver.sampler import BacklogWatch, ProcessSampler, accept_queue_depth, listener_stats, somaxconn
+from forkserver.master.sampler import BacklogWatch, ProcessSampler, accept_queue_depth, listener_stats, somaxconn
 from forkserver.sockets import bind, parse_address
 
 DEADLINE = 10.0  # seconds to wait for the kernel to show what the test did

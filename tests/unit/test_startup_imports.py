@@ -27,14 +27,14 @@ CONFIGURATION_ONLY = {
     "difflib": "a mistyped setting's hint",
     "ssl": "certfile (or share_stdlib, in Master.start)",
     "psutil": "max_worker_memory, workers = auto",
-    "forkserver.containers": "workers = auto",
+    "forkserver.master.containers": "workers = auto",
     "forkserver.refork": "refork_after",
-    "forkserver.mold": "a worker promoted by refork",
-    "forkserver.tls": "certfile",
-    "forkserver.status": "stats_bind",
-    "forkserver.statsd": "statsd_host",
+    "forkserver.worker.mold": "a worker promoted by refork",
+    "forkserver.worker.tls": "certfile",
+    "forkserver.master.status": "stats_bind",
+    "forkserver.master.statsd": "statsd_host",
     "forkserver.logconfig": "logconfig, logconfig_dict",
-    "forkserver.static": "static",
+    "forkserver.worker.static": "static",
 }
 
 PROBE = f"""

@@ -1,4 +1,4 @@
-"""forkserver.static without sockets: path rules, conditionals, ranges, variants, and the root's walls.
+"""forkserver.worker.static without sockets: path rules, conditionals, ranges, variants, and the root's walls.
 
 The decisions are pure functions, tested with plain values.  ``StaticFiles``
 is a WSGI callable, so it is driven here directly with an environ over a real
@@ -17,7 +17,7 @@ import pytest
 
 from forkserver.sources import load_config
 from forkserver.errors import ConfigError
-from forkserver.static import (
+from forkserver.worker.static import (
     Mount,
     Preconditions,
     Refused,
@@ -33,7 +33,7 @@ from forkserver.static import (
     split_path,
     wrap,
 )
-from forkserver.wsgi import FileWrapper
+from forkserver.worker.wsgi import FileWrapper
 
 MTIME = 1_700_000_000.25  # 2023-11-14T22:13:20.25Z
 REP = Representation(size=1000, mtime=MTIME, content_type="text/css; charset=utf-8")

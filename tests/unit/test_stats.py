@@ -22,8 +22,8 @@ import time
 import psutil
 import pytest
 
-from forkserver.aggregator import Aggregator
-from forkserver.collector import FRAME_HEADER, MAX_READ_BYTES, StatsCollector
+from forkserver.master.aggregator import Aggregator
+from forkserver.master.collector import FRAME_HEADER, MAX_READ_BYTES, StatsCollector
 from forkserver.stats import (
     HISTOGRAM_BUCKETS,
     STATUS_CLASSES,

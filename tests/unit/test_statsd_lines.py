@@ -7,10 +7,10 @@ import socket
 
 import pytest
 
-from forkserver.aggregator import Aggregator
+from forkserver.master.aggregator import Aggregator
 from forkserver.errors import ConfigError
 from forkserver.stats import HISTOGRAM_BUCKETS, CountersFlushed
-from forkserver.statsd import (
+from forkserver.master.statsd import (
     MAX_TIMINGS,
     StatsdExporter,
     datagrams,

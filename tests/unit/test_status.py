@@ -16,11 +16,11 @@ import pytest
 from harness import serving_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
-from forkserver.aggregator import Aggregator
+from forkserver.master.aggregator import Aggregator
 from forkserver.errors import BindError
 from forkserver.stats import HISTOGRAM_BUCKETS, CountersFlushed
-from forkserver.status import MAX_CLIENTS, MAX_REQUEST_BYTES, StatusServer
-from forkserver.top import fetch
+from forkserver.master.status import MAX_CLIENTS, MAX_REQUEST_BYTES, StatusServer
+from forkserver.tools.top import fetch
 
 DEADLINE = 10.0
 

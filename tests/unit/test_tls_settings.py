@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from forkserver.sources import load_config
-from forkserver.tls import distinguished_name, listen_addresses, serves_tls
+from forkserver.worker.tls import distinguished_name, listen_addresses, serves_tls
 
 
 def config(*argv: str):

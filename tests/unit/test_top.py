@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from harness import serving_in_thread
 
-from forkserver.aggregator import Aggregator
+from forkserver.master.aggregator import Aggregator
 from forkserver.errors import ForkserverError
 from forkserver.stats import HISTOGRAM_BUCKETS, CountersFlushed
-from forkserver.status import StatusServer
-from forkserver.top import fetch, render
+from forkserver.master.status import StatusServer
+from forkserver.tools.top import fetch, render
 
 DEADLINE = 20.0
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from harness import ParsedResponse as Parsed
 from forkserver.http.exchange import DONE, MUST_CLOSE, SEND_RESPONSE, Closing, Exchange
 from forkserver.http.parser import Limits
 from forkserver.http.response import DateHeader
-from forkserver.wsgi import (
+from forkserver.worker.wsgi import (
     FIELD_CACHE_SIZE,
     AppError,
     Codec,

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-from .stats import HISTOGRAM_BUCKETS, STATUS_CLASSES, CountersFlushed
+from ..stats import HISTOGRAM_BUCKETS, STATUS_CLASSES, CountersFlushed
 
 WORKER_STATES = ("booting", "idle", "busy", "retiring", "mold")
 EXIT_CAUSES = ("exited", "died", "killed_timeout", "recycled")

@@ -27,10 +27,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .backoff import AcceptPause, CountedLog
-from .errors import BindError, ConfigError
-from .proxy import Trust
-from .sockets import Listener, bind, parse_address
+from ..backoff import AcceptPause, CountedLog
+from ..errors import BindError, ConfigError
+from ..proxy import Trust
+from ..sockets import Listener, bind, parse_address
 
 log = logging.getLogger("forkserver")
 

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING
 
 from setproctitle import setproctitle
 
-from . import handover, libc, refork
-from .errors import EXIT_OK
-from .forksafety import ForkSafety, open_descriptors
-from .hooks import HookContext
-from .scoreboard import Scoreboard
+from .. import handover, libc, refork
+from ..errors import EXIT_OK
+from ..forksafety import ForkSafety, open_descriptors
+from ..hooks import HookContext
+from ..scoreboard import Scoreboard
 
 if TYPE_CHECKING:
-    from .worker import Worker
+    from .process import Worker
 
 log = logging.getLogger("forkserver")
 
@@ -186,7 +186,7 @@ class Mold:
             spec.stats_channel.close()
         worker.wakeup.close()
         random.seed()  # not the mold's sequence, shared with every sibling
-        from .worker import Worker  # the module that imported us
+        from .process import Worker  # the module that imported us
 
         code = 1
         try:

@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
-from .sockets import Listener
+from ..sockets import Listener
 from .systemd import FIRST_INHERITED_FD, pass_fds_env
 
 EXEC_FAILED = 127

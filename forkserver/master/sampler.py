@@ -162,7 +162,7 @@ def listener_stats(listeners: Iterable[Any], watch: BacklogWatch | None = None,
     ``reader`` last read ``watch``; the depth now without a watch); None
     for what the kernel does not tell (UNIX sockets).
     """
-    from .sockets import describe
+    from ..sockets import describe
 
     found = []
     for listener in listeners:

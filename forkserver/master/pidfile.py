@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import os
 
-from .errors import ConfigError
-from .safefiles import read_nofollow, reason, replace_file
+from ..errors import ConfigError
+from ..safefiles import read_nofollow, reason, replace_file
 
 
 class Pidfile:

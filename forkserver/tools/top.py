@@ -20,8 +20,8 @@ import time
 import tty
 from typing import Any
 
-from .errors import ForkserverError
-from .sockets import parse_address
+from ..errors import ForkserverError
+from ..sockets import parse_address
 
 FETCH_TIMEOUT = 5.0
 # Alternate screen and hidden cursor on entry; both undone on exit, so the

@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .aggregator import EXIT_CAUSES, WORKER_STATES, estimate_quantile
-from .errors import ConfigError
-from .stats import HISTOGRAM_BUCKETS, STATUS_CLASSES
+from ..errors import ConfigError
+from ..stats import HISTOGRAM_BUCKETS, STATUS_CLASSES
 
 log = logging.getLogger("forkserver")
 

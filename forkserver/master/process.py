@@ -24,43 +24,44 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import __version__, libc, preflight, relay, systemd
+from .. import __version__, libc, preflight, relay
+from . import systemd
 from .aggregator import Aggregator
-from .balance import AcceptBoard
+from ..balance import AcceptBoard
 from .collector import StatsCollector
-from .config import AUTO_WORKERS, Config, environment_of
-from .errors import (
+from ..config import AUTO_WORKERS, Config, environment_of
+from ..errors import (
     EXIT_APP_LOAD,
     EXIT_OK,
     AppImportError,
     ForkserverError,
     WorkerBootError,
 )
-from .forksafety import ForkSafety, open_descriptors, still_open
-from .handover import LogHandover
-from .hooks import HookContext, Hooks
-from .identity import resolve_identity
-from .loader import load_app, prepare_path
-from .logs import LogFile, capture_stdio, open_access_logfile, setup_error_log
+from ..forksafety import ForkSafety, open_descriptors, still_open
+from ..handover import LogHandover
+from ..hooks import HookContext, Hooks
+from ..identity import resolve_identity
+from ..loader import load_app, prepare_path
+from ..logs import LogFile, capture_stdio, open_access_logfile, setup_error_log
 from .notices import Notice, NoticeReader
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
-from .reloader import Reloader
-from .safefiles import reason
+from ..reloader import Reloader
+from ..safefiles import reason
 from .sampler import BACKLOG_SAMPLE_INTERVAL, BacklogWatch, ProcessSampler, listener_stats
-from .scoreboard import Scoreboard
-from .signals import Wakeup
-from .sockets import Listener, adopt, bind_all, describe, remove_unanswered
-from .sources import load_config
+from ..scoreboard import Scoreboard
+from ..signals import Wakeup
+from ..sockets import Listener, adopt, bind_all, describe, remove_unanswered
+from ..sources import load_config
 from .upgrade import oldbin_path, start_new_master
-from .workerspec import WorkerMain, WorkerSpec
+from ..workerspec import WorkerMain, WorkerSpec
 
 if TYPE_CHECKING:
     import socket
     from multiprocessing.connection import Connection
 
-    from .logconfig import FileHandlers
-    from .refork import ReforkSupervisor
+    from ..logconfig import FileHandlers
+    from ..refork import ReforkSupervisor
     from .statsd import StatsdExporter
     from .status import StatusServer
 
@@ -111,7 +112,7 @@ class Provisions:
     relay_ends: tuple[socket.socket, socket.socket]  # the connection relay's channel (forkserver.relay)
 
     def worker_fds(self) -> list[int]:
-        """The worker's ends, in the order a mold expects them (forkserver.mold)."""
+        """The worker's ends, in the order a mold expects them (forkserver.worker.mold)."""
         assert self.refork_ends is not None
         fds = [self.board_fd, self.log_ends[1].fileno(), self.refork_ends[1].fileno(), self.relay_ends[1].fileno()]
         return fds + ([self.stats_ends[1].fileno()] if self.stats_ends is not None else [])
@@ -158,7 +159,7 @@ class Master:
         self.desired = self.size_pool(config)
         self.desired_before_reload = self.desired  # what an abandoned reload goes back to
         self.listeners: list[Listener] = []
-        self.tls_context: Any = None  # an ssl.SSLContext with certfile set; workers inherit it (forkserver.tls)
+        self.tls_context: Any = None  # an ssl.SSLContext with certfile set; workers inherit it (forkserver.worker.tls)
         self.tls_listeners: tuple[Listener, ...] = ()  # those of self.listeners that serve TLS
         self.socket_paths: list[str] = []  # UNIX socket files to remove at exit
         self.log_files: list[LogFile] = []  # the error log, then the access log if on; workers inherit them
@@ -221,7 +222,7 @@ class Master:
         if config.certfile:
             # Deferred: a start without TLS does not import ssl.  Read here, by
             # the master, before anything is bound: a bad file is one line.
-            from .tls import build_context
+            from ..worker.tls import build_context
 
             self.tls_context = build_context(config)
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
@@ -235,13 +236,13 @@ class Master:
         if config.logconfig or config.logconfig_dict:
             # Deferred, as few starts have one. After prepare_path: a handler
             # or formatter class may come from the app's own package.
-            from . import logconfig
+            from .. import logconfig
 
             logconfig.apply(config, self.start_dir)
             self.logging_files = logconfig.FileHandlers()
         if config.static:
             # Imported only when configured, and before the fork so that the workers share it.
-            from .static import check_roots
+            from ..worker.static import check_roots
 
             check_roots(config)  # static directories are relative to chdir, as the workers see it
         self.hooks = Hooks(config)
@@ -253,7 +254,7 @@ class Master:
             os.umask(int(config.umask, 8))
         self.listeners = self.open_listeners()
         if config.certfile:
-            from .tls import serves_tls
+            from ..worker.tls import serves_tls
 
             self.tls_listeners = tuple(listener for listener in self.listeners
                                        if serves_tls(config, listener.address.text))
@@ -307,7 +308,7 @@ class Master:
         """
         if not self.config.refork_after or self.config.reload:
             return None
-        from . import refork
+        from .. import refork
 
         return refork.ReforkSupervisor(self, self.config.refork_after) if refork.become_subreaper() else None
 
@@ -321,7 +322,7 @@ class Master:
         # With sockets handed over, the default bind is not also wanted.
         wanted = () if adopted and config.source_of("bind") == "default" else config.bind
         if config.tls_bind:
-            from .tls import listen_addresses
+            from ..worker.tls import listen_addresses
 
             wanted = listen_addresses(config)  # bind left at its default beside tls_bind is not wanted
         fresh = bind_all(tuple(a for a in wanted if a not in names), backlog=config.backlog,
@@ -800,7 +801,7 @@ class Master:
         stats_ends = self.collector.prepare() if self.status is not None or self.statsd is not None else None
         refork_ends = None
         if self.refork is not None:
-            from .refork import new_channel  # loaded with the supervisor
+            from ..refork import new_channel  # loaded with the supervisor
 
             refork_ends = new_channel()
         return Provisions(board, board_fd, stats_ends, self.handover.prepare(), refork_ends, self.accept_board.take(),
@@ -1059,7 +1060,7 @@ class Master:
             return config, self.tls_context
         if not config.certfile:
             return config, None
-        from .tls import build_context  # imported at start already
+        from ..worker.tls import build_context  # imported at start already
 
         try:
             context = build_context(config)

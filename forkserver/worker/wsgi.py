@@ -3,7 +3,7 @@
 This module speaks WSGI to the app and nothing else.  How the response is
 framed, and whether the connection stays open, is the exchange's to decide
 (``forkserver.http.exchange``): a Response asks it, and hands the bytes it
-gets back to an output, which moves them (``forkserver.connection``).
+gets back to an output, which moves them (``forkserver.worker.connection``).
 ``wsgi.input`` arrives ready-made in the environ the caller builds.  App
 bugs surface as ``AppError`` (a PEP 3333 violation, logged as one line) or as
 the app's own exception (logged with its traceback).
@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
-from .cgi import UNPREFIXED, header_key
-from .http.events import Request
-from .http.exchange import DONE, SEND_RESPONSE, Exchange
-from .http.response import header_line, status_line
+from ..cgi import UNPREFIXED, header_key
+from ..http.events import Request
+from ..http.exchange import DONE, SEND_RESPONSE, Exchange
+from ..http.response import header_line, status_line
 
 # RFC 9110 §7.6.1 plus the ones PEP 3333 names: an app must not set these.
 HOP_BY_HOP = frozenset(

@@ -3,7 +3,7 @@
 The three never call back into one another: this module takes the next
 request from the connection's exchange (``forkserver.http.exchange``), builds
 the environ with ``wsgi.input`` reading through the connection, runs the app
-(``forkserver.wsgi``), turns every failure into the right answer, and asks
+(``forkserver.worker.wsgi``), turns every failure into the right answer, and asks
 the exchange for the verdict on the connection.  It also keeps the worker's
 books on the request: the scoreboard, the stats and the access log.
 """
@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .connection import BodyRules, BodyStream, ClientGone, Connection, Stalled
-from .http.errors import ProtocolError
-from .http.events import Request
-from .http.exchange import Closing, Exchange
-from .http.parser import Limits
-from .http.response import DateHeader
-from .logs import AccessLog
-from .proxy import FORWARDING_ENVIRON_KEYS, REQUEST_START_KEYS, Trust, apply_origin, proxy_queue_time, read_forwarded
-from .scoreboard import Scoreboard
-from .stats import Reporter, kernel_wait
+from ..http.errors import ProtocolError
+from ..http.events import Request
+from ..http.exchange import Closing, Exchange
+from ..http.parser import Limits
+from ..http.response import DateHeader
+from ..logs import AccessLog
+from ..proxy import FORWARDING_ENVIRON_KEYS, REQUEST_START_KEYS, Trust, apply_origin, proxy_queue_time, read_forwarded
+from ..scoreboard import Scoreboard
+from ..stats import Reporter, kernel_wait
 from .wsgi import AppError, Codec, Response, run_app
 
 log = logging.getLogger("forkserver")

@@ -32,27 +32,27 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from . import handover, libc, reloader
-from .backoff import AcceptPause
-from .balance import RECHECK
+from .. import handover, libc, reloader
+from ..backoff import AcceptPause
+from ..balance import RECHECK
 from .connection import BodyClock, BodyRules, ClientGone, Connection
-from .errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
-from .forksafety import open_descriptors
-from .hooks import HookContext, StuckRequest
-from .http.errors import RequestTimeout
-from .http.exchange import Closing
-from .http.parser import Limits
-from .http.response import DateHeader
-from .identity import drop_privileges
-from .loader import load_app, prepare_path
-from .logs import AccessLog, make_access_log
-from .proxy import Trust
-from .relay import Relay
+from ..errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
+from ..forksafety import open_descriptors
+from ..hooks import HookContext, StuckRequest
+from ..http.errors import RequestTimeout
+from ..http.exchange import Closing
+from ..http.parser import Limits
+from ..http.response import DateHeader
+from ..identity import drop_privileges
+from ..loader import load_app, prepare_path
+from ..logs import AccessLog, make_access_log
+from ..proxy import Trust
+from ..relay import Relay
 from .serving import Service, serve
-from .signals import Wakeup
-from .sockets import Listener
-from .stats import Reporter
-from .workerspec import WorkerSpec
+from ..signals import Wakeup
+from ..sockets import Listener
+from ..stats import Reporter
+from ..workerspec import WorkerSpec
 from .wsgi import base_environ
 
 if TYPE_CHECKING:
@@ -509,7 +509,7 @@ class Worker:
                 self._flush_access_log()
                 handover.receive(self.spec.log_channel, self.spec.log_files)
                 if self.config.logconfig or self.config.logconfig_dict:
-                    from .logconfig import FileHandlers  # imported by the master already, with the config
+                    from ..logconfig import FileHandlers  # imported by the master already, with the config
 
                     FileHandlers().reopen()
 
@@ -928,7 +928,7 @@ class Worker:
             target.report_losses(now)
         while self.warm_marks and self.served >= self.warm_marks[0]:
             assert self.spec.refork_channel is not None
-            from . import refork  # the master loaded it before the fork: only with refork on is it needed
+            from .. import refork  # the master loaded it before the fork: only with refork on is it needed
 
             refork.send(self.spec.refork_channel, b"warm %d" % self.warm_marks.pop(0))
         if not self.stopping and os.getppid() != self.spec.master_pid:

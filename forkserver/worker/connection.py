@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .http.errors import BodyTooLarge, RequestTimeout
-from .http.exchange import Exchange
-from .proxy import MalformedProxyHeader, ProxyHeaderReader
+from ..http.errors import BodyTooLarge, RequestTimeout
+from ..http.exchange import Exchange
+from ..proxy import MalformedProxyHeader, ProxyHeaderReader
 
 if TYPE_CHECKING:
     from .serving import Service
@@ -140,7 +140,7 @@ class Connection:
     a kept-alive request about 3 us).
     """
 
-    # Only a TLS connection (forkserver.tls) ever has a handshake to finish
+    # Only a TLS connection (forkserver.worker.tls) ever has a handshake to finish
     # first, and raises more than BlockingIOError when a call must wait.
     handshaking = False
     would_block: tuple[type[OSError], ...] = (BlockingIOError,)

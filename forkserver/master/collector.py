@@ -28,7 +28,7 @@ import select
 import struct
 from typing import TYPE_CHECKING
 
-from .stats import WIRE, decode, new_channel
+from ..stats import WIRE, decode, new_channel
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection

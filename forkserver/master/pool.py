@@ -12,7 +12,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 
-from .scoreboard import Scoreboard
+from ..scoreboard import Scoreboard
 
 
 @dataclass(eq=False)

@@ -1,0 +1,1 @@
+"""Operator tools run beside a server (``forkserver stats``, ``forkserver top``), not inside it."""
