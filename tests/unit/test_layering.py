@@ -1,16 +1,22 @@
 """The package's layers, checked from the source with ``ast`` so they stay apart.
 
+The tree is laid out by role: ``master/`` (supervises processes), ``worker/``
+(serves requests), ``http/`` (the protocol), ``tools/`` (operator tools), and
+at the top the shared core both sides load.
+
 * ``forkserver.http`` is a pure protocol library: stdlib and httptools only,
   no I/O modules and no I/O calls, so it can be tested (and fuzzed) without
   sockets; it reaches nothing of forkserver outside itself.
 * ``forkserver.worker.wsgi`` builds environs and responses; it never touches sockets.
-* The master and its pool supervise processes; they never speak HTTP and
-  never load the worker's module, directly or through any other.  The
-  entry point (``cli.py``) loads the worker before the master forks and
-  hands the master its entry function, so the worker's code is still shared
-  with every worker instead of loaded again by each: importing it in the
-  child instead cost each worker 1.9 MB of private memory, measured as USS
-  with two workers of tests/apps/basic.py.
+* ``master/`` never speaks HTTP and loads nothing of ``worker/`` or ``http/``,
+  directly or through a shared module.  The entry point (``cli.py``) loads
+  the worker before the master forks and hands the master its entry
+  function, so the worker's code is still shared with every worker instead
+  of loaded again by each: importing it in the child instead cost each
+  worker 1.9 MB of private memory, measured as USS with two workers of
+  tests/apps/basic.py.
+* The shared core loads neither side: a top-level module that did would pull
+  one side into the other.
 * Only ``cli.py`` decides the process exit status.
 """
 
@@ -86,30 +92,31 @@ def load_time_imports(path: Path) -> set[str]:
 MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
 
 
-def reached(module: str, stop_at: str = "") -> set[str]:
-    """Every forkserver module that loading ``module`` loads, directly or through others.
-
-    ``stop_at``: a module counted as reached but not followed further.
-    """
+def reached(module: str) -> set[str]:
+    """Every forkserver module that loading ``module`` loads, directly or through others."""
     seen: set[str] = set()
     todo = [module]
     while todo:
         for name in load_time_imports(MODULES[todo.pop()]):
             if name in MODULES and name not in seen:
                 seen.add(name)
-                if name != stop_at:
-                    todo.append(name)
+                todo.append(name)
     return seen
 
 
 HTTP_FILES = sorted((PACKAGE / "http").glob("*.py"))
 FORBIDDEN_IN_HTTP = ("socket", "os", "select", "selectors", "asyncio", "io", "tempfile", "subprocess", "ssl",
-                     "logging", "mmap", "shutil", "forkserver.config", "forkserver.sources", "forkserver.worker")
+                     "logging", "mmap", "shutil", "forkserver.config", "forkserver.sources", "forkserver.worker",
+                     "forkserver.master")
 # Built-ins that read or write outside the process.
 IO_CALLS = frozenset({"open", "print", "input"})
-# What speaks HTTP: the supervising side loads it only as the worker it forks.
+# The worker's modules that speak HTTP (with forkserver.http itself).
 HTTP_SIDE = ("forkserver.http", "forkserver.worker.wsgi", "forkserver.worker.connection", "forkserver.worker.serving",
              "forkserver.worker.static")
+MASTER_MODULES = sorted(name for name in MODULES if is_within(name, "forkserver.master"))
+# Top-level modules both sides load; the entry points (cli, __main__) start either side and are not core.
+SHARED_CORE = sorted(name for name, path in MODULES.items()
+                     if path.parent == PACKAGE and name not in ("forkserver", "forkserver.cli", "forkserver.__main__"))
 
 
 def test_imports_helper_resolves_relative_imports():
@@ -142,9 +149,9 @@ def test_http_reaches_nothing_outside_itself(path):
 
 
 def test_load_time_imports_skip_deferred_and_type_checking_imports():
-    master = PACKAGE / "master.py"
+    master = PACKAGE / "master" / "process.py"
     assert "forkserver.master.status" in imports(master) and "forkserver.master.status" not in load_time_imports(master)
-    assert "forkserver.worker.serving" not in load_time_imports(PACKAGE / "connection.py")  # TYPE_CHECKING
+    assert "forkserver.worker.serving" not in load_time_imports(PACKAGE / "worker" / "connection.py")  # TYPE_CHECKING
     assert "forkserver.workerspec" in load_time_imports(master)
 
 
@@ -153,32 +160,51 @@ def test_reached_follows_imports_through_other_modules():
 
 
 def test_wsgi_does_not_import_socket():
-    found = imports(PACKAGE / "wsgi.py")
+    found = imports(PACKAGE / "worker" / "wsgi.py")
     assert not any(is_within(name, "socket") or is_within(name, "selectors") for name in found), found
 
 
-@pytest.mark.parametrize("filename", ["master.py", "pool.py"])
-def test_supervisor_does_not_speak_http(filename):
-    for name in imports(PACKAGE / filename):
-        for layer in ("forkserver.http", "forkserver.worker.wsgi", "forkserver.worker.connection", "forkserver.worker.serving"):
-            assert not is_within(name, layer), f"{filename} imports {name}"
+@pytest.mark.parametrize("module", MASTER_MODULES)
+def test_master_side_does_not_speak_http(module):
+    """Not even deferred: a master that parsed or framed HTTP would be a worker.
+
+    (``worker.static`` and ``worker.tls`` are imported deferred, to check
+    settings at start; the load-time rule below holds them off.)
+    """
+    for name in imports(MODULES[module]):
+        for layer in ("forkserver.http", "forkserver.worker.wsgi", "forkserver.worker.connection",
+                      "forkserver.worker.serving"):
+            assert not is_within(name, layer), f"{module} imports {name}"
 
 
-@pytest.mark.parametrize("module", ["forkserver.master", "forkserver.master.pool", "forkserver.cli"])
-def test_supervisor_never_reaches_the_worker_or_http(module):
+@pytest.mark.parametrize("module", MASTER_MODULES)
+def test_master_side_loads_neither_worker_nor_http(module):
     found = {name for name in reached(module)
-             if any(is_within(name, side) for side in ("forkserver.worker", *HTTP_SIDE))}
+             if is_within(name, "forkserver.worker") or is_within(name, "forkserver.http")}
     assert found == set(), f"loading {module} loads {sorted(found)}"
 
 
+@pytest.mark.parametrize("module", SHARED_CORE)
+def test_shared_core_loads_neither_side(module):
+    found = {name for name in reached(module)
+             if any(is_within(name, side) for side in ("forkserver.master", "forkserver.worker", "forkserver.tools"))}
+    assert found == set(), f"loading {module} loads {sorted(found)}"
+
+
+def test_cli_loads_neither_the_worker_nor_http():
+    found = {name for name in reached("forkserver.cli")
+             if any(is_within(name, side) for side in ("forkserver.worker", *HTTP_SIDE))}
+    assert found == set(), f"loading the command line loads {sorted(found)}"
+
+
 def test_the_worker_reaches_http():
-    assert "forkserver.http.exchange" in reached("forkserver.worker")  # what the test above keeps out
+    assert "forkserver.http.exchange" in reached("forkserver.worker.process")  # what the master's tests keep out
 
 
 def test_the_entry_point_loads_the_worker_for_the_master():
     """cli.py imports the worker (deferred, where it starts the master), so the workers share its code."""
-    assert "forkserver.worker" in imports(PACKAGE / "cli.py")
-    assert "forkserver.worker" not in imports(PACKAGE / "master.py")
+    assert "forkserver.worker.process" in imports(PACKAGE / "cli.py")
+    assert "forkserver.worker.process" not in imports(PACKAGE / "master" / "process.py")
 
 
 def exits(path: Path) -> list[str]:
