@@ -1,11 +1,14 @@
 """What proxies in front of us say about the client: trust lists, forwarding headers, PROXY protocol.
 
-Pure functions over bytes and header tuples: ``Trust`` decides which peers are
-believed, ``read_forwarded`` reads ``Forwarded``/``X-Forwarded-*`` from a
-trusted peer's request, and ``ProxyHeaderReader`` takes a PROXY protocol v1/v2
-header off the front of a connection.  Nothing here touches a socket or an
-environ; ``connection.py`` applies the results.  Hostile input never raises
-anything but ``MalformedProxyHeader`` (and the header reader alone raises it).
+Functions over bytes, header tuples and environs: ``Trust`` decides which
+peers are believed, ``read_forwarded`` reads ``Forwarded``/``X-Forwarded-*``
+from a trusted peer's request and ``apply_origin`` puts the result into its
+environ, ``proxy_queue_time`` reads a proxy's request-start stamp, and
+``ProxyHeaderReader`` takes a PROXY protocol v1/v2 header off the front of a
+connection.  Nothing here touches a socket: ``worker/connection.py`` feeds the
+header reader, ``worker/serving.py`` calls the rest for the requests of trusted
+peers.  Hostile input never raises anything but ``MalformedProxyHeader`` (and
+the header reader alone raises it).
 """
 
 from __future__ import annotations

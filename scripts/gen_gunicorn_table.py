@@ -24,7 +24,7 @@ GUIDE = Path(__file__).resolve().parent.parent / "docs" / "gunicorn.md"
 BEGIN, END = "<!-- gunicorn-options:begin -->", "<!-- gunicorn-options:end -->"
 ACTIONS = {
     "config": "reads the file: TOML, or a gunicorn `*.py` file run as gunicorn runs it",
-    "check_config": "validates every setting and imports the app, binding nothing",
+    "check_config": "runs the checks a start makes (settings, addresses, file locations, hooks, the app's import), binding, writing and forking nothing",
     "print_config": "prints the effective settings as TOML, each with where it came from",
 }
 
