@@ -93,14 +93,14 @@ def check(config: Config) -> None:
         parse_address(address)  # a malformed address is a bind error (exit 5), as at start
     problems = start_problems(config)  # relative paths from the directory we were started in, as at start
     if config.certfile:
-        from .worker.tls import build_context  # deferred: only TLS needs ssl
+        from .tlscontext import build_context  # deferred: only TLS needs ssl
 
         problems += _problem(lambda: build_context(config))  # the files load as the master will load them
     problems += _problem(lambda: resolve_identity(config.user, config.group))
     os.environ.update(environment_of(config))  # raw_env, which hooks and the app may read at import
     prepare_path(config.chdir, config.pythonpath)
     if config.static:
-        from .worker.static import check_roots  # deferred, as the master defers it
+        from .mounts import check_roots  # deferred, as the master defers it
 
         problems += _problem(lambda: check_roots(config))  # relative to chdir, as the workers see them
     refuse(problems)

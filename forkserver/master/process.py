@@ -159,7 +159,7 @@ class Master:
         self.desired = self.size_pool(config)
         self.desired_before_reload = self.desired  # what an abandoned reload goes back to
         self.listeners: list[Listener] = []
-        self.tls_context: Any = None  # an ssl.SSLContext with certfile set; workers inherit it (forkserver.worker.tls)
+        self.tls_context: Any = None  # an ssl.SSLContext with certfile set; workers inherit it (forkserver.tlscontext)
         self.tls_listeners: tuple[Listener, ...] = ()  # those of self.listeners that serve TLS
         self.socket_paths: list[str] = []  # UNIX socket files to remove at exit
         self.log_files: list[LogFile] = []  # the error log, then the access log if on; workers inherit them
@@ -222,7 +222,7 @@ class Master:
         if config.certfile:
             # Deferred: a start without TLS does not import ssl.  Read here, by
             # the master, before anything is bound: a bad file is one line.
-            from ..worker.tls import build_context
+            from ..tlscontext import build_context
 
             self.tls_context = build_context(config)
         self.log_files.append(setup_error_log(config.error_logfile, config.log_level))
@@ -242,7 +242,7 @@ class Master:
             self.logging_files = logconfig.FileHandlers()
         if config.static:
             # Imported only when configured, and before the fork so that the workers share it.
-            from ..worker.static import check_roots
+            from ..mounts import check_roots
 
             check_roots(config)  # static directories are relative to chdir, as the workers see it
         self.hooks = Hooks(config)
@@ -254,7 +254,7 @@ class Master:
             os.umask(int(config.umask, 8))
         self.listeners = self.open_listeners()
         if config.certfile:
-            from ..worker.tls import serves_tls
+            from ..tlscontext import serves_tls
 
             self.tls_listeners = tuple(listener for listener in self.listeners
                                        if serves_tls(config, listener.address.text))
@@ -322,7 +322,7 @@ class Master:
         # With sockets handed over, the default bind is not also wanted.
         wanted = () if adopted and config.source_of("bind") == "default" else config.bind
         if config.tls_bind:
-            from ..worker.tls import listen_addresses
+            from ..tlscontext import listen_addresses
 
             wanted = listen_addresses(config)  # bind left at its default beside tls_bind is not wanted
         fresh = bind_all(tuple(a for a in wanted if a not in names), backlog=config.backlog,
@@ -1060,7 +1060,7 @@ class Master:
             return config, self.tls_context
         if not config.certfile:
             return config, None
-        from ..worker.tls import build_context  # imported at start already
+        from ..tlscontext import build_context  # imported at start already
 
         try:
             context = build_context(config)

@@ -44,14 +44,12 @@ from urllib.parse import quote
 
 from ..config import Config
 from ..errors import ConfigError
+from ..mounts import Mount, mounts_of
 from .wsgi import FileWrapper
 
 log = logging.getLogger("forkserver")
 
 INDEX_NAME = b"index.html"
-# Unless configured: browsers revalidate every time, which the ETag makes a
-# cheap 304, so an edited file is never served stale from a browser cache.
-DEFAULT_CACHE_CONTROL = "no-cache"
 # Content codings we look for precompressed files of, in our order of preference.
 VARIANTS = (("br", b".br"), ("gzip", b".gz"))
 # Anything C0, DEL, a backslash or NUL in a decoded path is an attack or a bug.
@@ -72,51 +70,6 @@ OPEN_MISSING = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, er
 
 class Refused(Exception):
     """The path tries to leave the root (or is malformed): always 404, always logged."""
-
-
-# -- configuration ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One ``PREFIX=DIRECTORY`` mapping: ``prefix`` without its trailing slash ("" for "/")."""
-
-    prefix: str
-    root: str
-    cache_control: str | None = None
-
-
-def split_entry(entry: str) -> tuple[str, str]:
-    """Split ``PREFIX=VALUE`` at the first ``=``; the prefix loses a trailing slash."""
-    prefix, _, value = entry.partition("=")
-    prefix = prefix.strip()
-    return (prefix.rstrip("/") if prefix != "/" else ""), value.strip()
-
-
-def mounts_of(config: Config) -> list[Mount]:
-    """Build the mounts from ``static`` and ``static_cache_control`` (already validated)."""
-    default, per_prefix = DEFAULT_CACHE_CONTROL, {}
-    for entry in config.static_cache_control:
-        if entry.startswith("/"):
-            prefix, value = split_entry(entry)
-            per_prefix[prefix] = value
-        else:
-            default = entry.strip()
-    mounts = []
-    for entry in config.static:
-        prefix, directory = split_entry(entry)
-        value = per_prefix.get(prefix, default)
-        mounts.append(Mount(prefix, directory, None if value.lower() == "none" else value))
-    # Longest prefix first, so /static/img beats /static.
-    return sorted(mounts, key=lambda m: len(m.prefix), reverse=True)
-
-
-def check_roots(config: Config) -> None:
-    """Raise ConfigError unless every static directory exists (relative ones from the cwd)."""
-    for mount in mounts_of(config):
-        if not os.path.isdir(mount.root):
-            raise ConfigError(f"{config.source_of('static')}: static directory {mount.root!r} for "
-                              f"{mount.prefix or '/'} is not a directory (cwd {os.getcwd()!r})")
 
 
 # -- pure decisions -----------------------------------------------------------------

@@ -30,6 +30,7 @@ CONFIGURATION_ONLY = {
     "forkserver.master.containers": "workers = auto",
     "forkserver.refork": "refork_after",
     "forkserver.worker.mold": "a worker promoted by refork",
+    "forkserver.tlscontext": "certfile",
     "forkserver.worker.tls": "certfile",
     "forkserver.master.status": "stats_bind",
     "forkserver.master.statsd": "statsd_host",

@@ -17,8 +17,8 @@ import pytest
 
 from forkserver.sources import load_config
 from forkserver.errors import ConfigError
+from forkserver.mounts import Mount, mounts_of
 from forkserver.worker.static import (
-    Mount,
     Preconditions,
     Refused,
     Representation,
@@ -26,7 +26,6 @@ from forkserver.worker.static import (
     decide,
     entity_tags,
     http_date,
-    mounts_of,
     parse_http_date,
     parse_range,
     preferred_encodings,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from forkserver.sources import load_config
-from forkserver.worker.tls import distinguished_name, listen_addresses, serves_tls
+from forkserver.tlscontext import listen_addresses, serves_tls
+from forkserver.worker.tls import distinguished_name
 
 
 def config(*argv: str):
