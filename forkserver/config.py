@@ -320,6 +320,13 @@ class Config:
         help="Seconds a worker may go without making progress before the master "
         "kills and replaces it; 0 disables.",
     )
+    boot_timeout: float = setting(
+        120.0,
+        minimum=0,
+        help="Seconds a new worker may take to import the app and become ready (at least "
+        "timeout, which judges requests, not boots); past it the worker's stack is dumped "
+        "and it is killed as a failed boot; 0 disables.",
+    )
     deadline_limit: float = setting(
         3600.0,
         minimum=1,

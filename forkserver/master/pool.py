@@ -26,7 +26,7 @@ class WorkerHandle:
     started_at: float
     ready: bool = False
     retiring: bool = False
-    aborted_at: float = 0.0  # when a hung worker was sent SIGABRT; 0 if never
+    aborted_at: float = 0.0  # when a hung (or too slowly booting) worker was sent SIGABRT; 0 if never
     killed: bool = False
     recycled: bool = False  # retired for max_requests or memory, not by an operator
     over_memory: int = 0  # consecutive memory samples over max_worker_memory

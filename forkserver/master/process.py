@@ -534,7 +534,8 @@ class Master:
             if not replaced or handle.retiring:
                 log.info("worker exited slot=%d pid=%d gen=%d %s", handle.slot, handle.pid, handle.generation, how)
             elif not handle.ready:
-                self.on_boot_failure(handle, f"worker slot={handle.slot} died during boot ({how})",
+                why = f"not ready within boot_timeout, {how}" if handle.aborted_at else how
+                self.on_boot_failure(handle, f"worker slot={handle.slot} died during boot ({why})",
                                      os.waitstatus_to_exitcode(status))
             else:
                 log.warning("worker died slot=%d pid=%d gen=%d %s; replacing", handle.slot, handle.pid,
@@ -566,6 +567,9 @@ class Master:
                     handle.killed = True
                     self.signal_worker(handle, signal.SIGKILL)
                 continue
+            if not handle.ready:
+                self.limit_boot(handle, now)
+                continue
             if not handle.board.timeout:  # made while timeout was 0: never judged
                 continue
             overdue, in_flight = handle.board.overdue()
@@ -583,6 +587,24 @@ class Master:
             handle.aborted_at = now
             handle.retiring = True  # replaced at once, not after it is reaped
             self.signal_worker(handle, signal.SIGABRT)
+
+    def limit_boot(self, handle: WorkerHandle, now: float) -> None:
+        """Abort a worker still booting after ``boot_timeout`` (or ``timeout``, if longer).
+
+        Importing an app is not a request: a Django project or a model that
+        loads for longer than ``timeout`` must not be killed as hung, again
+        and again.  A boot that never ends (an import waiting on a database
+        that does not answer) is still ended, with its stack dumped, and
+        counts as a failed boot: at start-up the server exits naming it,
+        later the slot backs off.
+        """
+        limit = self.config.boot_timeout and max(self.config.boot_timeout, self.config.timeout)
+        if not limit or now - handle.started_at <= limit:
+            return
+        log.critical("worker boot timeout slot=%d pid=%d: not ready after %.1fs (boot_timeout %gs); "
+                     "dumping stacks and killing", handle.slot, handle.pid, now - handle.started_at, limit)
+        handle.aborted_at = now
+        self.signal_worker(handle, signal.SIGABRT)
 
     def check_memory(self) -> None:
         """Every few seconds, retire a worker whose unique memory was over the limit MEMORY_SAMPLES times in a row.

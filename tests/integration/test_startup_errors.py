@@ -25,7 +25,7 @@ import requests
 
 from harness import APPS, poll
 
-from forkserver.errors import EXIT_APP_LOAD, EXIT_BIND, EXIT_CONFIG
+from forkserver.errors import EXIT_APP_LOAD, EXIT_BIND, EXIT_CONFIG, EXIT_WORKER_BOOT
 
 EXIT_DEADLINE = 10.0  # generous: the machine is shared; a hung start never gets there
 
@@ -361,3 +361,20 @@ def test_asgi_app_is_refused_with_one_line(forkserver, spec, shape, mode):
 def test_a_class_taking_environ_and_start_response_is_still_served(server):
     srv = server("asgi_apps:WsgiClassApp")
     assert requests.get(srv.url).text == "class\n"
+
+
+def test_a_boot_longer_than_timeout_is_not_killed_as_hung(server):
+    """``timeout`` judges requests; an import that takes longer is a slow boot, not a hang."""
+    srv = server("slow_boot:app", "-w", "1", "--timeout", "1", env={"SLOW_BOOT_SECONDS": "2.5"}, workers=1)
+    response = requests.get(srv.url, timeout=10)
+    assert response.status_code == 200 and response.text == "booted\n"
+    assert "worker timeout" not in srv.log() and "boot timeout" not in srv.log(), srv.log()
+
+
+def test_a_boot_past_boot_timeout_fails_the_start_with_the_stack_and_the_setting_named(forkserver):
+    outcome = forkserver("slow_boot:app", "-b", "127.0.0.1:0", "-w", "1", "--timeout", "1", "--boot-timeout", "1",
+                         env={"SLOW_BOOT_SECONDS": "60"})
+    assert outcome.code == EXIT_WORKER_BOOT, f"exit code {outcome.code}; stderr:\n{outcome.stderr}"
+    last = outcome.stderr.strip().splitlines()[-1]
+    assert last.startswith("forkserver: error: ") and "boot_timeout" in last, last
+    assert "slow_boot.py" in outcome.stderr, "the stack of the stuck import is dumped: " + outcome.stderr
