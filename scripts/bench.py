@@ -181,7 +181,7 @@ def server_configs(gthread_threads: int) -> dict[str, ServerConfig]:
                                          ("--stats-bind", "unix:{tmp}/stats-{id}.sock"),
                                          requires="--stats-bind",
                                          note="stats on (--stats-bind)"),
-        # Peers (issue 21), each as a deployment would run it with -w workers.
+        # Peers, each as a deployment would run it with -w workers.
         "uwsgi": ServerConfig("uwsgi", "uwsgi", scenarios=PEER_SCENARIOS, install="pip install uwsgi",
                               note="uWSGI --http-socket closes every connection, like gunicorn sync; its "
                                    "--http11-socket keep-alive ignores a request's Connection: close"),
@@ -1133,7 +1133,7 @@ def peer_targets(results: dict[str, Any]) -> str:
     against("startup to first 200 ≤ 1.5x the floor's", startup(fs), FLOOR, startup(FLOOR), 1.5, False, "ms")
     against("tree PSS after hello ≤ uWSGI's", pss(fs), "uwsgi", pss("uwsgi"), 1.0, False, "MiB")
 
-    lines = ["| target (issue 21: forkserver vs the peer, same run) | measured | |", "|---|---|---|"]
+    lines = ["| target (forkserver vs the peer, same run) | measured | |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"
 
