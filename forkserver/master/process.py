@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from ..logconfig import FileHandlers
-    from ..refork import ReforkSupervisor
+    from .refork import ReforkSupervisor
     from .statsd import StatsdExporter
     from .status import StatusServer
 
@@ -308,7 +308,7 @@ class Master:
         """
         if not self.config.refork_after or self.config.reload:
             return None
-        from .. import refork
+        from . import refork
 
         return refork.ReforkSupervisor(self, self.config.refork_after) if refork.become_subreaper() else None
 

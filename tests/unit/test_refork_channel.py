@@ -9,6 +9,7 @@ import time
 import pytest
 
 from forkserver import refork
+from forkserver.master import refork as supervision
 from forkserver.sources import load_config
 from forkserver.errors import ConfigError
 from forkserver.master.notices import Notice
@@ -55,21 +56,21 @@ def test_a_fork_request_carries_descriptors_over_the_channel():
 
 
 def test_parent_of_tells_the_real_parent_and_nothing_for_a_missing_process():
-    assert refork.parent_of(os.getpid()) == os.getppid()
-    assert refork.parent_of(2 ** 22 + 1) == 0
+    assert supervision.parent_of(os.getpid()) == os.getppid()
+    assert supervision.parent_of(2 ** 22 + 1) == 0
 
 
 def test_early_notices_are_bounded_and_turn_into_strays_after_the_answer_timeout(monkeypatch):
-    state = refork.ReforkState((10,))
-    for pid in range(refork.MAX_EARLY + 10):
+    state = supervision.ReforkState((10,))
+    for pid in range(supervision.MAX_EARLY + 10):
         state.hold_early(Notice("ready", 100000 + pid, ""))
-    assert sum(map(len, state.early.values())) == refork.MAX_EARLY
+    assert sum(map(len, state.early.values())) == supervision.MAX_EARLY
     assert state.claim_early(100000) == [Notice("ready", 100000, "")]
     assert state.strays() == []  # not late yet
-    later = time.monotonic() + refork.ANSWER_TIMEOUT + 1
-    monkeypatch.setattr(refork.time, "monotonic", lambda: later)
+    later = time.monotonic() + supervision.ANSWER_TIMEOUT + 1
+    monkeypatch.setattr(supervision.time, "monotonic", lambda: later)
     strays = state.strays()
-    assert len(strays) == refork.MAX_EARLY - 1 and 100000 not in strays
+    assert len(strays) == supervision.MAX_EARLY - 1 and 100000 not in strays
     assert not state.early and not state.early_since
 
 

@@ -29,6 +29,7 @@ CONFIGURATION_ONLY = {
     "psutil": "max_worker_memory, workers = auto",
     "forkserver.master.containers": "workers = auto",
     "forkserver.refork": "refork_after",
+    "forkserver.master.refork": "refork_after",
     "forkserver.worker.mold": "a worker promoted by refork",
     "forkserver.tlscontext": "certfile",
     "forkserver.worker.tls": "certfile",
