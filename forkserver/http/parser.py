@@ -130,12 +130,11 @@ class RequestParser:
         self._line_limit = limits.request_line_bytes
         self._parser = httptools.HttpRequestParser(self)
         self._events: MutableSequence[Event | ProtocolError] = [] if events is None else events
-        self._phase = BETWEEN
         # Set once an Upgrade/CONNECT head stopped llhttp: after that message
         # the bytes are not HTTP/1.1, and the connection must close.
         self.upgraded = False
         self._skipped_body: _SkippedBody | None = None
-        self._messages_begun = 0
+        self._messages_begun = -1  # on_message_begin, below, counts it up to 0
         # The message (by its number in _messages_begun) that last had a
         # Content-Type: a second one in the same message is refused.
         self._content_type_in = -1
@@ -153,7 +152,6 @@ class RequestParser:
         self._line_found: tuple[bytes | bytearray, int] = (b"", 0)
         self._all_http: tuple[bytes | bytearray, int, bytes, bytes] = (b"", -1, b"", b"")
         self.on_message_begin()  # the facts of a message, as a new one starts them
-        self._messages_begun = 0
         self._phase = BETWEEN
 
     def on_message_begin(self) -> None:
