@@ -43,6 +43,11 @@ SEND_RESPONSE = "SEND_RESPONSE"  # a request is taken; its response head has not
 # SEND_BODY: the head is out, the body is going out
 MUST_CLOSE = "MUST_CLOSE"  # the connection carries nothing more: close it once what is queued is sent
 
+# What the caller does with the connection next (see ``next_step``).
+WAIT = 0  # no whole request head waits: receive more
+SERVE = 1  # a request (or a refused one) waits to be started
+GATHER = 2  # a request waits whose body is gathered first (see ``gather_body``): receive more of it
+
 # Request body left unread by the app that is still read and dropped to keep
 # the connection; a larger leftover is cheaper to close than to drain.
 DRAIN_LIMIT_BYTES = 1 << 20
@@ -123,8 +128,26 @@ class Exchange:
 
     def next_is_request(self) -> bool:
         """True when a whole request head (or a refused one) waits to be started."""
+        return self.next_step(0) != WAIT
+
+    def next_step(self, body_limit: int) -> int:
+        """After bytes came in, or a response went out: WAIT, SERVE or GATHER (up to ``body_limit`` bytes).
+
+        The worker's loop asks this once per turn: it is ``next_is_request``
+        and ``gather_body`` in one call (two calls fewer: with the hop
+        through the connection gone, about 15 of a kept-alive request's
+        1,580 bytecodes, scripts/loop_cost.py).
+        """
         events = self.events
-        return bool(events) and events[0].__class__ is not BodyChunk
+        if not events:
+            return WAIT
+        request = events[0]
+        if request.__class__ is BodyChunk:
+            return WAIT
+        if request.__class__ is Request and (request.chunked or request.content_length) \
+                and self.gather_body(body_limit):  # type: ignore[union-attr]
+            return GATHER
+        return SERVE
 
     def mid_request(self) -> bool:
         """True if the client has sent part of a request we have not seen the end of."""
@@ -211,28 +234,28 @@ class Exchange:
         """
         if self.our_state is not IDLE:
             raise ExchangeError(f"start() with our side {self.our_state}")
-        event = self.events.popleft()
+        events = self.events
+        event = events.popleft()
+        self.our_state = SEND_RESPONSE
         if event.__class__ is not Request:
             self.their_state = ERROR
-            self.our_state = SEND_RESPONSE
             self.keep_alive = False
             raise event  # type: ignore[misc]
         self.request = event  # type: ignore[assignment]
-        self.our_state = SEND_RESPONSE
-        self.keep_alive = event.keep_alive and not self.parser.upgraded  # type: ignore[union-attr]
         if event.chunked or event.content_length:  # type: ignore[union-attr]
             if event.expect_continue:  # type: ignore[union-attr]
                 # Until we ask for the body the client holds it, and only a
                 # close can end the exchange (see ask_for_body).
                 self.their_state = WAIT_CONTINUE
                 self.keep_alive = False
-            else:
-                self.their_state = SEND_BODY
+                return event  # type: ignore[return-value]
+            self.their_state = SEND_BODY
         else:
             # The parser emits a body-less request's end together with its head.
-            if self.events.popleft() is not END_OF_MESSAGE:
+            if events.popleft() is not END_OF_MESSAGE:
                 raise ExchangeError("a request without a body not followed by its end")
             self.their_state = DONE
+        self.keep_alive = event.keep_alive and not self.parser.upgraded  # type: ignore[union-attr]
         return event  # type: ignore[return-value]
 
     # -- the request body ------------------------------------------------------------

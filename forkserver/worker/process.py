@@ -40,7 +40,8 @@ from ..errors import EXIT_APP_LOAD, EXIT_OK, EXIT_WORKER_BOOT, AppImportError
 from ..forksafety import open_descriptors
 from ..hooks import HookContext, StuckRequest
 from ..http.errors import RequestTimeout
-from ..http.exchange import Closing
+# GATHER is also Worker._serve's answer when the next request's body is still on its way.
+from ..http.exchange import GATHER, SERVE, WAIT, Closing
 from ..http.parser import Limits
 from ..http.response import DateHeader
 from ..identity import drop_privileges
@@ -87,8 +88,6 @@ PAUSED_EVENTS = select.EPOLLRDHUP
 # to this share of it: resuming at the first byte freed would pause again at
 # once, and log both each time.
 RESUME_FRACTION = 0.75
-# Worker._serve's answer when the next request's body is still on its way.
-GATHER = 2
 # WINCH: become the refork mold (forkserver.refork); ignored without refork.
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1, signal.SIGWINCH)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
@@ -783,13 +782,15 @@ class Worker:
             return
         if not connection.receive():
             self._close(connection)
-        elif connection.next_is_request():
-            if connection.exchange.gather_body(self.body_buffer_size):
-                self._gather(connection)
-            elif self.inline:
+            return
+        step = connection.exchange.next_step(self.body_buffer_size)
+        if step == SERVE:
+            if self.inline:
                 self._serve_inline(connection)
             else:
                 self._dispatch(connection)
+        elif step == GATHER:
+            self._gather(connection)
         elif fresh:
             self._watch(connection, self.config.header_timeout)
 
@@ -1053,9 +1054,10 @@ class Worker:
                 self._recycle()
             if not keep:
                 return 0
-            if not connection.next_is_request():
+            step = connection.exchange.next_step(self.body_buffer_size)
+            if step == WAIT:
                 return 1
-            if connection.exchange.gather_body(self.body_buffer_size):
+            if step == GATHER:
                 return GATHER
 
     def _recycle(self) -> None:

@@ -18,10 +18,13 @@ from forkserver.http.exchange import (
     DONE,
     DRAIN_LIMIT_BYTES,
     ERROR,
+    GATHER,
     IDLE,
     MUST_CLOSE,
     SEND_BODY,
     SEND_RESPONSE,
+    SERVE,
+    WAIT,
     WAIT_CONTINUE,
     Closing,
     Exchange,
@@ -68,6 +71,43 @@ def test_a_head_fed_byte_by_byte_is_a_request_only_at_its_last_byte():
         assert exchange.mid_request(), i
     assert exchange.next_is_request()
     assert (exchange.their_state, exchange.our_state) == (IDLE, IDLE)  # nothing acted on yet
+
+
+POST_HEAD = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\n"
+
+
+@pytest.mark.parametrize("data, body_limit, step", [
+    (GET, 1 << 20, SERVE),
+    (GET + b"GET", 1 << 20, SERVE),  # the first request is served; the next one's start waits its turn
+    (POST_HEAD, 1 << 20, GATHER),  # its body is still to come: gather it before serving
+    (POST_HEAD, 0, SERVE),  # no body gathering: the app reads it
+    (POST_HEAD + b"abcd", 1 << 20, SERVE),  # all of it is here
+    (b"GET / RTSP/1.0\r\n\r\n", 1 << 20, SERVE),  # a refused request is served too: start() raises its error
+])
+def test_next_step_tells_the_loop_what_to_do(data, body_limit, step):
+    assert exchange_for(data).next_step(body_limit) == step
+
+
+def test_next_step_waits_until_a_head_fed_byte_by_byte_is_complete():
+    exchange = exchange_for()
+    for byte in POST_HEAD[:-1]:
+        exchange.receive(bytes([byte]))
+        assert exchange.next_step(1 << 20) == WAIT
+    exchange.receive(POST_HEAD[-1:])
+    assert exchange.next_step(1 << 20) == GATHER
+    assert exchange.raw_left == 4  # handed over: the caller reads the body off the wire (Connection.receive)
+    for byte in b"abc":
+        exchange.raw_body_gathered(bytes([byte]))
+        assert exchange.next_step(1 << 20) == GATHER
+    exchange.raw_body_gathered(b"d")
+    assert exchange.next_step(1 << 20) == SERVE
+
+
+def test_next_step_after_a_response_waits_for_the_next_request():
+    exchange = started(GET)
+    exchange.head(200, OK, b"", 0, 0, True)
+    assert exchange.reuse() is True
+    assert exchange.next_step(1 << 20) == WAIT
 
 
 def test_start_takes_a_bodyless_request_whole():
