@@ -40,7 +40,6 @@ import collections
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -49,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
+from stopping import stop, tree
 
 SCRIPTS = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
@@ -261,22 +260,7 @@ def stop_tree(server: subprocess.Popen[bytes]) -> None:
 
     A measured worker puts its sweep off, so it would not notice a master that died.
     """
-    try:
-        tree = psutil.Process(server.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    if server.poll() is None:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    for child in tree:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    stop(server, tree(server))
 
 
 def print_result(label: str, result: dict[str, Any], top: int, by_line: bool) -> None:

@@ -36,6 +36,8 @@ from pathlib import Path
 import psutil
 import requests
 
+from stopping import stop, tree
+
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "tests" / "apps"
 REQUEST_TIMEOUT = (3.0, 10.0)
@@ -167,24 +169,8 @@ def chaos(master: int, events: Events, stop: threading.Event, until: float, kill
 
 
 def stop_server(proc: subprocess.Popen) -> int | None:
-    """TERM the master, then KILL whatever of its tree is left, by PID."""
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    for child in tree:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return proc.returncode
+    """TERM the master (a graceful stop is part of the soak), then KILL whatever of its tree is left, by PID."""
+    return stop(proc, tree(proc), grace=30.0, signum=signal.SIGTERM)
 
 
 def main() -> int:

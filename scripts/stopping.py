@@ -1,6 +1,7 @@
 """Stopping what a profiling script started: its process by PID, then whatever of its tree is left.
 
-Shared by scripts/startup_profile.py and scripts/connection_syscalls.py.
+Shared by the scripts that start a server: startup_profile, connection_syscalls,
+loop_cost and soak.
 A leftover worker is killed only if its PID still names the process seen
 before (same start time): a PID the kernel has reused is left alone.
 """
@@ -28,10 +29,14 @@ def tree(proc: subprocess.Popen[bytes]) -> dict[int, float]:
     return seen
 
 
-def stop(proc: subprocess.Popen[bytes], leftovers: dict[int, float] | None = None, grace: float = 10.0) -> None:
-    """SIGINT to ``proc``, SIGKILL after ``grace`` seconds; then SIGKILL each of ``leftovers`` still alive."""
+def stop(proc: subprocess.Popen[bytes], leftovers: dict[int, float] | None = None, grace: float = 10.0,
+         signum: int = signal.SIGINT) -> int | None:
+    """``signum`` to ``proc``, SIGKILL after ``grace`` seconds; then SIGKILL each of ``leftovers`` still alive.
+
+    Returns ``proc``'s exit status.
+    """
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
@@ -44,3 +49,4 @@ def stop(proc: subprocess.Popen[bytes], leftovers: dict[int, float] | None = Non
                 child.kill()
         except psutil.Error:
             pass
+    return proc.returncode
