@@ -22,6 +22,7 @@ from typing import Any
 from . import gunicorn
 from .errors import ConfigError
 from .proxy import check_trust_entries
+from .sockets import parse_statsd_address
 
 ENV_PREFIX = "FORKSERVER_"
 DEFAULT_ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
@@ -216,8 +217,6 @@ def _check_refork_after(value: tuple[int, ...]) -> str | None:
 def _check_statsd_host(value: str) -> str | None:
     if value == "":
         return None
-    from .master.statsd import parse_statsd_address  # deferred: only a start with statsd needs the module
-
     try:
         parse_statsd_address(value)
     except ValueError as exc:

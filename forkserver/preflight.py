@@ -11,6 +11,7 @@ the check is made before a reload, both are expected).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Callable
@@ -55,8 +56,6 @@ def stats_exposure(config: Config) -> str | None:
         raise BindError(f"stats-bind: {exc}") from None
     except socket.gaierror as exc:
         raise BindError(f"stats-bind {config.stats_bind!r}: cannot resolve {address.host!r}: {exc.strerror}") from None
-    from .master.status import exposure_problem  # deferred, as the master defers it: only stats needs it
-
     return exposure_problem(config.stats_bind, infos[0][4][0])
 
 
@@ -105,3 +104,23 @@ def check(config: Config) -> None:
         problems += _problem(lambda: check_roots(config))  # relative to chdir, as the workers see them
     refuse(problems)
 
+
+def _is_loopback(host: str) -> bool:
+    """Is ``host`` (an address a socket is bound to) reachable from this machine only?"""
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def exposure_problem(address: str, host: str) -> str | None:
+    """Why stats may not bind ``address`` (which binds ``host``) without ``stats_allow_ips``; None if it may.
+
+    The endpoint has no authentication and shows request paths, so only
+    loopback may reach it unless the clients allowed are named.
+    """
+    if _is_loopback(host):
+        return None
+    return (f"stats_bind {address!r} binds {host}, reachable from other hosts, and the stats endpoint has "
+            "no authentication: bind 127.0.0.1 or unix:PATH, or set stats_allow_ips to the clients "
+            "that may read it (for Prometheus in Kubernetes, its pods' network, e.g. [\"10.0.0.0/8\"])")

@@ -12,11 +12,13 @@ import errno
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import BindError
 from .safefiles import is_socket_file
 
 DEFAULT_PORT = 8000
+STATSD_DEFAULT_PORT = 8125  # StatsD's port, also gunicorn's default
 
 
 @dataclass(frozen=True, eq=False)
@@ -293,3 +295,37 @@ def describe(listener: Listener) -> str:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
     return f"http://{shown}:{port}" if address.fd < 0 else f"fd://{address.fd} (http://{shown}:{port})"
+
+
+def parse_statsd_address(text: str) -> tuple[int, Any]:
+    """Split ``HOST[:PORT]``, ``[IPV6][:PORT]``, ``unix:PATH`` or ``unix://PATH`` into (family, address).
+
+    Host names are kept as given (resolved when the socket is made).
+
+    Raises:
+        ValueError: saying what is wrong with ``text``.
+    """
+    if text.startswith("unix:"):
+        path = text[len("unix://"):] if text.startswith("unix://") else text[len("unix:"):]
+        if not path:
+            raise ValueError("unix: needs a path")
+        return socket.AF_UNIX, path
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not host or (rest and not rest.startswith(":")):
+            raise ValueError("expected [IPV6]:PORT")
+        port_text = rest[1:]
+        family = socket.AF_INET6
+    else:
+        host, _, port_text = text.partition(":")
+        if not host or ":" in port_text:
+            raise ValueError("expected HOST:PORT")
+        family = socket.AF_UNSPEC
+    port = STATSD_DEFAULT_PORT
+    if port_text:
+        if not port_text.isdigit():
+            raise ValueError("the port must be a number")
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError("the port must be between 1 and 65535")
+    return family, (host, port)

@@ -28,11 +28,11 @@ from typing import Any
 
 from .aggregator import EXIT_CAUSES, WORKER_STATES, estimate_quantile
 from ..errors import ConfigError
+from ..sockets import parse_statsd_address
 from ..stats import HISTOGRAM_BUCKETS, STATUS_CLASSES
 
 log = logging.getLogger("forkserver")
 
-DEFAULT_PORT = 8125  # StatsD's port, also gunicorn's default
 INTERVAL = 1.0  # seconds between sends; workers report their totals as often
 # The payload usually recommended for StatsD over the Internet: it fits in one
 # Ethernet frame with room for headers and tunnels, so no datagram is fragmented.
@@ -41,40 +41,6 @@ MAX_DATAGRAM = 1432
 # are represented by a proportional sample marked with its rate (``|@0.25``),
 # which StatsD servers scale counts back up by.
 MAX_TIMINGS = 100
-
-
-def parse_statsd_address(text: str) -> tuple[int, Any]:
-    """Split ``HOST[:PORT]``, ``[IPV6][:PORT]``, ``unix:PATH`` or ``unix://PATH`` into (family, address).
-
-    Host names are kept as given (resolved when the socket is made).
-
-    Raises:
-        ValueError: saying what is wrong with ``text``.
-    """
-    if text.startswith("unix:"):
-        path = text[len("unix://"):] if text.startswith("unix://") else text[len("unix:"):]
-        if not path:
-            raise ValueError("unix: needs a path")
-        return socket.AF_UNIX, path
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or not host or (rest and not rest.startswith(":")):
-            raise ValueError("expected [IPV6]:PORT")
-        port_text = rest[1:]
-        family = socket.AF_INET6
-    else:
-        host, _, port_text = text.partition(":")
-        if not host or ":" in port_text:
-            raise ValueError("expected HOST:PORT")
-        family = socket.AF_UNSPEC
-    port = DEFAULT_PORT
-    if port_text:
-        if not port_text.isdigit():
-            raise ValueError("the port must be a number")
-        port = int(port_text)
-        if not 0 < port < 65536:
-            raise ValueError("the port must be between 1 and 65535")
-    return family, (host, port)
 
 
 def normal_prefix(prefix: str) -> str:

@@ -17,7 +17,6 @@ and learns nothing, and the refusals are logged once per interval.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ from typing import Any
 
 from ..backoff import AcceptPause, CountedLog
 from ..errors import BindError, ConfigError
+from ..preflight import exposure_problem
 from ..proxy import Trust
 from ..sockets import Listener, bind, parse_address
 
@@ -206,27 +206,6 @@ def _response(status: int, content_type: str, body: bytes, head_only: bool = Fal
 
 def _plain(status: int, text: str, extra: str = "") -> bytes:
     return _response(status, "text/plain; charset=utf-8", (text + "\n").encode(), extra=extra)
-
-
-def _is_loopback(host: str) -> bool:
-    """Is ``host`` (an address a socket is bound to) reachable from this machine only?"""
-    address = ipaddress.ip_address(host)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
-def exposure_problem(address: str, host: str) -> str | None:
-    """Why stats may not bind ``address`` (which binds ``host``) without ``stats_allow_ips``; None if it may.
-
-    The endpoint has no authentication and shows request paths, so only
-    loopback may reach it unless the clients allowed are named.
-    """
-    if _is_loopback(host):
-        return None
-    return (f"stats_bind {address!r} binds {host}, reachable from other hosts, and the stats endpoint has "
-            "no authentication: bind 127.0.0.1 or unix:PATH, or set stats_allow_ips to the clients "
-            "that may read it (for Prometheus in Kubernetes, its pods' network, e.g. [\"10.0.0.0/8\"])")
 
 
 class _Client:

@@ -183,6 +183,23 @@ def test_master_side_loads_neither_worker_nor_http(module):
     assert found == set(), f"loading {module} loads {sorted(found)}"
 
 
+def runtime_imports(path: Path) -> set[str]:
+    """Every module ``path`` may import when run, deferred ones too; not those under ``TYPE_CHECKING``."""
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = [ast.Pass()]
+    return imports(path, tree)
+
+
+@pytest.mark.parametrize("module", SHARED_CORE)
+def test_shared_core_imports_neither_side_even_deferred(module):
+    """What both sides need (the TLS context, static mounts, address parsing, the stats-exposure rule) is core."""
+    found = {name for name in runtime_imports(MODULES[module])
+             if any(is_within(name, side) for side in ("forkserver.master", "forkserver.worker", "forkserver.tools"))}
+    assert found == set(), f"{module} imports {sorted(found)}"
+
+
 @pytest.mark.parametrize("module", SHARED_CORE)
 def test_shared_core_loads_neither_side(module):
     found = {name for name in reached(module)

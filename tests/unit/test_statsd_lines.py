@@ -9,6 +9,7 @@ import pytest
 
 from forkserver.master.aggregator import Aggregator
 from forkserver.errors import ConfigError
+from forkserver.sockets import parse_statsd_address
 from forkserver.stats import HISTOGRAM_BUCKETS, CountersFlushed
 from forkserver.master.statsd import (
     MAX_TIMINGS,
@@ -16,7 +17,6 @@ from forkserver.master.statsd import (
     datagrams,
     metric_lines,
     normal_prefix,
-    parse_statsd_address,
     timing_lines,
 )
 
