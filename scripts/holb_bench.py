@@ -44,8 +44,9 @@ import threading
 import time
 from pathlib import Path
 
+from stopping import stop, tree
+
 ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_PYTHON = "/work/bench-venv/bin/python"
 SETTLE = 3.0
 APP = '''
 import time
@@ -94,29 +95,6 @@ def listening_socket() -> socket.socket:
     return sock
 
 
-def stop(proc: subprocess.Popen, signum: int = signal.SIGTERM, grace: float = 15.0) -> None:
-    """Stop ``proc`` and whatever children it has left, by PID."""
-    children = []
-    try:
-        import psutil
-
-        children = [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
-    except Exception:
-        pass
-    if proc.poll() is None:
-        proc.send_signal(signum)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def wait_answering(port: int, path: str, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -142,7 +120,7 @@ def start_server(kind: str, sock: socket.socket, workdir: Path, args: argparse.N
         command = [sys.executable, "-m", "forkserver", *common, "--keep-alive", "5", "holb_app:app"]
     else:
         env = dict(os.environ)
-        command = [GUNICORN_PYTHON, "-m", "gunicorn", *common, "--worker-class", "sync", "--timeout", "60",
+        command = [sys.executable, "-m", "gunicorn", *common, "--worker-class", "sync", "--timeout", "60",
                    "holb_app:app"]
     log = open(workdir / f"{kind}.log", "wb")
     return subprocess.Popen(command, stdout=log, stderr=log, env=env, pass_fds=(fd,), cwd=workdir)
@@ -219,8 +197,8 @@ def measure(kind: str, args: argparse.Namespace) -> str:
             quick, slow, errors = run_clients(front_sock.getsockname()[1], args)
         finally:
             if proxy is not None:
-                stop(proxy, signal.SIGQUIT)
-            stop(server)
+                stop(proxy, tree(proxy), grace=15.0, signum=signal.SIGQUIT)
+            stop(server, tree(server), grace=15.0, signum=signal.SIGTERM)
             upstream_sock.close()
             front_sock.close()
     ms = 1000
