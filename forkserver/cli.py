@@ -90,8 +90,9 @@ def run(argv: Sequence[str]) -> int:
         # master's: the master only supervises, yet every worker it forks
         # shares this copy of the code instead of importing its own.
         from .master.process import Master
-        from .worker.process import Worker
+        from .worker.process import Worker, load_configured
 
+        load_configured(config)
         master = Master(config, argv, os.environ, run_worker=lambda spec: Worker(spec).run())
         master.start()
     return master.run()

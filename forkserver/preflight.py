@@ -99,7 +99,7 @@ def check(config: Config) -> None:
     os.environ.update(environment_of(config))  # raw_env, which hooks and the app may read at import
     prepare_path(config.chdir, config.pythonpath)
     if config.static:
-        from .mounts import check_roots  # deferred, as the master defers it
+        from .mounts import check_roots  # imported only when configured, as the master does
 
         problems += _problem(lambda: check_roots(config))  # relative to chdir, as the workers see them
     refuse(problems)

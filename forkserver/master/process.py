@@ -241,8 +241,7 @@ class Master:
             logconfig.apply(config, self.start_dir)
             self.logging_files = logconfig.FileHandlers()
         if config.static:
-            # Imported only when configured, and before the fork so that the workers share it.
-            from ..mounts import check_roots
+            from ..mounts import check_roots  # imported only when configured
 
             check_roots(config)  # static directories are relative to chdir, as the workers see it
         self.hooks = Hooks(config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import importlib
 import logging
 import os
 import queue
@@ -59,6 +60,8 @@ from .wsgi import base_environ
 if TYPE_CHECKING:
     from types import FrameType
 
+    from ..config import Config
+
 log = logging.getLogger("forkserver")
 
 # Accepts per wakeup: a few, to spare a loop turn per connection when they
@@ -91,6 +94,19 @@ RESUME_FRACTION = 0.75
 # WINCH: become the refork mold (forkserver.refork); ignored without refork.
 WORKER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1, signal.SIGWINCH)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def load_configured(config: Config) -> None:
+    """Import the worker's modules that only some configurations use: static files, TLS.
+
+    The entry point calls this before the master forks, so every worker
+    shares one copy of them, as it shares the rest of the worker's code; a
+    configuration without them does not load them at all.
+    """
+    if config.static:
+        importlib.import_module(".static", __package__)
+    if config.certfile:
+        importlib.import_module(".tls", __package__)
 
 
 class Entrance:
@@ -335,7 +351,7 @@ class Worker:
         self.access_log = make_access_log(self.spec.access_logfile, config.access_logformat,
                                           batched=config.threads == 1)
         if config.static:
-            from . import static  # imported by the master before the fork; unused, never loaded
+            from . import static  # loaded before the fork (load_configured); unused, never loaded
 
             app = static.wrap(app, config)
         return Service(
@@ -654,7 +670,7 @@ class Worker:
         None when the client reset the connection while it waited in the
         queue: ``ssl`` looks at the peer as it wraps, and refuses then.
         """
-        from .tls import TLSConnection  # imported by the master before the fork, with the context
+        from .tls import TLSConnection  # loaded before the fork (load_configured)
 
         try:
             wrapped = entrance.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)

@@ -25,6 +25,7 @@ def _record(name: str, context) -> None:
         # Whether this process has the worker's code (and HTTP's) loaded: the
         # master must, before it forks, for the workers to share it.
         "worker_code_loaded": all(name in sys.modules for name in ("forkserver.worker", "forkserver.http.exchange")),
+        "static_code_loaded": "forkserver.worker.static" in sys.modules,
     }
     path = os.environ.get("LIFECYCLE_HOOK_LOG")
     if path:

@@ -961,6 +961,18 @@ def test_all_nine_hooks_run_at_their_moment_with_a_context(server, tmp_path):
         assert all(r["slot"] is None for r in got if r["hook"] == name), name
 
 
+def test_static_file_code_is_loaded_before_the_fork_only_when_configured(server, tmp_path):
+    """With --static the workers share the master's copy of the static-file code; without it nobody loads it."""
+    (tmp_path / "assets").mkdir()
+    for static, expected in ((["--static", f"/static={tmp_path / 'assets'}"], True), ([], False)):
+        hook_log = tmp_path / f"hooks-{expected}.jsonl"
+        srv = server("lifecycle_app:app", "-w", "1", "--pre-fork", "lifecycle_hooks:pre_fork", *static,
+                     env=hook_env(LIFECYCLE_HOOK_LOG=str(hook_log)), workers=1)
+        (record,) = [json.loads(line) for line in hook_log.read_text().splitlines()]
+        assert record["hook"] == "pre_fork" and record["static_code_loaded"] is expected, record
+        srv.stop()
+
+
 @pytest.mark.parametrize("hook", ["on_starting", "when_ready"])
 def test_a_raising_startup_hook_fails_the_start_with_one_line(tmp_path, hook):
     code, stderr = run_to_exit(tmp_path, "lifecycle_app:app", "-b", "127.0.0.1:0", "-w", "1", *hook_args(),
