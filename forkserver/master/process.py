@@ -644,7 +644,7 @@ class Master:
             self.retire(handle)
 
     def tick(self) -> float:
-        """Seconds the loop may sleep: a second, or until the solo boot is over or the watchdog is due."""
+        """Seconds the loop may sleep: a second, or until the solo boot, the watchdog or a stats accept pause is due."""
         now = time.monotonic()
         wait = TICK_INTERVAL
         solo_left = self.first_fork + SOLO_BOOT - now
@@ -654,6 +654,8 @@ class Master:
             wait = min(wait, max(0.0, self.next_watchdog - now))
         if self.close_listeners_at and self.listeners:
             wait = min(wait, max(0.0, self.close_listeners_at - now))
+        if self.status is not None:
+            wait = min(wait, max(0.0, self.status.wake_at() - now))
         return wait
 
     def wait_for_events(self, seconds: float) -> None:
