@@ -72,7 +72,10 @@ TICK_INTERVAL = 1.0
 # ready): the others' imports would compete with its own for the CPUs.
 SOLO_BOOT = 0.1
 FAST_STOP_GRACE = 2.0  # seconds between SIGQUIT and SIGKILL on a fast stop
-ABORT_GRACE = 1.0  # seconds a hung worker gets to dump its stacks before SIGKILL
+# Seconds a hung worker gets to dump its stacks and run worker_abort before
+# SIGKILL.  Fixed, not graceful_timeout: its slot is replaced only once it is
+# gone, and a hung worker has no requests left to finish (docs/resilience.md).
+ABORT_GRACE = 1.0
 MAX_BOOT_BACKOFF = 30.0
 FORK_RETRY = 1.0  # seconds before a slot whose fork failed is tried again
 MEMORY_CHECK_INTERVAL = 5.0
