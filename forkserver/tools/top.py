@@ -134,13 +134,13 @@ def _rate(now: dict[str, Any], before: dict[str, Any] | None, elapsed: float) ->
     return f"{max(0, now['requests'] - before['requests']) / elapsed:.1f}"
 
 
-def _queue_window(now: dict[str, Any] | None, before: dict[str, Any] | None) -> tuple[list[int], float] | None:
+def _queued_since(now: dict[str, Any] | None, before: dict[str, Any] | None) -> tuple[list[int], float] | None:
     """The queue-time histogram and sum of the requests started after ``before`` (all of them without it).
 
     /stats keeps these as counters since the start, so two frames' difference
-    is exactly what the interval added.  None from a server that does not
-    time queues, or when ``before`` is not an earlier reading of the same
-    counters (the master restarted at the address).
+    is exactly what the interval added.  None when no request was timed, from
+    a server that does not time queues, or when ``before`` is not an earlier
+    reading of the same counters (the master restarted at the address).
     """
     if not now:
         return None
@@ -148,26 +148,24 @@ def _queue_window(now: dict[str, Any] | None, before: dict[str, Any] | None) -> 
     if before:
         histogram = [count - earlier for count, earlier in zip(histogram, before["histogram"])]
         total -= before["sum_seconds"]
-    if any(count < 0 for count in histogram):
+    if any(count < 0 for count in histogram) or not any(histogram):
         return None
     return histogram, max(0.0, total)
 
 
 def _queue_mean(now: dict[str, Any] | None, before: dict[str, Any] | None) -> str:
-    window = _queue_window(now, before)
-    count = sum(window[0]) if window else 0
-    return _latency(window[1] / count) if window and count else "-"
+    queued = _queued_since(now, before)
+    return _latency(queued[1] / sum(queued[0])) if queued else "-"
 
 
 def _queue_summary(snapshot: dict[str, Any], previous: dict[str, Any] | None, elapsed: float) -> str:
-    """``queue time mean 1.5s p50 1.7s p99 2.4s  (4 requests in 1.0s)``: what waiting for a worker cost."""
+    """``queue time mean 1.5s p50 1.7s p99 2.4s  (4 request(s) in 1.0s)``: what waiting for a worker cost."""
     span = f"in {elapsed:.1f}s" if previous else "since start"
-    window = _queue_window(snapshot["totals"].get("queue_time"),
-                           previous and previous["totals"].get("queue_time"))
-    count = sum(window[0]) if window else 0
-    if not window or not count:
+    queued = _queued_since(snapshot["totals"].get("queue_time"), previous and previous["totals"].get("queue_time"))
+    if queued is None:
         return f"queue time -  (no requests timed {span})"
-    histogram, total = window
+    histogram, total = queued
+    count = sum(histogram)
     return (f"queue time mean {_latency(total / count)} p50 {_latency(estimate_quantile(0.5, histogram))} "
             f"p99 {_latency(estimate_quantile(0.99, histogram))}  ({count} request(s) {span})")
 
