@@ -7,12 +7,16 @@ Every process is ended by the PID we started, never by name.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
 READY_TIMEOUT = 15.0
 PROBE_READ_TIMEOUT = 4.0  # how long one readiness probe waits for its answer
+TERMINAL_DEADLINE = 20.0  # for ``forkserver top`` to draw or quit on a loaded machine
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def poll(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
@@ -109,6 +115,65 @@ def serving_in_thread(server: Any, deadline: float = 10.0) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(deadline)
+
+
+class Terminal:
+    """``forkserver top`` running in an 80x24 pseudo-terminal that it controls."""
+
+    def __init__(self, address: str, *args: str) -> None:
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        self.slave = slave
+        self.cooked = termios.tcgetattr(slave)
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        env["TERM"] = "xterm"
+        argv = [sys.executable, "-m", "forkserver", "top", *args, address]
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - replaced by exec at once
+            try:
+                os.chdir(ROOT)
+                os.login_tty(slave)  # new session, the pty as controlling terminal, fds 0-2
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(127)
+        self.output = b""
+
+    def read_until(self, predicate: Callable[[bytes], Any], timeout: float = TERMINAL_DEADLINE) -> bytes:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.output) and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 0.1)
+            if ready:
+                try:
+                    self.output += os.read(self.master, 65536)
+                except OSError:
+                    break
+        return self.output
+
+    def screen_text(self) -> str:
+        return ANSI.sub(b"", self.output).decode("utf-8", "replace")
+
+    def frames(self) -> list[list[str]]:
+        """Every screen drawn in full so far, oldest first, as lines of text without escapes."""
+        drawn = self.output.split(b"\x1b[H")[1:]
+        return [ANSI.sub(b"", frame).decode("utf-8", "replace").split("\r\n")
+                for frame in drawn if b"\x1b[0m" in frame]  # the footer's end: the frame is complete
+
+    def wait_exit(self, timeout: float = TERMINAL_DEADLINE) -> int | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.read_until(lambda _: False, timeout=0.1)  # keep draining so it never blocks on output
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.pid = 0
+                return os.waitstatus_to_exitcode(status)
+        return None
+
+    def close(self) -> None:
+        if self.pid:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.master)
+        os.close(self.slave)
 
 
 class ServerProcess:

@@ -72,7 +72,10 @@ TICK_INTERVAL = 1.0
 # ready): the others' imports would compete with its own for the CPUs.
 SOLO_BOOT = 0.1
 FAST_STOP_GRACE = 2.0  # seconds between SIGQUIT and SIGKILL on a fast stop
-ABORT_GRACE = 1.0  # seconds a hung worker gets to dump its stacks before SIGKILL
+# Seconds a hung worker gets to dump its stacks and run worker_abort before
+# SIGKILL.  Fixed, not graceful_timeout: its slot is replaced only once it is
+# gone, and a hung worker has no requests left to finish (docs/resilience.md).
+ABORT_GRACE = 1.0
 MAX_BOOT_BACKOFF = 30.0
 FORK_RETRY = 1.0  # seconds before a slot whose fork failed is tried again
 MEMORY_CHECK_INTERVAL = 5.0
@@ -644,7 +647,7 @@ class Master:
             self.retire(handle)
 
     def tick(self) -> float:
-        """Seconds the loop may sleep: a second, or until the solo boot is over or the watchdog is due."""
+        """Seconds the loop may sleep: a second, or until the solo boot, the watchdog or a stats accept pause is due."""
         now = time.monotonic()
         wait = TICK_INTERVAL
         solo_left = self.first_fork + SOLO_BOOT - now
@@ -654,6 +657,8 @@ class Master:
             wait = min(wait, max(0.0, self.next_watchdog - now))
         if self.close_listeners_at and self.listeners:
             wait = min(wait, max(0.0, self.close_listeners_at - now))
+        if self.status is not None:
+            wait = min(wait, max(0.0, self.status.wake_at() - now))
         return wait
 
     def wait_for_events(self, seconds: float) -> None:

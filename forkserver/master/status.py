@@ -262,12 +262,22 @@ class StatusServer:
         """The one descriptor for the master to poll for POLLIN: readable whenever a client needs us."""
         return self.epoll.fileno()
 
+    def wake_at(self) -> float:
+        """When ``handle_ready`` is due although nothing polls readable: the end of an accept pause, else inf.
+
+        The listener is out of the epoll set while paused, so nothing else
+        wakes the master for it.  Left to the master's one-second tick, each
+        0.1 s pause lasted a second: after a flood of connections that gave
+        up, the endpoint drained the dead ones a few per second and came back
+        seconds after the descriptors did.
+        """
+        return self.pause.resume_at or math.inf
+
     def handle_ready(self) -> None:
         """Do every bit of work that can be done now, and drop clients past their deadline.
 
-        Call it when ``fileno()`` polls readable and once per tick (for the
-        deadlines, and to end an accept pause: so a pause lasts at least until
-        the master's next tick, which is soon enough for an operator's endpoint).
+        Call it when ``fileno()`` polls readable, once per tick (for the
+        client deadlines), and at ``wake_at`` (to end an accept pause).
         """
         if self.pause.due():
             self.epoll.register(self.listener.sock.fileno(), select.EPOLLIN)

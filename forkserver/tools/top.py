@@ -21,6 +21,7 @@ import tty
 from typing import Any
 
 from ..errors import ForkserverError
+from ..master.aggregator import estimate_quantile
 from ..sockets import parse_address
 
 FETCH_TIMEOUT = 5.0
@@ -29,10 +30,12 @@ FETCH_TIMEOUT = 5.0
 ENTER_SCREEN = "\x1b[?1049h\x1b[?25l"
 LEAVE_SCREEN = "\x1b[?25h\x1b[?1049l"
 QUIT_KEYS = (b"q", b"Q", b"\x03", b"\x04")  # q, and Ctrl-C / Ctrl-D in case the tty passes them through
-# FROM: the refork mold that forked the worker, "-" for the master.  The
-# master has its own row; shared memory is in /stats and /metrics (no room here).
-ROW = "{:>4} {:>7} {:>7} {:>3} {:<8} {:>7} {:>6} {:>6}  {}"
-HEADER = ROW.format("SLOT", "PID", "FROM", "GEN", "STATE", "REQS", "REQ/S", "USS", "CURRENT")
+# FROM: the refork mold that forked the worker, "-" for the master.  QUEUE:
+# the mean queue time of the requests the worker started since the previous
+# frame (since it started, in the first).  The master has its own row;
+# shared memory is in /stats and /metrics (no room here).
+ROW = "{:>4} {:>7} {:>7} {:>3} {:<8} {:>7} {:>6} {:>6} {:>6}  {}"
+HEADER = ROW.format("SLOT", "PID", "FROM", "GEN", "STATE", "REQS", "REQ/S", "QUEUE", "USS", "CURRENT")
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -131,6 +134,42 @@ def _rate(now: dict[str, Any], before: dict[str, Any] | None, elapsed: float) ->
     return f"{max(0, now['requests'] - before['requests']) / elapsed:.1f}"
 
 
+def _queued_since(now: dict[str, Any] | None, before: dict[str, Any] | None) -> tuple[list[int], float] | None:
+    """The queue-time histogram and sum of the requests started after ``before`` (all of them without it).
+
+    /stats keeps these as counters since the start, so two frames' difference
+    is exactly what the interval added.  None when no request was timed, from
+    a server that does not time queues, or when ``before`` is not an earlier
+    reading of the same counters (the master restarted at the address).
+    """
+    if not now:
+        return None
+    histogram, total = list(now["histogram"]), now["sum_seconds"]
+    if before:
+        histogram = [count - earlier for count, earlier in zip(histogram, before["histogram"])]
+        total -= before["sum_seconds"]
+    if any(count < 0 for count in histogram) or not any(histogram):
+        return None
+    return histogram, max(0.0, total)
+
+
+def _queue_mean(now: dict[str, Any] | None, before: dict[str, Any] | None) -> str:
+    queued = _queued_since(now, before)
+    return _latency(queued[1] / sum(queued[0])) if queued else "-"
+
+
+def _queue_summary(snapshot: dict[str, Any], previous: dict[str, Any] | None, elapsed: float) -> str:
+    """``queue time mean 1.5s p50 1.7s p99 2.4s  (4 request(s) in 1.0s)``: what waiting for a worker cost."""
+    span = f"in {elapsed:.1f}s" if previous else "since start"
+    queued = _queued_since(snapshot["totals"].get("queue_time"), previous and previous["totals"].get("queue_time"))
+    if queued is None:
+        return f"queue time -  (no requests timed {span})"
+    histogram, total = queued
+    count = sum(histogram)
+    return (f"queue time mean {_latency(total / count)} p50 {_latency(estimate_quantile(0.5, histogram))} "
+            f"p99 {_latency(estimate_quantile(0.99, histogram))}  ({count} request(s) {span})")
+
+
 def _current(worker: dict[str, Any]) -> str:
     current = worker.get("current_request")
     if not current:
@@ -165,6 +204,7 @@ def _summary(snapshot: dict[str, Any], previous: dict[str, Any] | None, elapsed:
         (f"respawned {counters['workers_respawned']}  timeouts {exits.get('killed_timeout', 0)}  "
          f"recycled {exits.get('recycled', 0)}  died {exits.get('died', 0)}"
          + _threads_busy(snapshot.get("saturation"))),
+        _queue_summary(snapshot, previous, elapsed),
         "",
     ]
 
@@ -173,12 +213,13 @@ def _row(worker: dict[str, Any], before: dict[str, Any] | None, elapsed: float) 
     """One worker (or the mold); FROM is the mold that forked it, ``-`` for the master."""
     return ROW.format(worker["slot"], worker["pid"], worker.get("forked_by") or "-", worker["generation"],
                       worker["state"], _count(worker["requests"]), _rate(worker, before, elapsed),
+                      _queue_mean(worker.get("queue_time"), before and before.get("queue_time")),
                       _size(worker.get("memory_uss_bytes")), _current(worker))
 
 
 def _master_row(snapshot: dict[str, Any]) -> str:
     master = snapshot.get("master") or {}
-    return ROW.format("-", master.get("pid", snapshot.get("master_pid", "?")), "-", "-", "master", "-", "-",
+    return ROW.format("-", master.get("pid", snapshot.get("master_pid", "?")), "-", "-", "master", "-", "-", "-",
                       _size(master.get("memory_uss_bytes")), "")
 
 

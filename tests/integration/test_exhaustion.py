@@ -11,17 +11,27 @@ test closes its connections the process must serve again by itself.
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 
 import psutil
 from harness import poll, read_all
 
+from forkserver.backoff import FIRST_PAUSE, MAX_PAUSE
+
 SPARE = 4  # descriptors left to the process above what it holds at rest
 QUEUED = 20  # connections left in the kernel queue once the process is full
 WINDOW = 2.0  # seconds of exhaustion measured
 MAX_CPU = 0.5  # CPU seconds allowed in WINDOW: a spin uses about WINDOW
 MAX_LINES = 3  # "failed" lines allowed in WINDOW: a spin writes tens of thousands
+# Once freed, the stats endpoint waits out the pause under way (at most
+# MAX_PAUSE), then drains the queued connections, which gave up, SPARE per
+# FIRST_PAUSE (each accept past SPARE fails and pauses again), then answers.
+# LOAD_SLACK is for a loaded machine.  Pauses left to the master's one-second
+# tick took a second each: over 5 s for the same drain.
+LOAD_SLACK = 1.5
+STATS_RECOVERY = MAX_PAUSE + math.ceil(QUEUED / SPARE) * FIRST_PAUSE + LOAD_SLACK
 
 
 def starve(process: psutil.Process, connect, log, marker: str) -> None:
@@ -88,5 +98,10 @@ def test_the_stats_endpoint_out_of_descriptors_pauses_accepting_and_recovers(ser
 
     poll(lambda: stats_answer().startswith(b"HTTP/1.1 200"), what="the stats endpoint")
     starve(master, connect, srv.log, "stats accept failed")
+    freed = time.monotonic()
     poll(lambda: stats_answer().startswith(b"HTTP/1.1 200"), what="/stats once descriptors are free")
+    took = time.monotonic() - freed
+    assert took < STATS_RECOVERY, (
+        f"/stats answered {took:.1f}s after descriptors were free; the backoff schedule "
+        f"(pauses of {FIRST_PAUSE:g}s to {MAX_PAUSE:g}s) allows {STATS_RECOVERY:.1f}s")
     assert get(srv.port).startswith(b"HTTP/1.1 200")

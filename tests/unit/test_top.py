@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import os
 import re
-import select
-import signal
-import struct
 import subprocess
 import sys
 import termios
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from harness import serving_in_thread
+from harness import Terminal, serving_in_thread
 
 from forkserver.master.aggregator import Aggregator
 from forkserver.errors import ForkserverError
@@ -28,11 +23,14 @@ from forkserver.tools.top import fetch, render
 
 DEADLINE = 20.0
 REPO = Path(__file__).resolve().parents[2]
-ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def fixture_snapshot(workers: int = 4, requests: int = 100, uptime: float = 10.0) -> dict:
-    """A snapshot as the master would build it, with ``workers`` live workers."""
+def fixture_snapshot(workers: int = 4, requests: int = 100, uptime: float = 10.0,
+                     queued: dict[int, tuple[int, int, float]] | None = None) -> dict:
+    """A snapshot as the master would build it, with ``workers`` live workers.
+
+    ``queued`` maps a slot to its queue times so far: (bucket index, count, sum of seconds).
+    """
     clock = [0.0]
     agg = Aggregator(clock=lambda: clock[0])
     for slot in range(workers):
@@ -40,8 +38,12 @@ def fixture_snapshot(workers: int = 4, requests: int = 100, uptime: float = 10.0
         agg.add_worker(pid, pid=pid, slot=slot, generation=2)
         histogram = [0] * len(HISTOGRAM_BUCKETS)
         histogram[3] = requests
+        queue_histogram = [0] * len(HISTOGRAM_BUCKETS)
+        bucket, count, queue_sum = (queued or {}).get(slot, (0, 0, 0.0))
+        queue_histogram[bucket] = count
         agg.ingest(pid, CountersFlushed(pid, requests * (slot + 1), (0, requests * (slot + 1), 0, 0, 0), 1000,
-                                        250_000, tuple(h * (slot + 1) for h in histogram), 0.5, 1.0, 0))
+                                        250_000, tuple(h * (slot + 1) for h in histogram), 0.5, 1.0, 0,
+                                        queue_histogram=tuple(queue_histogram), queue_sum=queue_sum))
         agg.set_state(pid, "busy" if slot == 0 else "idle")
     agg.note_reload()
     clock[0] = uptime
@@ -59,7 +61,7 @@ def test_render_fits_a_plain_80x24_terminal():
     for slot in range(4):
         assert str(31000 + slot) in text
     assert "SLOT" in text and "REQ/S" in text
-    assert "2.2s GET /slow/xxx" in text
+    assert "2.2s GET /slow/x" in text
     assert "45.0M" in text
     assert "accept queue 3" in text
     assert "reloads 1" in text
@@ -95,6 +97,34 @@ def test_render_computes_rates_from_the_previous_snapshot():
     assert "(100.0/s)" in lines[1]  # 200 more requests in all, over 2 s
     # Without a previous snapshot there is no rate to show.
     assert all(line.split()[6] == "-" for line in render(after) if re.match(r"\s+\d+\s+310\d\d ", line))
+
+
+def worker_rows(lines: list[str]) -> dict[str, list[str]]:
+    header = next(line for line in lines if line.lstrip().startswith("SLOT"))
+    return {line.split()[1]: dict(zip(header.split(), line.split()))
+            for line in lines if re.match(r"\s+\d+\s+310\d\d ", line)}
+
+
+def test_render_shows_queue_time_over_the_interval_per_worker_and_in_all():
+    one_second = HISTOGRAM_BUCKETS.index(1.0)
+    before = fixture_snapshot(uptime=10.0, queued={0: (0, 50, 0.02), 1: (0, 10, 0.005)})
+    # In 2 s slot 0 started 4 requests that waited 1.5 s each; slot 1 none.
+    after = fixture_snapshot(uptime=12.0, queued={0: (0, 50, 0.02), 1: (0, 10, 0.005)})
+    after["workers"][0]["queue_time"]["histogram"][one_second + 1] = 4
+    after["workers"][0]["queue_time"]["sum_seconds"] += 6.0
+    after["totals"]["queue_time"]["histogram"][one_second + 1] = 4
+    after["totals"]["queue_time"]["sum_seconds"] += 6.0
+    lines = render(after, previous=before)
+    rows = worker_rows(lines)
+    assert rows["31000"]["QUEUE"] == "1.5s" and rows["31001"]["QUEUE"] == "-"
+    summary = next(line for line in lines if line.startswith("queue time"))
+    assert summary.startswith("queue time mean 1.5s p50 1.") and "(4 request(s) in 2.0s)" in summary
+    # The first frame (and ``forkserver stats``) has nothing to compare with: since start.
+    lines = render(before)
+    assert worker_rows(lines)["31000"]["QUEUE"] == "0.40ms"
+    assert "queue time mean 0.42ms" in "\n".join(lines) and "(60 request(s) since start)" in "\n".join(lines)
+    # A master restarted at the same address has fewer: no window, rather than a negative one.
+    assert "queue time -" in "\n".join(render(before, previous=after))
 
 
 def test_render_falls_back_to_the_interval_when_uptime_did_not_move():
@@ -210,59 +240,6 @@ def test_top_without_a_terminal_says_so():
 
 
 # -- in a real pseudo-terminal ---------------------------------------------------------------------
-
-
-class Terminal:
-    """``forkserver top`` running in an 80x24 pseudo-terminal that it controls."""
-
-    def __init__(self, address: str) -> None:
-        self.master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-        self.slave = slave
-        self.cooked = termios.tcgetattr(slave)
-        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-        env["TERM"] = "xterm"
-        argv = [sys.executable, "-m", "forkserver", "top", address]
-        self.pid = os.fork()
-        if self.pid == 0:  # pragma: no cover - replaced by exec at once
-            try:
-                os.chdir(REPO)
-                os.login_tty(slave)  # new session, the pty as controlling terminal, fds 0-2
-                os.execve(sys.executable, argv, env)
-            finally:
-                os._exit(127)
-        self.output = b""
-
-    def read_until(self, predicate, timeout: float = DEADLINE) -> bytes:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.output) and time.monotonic() < deadline:
-            ready, _, _ = select.select([self.master], [], [], 0.1)
-            if ready:
-                try:
-                    self.output += os.read(self.master, 65536)
-                except OSError:
-                    break
-        return self.output
-
-    def screen_text(self) -> str:
-        return ANSI.sub(b"", self.output).decode("utf-8", "replace")
-
-    def wait_exit(self, timeout: float = DEADLINE) -> int | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.read_until(lambda _: False, timeout=0.1)  # keep draining so it never blocks on output
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.pid = 0
-                return os.waitstatus_to_exitcode(status)
-        return None
-
-    def close(self) -> None:
-        if self.pid:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        os.close(self.master)
-        os.close(self.slave)
 
 
 @pytest.fixture
