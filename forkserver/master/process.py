@@ -9,7 +9,6 @@ One bad event is logged and the loop goes on: the master must outlive bugs.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib
 import logging
@@ -1035,7 +1034,7 @@ class Master:
         if config.bind != self.config.bind:
             log.warning("bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(self.config.bind), ",".join(config.bind))
-            config = dataclasses.replace(config, bind=self.config.bind)
+            config = config.replace(bind=self.config.bind)
         config, tls_context = self.reload_tls(config)
         if (config.stats_bind, config.stats_allow_ips) != (self.config.stats_bind, self.config.stats_allow_ips):
             log.warning("stats_bind and stats_allow_ips change only on restart or upgrade (USR2)")
@@ -1083,7 +1082,7 @@ class Master:
         if config.tls_bind != old.tls_bind:
             log.warning("tls_bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(old.tls_bind), ",".join(config.tls_bind))
-            config = dataclasses.replace(config, tls_bind=old.tls_bind)
+            config = config.replace(tls_bind=old.tls_bind)
         if bool(config.certfile) != bool(old.certfile):
             log.warning("TLS is turned on or off only on restart or upgrade (USR2); keeping it %s",
                         "on, with the running certificate" if old.certfile else "off")
