@@ -51,10 +51,10 @@ AUTO_WORKERS = 0  # ``workers = "auto"``: the master sizes the pool (forkserver.
 class Setting:
     """One field of ``Config``: its name, its default, and the metadata that drives every source.
 
-    Config was a dataclass; these fields are the part of one it used.  Not
-    importing ``dataclasses`` (with ``inspect``, ``ast`` and ``dis``, 5-6 ms)
-    nor compiling its generated methods saves a start about 6 ms.  A field
-    without ``help`` in its metadata is bookkeeping, not a setting.
+    Config was a dataclass; these fields are the part of one it used,
+    without the methods a dataclass generates, which every start compiled
+    (see ``forkserver.records``).  A field without ``help`` in its metadata
+    is bookkeeping, not a setting.
     """
 
     __slots__ = ("name", "default", "default_factory", "metadata")

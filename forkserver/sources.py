@@ -362,8 +362,7 @@ def _gunicorn_from_cli(namespace: argparse.Namespace) -> dict[str, Any]:
             if dest.startswith(GUNICORN_DEST)}
 
 
-# Plain classes, not dataclasses: a @dataclass exec()s its generated methods
-# at import, about 0.4 ms of every start per class.
+# Plain classes, not dataclasses: see forkserver.records.
 class Invocation:
     """What the command line asked for besides settings: the config and an action."""
 

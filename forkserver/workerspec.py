@@ -24,8 +24,7 @@ if TYPE_CHECKING:
     from .sockets import Listener
 
 
-# A plain class, not a dataclass: a @dataclass exec()s its generated methods
-# at import, about 0.5 ms of every start for this one.
+# A plain class, not a dataclass: see forkserver.records.
 class WorkerSpec:
     """Everything a worker is handed at fork time by the master.
 

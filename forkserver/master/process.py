@@ -101,8 +101,7 @@ def share_stdlib() -> None:
 class Provisions:
     """What the master makes for each new worker, whether it forks it or a refork mold does.
 
-    A plain class, not a dataclass: a @dataclass exec()s its generated
-    methods at import, a quarter of a millisecond of every start here.
+    A plain class, not a dataclass: see ``forkserver.records``.
     """
 
     __slots__ = ("board", "board_fd", "stats_ends", "log_ends", "refork_ends", "seat", "relay_ends")
