@@ -1,22 +1,24 @@
 """The settings schema: every setting, its type, default, checks and help, and how a raw value becomes one.
 
-Each setting is declared once, as a field of the frozen ``Config`` dataclass:
+Each setting is declared once, as a field of the frozen ``Config`` class:
 its name, type, default, validation and help text.  The CLI parser, the TOML
 keys, the ``FORKSERVER_*`` environment variables, ``--help`` and the option
 table of docs/options.md are all derived from these fields (the reading of
 those sources is ``forkserver.sources``), so they cannot drift apart.
 This module never prints and never exits; it raises ``ConfigError``.
+
+Unlike the rest of the package it does not postpone its annotations
+(``from __future__ import annotations``): ``coerce`` needs each setting's
+type, and evaluating 84 annotation strings with ``typing.get_type_hints``
+compiled each one, 0.9 ms of every start; evaluated where they are
+declared they cost a start 0.2 ms.
 """
 
-from __future__ import annotations
-
-import dataclasses
 import functools
 import math
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import gunicorn
@@ -46,8 +48,30 @@ PROXY_KEEPALIVE = 75.0
 AUTO_WORKERS = 0  # ``workers = "auto"``: the master sizes the pool (forkserver.sizing)
 
 
+class Setting:
+    """One field of ``Config``: its name, its default, and the metadata that drives every source.
+
+    Config was a dataclass; these fields are the part of one it used,
+    without the methods a dataclass generates, which every start compiled
+    (see ``forkserver.records``).  A field without ``help`` in its metadata
+    is bookkeeping, not a setting.
+    """
+
+    __slots__ = ("name", "default", "default_factory", "metadata")
+
+    def __init__(self, default: Any = None, *, default_factory: Callable[[], Any] | None = None,
+                 metadata: Mapping[str, Any] | None = None) -> None:
+        self.name = ""  # set when Config's body assigns it to a name
+        self.default = default
+        self.default_factory = default_factory
+        self.metadata = metadata or {}
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+
 def setting(
-    default: Any = dataclasses.MISSING,
+    default: Any = None,
     *,
     help: str,
     flags: Sequence[str] = (),
@@ -63,7 +87,7 @@ def setting(
     normalize: Callable[[Any], Any] | None = None,
     zero_means: int | None = None,
 ) -> Any:
-    """Declare one setting: a dataclass field whose metadata drives every source.
+    """Declare one setting: a ``Config`` field whose metadata drives every source.
 
     ``check`` returns None for a good value or a short description of what was
     expected.  ``flags`` adds short CLI spellings beside ``--name-with-dashes``.
@@ -90,9 +114,7 @@ def setting(
         "normalize": normalize,
         "zero_means": zero_means,
     }
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return Setting(default, default_factory=default_factory, metadata=metadata)
 
 
 class Because(str):
@@ -241,31 +263,30 @@ def _check_access_format(value: str) -> str | None:
     return validate_access_format(value)
 
 
-# No generated __eq__/__repr__: nothing compares or prints settings, and
-# generating them for 53 fields costs every start about a millisecond.
-@dataclass(frozen=True, eq=False, repr=False, init=False)
 class Config:
-    """Every setting forkserver has.  Field order is the order of ``--help``."""
+    """Every setting forkserver has.  Field order is the order of ``--help``.
+
+    Frozen: built once per start and once per reload, then only read (by
+    the master and by every worker); ``replace`` makes a changed copy.
+    """
 
     def __init__(self, **values: Any) -> None:
-        """Set each field from ``values`` by name, the others to their defaults.
-
-        Written out because the ``__init__`` a dataclass generates for this
-        many fields, one keyword argument each, took 1.5 ms of every start to
-        compile, for a class built once per start and once per reload.
-        """
-        for f in dataclasses.fields(self):
-            if f.name in values:
-                value = values.pop(f.name)
-            elif f.default_factory is not dataclasses.MISSING:
-                value = f.default_factory()
-            elif f.default is not dataclasses.MISSING:
-                value = f.default
-            else:
-                raise TypeError(f"Config needs a value for {f.name}")
-            object.__setattr__(self, f.name, value)
+        """Set each field from ``values`` by name, the others to their defaults."""
+        own = self.__dict__
+        for f in config_fields():
+            own[f.name] = values.pop(f.name) if f.name in values else default_of(f)
         if values:
             raise TypeError(f"Config has no field {', '.join(values)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Config is frozen: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Config is frozen: cannot delete {name!r}")
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with ``changes`` (for the fields a reload may not change)."""
+        return Config(**{**self.__dict__, **changes})
 
     app: str = setting(
         "",
@@ -653,13 +674,13 @@ class Config:
     on_reload: str = setting("", help="Hook called in the master on HUP, before the new workers start.")
     on_exit: str = setting("", help="Hook called in the master just before it exits.")
     daemon: bool = setting(False, flags=("-D",), help="Detach from the terminal and run in the background.")
-    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    origins: Mapping[str, str] = Setting(default_factory=dict)
     # Lines the master logs once at start: gunicorn settings accepted but not
     # needed, defaults a gunicorn user might not expect, where values came from.
-    notices: tuple[str, ...] = field(default=(), compare=False, repr=False)
-    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)  # the same, worth a look
+    notices: tuple[str, ...] = Setting(())
+    warnings: tuple[str, ...] = Setting(())  # the same, worth a look
     # Hooks defined as functions in a gunicorn config file, called with gunicorn's arguments.
-    gunicorn_hooks: Mapping[str, Callable[..., Any] | str] = field(default_factory=dict, compare=False, repr=False)
+    gunicorn_hooks: Mapping[str, Callable[..., Any] | str] = Setting(default_factory=dict)
 
     @property
     def proc_name(self) -> str:
@@ -680,19 +701,23 @@ class Config:
         return self.origins.get(name, "default")
 
 
-def settings() -> list[dataclasses.Field[Any]]:
+@functools.cache
+def config_fields() -> tuple[Setting, ...]:
+    """Every field of ``Config``, settings and bookkeeping, in the order declared."""
+    return tuple(value for value in vars(Config).values() if isinstance(value, Setting))
+
+
+def settings() -> list[Setting]:
     """Return the declared settings, in order (``origins`` is bookkeeping, not one)."""
-    return [f for f in dataclasses.fields(Config) if "help" in f.metadata]
+    return [f for f in config_fields() if "help" in f.metadata]
 
 
 @functools.cache
 def setting_types() -> dict[str, Any]:
-    """Each setting's type, evaluated from the annotations once per process.
+    """Each setting's type, read from the annotations once per process.
 
-    ``get_type_hints`` compiles every annotation string anew on each call, and
-    ``coerce`` needs it for every value given: uncached, that cost about a
-    millisecond per setting given, and left garbage in the heap the workers
-    are forked from.
+    ``coerce`` needs it for every value given; ``get_type_hints`` walks every
+    annotation on each call.
     """
     return typing.get_type_hints(Config)
 
@@ -707,14 +732,14 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def default_of(f: dataclasses.Field[Any]) -> Any:
+def default_of(f: Setting) -> Any:
     """Return a setting's default value, calling its factory if it has one."""
-    if f.default_factory is not dataclasses.MISSING:
+    if f.default_factory is not None:
         return f.default_factory()
     return f.default
 
 
-def is_word(f: dataclasses.Field[Any], raw: Any) -> bool:
+def is_word(f: Setting, raw: Any) -> bool:
     """Whether ``raw`` names a value by one of the setting's words (exempt from its range check)."""
     return isinstance(raw, str) and raw.strip().lower() in f.metadata["words"]
 
@@ -816,7 +841,7 @@ def coerce_item(item: Any, text: bool) -> int:
     return item
 
 
-def validate(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
+def validate(f: Setting, value: Any, where: str) -> Any:
     """Check a coerced value and return it as stored: normalized, and 0 as its ceiling.
 
     Raises:
@@ -885,5 +910,5 @@ def _tls_combinations(config: Config) -> list[str]:
     return problems
 
 
-def setting_field(name: str) -> dataclasses.Field[Any]:
+def setting_field(name: str) -> Setting:
     return next(f for f in settings() if f.name == name)

@@ -20,7 +20,6 @@ import stat
 import sys
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -159,7 +158,7 @@ def _json_logconfig(value: Any) -> Any:
         raise ConfigError(f"log_config_json: {value!r} is not JSON: {exc}") from None
 
 
-@dataclass(frozen=True)
+# Plain classes, not dataclasses: see forkserver.records.
 class GunicornSetting:
     """One gunicorn setting: its spellings and what forkserver does with it.
 
@@ -168,14 +167,19 @@ class GunicornSetting:
     flag with an optional value) or ``file`` (config file only).
     """
 
-    name: str
-    flags: tuple[str, ...] = ()
-    takes: str = "value"
-    native: str = ""
-    convert: Callable[[Any], Any] | None = None
-    ignored: str = ""
-    refused: str = ""
-    default: Any = None
+    __slots__ = ("name", "flags", "takes", "native", "convert", "ignored", "refused", "default")
+
+    def __init__(self, name: str, flags: tuple[str, ...] = (), takes: str = "value", native: str = "",
+                 convert: Callable[[Any], Any] | None = None, ignored: str = "", refused: str = "",
+                 default: Any = None) -> None:
+        self.name = name
+        self.flags = flags
+        self.takes = takes
+        self.native = native
+        self.convert = convert
+        self.ignored = ignored
+        self.refused = refused
+        self.default = default
 
     def disposition(self) -> str:
         """``native``, ``ignored``, ``refused``, ``hook`` or ``action``."""
@@ -344,17 +348,19 @@ def is_default(setting: GunicornSetting, value: Any) -> bool:
     return value is None or value == setting.default or (setting.takes == "off" and value is True)
 
 
-@dataclass
 class Translation:
     """What gunicorn-named values mean for forkserver: its raw settings, and what to say."""
 
-    values: dict[str, Any]
-    named: dict[str, str]  # forkserver setting -> the gunicorn name that set it
-    notices: list[str]
-    warnings: list[str]
-    problems: list[str]
-    hooks: dict[str, Callable[..., Any] | str]
-    extras: dict[str, Any]  # gunicorn values settled after the merge (proxy_allow_ips)
+    __slots__ = ("values", "named", "notices", "warnings", "problems", "hooks", "extras")
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.named: dict[str, str] = {}  # forkserver setting -> the gunicorn name that set it
+        self.notices: list[str] = []
+        self.warnings: list[str] = []
+        self.problems: list[str] = []
+        self.hooks: dict[str, Callable[..., Any] | str] = {}
+        self.extras: dict[str, Any] = {}  # gunicorn values settled after the merge (proxy_allow_ips)
 
 
 def translate(raw: Mapping[str, Any], where: Callable[[str], str],
@@ -366,7 +372,7 @@ def translate(raw: Mapping[str, Any], where: Callable[[str], str],
     ``where(name)`` names the source for messages.  Problems are collected,
     not raised, so one run reports them all.
     """
-    out = Translation({}, {}, [], [], [], {}, {})
+    out = Translation()
     for name, value in {**raw, **(own_hooks or {})}.items():
         spec = BY_NAME.get(name)
         kind = "hook" if spec is None else spec.disposition()

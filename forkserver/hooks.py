@@ -21,7 +21,6 @@ import logging
 import os
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from . import gunicorn
@@ -44,13 +43,16 @@ WITH_WORKER = frozenset({"pre_fork", "post_fork", "worker_exit", "child_exit",
                          "post_worker_init", "worker_int", "worker_abort", "on_mold"})
 
 
-@dataclass(frozen=True, eq=False)
+# Plain classes, not dataclasses: see forkserver.records.
 class StuckRequest:
     """A request in flight when the master aborted its worker: what ``worker_abort`` gets in ``worker.requests``."""
 
-    environ: dict[str, Any]
-    elapsed: float  # seconds since it was handed to the app
-    stack: str  # where its thread was, formatted as a traceback's lines (most recent call last)
+    __slots__ = ("environ", "elapsed", "stack")
+
+    def __init__(self, environ: dict[str, Any], elapsed: float, stack: str) -> None:
+        self.environ = environ
+        self.elapsed = elapsed  # seconds since it was handed to the app
+        self.stack = stack  # where its thread was, formatted as a traceback's lines (most recent call last)
 
     def describe(self) -> str:
         """A log fragment: ``GET /export?all=1 elapsed=31.2s``."""
@@ -60,7 +62,6 @@ class StuckRequest:
         return f"{environ.get('REQUEST_METHOD', '')} {target!r} elapsed={self.elapsed:.1f}s"
 
 
-@dataclass(frozen=True, eq=False)
 class HookContext:
     """What a hook is told: the settings, and which process and worker it runs for.
 
@@ -69,12 +70,16 @@ class HookContext:
     ``requests``: for ``worker_abort``, the requests the worker was stuck in.
     """
 
-    config: Any
-    pid: int
-    slot: int | None = None
-    generation: int | None = None
-    worker_pid: int | None = None
-    requests: tuple[StuckRequest, ...] = ()
+    __slots__ = ("config", "pid", "slot", "generation", "worker_pid", "requests")
+
+    def __init__(self, config: Any, pid: int, slot: int | None = None, generation: int | None = None,
+                 worker_pid: int | None = None, requests: tuple[StuckRequest, ...] = ()) -> None:
+        self.config = config
+        self.pid = pid
+        self.slot = slot
+        self.generation = generation
+        self.worker_pid = worker_pid
+        self.requests = requests
 
 
 def resolve(setting: str, spec: str) -> Callable[[HookContext], Any]:

@@ -18,8 +18,9 @@ import ipaddress
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
+
+from .records import Record
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -185,13 +186,16 @@ def parse_node(text: str) -> tuple[str, str] | None:
 # -- forwarding headers ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(Record):
     """What trusted proxies say about the client; None wherever they said nothing usable."""
 
-    remote: tuple[str, str] | None = None
-    scheme: str | None = None
-    host: str | None = None
+    __slots__ = ("remote", "scheme", "host")
+
+    def __init__(self, remote: tuple[str, str] | None = None, scheme: str | None = None,
+                 host: str | None = None) -> None:
+        self.remote = remote
+        self.scheme = scheme
+        self.host = host
 
 
 def read_forwarded(headers: Sequence[tuple[bytes, bytes]], trust: Trust) -> Origin | None:
@@ -363,8 +367,7 @@ def forwarded_origin(value: str, trust: Trust) -> Origin:
 # -- PROXY protocol ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyHeader:
+class ProxyHeader(Record):
     """A PROXY protocol header: the client as the proxy saw it.
 
     ``source`` is None for LOCAL (the proxy's own health check), UNKNOWN and
@@ -372,8 +375,11 @@ class ProxyHeader:
     ``tls`` is set when a v2 SSL TLV says the client connected over TLS.
     """
 
-    source: tuple[str, str] | None
-    tls: bool = False
+    __slots__ = ("source", "tls")
+
+    def __init__(self, source: tuple[str, str] | None, tls: bool = False) -> None:
+        self.source = source
+        self.tls = tls
 
 
 def parse_proxy_header(data: bytes) -> tuple[ProxyHeader, int] | None:

@@ -37,7 +37,6 @@ import mmap
 import os
 import struct
 import time
-from dataclasses import dataclass
 
 HEADER = struct.Struct("d")  # when the worker's loop last went round
 SLOT = struct.Struct("ddd8s200s48s")  # started, last progress, the app's deadline, method, path, client
@@ -60,17 +59,23 @@ def _text(raw: bytes) -> str:
     return raw.partition(b"\0")[0].decode("latin-1").translate(_CONTROL)
 
 
-@dataclass(frozen=True, eq=False)
 class InFlight:
-    """One request a worker is serving, as read by the master."""
+    """One request a worker is serving, as read by the master.
 
-    thread: int
-    method: str
-    path: str
-    client: str
-    elapsed: float
-    stalled: float
-    deadline: float | None = None  # seconds from now to the deadline its app set (capped); None if unset
+    A plain class, not a dataclass: see ``forkserver.records``.
+    """
+
+    __slots__ = ("thread", "method", "path", "client", "elapsed", "stalled", "deadline")
+
+    def __init__(self, thread: int, method: str, path: str, client: str, elapsed: float, stalled: float,
+                 deadline: float | None = None) -> None:
+        self.thread = thread
+        self.method = method
+        self.path = path
+        self.client = client
+        self.elapsed = elapsed
+        self.stalled = stalled
+        self.deadline = deadline  # seconds from now to the deadline its app set (capped); None if unset
 
     def overdue(self, timeout: float) -> float:
         """Seconds past the moment this request counts as hung; negative while it does not.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BindError
@@ -21,16 +20,19 @@ DEFAULT_PORT = 8000
 STATSD_DEFAULT_PORT = 8125  # StatsD's port, also gunicorn's default
 
 
-@dataclass(frozen=True, eq=False)
+# Plain classes, not dataclasses: see forkserver.records.
 class Address:
     """A parsed bind address: TCP (host, port), a UNIX path, or an inherited fd."""
 
-    text: str
-    family: int
-    host: str = ""
-    port: int = 0
-    path: str = ""
-    fd: int = -1
+    __slots__ = ("text", "family", "host", "port", "path", "fd")
+
+    def __init__(self, text: str, family: int, host: str = "", port: int = 0, path: str = "", fd: int = -1) -> None:
+        self.text = text
+        self.family = family
+        self.host = host
+        self.port = port
+        self.path = path
+        self.fd = fd
 
 
 def parse_address(text: str) -> Address:
@@ -81,16 +83,19 @@ def _resolve_family(text: str, host: str) -> int:
     return infos[0][0]
 
 
-@dataclass(eq=False)
 class Listener:
     """A bound, listening socket and what it was bound from."""
 
-    address: Address
-    sock: socket.socket
-    owns_path: bool = False
-    reuse_port: bool = False
-    backlog: int = 2048
-    name: tuple[str, str] = field(default=("", ""))
+    __slots__ = ("address", "sock", "owns_path", "reuse_port", "backlog", "name")
+
+    def __init__(self, address: Address, sock: socket.socket, owns_path: bool = False, reuse_port: bool = False,
+                 backlog: int = 2048, name: tuple[str, str] = ("", "")) -> None:
+        self.address = address
+        self.sock = sock
+        self.owns_path = owns_path
+        self.reuse_port = reuse_port
+        self.backlog = backlog
+        self.name = name
 
     @property
     def is_tcp(self) -> bool:

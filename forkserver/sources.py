@@ -16,7 +16,6 @@ import os
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import gunicorn
@@ -363,37 +362,45 @@ def _gunicorn_from_cli(namespace: argparse.Namespace) -> dict[str, Any]:
             if dest.startswith(GUNICORN_DEST)}
 
 
-@dataclass(frozen=True, eq=False)
+# Plain classes, not dataclasses: see forkserver.records.
 class Invocation:
     """What the command line asked for besides settings: the config and an action."""
 
-    config: Config
-    config_path: str
-    check_only: bool
-    show_version: bool
-    print_config: bool = False
+    __slots__ = ("config", "config_path", "check_only", "show_version", "print_config")
+
+    def __init__(self, config: Config, config_path: str, check_only: bool, show_version: bool,
+                 print_config: bool = False) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.check_only = check_only
+        self.show_version = show_version
+        self.print_config = print_config
 
 
-@dataclass
 class _Layer:
     """One source of raw values: ``where(key)`` names it; ``typed`` False for text, None for either."""
 
-    where: Callable[[str], str]
-    typed: bool | None
-    raw: dict[str, Any]
+    __slots__ = ("where", "typed", "raw")
+
+    def __init__(self, where: Callable[[str], str], typed: bool | None, raw: dict[str, Any]) -> None:
+        self.where = where
+        self.typed = typed
+        self.raw = raw
 
 
-@dataclass
 class _Sources:
     """Everything read from the sources, before merging: layers, and what to say or refuse."""
 
-    layers: list[_Layer] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    notices: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    hooks: dict[str, Callable[..., Any] | str] = field(default_factory=dict)
-    hook_file: str = ""
-    proxy_allow_ips: tuple[str, Any] | None = None  # (where, value) of the last one given
+    __slots__ = ("layers", "problems", "notices", "warnings", "hooks", "hook_file", "proxy_allow_ips")
+
+    def __init__(self) -> None:
+        self.layers: list[_Layer] = []
+        self.problems: list[str] = []
+        self.notices: list[str] = []
+        self.warnings: list[str] = []
+        self.hooks: dict[str, Callable[..., Any] | str] = {}
+        self.hook_file = ""
+        self.proxy_allow_ips: tuple[str, Any] | None = None  # (where, value) of the last one given
 
 
 def _command_line_layers(sources: _Sources, namespace: argparse.Namespace, source: str) -> None:

@@ -5,6 +5,7 @@
     python3 scripts/startup_profile.py --app mod:app -w 1
     python3 scripts/startup_profile.py --modules        # also list every module each process imported
     python3 scripts/startup_profile.py --runs 11 --no-importtime   # each step's median over 11 starts
+    python3 scripts/startup_profile.py --app hello_app:app --runs 25 --against /tmp/before   # two checkouts
 
 Like scripts/bench.py it first writes the .pyc files of forkserver's package
 and of the scripts (an installed package has them; a checkout may not).
@@ -25,6 +26,17 @@ percent: the module lists and counts are the deterministic part. Last, it
 times a bare ``python -c pass`` and ``python -c 'import APP_MODULE'``: no
 server of this app can answer sooner than the second.
 
+With ``--against CHECKOUT`` it instead compares this checkout's forkserver
+with another's (a directory holding a ``forkserver/`` package, e.g. a
+``git worktree`` of the commit before a change), and with the pure-Python
+floor (``scripts/floor_server.py``): the three take turns, start by start,
+as ``python -m forkserver`` runs them (no hook, no ``-X importtime``), and
+for each it prints the median and minimum of the wall time to the first
+200 and of the CPU time the master and the first worker had used by then
+(``/proc/PID/schedstat``). On a shared machine the wall times follow the
+load; the CPU times move far less, and the turns put both checkouts under
+the same load.
+
 Every process started is stopped by its PID (SIGINT, then SIGKILL).
 """
 
@@ -32,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import compileall
 import os
 import re
 import socket
@@ -96,11 +109,16 @@ def main() -> int:
     parser.add_argument("--no-importtime", dest="importtime", action="store_false",
                         help="run without -X importtime, which slows every import: true milliseconds, "
                              "but no per-module times")
+    parser.add_argument("--against", metavar="CHECKOUT",
+                        help="compare with another checkout's forkserver and the floor, --runs starts each")
     args = parser.parse_args()
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SCRIPTS), env.get("PYTHONPATH", "")]))
     compile_bytecode()  # as scripts/bench.py does: an installed package has its .pyc files
+    if args.against:
+        compare(args, env)
+        return 0
     paths = []
     for _ in range(args.runs):
         events, times, began, answered, master = start_once(args, env)
@@ -137,6 +155,61 @@ def start_once(args: argparse.Namespace, env: dict[str, str]) -> tuple[list[list
         events = [line.split(" ", 3) for line in Path(events_path).read_text().splitlines()]
         times = import_times(Path(stderr_path).read_text(errors="replace"))
     return events, times, began, answered, proc.pid
+
+
+def compare(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Start this checkout's forkserver, the other's and the floor in turns; print wall and CPU to the first 200."""
+    other = Path(args.against).resolve()
+    if not (other / "forkserver").is_dir():
+        raise SystemExit(f"--against {other}: no forkserver/ package there")
+    compileall.compile_dir(str(other / "forkserver"), quiet=1)
+    forkserver = [sys.executable, "-m", "forkserver", args.app, "-w", str(args.workers), "--log-level", "warning"]
+    runs = {
+        "this checkout": (forkserver, env),
+        str(other): (forkserver, {**env, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(other)])}),
+        "floor": ([sys.executable, str(SCRIPTS / "floor_server.py"), "{fd}", str(args.workers)], env),
+    }
+    samples: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for _ in range(args.runs):
+        for name, (cmd, run_env) in runs.items():
+            samples[name].append(timed_start(cmd, run_env, with_bind=name != "floor"))
+    print(f"{args.app} -w {args.workers}, {args.runs} starts each, taking turns: median (min) of")
+    print("  the wall time from exec to the first 200, and the CPU time the master and the first worker used by then")
+    for name, pairs in samples.items():
+        walls, cpus = [wall for wall, _ in pairs], [cpu for _, cpu in pairs]
+        print(f"  {statistics.median(walls):6.1f} ms ({min(walls):5.1f})   CPU {statistics.median(cpus):6.1f} ms "
+              f"({min(cpus):5.1f})   {name}")
+
+
+def timed_start(cmd: list[str], env: dict[str, str], *, with_bind: bool) -> tuple[float, float]:
+    """Start ``cmd`` on a pre-bound listener, wait for its first 200, stop it: (wall ms, CPU ms of it and its first child)."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    with listener:
+        fd = str(listener.fileno())
+        argv = [arg.replace("{fd}", fd) for arg in cmd] + (["-b", f"fd://{fd}"] if with_bind else [])
+        began = time.monotonic()
+        proc = subprocess.Popen(argv, pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=str(SCRIPTS))
+        try:
+            answered = first_response(listener.getsockname()[1], proc)
+            cpu = sum(cpu_ns(pid) for pid in [proc.pid, *first_child(proc.pid)]) / 1e6
+        finally:
+            stop(proc, tree(proc))
+    return (answered - began) * 1000, cpu
+
+
+def first_child(pid: int) -> list[int]:
+    """The first child ``pid`` forked (the first worker), as a one-item list; empty if none yet."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(children[0])] if children else []
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds ``pid`` has run on a CPU (the first field of ``/proc/PID/schedstat``)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
 def print_medians(paths: list[list[tuple[str, float, float]]], args: argparse.Namespace) -> None:

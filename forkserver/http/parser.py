@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import MutableSequence
-from dataclasses import dataclass
 
 import httptools
 
@@ -69,14 +68,20 @@ LOST = _Lost()  # _since when more than SINCE_LIMIT_BYTES would have been kept
 _FRAMING_NAME_LENGTHS = frozenset({4, 6, 12, 14, 17})
 
 
-@dataclass(frozen=True, eq=False)
 class Limits:
-    """Size limits, in bytes or counts; ``body_bytes`` 0 means unlimited."""
+    """Size limits, in bytes or counts; ``body_bytes`` 0 means unlimited.
 
-    request_line_bytes: int = 8190
-    header_fields: int = 100
-    header_field_bytes: int = 8190
-    body_bytes: int = 0
+    A plain class, not a dataclass: see ``forkserver.records``.
+    """
+
+    __slots__ = ("request_line_bytes", "header_fields", "header_field_bytes", "body_bytes")
+
+    def __init__(self, request_line_bytes: int = 8190, header_fields: int = 100, header_field_bytes: int = 8190,
+                 body_bytes: int = 0) -> None:
+        self.request_line_bytes = request_line_bytes
+        self.header_fields = header_fields
+        self.header_field_bytes = header_field_bytes
+        self.body_bytes = body_bytes
 
     @property
     def head_bytes(self) -> int:

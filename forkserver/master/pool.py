@@ -10,35 +10,45 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass, field
 
 from ..scoreboard import Scoreboard
 
 
-@dataclass(eq=False)
+# Plain classes, not dataclasses: see forkserver.records.
 class WorkerHandle:
-    """The master's view of one worker process."""
+    """The master's view of one worker process.
 
-    slot: int
-    pid: int
-    generation: int
-    board: Scoreboard
-    started_at: float
-    ready: bool = False
-    retiring: bool = False
-    aborted_at: float = 0.0  # when a hung (or too slowly booting) worker was sent SIGABRT; 0 if never
-    killed: bool = False
-    recycled: bool = False  # retired for max_requests or memory, not by an operator
-    over_memory: int = 0  # consecutive memory samples over max_worker_memory
-    # Refork (forkserver.refork): the mold that forked it (0: the master), the
-    # mold lineage it comes from, the highest request count it reported, the
-    # worker it replaces in a rollover, and whether its own replacement is asked for.
-    mold: int = 0
-    lineage: int = 0
-    warm: int = 0
-    replaces: int = 0
-    rolling: bool = False
-    is_mold: bool = False
+    ``aborted_at``: when a hung (or too slowly booting) worker was sent
+    SIGABRT, 0 if never; ``recycled``: retired for max_requests or memory,
+    not by an operator; ``over_memory``: consecutive memory samples over
+    max_worker_memory.  Refork (forkserver.refork): ``mold`` forked it (0:
+    the master), ``lineage`` is the mold lineage it comes from, ``warm`` the
+    highest request count it reported, ``replaces`` the worker it replaces
+    in a rollover, ``rolling`` whether its own replacement is asked for.
+    """
+
+    __slots__ = ("slot", "pid", "generation", "board", "started_at", "ready", "retiring", "aborted_at", "killed",
+                 "recycled", "over_memory", "mold", "lineage", "warm", "replaces", "rolling", "is_mold")
+
+    def __init__(self, slot: int, pid: int, generation: int, board: Scoreboard, started_at: float, *,
+                 mold: int = 0, replaces: int = 0) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.generation = generation
+        self.board = board
+        self.started_at = started_at
+        self.ready = False
+        self.retiring = False
+        self.aborted_at = 0.0
+        self.killed = False
+        self.recycled = False
+        self.over_memory = 0
+        self.mold = mold
+        self.lineage = 0
+        self.warm = 0
+        self.replaces = replaces
+        self.rolling = False
+        self.is_mold = False
 
 
 def plan(occupied: set[int], desired: int) -> tuple[list[int], list[int]]:
@@ -56,11 +66,13 @@ def describe_exit(status: int) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
-@dataclass(eq=False, repr=False)
 class Pool:
     """Live workers by PID, plus helpers to select them."""
 
-    workers: dict[int, WorkerHandle] = field(default_factory=dict)
+    __slots__ = ("workers",)
+
+    def __init__(self) -> None:
+        self.workers: dict[int, WorkerHandle] = {}
 
     def add(self, handle: WorkerHandle) -> None:
         """Record a freshly forked worker."""

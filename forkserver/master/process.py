@@ -9,7 +9,6 @@ One bad event is logged and the loop goes on: the master must outlive bugs.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib
 import logging
@@ -102,17 +101,25 @@ def share_stdlib() -> None:
         importlib.import_module(name)
 
 
-@dataclasses.dataclass(eq=False)
 class Provisions:
-    """What the master makes for each new worker, whether it forks it or a refork mold does."""
+    """What the master makes for each new worker, whether it forks it or a refork mold does.
 
-    board: Scoreboard
-    board_fd: int  # the scoreboard's memory file while a mold is to get it; else -1
-    stats_ends: tuple[Connection, Connection] | None  # None with stats off
-    log_ends: tuple[socket.socket, socket.socket]
-    refork_ends: tuple[socket.socket, socket.socket] | None  # None with refork off
-    seat: int
-    relay_ends: tuple[socket.socket, socket.socket]  # the connection relay's channel (forkserver.relay)
+    A plain class, not a dataclass: see ``forkserver.records``.
+    """
+
+    __slots__ = ("board", "board_fd", "stats_ends", "log_ends", "refork_ends", "seat", "relay_ends")
+
+    def __init__(self, board: Scoreboard, board_fd: int, stats_ends: tuple[Connection, Connection] | None,
+                 log_ends: tuple[socket.socket, socket.socket],
+                 refork_ends: tuple[socket.socket, socket.socket] | None, seat: int,
+                 relay_ends: tuple[socket.socket, socket.socket]) -> None:
+        self.board = board
+        self.board_fd = board_fd  # the scoreboard's memory file while a mold is to get it; else -1
+        self.stats_ends = stats_ends  # None with stats off
+        self.log_ends = log_ends
+        self.refork_ends = refork_ends  # None with refork off
+        self.seat = seat
+        self.relay_ends = relay_ends  # the connection relay's channel (forkserver.relay)
 
     def worker_fds(self) -> list[int]:
         """The worker's ends, in the order a mold expects them (forkserver.worker.mold)."""
@@ -1031,7 +1038,7 @@ class Master:
         if config.bind != self.config.bind:
             log.warning("bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(self.config.bind), ",".join(config.bind))
-            config = dataclasses.replace(config, bind=self.config.bind)
+            config = config.replace(bind=self.config.bind)
         config, tls_context = self.reload_tls(config)
         if (config.stats_bind, config.stats_allow_ips) != (self.config.stats_bind, self.config.stats_allow_ips):
             log.warning("stats_bind and stats_allow_ips change only on restart or upgrade (USR2)")
@@ -1079,7 +1086,7 @@ class Master:
         if config.tls_bind != old.tls_bind:
             log.warning("tls_bind changed from %s to %s: listeners change only on restart or upgrade (USR2)",
                         ",".join(old.tls_bind), ",".join(config.tls_bind))
-            config = dataclasses.replace(config, tls_bind=old.tls_bind)
+            config = config.replace(tls_bind=old.tls_bind)
         if bool(config.certfile) != bool(old.certfile):
             log.warning("TLS is turned on or off only on restart or upgrade (USR2); keeping it %s",
                         "on, with the running certificate" if old.certfile else "off")

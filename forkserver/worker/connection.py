@@ -21,12 +21,12 @@ import socket
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..http.errors import BodyTooLarge, RequestTimeout
 from ..http.exchange import Exchange
 from ..proxy import MalformedProxyHeader, ProxyHeaderReader
+from ..records import Record
 
 if TYPE_CHECKING:
     from .serving import Service
@@ -60,8 +60,7 @@ LINGER_SECONDS = 1.0
 REFUSE_DRAIN_READS = 16
 
 
-@dataclass(frozen=True, slots=True)
-class BodyRules:
+class BodyRules(Record):
     """How slow or late a request body may be, wherever it is read (the loop, or the app's thread).
 
     ``min_rate`` bytes a second, averaged over each ``window`` seconds spent
@@ -69,9 +68,12 @@ class BodyRules:
     body from the end of its head (0: none).  See ``BodyClock``.
     """
 
-    min_rate: int = 0
-    window: float = 10.0
-    deadline: float = 0.0
+    __slots__ = ("min_rate", "window", "deadline")
+
+    def __init__(self, min_rate: int = 0, window: float = 10.0, deadline: float = 0.0) -> None:
+        self.min_rate = min_rate
+        self.window = window
+        self.deadline = deadline
 
 
 class BodyClock:

@@ -13,7 +13,6 @@ and reports its pid.
 from __future__ import annotations
 
 import array
-import dataclasses
 import gc
 import logging
 import os
@@ -168,8 +167,8 @@ class Mold:
             time.sleep(0.001)
         worker, spec = self.worker, self.spec
         board_fd, log_fd, channel_fd, relay_fd, *stats_fd = fds
-        own = dataclasses.replace(
-            spec, slot=slot, generation=generation, seat=seat, app=worker.app,
+        own = spec.replace(
+            slot=slot, generation=generation, seat=seat, app=worker.app,
             board=Scoreboard(worker.config.threads, board_fd, timeout=worker.config.timeout,
                              longest=worker.config.deadline_limit),
             log_channel=socket.socket(fileno=os.dup(log_fd)),

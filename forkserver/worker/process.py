@@ -28,7 +28,6 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
@@ -228,7 +227,7 @@ class Worker:
         for request in stuck:
             log.critical("worker abort pid=%d: stuck in %s; stack (most recent call last):\n%s",
                          self.pid, request.describe(), request.stack.rstrip("\n"))
-        self.spec.hooks.run("worker_abort", replace(self._context(), requests=tuple(stuck)))
+        self.spec.hooks.run("worker_abort", HookContext(self.config, self.pid, self.spec.slot, self.spec.generation, requests=tuple(stuck)))
         os._exit(1)
 
     def _stuck_requests(self, frame: FrameType | None) -> list[StuckRequest]:

@@ -15,7 +15,6 @@ import logging
 import time
 from time import perf_counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from .connection import BodyRules, BodyStream, ClientGone, Connection, Stalled
@@ -52,7 +51,6 @@ class Rotation:
         self.leaving = False
 
 
-@dataclass(eq=False, repr=False)
 class Service:
     """What every connection of a worker serves with; shared, and never changed once built.
 
@@ -61,21 +59,29 @@ class Service:
     ``forkserver.http.exchange.Closing``.)
     """
 
-    app: Callable[..., Any]
-    limits: Limits
-    date: DateHeader
-    access_log: AccessLog | None
-    io_timeout: float | None
-    closing: Closing
-    board: Scoreboard
-    stats: Reporter | None
-    show: Callable[[str, str], None]
-    trust: Trust = field(default_factory=lambda: Trust(()))
-    proxy_protocol: bool = False
-    health_target: bytes = b""  # ``health_path`` as a request target; b"" (never a target) when off
-    rotation: Rotation = field(default_factory=Rotation)
-    codec: Codec = field(default_factory=Codec)
-    body: BodyRules = field(default_factory=BodyRules)
+    __slots__ = ("app", "limits", "date", "access_log", "io_timeout", "closing", "board", "stats", "show",
+                 "trust", "proxy_protocol", "health_target", "rotation", "codec", "body")
+
+    def __init__(self, app: Callable[..., Any], limits: Limits, date: DateHeader, access_log: AccessLog | None,
+                 io_timeout: float | None, closing: Closing, board: Scoreboard, stats: Reporter | None,
+                 show: Callable[[str, str], None], trust: Trust | None = None, proxy_protocol: bool = False,
+                 health_target: bytes = b"", rotation: Rotation | None = None, codec: Codec | None = None,
+                 body: BodyRules | None = None) -> None:
+        self.app = app
+        self.limits = limits
+        self.date = date
+        self.access_log = access_log
+        self.io_timeout = io_timeout
+        self.closing = closing
+        self.board = board
+        self.stats = stats
+        self.show = show
+        self.trust = Trust(()) if trust is None else trust
+        self.proxy_protocol = proxy_protocol
+        self.health_target = health_target  # ``health_path`` as a request target; b"" (never a target) when off
+        self.rotation = Rotation() if rotation is None else rotation
+        self.codec = Codec() if codec is None else codec
+        self.body = BodyRules() if body is None else body
 
 
 def serve(connection: Connection, thread: int, outbox: list[Connection] | None = None) -> bool:

@@ -7,7 +7,6 @@ and what was expected.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import subprocess
 import sys
@@ -78,7 +77,7 @@ def test_defaults_come_from_the_schema_with_default_provenance():
 
 
 def test_config_is_frozen():
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         load().workers = 3  # type: ignore[misc]
 
 
