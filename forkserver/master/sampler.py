@@ -8,12 +8,16 @@ start with stats on needs it.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..memorymerge import merged_bytes
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 TCP_LISTEN = 10  # tcp_states.h
 _TCP_INFO = struct.Struct("8B6I")  # state, ..., rto, ato, snd_mss, rcv_mss, unacked, sacked
 
@@ -200,11 +204,14 @@ class ProcessSampler:
         self._cache: dict[int, tuple[float, dict[str, Any]]] = {}
 
     def read(self, pid: int) -> dict[str, Any]:
-        """Return ``memory_uss_bytes``, ``memory_pss_bytes``, ``memory_shared_bytes`` and ``cpu_seconds``
-        for ``pid`` ({} if gone).
+        """Return ``memory_uss_bytes``, ``memory_pss_bytes``, ``memory_shared_bytes``,
+        ``memory_merged_bytes`` and ``cpu_seconds`` for ``pid`` ({} if gone).
 
         Shared is resident memory that other processes map too (RSS minus
         USS): with preload or refork, what a worker did not have to copy.
+        Merged is the part the kernel's same-page merging mapped onto one
+        frame (``memory_merge``): 0 when it merged nothing, None where the
+        kernel does not tell.
         """
         import psutil
 
@@ -222,6 +229,7 @@ class ProcessSampler:
                 reading["memory_uss_bytes"] = int(memory.uss)
                 reading["memory_pss_bytes"] = int(getattr(memory, "pss", 0)) or None
                 reading["memory_shared_bytes"] = max(0, int(memory.rss) - int(memory.uss))
+                reading["memory_merged_bytes"] = merged_bytes(pid, PAGE_SIZE)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             reading = {}
         except psutil.AccessDenied:
