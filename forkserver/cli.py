@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__, memorymerge, preflight
+from . import __version__, preflight
 from .errors import ConfigError, ForkserverError
 from .hooks import Hooks
 from .loader import collector_paused, load_app, parse_spec
@@ -82,8 +82,11 @@ def run(argv: Sequence[str]) -> int:
         preflight.check(config)
         Hooks(config)  # every hook imports and takes the arguments it will be given
         load_app(config.app)
-        if config.memory_merge and (problem := memorymerge.check_problem()) is not None:
-            print(f"forkserver: warning: {problem}", file=sys.stderr)  # the kernel's state, not a config error
+        if config.memory_merge:
+            from .memorymerge import check_problem  # deferred: only a start that merges needs it
+
+            if (problem := check_problem()) is not None:
+                print(f"forkserver: warning: {problem}", file=sys.stderr)  # the kernel's state, not a config error
         workers = config.workers or "auto"  # AUTO_WORKERS: sized by the master at start
         return check(f"app {config.app!r} imports; {workers} worker(s) on {', '.join(config.bind)}")
     with collector_paused():  # the master's own imports, and those it shares with the workers

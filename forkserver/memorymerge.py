@@ -27,6 +27,7 @@ from . import libc
 PR_SET_MEMORY_MERGE = 67  # linux/prctl.h, since 6.4
 PR_GET_MEMORY_MERGE = 68
 KSM_RUN = "/sys/kernel/mm/ksm/run"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _RUN_MERGING = "1"  # 0 stops ksmd keeping merged pages, 2 stops it and unmerges them
 
 
@@ -70,7 +71,7 @@ def opt_in() -> str | None:
     return ksm_problem()
 
 
-def merged_bytes(pid: int, page_size: int) -> int | None:
+def merged_bytes(pid: int) -> int | None:
     """Memory of ``pid`` that ksmd maps onto a frame shared with identical pages; None where the kernel does not say.
 
     ``/proc/PID/ksm_merging_pages`` (Linux 5.19) counts this process's
@@ -80,6 +81,6 @@ def merged_bytes(pid: int, page_size: int) -> int | None:
     """
     try:
         with open(f"/proc/{pid}/ksm_merging_pages", encoding="ascii") as pages:
-            return int(pages.read()) * page_size
+            return int(pages.read()) * PAGE_SIZE
     except (OSError, ValueError):
         return None

@@ -411,7 +411,7 @@ def read_tree(master: int) -> dict[str, float]:
     return {
         "total_pss": sum(r["pss"] for r in readings.values()) / MIB,
         "private_per_worker": statistics.mean(readings[pid]["private"] for pid in serving) / MIB,
-        "merged": sum(merged_bytes(pid, PAGE) or 0 for pid in processes) / MIB,
+        "merged": sum(merged_bytes(pid) or 0 for pid in processes) / MIB,
         "processes": len(processes),
     }
 

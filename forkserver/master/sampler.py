@@ -8,16 +8,12 @@ start with stats on needs it.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..memorymerge import merged_bytes
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 TCP_LISTEN = 10  # tcp_states.h
 _TCP_INFO = struct.Struct("8B6I")  # state, ..., rto, ato, snd_mss, rcv_mss, unacked, sacked
 
@@ -215,6 +211,8 @@ class ProcessSampler:
         """
         import psutil
 
+        from ..memorymerge import merged_bytes
+
         now = self.clock()
         cached = self._cache.get(pid)
         if cached is not None and now - cached[0] < self.max_age:
@@ -229,7 +227,7 @@ class ProcessSampler:
                 reading["memory_uss_bytes"] = int(memory.uss)
                 reading["memory_pss_bytes"] = int(getattr(memory, "pss", 0)) or None
                 reading["memory_shared_bytes"] = max(0, int(memory.rss) - int(memory.uss))
-                reading["memory_merged_bytes"] = merged_bytes(pid, PAGE_SIZE)
+                reading["memory_merged_bytes"] = merged_bytes(pid)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             reading = {}
         except psutil.AccessDenied:
