@@ -47,8 +47,14 @@ def ksm_run() -> Iterator:
 
 
 def merge_flag(pid: int) -> bool:
-    """Does the kernel offer every eligible mapping of ``pid`` to ksmd (PR_SET_MEMORY_MERGE)?"""
-    status = Path(f"/proc/{pid}/ksm_stat").read_text()
+    """Does the kernel offer every eligible mapping of ``pid`` to ksmd (PR_SET_MEMORY_MERGE)?
+
+    A kernel without KSM has no ksm_stat, and offers nothing.
+    """
+    stat = Path(f"/proc/{pid}/ksm_stat")
+    if not stat.exists():
+        return False
+    status = stat.read_text()
     return re.search(r"^ksm_merge_any: yes$", status, re.MULTILINE) is not None
 
 
