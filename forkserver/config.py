@@ -654,6 +654,12 @@ class Config:
         "(1000,20000) promotes a new mold at each count. Empty disables it; off under reload.",
         metavar="COUNTS",
     )
+    memory_merge: bool = setting(
+        False,
+        help="Offer the server's memory to the kernel's same-page merging (Linux KSM, 6.4 or later): "
+        "ksmd merges the pages workers copied but left as in the master's, the mold's or a sibling's. "
+        "Works only while the host runs ksmd (/sys/kernel/mm/ksm/run is 1); costs ksmd's CPU.",
+    )
     on_starting: str = setting("", help="Hook 'module:function' called in the master before binding.")
     when_ready: str = setting("", help="Hook called in the master once the first workers serve.")
     pre_fork: str = setting("", help="Hook called in the master before each worker is forked.")

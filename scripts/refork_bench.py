@@ -19,7 +19,15 @@ forkserver ``--preload``.  gunicorn is measured if it is installed.
 With ``--pages`` (root), it also compares one worker's memory page by page
 with the process it was forked from (the mold, or the master), through
 ``/proc/PID/pagemap``: which pages were copied on a write, and whether the
-write changed only reference counts or real content.
+write changed only reference counts or real content (with merging, a page
+merged with a sibling's copy rather than the parent's still counts as copied).
+
+The runs with ``--memory-merge`` (root, a kernel with KSM) turn the
+kernel's same-page merging on for the run (``/sys/kernel/mm/ksm/run``,
+restored at the end) and are read twice: right after the second round, and
+again once ksmd has settled (its merged page count steady over two full
+scans), with the CPU time ksmd spent settling and in the 30 s after, and
+its page counts.
 
 Figures vary with the machine's load: run it on a quiet machine, or read
 only the ratios.
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import http.client
 import os
 import signal
@@ -41,7 +50,9 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 MIB = 1024 * 1024
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -49,7 +60,13 @@ FRAME = (1 << 55) - 1  # a pagemap entry's physical frame number bits
 SMALL_CHANGE = 4096  # a word that moved by less than this, between small positive values: a reference count
 CLIENTS = 4
 SETTLE_TIMEOUT = 120.0
+KSM = Path("/sys/kernel/mm/ksm")
+KSM_SETTLE_TIMEOUT = 300.0  # seconds ksmd gets to merge a tree of a few hundred MiB at its default pace
+KSM_STEADY_SECONDS = 30.0  # how long ksmd's CPU is read once the tree has settled, the server idle
 FORKSERVER_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(FORKSERVER_ROOT))  # this checkout's forkserver, as the servers measured run it
+
+from forkserver.memorymerge import merged_bytes  # noqa: E402
 
 SETTINGS = """
 SECRET_KEY = "bench"
@@ -346,6 +363,59 @@ def copied_pages(worker: int, source: int) -> dict[str, float]:
     return {kind: count * PAGE / MIB for kind, count in found.items()}
 
 
+def ksm_value(name: str) -> int:
+    return int((KSM / name).read_text())
+
+
+def ksmd_cpu_seconds() -> float:
+    """CPU time ksmd (the kernel thread that scans and merges) has used, from its /proc/PID/stat."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "ksmd":
+                    fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+            except OSError:
+                continue
+    return 0.0
+
+
+def ksm_settle() -> dict[str, float]:
+    """Wait until ksmd's merged page count stays put over two full scans; what it cost, and costs after.
+
+    Bounded by KSM_SETTLE_TIMEOUT: a tree still merging then is read as it is.
+    """
+    started, cpu = time.monotonic(), ksmd_cpu_seconds()
+    scans, sharing = ksm_value("full_scans"), [ksm_value("pages_sharing")]
+    while time.monotonic() - started < KSM_SETTLE_TIMEOUT:
+        time.sleep(1)
+        if ksm_value("full_scans") > scans:
+            scans = ksm_value("full_scans")
+            sharing.append(ksm_value("pages_sharing"))
+            if len(sharing) >= 3 and abs(sharing[-1] - sharing[-3]) <= sharing[-1] // 100:
+                break
+    settled = {"seconds": time.monotonic() - started, "ksmd_cpu": ksmd_cpu_seconds() - cpu,
+               "scans": len(sharing) - 1, "pages_sharing": ksm_value("pages_sharing"),
+               "pages_shared": ksm_value("pages_shared")}
+    cpu = ksmd_cpu_seconds()
+    time.sleep(KSM_STEADY_SECONDS)  # ksmd goes on scanning the tree, merged or not: what that costs
+    settled["steady_share"] = (ksmd_cpu_seconds() - cpu) / KSM_STEADY_SECONDS
+    return settled
+
+
+def read_tree(master: int) -> dict[str, float]:
+    """Total PSS, mean private memory per serving worker and merged pages of the tree, in MiB."""
+    processes = tree(master)
+    readings = {pid: rollup(pid) for pid in processes}
+    serving = serving_workers(master)
+    return {
+        "total_pss": sum(r["pss"] for r in readings.values()) / MIB,
+        "private_per_worker": statistics.mean(readings[pid]["private"] for pid in serving) / MIB,
+        "merged": sum(merged_bytes(pid) or 0 for pid in processes) / MIB,
+        "processes": len(processes),
+    }
+
+
 def title(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -392,7 +462,7 @@ def settle(master: int, workers: int, *, replaced: set[int] = frozenset(), mold:
 
 
 def measure(name: str, command: list[str], port: int, cwd: Path, requests: int, workers: int,
-            refork: bool, pages: bool) -> dict[str, float]:
+            refork: bool, pages: bool, merge: bool = False) -> dict[str, Any]:
     # This checkout's forkserver, not whichever one is installed.
     path = os.pathsep.join(filter(None, [str(cwd), str(FORKSERVER_ROOT), os.environ.get("PYTHONPATH", "")]))
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "site_settings", "PYTHONPATH": path}
@@ -410,16 +480,14 @@ def measure(name: str, command: list[str], port: int, cwd: Path, requests: int, 
         # With refork, until the mold forked every worker (the first ones are rolled over).
         settle(process.pid, workers, replaced=set(first) if refork else set(), mold=refork)
         send(port, requests // 2)  # the pool as it now is serves the same mix
-        processes = tree(process.pid)
-        readings = {pid: rollup(pid) for pid in processes}
+        result = read_tree(process.pid)
+        if merge:
+            result["at_once"] = dict(result)
+            result["ksm"] = ksm_settle()
+            result.update(read_tree(process.pid))
         serving = serving_workers(process.pid)
-        result = {
-            "total_pss": sum(r["pss"] for r in readings.values()) / MIB,
-            "private_per_worker": statistics.mean(readings[pid]["private"] for pid in serving) / MIB,
-            "processes": len(processes),
-        }
         if pages:
-            molds = [pid for pid in processes if "forkserver: mold" in title(pid)]
+            molds = [pid for pid in tree(process.pid) if "forkserver: mold" in title(pid)]
             result["pages"] = copied_pages(serving[0], molds[0] if molds else process.pid)
         os.kill(serving[0], signal.SIGTERM)  # replaced (by the mold, with refork) while the clients go on
         latencies = sorted(send(port, 200))
@@ -441,7 +509,8 @@ def main() -> int:
     parser.add_argument("--refork-after", default="150", help="forkserver's --refork-after for the refork runs")
     parser.add_argument("--pages", action="store_true", help="also say how one worker's private memory came to "
                         "be (pages copied from the mold or master, and what the writes changed); needs root")
-    parser.add_argument("--only", default="", help="measure only the servers whose name contains this (the "
+    parser.add_argument("--only", default="", help="measure only the servers whose name contains this, or one of "
+                        "these comma-separated parts (the "
                         "preload run is always measured: it is the base of the ratios)")
     args = parser.parse_args()
     if args.pages and os.geteuid() != 0:
@@ -455,15 +524,23 @@ def main() -> int:
             ("forkserver --refork-after", ["--refork-after", args.refork_after], True),
             ("forkserver --preload --refork-after", ["--preload", "--refork-after", args.refork_after], True),
         ]
-        results: dict[str, dict[str, float]] = {}
-        servers = [entry for entry in servers if args.only in entry[0] or entry[0] == "forkserver --preload"]
-        for name, options, refork in servers:
-            port = free_port()
-            command = [sys.executable, "-m", "forkserver", "site_wsgi:application", "-w", str(args.workers),
-                       "-b", f"127.0.0.1:{port}", "--pythonpath", str(root), *options]
-            results[name] = measure(name, command, port, root, args.requests, args.workers, refork, args.pages)
-            print(f"{name:38} measured", file=sys.stderr)
-        if args.only and args.only not in "gunicorn --preload":
+        merging = ksm_available()
+        if merging:
+            servers += [(f"{name} --memory-merge", [*options, "--memory-merge"], refork)
+                        for name, options, refork in servers[1:]]
+        results: dict[str, dict[str, Any]] = {}
+        wanted = [part.strip() for part in args.only.split(",")]
+        servers = [entry for entry in servers if entry[0] == "forkserver --preload"
+                   or any(part in entry[0] for part in wanted)]
+        with ksm_running(merging):
+            for name, options, refork in servers:
+                port = free_port()
+                command = [sys.executable, "-m", "forkserver", "site_wsgi:application", "-w", str(args.workers),
+                           "-b", f"127.0.0.1:{port}", "--pythonpath", str(root), *options]
+                results[name] = measure(name, command, port, root, args.requests, args.workers, refork,
+                                        args.pages, merge="--memory-merge" in options)
+                print(f"{name:52} measured", file=sys.stderr)
+        if not any(part in "gunicorn --preload" for part in wanted):
             pass
         elif _has_module("gunicorn"):
             port = free_port()
@@ -476,19 +553,58 @@ def main() -> int:
     base = results["forkserver --preload"]
     print(f"Django project, -w {args.workers}, {args.requests} + {args.requests // 2} mixed requests, "
           f"refork_after={args.refork_after}, Python {sys.version.split()[0]}")
-    print(f"{'server':38} {'total PSS':>10} {'x preload':>9} {'private/worker':>15} {'x preload':>9} "
+    print(f"{'server':52} {'total PSS':>10} {'x preload':>9} {'private/worker':>15} {'x preload':>9} "
           f"{'p99 after replace':>18}")
     for name, result in results.items():
-        print(f"{name:38} {result['total_pss']:8.1f}Mi {result['total_pss'] / base['total_pss']:9.2f} "
+        print(f"{name:52} {result['total_pss']:8.1f}Mi {result['total_pss'] / base['total_pss']:9.2f} "
               f"{result['private_per_worker']:13.1f}Mi {result['private_per_worker'] / base['private_per_worker']:9.2f} "
               f"{result['p99_after_replacement_ms']:16.1f}ms")
+    merged = {name: result for name, result in results.items() if "ksm" in result}
+    if merged:
+        print("\nwith --memory-merge: the tree right after the second round, before ksmd settled; how long it took "
+              "to settle, the CPU ksmd used meanwhile, what it then merged (the tree's merged pages, and "
+              f"ksmd's pages_sharing and pages_shared), and ksmd's CPU over the {KSM_STEADY_SECONDS:.0f} s after:")
+        print(f"{'server':52} {'total PSS':>10} {'private/worker':>15} {'settled in':>11} {'ksmd CPU':>14} "
+              f"{'merged':>9} {'sharing':>8} {'shared':>7} {'ksmd after':>10}")
+        for name, result in merged.items():
+            first, ksm = result["at_once"], result["ksm"]
+            share = ksm["ksmd_cpu"] / ksm["seconds"] if ksm["seconds"] else 0.0
+            print(f"{name:52} {first['total_pss']:8.1f}Mi {first['private_per_worker']:13.1f}Mi "
+                  f"{ksm['seconds']:10.0f}s {ksm['ksmd_cpu']:5.1f}s ({share:4.1%}) {result['merged']:7.1f}Mi "
+                  f"{ksm['pages_sharing']:8} {ksm['pages_shared']:7} {ksm['steady_share']:10.1%}")
     if args.pages:
         print("\none worker's own pages against the process it was forked from (MiB), heap pages by what changed:")
         kinds = ("same", "counts", "content", "other", "new")
-        print(f"{'server':38}" + "".join(f" {kind:>8}" for kind in kinds))
+        print(f"{'server':52}" + "".join(f" {kind:>8}" for kind in kinds))
         for name, result in results.items():
-            print(f"{name:38}" + "".join(f" {result['pages'][kind]:8.1f}" for kind in kinds))
+            print(f"{name:52}" + "".join(f" {result['pages'][kind]:8.1f}" for kind in kinds))
     return 0
+
+
+def ksm_available() -> bool:
+    """Can this run measure --memory-merge: KSM in the kernel, and running or ours (root) to start?"""
+    if not (KSM / "run").exists():
+        print("no /sys/kernel/mm/ksm: this kernel has no same-page merging; the --memory-merge runs are skipped",
+              file=sys.stderr)
+        return False
+    if os.geteuid() != 0 and ksm_value("run") != 1:
+        print(f"{KSM / 'run'} is not 1 and only root may change it: the --memory-merge runs are skipped",
+              file=sys.stderr)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def ksm_running(wanted: bool) -> Iterator[None]:
+    """ksmd running for the block if ``wanted``; /sys/kernel/mm/ksm/run as it was afterwards."""
+    before = (KSM / "run").read_text().strip() if wanted else ""
+    if wanted and before != "1":
+        (KSM / "run").write_text("1")
+    try:
+        yield
+    finally:
+        if wanted and before != "1":
+            (KSM / "run").write_text(before)
 
 
 def _has_module(name: str) -> bool:

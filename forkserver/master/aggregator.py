@@ -34,8 +34,9 @@ PERCENTILES = (0.5, 0.9, 0.99)
 # Per-worker fields the master may supply to ``snapshot`` from psutil and
 # shared memory; anything else in its dicts is ignored, so /stats keeps its schema.
 EXTRA_FIELDS = ("state", "current_request", "memory_uss_bytes", "memory_pss_bytes", "memory_shared_bytes",
-                "cpu_seconds", "heartbeat_age_seconds", "threads", "requests_in_flight", "forked_by")
-MASTER_FIELDS = ("memory_uss_bytes", "memory_pss_bytes", "memory_shared_bytes", "cpu_seconds")
+                "memory_merged_bytes", "cpu_seconds", "heartbeat_age_seconds", "threads", "requests_in_flight", "forked_by")
+MASTER_FIELDS = ("memory_uss_bytes", "memory_pss_bytes", "memory_shared_bytes", "memory_merged_bytes",
+                 "cpu_seconds")
 # A worker's threads are capacity only while it takes connections; a
 # retiring worker's busy threads still count, as their requests are served.
 SERVING_STATES = ("idle", "busy")
@@ -353,6 +354,7 @@ class Aggregator:
             "memory_uss_bytes": None,
             "memory_pss_bytes": None,
             "memory_shared_bytes": None,
+            "memory_merged_bytes": None,
             "forked_by": None,
             "age_seconds": round(now - worker.started_at, 3),
             "heartbeat_age_seconds": None,

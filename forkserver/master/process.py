@@ -268,6 +268,11 @@ class Master:
             self.tls_listeners = tuple(listener for listener in self.listeners
                                        if serves_tls(config, listener.address.text))
         self.relay.listeners = len(self.listeners)
+        if config.memory_merge:  # before the first fork: every worker, the mold and its workers inherit it
+            from ..memorymerge import opt_in
+
+            if (problem := opt_in()) is not None:
+                log.warning("%s", problem)
         share_stdlib()
         try:
             if config.stats_bind:

@@ -200,13 +200,18 @@ class ProcessSampler:
         self._cache: dict[int, tuple[float, dict[str, Any]]] = {}
 
     def read(self, pid: int) -> dict[str, Any]:
-        """Return ``memory_uss_bytes``, ``memory_pss_bytes``, ``memory_shared_bytes`` and ``cpu_seconds``
-        for ``pid`` ({} if gone).
+        """Return ``memory_uss_bytes``, ``memory_pss_bytes``, ``memory_shared_bytes``,
+        ``memory_merged_bytes`` and ``cpu_seconds`` for ``pid`` ({} if gone).
 
         Shared is resident memory that other processes map too (RSS minus
         USS): with preload or refork, what a worker did not have to copy.
+        Merged is the part the kernel's same-page merging mapped onto one
+        frame (``memory_merge``): 0 when it merged nothing, None where the
+        kernel does not tell.
         """
         import psutil
+
+        from ..memorymerge import merged_bytes
 
         now = self.clock()
         cached = self._cache.get(pid)
@@ -222,6 +227,7 @@ class ProcessSampler:
                 reading["memory_uss_bytes"] = int(memory.uss)
                 reading["memory_pss_bytes"] = int(getattr(memory, "pss", 0)) or None
                 reading["memory_shared_bytes"] = max(0, int(memory.rss) - int(memory.uss))
+                reading["memory_merged_bytes"] = merged_bytes(pid)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             reading = {}
         except psutil.AccessDenied:

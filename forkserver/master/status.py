@@ -138,6 +138,7 @@ def render_prometheus(snapshot: dict[str, Any]) -> str:
         ("memory_uss_bytes", "Memory unique to a worker process (USS)."),
         ("memory_pss_bytes", "A worker's proportional share of memory (PSS)."),
         ("memory_shared_bytes", "A worker's resident memory that other processes map too (RSS minus USS)."),
+        ("memory_merged_bytes", "A worker's memory the kernel's same-page merging shares (memory_merge)."),
         ("age_seconds", "Seconds since a worker was forked."),
         ("heartbeat_age_seconds", "Seconds since a worker last showed progress."),
     ):
@@ -148,6 +149,7 @@ def render_prometheus(snapshot: dict[str, Any]) -> str:
         ("memory_uss_bytes", "Memory unique to the master process (USS)."),
         ("memory_pss_bytes", "The master's proportional share of memory (PSS)."),
         ("memory_shared_bytes", "The master's resident memory that workers map too (RSS minus USS)."),
+        ("memory_merged_bytes", "The master's memory the kernel's same-page merging shares (memory_merge)."),
     ):
         out.family(f"forkserver_master_{field}", "gauge", help_text, [("", {}, master.get(field))])
     out.family("forkserver_listener_accept_queue", "gauge",

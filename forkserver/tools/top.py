@@ -33,9 +33,11 @@ QUIT_KEYS = (b"q", b"Q", b"\x03", b"\x04")  # q, and Ctrl-C / Ctrl-D in case the
 # FROM: the refork mold that forked the worker, "-" for the master.  QUEUE:
 # the mean queue time of the requests the worker started since the previous
 # frame (since it started, in the first).  The master has its own row;
-# shared memory is in /stats and /metrics (no room here).
-ROW = "{:>4} {:>7} {:>7} {:>3} {:<8} {:>7} {:>6} {:>6} {:>6}  {}"
-HEADER = ROW.format("SLOT", "PID", "FROM", "GEN", "STATE", "REQS", "REQ/S", "QUEUE", "USS", "CURRENT")
+# shared memory is in /stats and /metrics (no room here).  MERGED (memory
+# the kernel's same-page merging shares) is shown only while it merges
+# something (memory_merge), so that 80 columns still hold CURRENT.
+ROW = "{:>4} {:>7} {:>7} {:>3} {:<8} {:>7} {:>6} {:>6} {:>6}{}  {}"
+MERGED_CELL = " {:>6}"
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -209,18 +211,27 @@ def _summary(snapshot: dict[str, Any], previous: dict[str, Any] | None, elapsed:
     ]
 
 
-def _row(worker: dict[str, Any], before: dict[str, Any] | None, elapsed: float) -> str:
+def _merged_cell(process: dict[str, Any], merging: bool) -> str:
+    return MERGED_CELL.format(_size(process.get("memory_merged_bytes"))) if merging else ""
+
+
+def _header(merging: bool) -> str:
+    return ROW.format("SLOT", "PID", "FROM", "GEN", "STATE", "REQS", "REQ/S", "QUEUE", "USS",
+                      MERGED_CELL.format("MERGED") if merging else "", "CURRENT")
+
+
+def _row(worker: dict[str, Any], before: dict[str, Any] | None, elapsed: float, merging: bool) -> str:
     """One worker (or the mold); FROM is the mold that forked it, ``-`` for the master."""
     return ROW.format(worker["slot"], worker["pid"], worker.get("forked_by") or "-", worker["generation"],
                       worker["state"], _count(worker["requests"]), _rate(worker, before, elapsed),
                       _queue_mean(worker.get("queue_time"), before and before.get("queue_time")),
-                      _size(worker.get("memory_uss_bytes")), _current(worker))
+                      _size(worker.get("memory_uss_bytes")), _merged_cell(worker, merging), _current(worker))
 
 
-def _master_row(snapshot: dict[str, Any]) -> str:
+def _master_row(snapshot: dict[str, Any], merging: bool) -> str:
     master = snapshot.get("master") or {}
     return ROW.format("-", master.get("pid", snapshot.get("master_pid", "?")), "-", "-", "master", "-", "-", "-",
-                      _size(master.get("memory_uss_bytes")), "")
+                      _size(master.get("memory_uss_bytes")), _merged_cell(master, merging), "")
 
 
 def render(snapshot: dict[str, Any], width: int = 80, height: int = 24,
@@ -236,8 +247,11 @@ def render(snapshot: dict[str, Any], width: int = 80, height: int = 24,
         if gap > 0:
             elapsed = gap
     before_by_pid = {w["pid"]: w for w in previous["workers"]} if previous else {}
-    lines = _summary(snapshot, previous, elapsed) + [HEADER, _master_row(snapshot)]
-    rows = [_row(w, before_by_pid.get(w["pid"]) if previous else None, elapsed) for w in snapshot["workers"]]
+    merging = any(process.get("memory_merged_bytes") for process in [snapshot.get("master") or {},
+                                                                       *snapshot["workers"]])
+    lines = _summary(snapshot, previous, elapsed) + [_header(merging), _master_row(snapshot, merging)]
+    rows = [_row(w, before_by_pid.get(w["pid"]) if previous else None, elapsed, merging)
+            for w in snapshot["workers"]]
     room = max(0, height - len(lines))
     if len(rows) > room:
         hidden = len(rows) - room + 1

@@ -87,6 +87,21 @@ def test_render_shows_the_master_and_the_mold_and_which_mold_forked_each_worker(
     assert rows["41001"][2] == "41000" and "3.0M" in rows["41001"]
 
 
+def test_render_shows_merged_memory_only_while_the_kernel_merges_some():
+    agg = Aggregator(clock=lambda: 0.0)
+    agg.add_worker(41001, pid=41001, slot=1, generation=1)
+    plain = render(agg.snapshot({41001: {"memory_uss_bytes": 3 << 20, "memory_merged_bytes": 0}},
+                                master={"memory_merged_bytes": 0}))
+    assert not any("MERGED" in line for line in plain)  # memory_merge off: no column to spend width on
+    lines = render(agg.snapshot({41001: {"memory_uss_bytes": 3 << 20, "memory_merged_bytes": 5 << 20}},
+                                master={"memory_uss_bytes": 12 << 20, "memory_merged_bytes": 1 << 20}))
+    header = next(line for line in lines if line.lstrip().startswith("SLOT"))
+    assert header.split()[8:10] == ["USS", "MERGED"]
+    rows = {line.split()[1]: line.split() for line in lines[lines.index(header) + 1:]}
+    assert rows["41001"][8:10] == ["3.0M", "5.0M"]
+    assert rows[str(os.getpid())][8:10] == ["12.0M", "1.0M"]
+
+
 def test_render_computes_rates_from_the_previous_snapshot():
     before = fixture_snapshot(requests=100, uptime=10.0)
     after = fixture_snapshot(requests=120, uptime=12.0)  # each slot did 20*(slot+1) more in 2 s

@@ -1,0 +1,86 @@
+"""Same-page merging (Linux KSM): the server's processes offer their memory for the kernel to deduplicate.
+
+A worker forked from the master or the refork mold shares its parent's
+pages until it writes to them.  CPython writes an object's reference count
+whenever code uses the object, so a request copies every page it touches,
+and most of those copies end with the same bytes as the original (the count
+was raised and lowered again) or as a sibling worker's copy.  The kernel's
+KSM daemon (ksmd) scans the memory of the processes that opted in, and maps
+pages whose content is identical onto one read-only frame again, copied on
+the next write as after a fork.
+
+``memory_merge`` opts the master in with ``prctl(PR_SET_MEMORY_MERGE)``
+(Linux 6.4) before its first fork: the flag is inherited by every process
+it forks, and by the mold's workers, so the whole tree is scanned.  Nothing
+merges unless the host runs ksmd (``/sys/kernel/mm/ksm/run`` is 1), which
+only root on the host can turn on; a kernel state that can change later is
+not a configuration error, so the server warns and serves on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from . import libc
+
+PR_SET_MEMORY_MERGE = 67  # linux/prctl.h, since 6.4
+PR_GET_MEMORY_MERGE = 68
+KSM_RUN = "/sys/kernel/mm/ksm/run"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_RUN_MERGING = "1"  # 0 stops ksmd keeping merged pages, 2 stops it and unmerges them
+
+
+def ksm_problem() -> str | None:
+    """Why ksmd will not merge anything now (the whole warning line), or None if it runs."""
+    try:
+        with open(KSM_RUN, encoding="ascii") as run:
+            state = run.read().strip()
+    except OSError:
+        return (f"memory_merge: this kernel has no same-page merging ({KSM_RUN} is missing: "
+                "built without CONFIG_KSM?); serving without it")
+    if state != _RUN_MERGING:
+        return (f"memory_merge: the kernel's same-page merging is not running ({KSM_RUN} is {state}); "
+                f"nothing will be merged until root on the host runs: echo 1 > {KSM_RUN}")
+    return None
+
+
+def check_problem() -> str | None:
+    """``--check-config``: what ``opt_in`` would warn about, asking the kernel without opting in."""
+    prctl = libc.function("prctl")
+    if prctl is None or prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) < 0:
+        return _refused(prctl)
+    return ksm_problem()
+
+
+def _refused(prctl: object) -> str:
+    reason = "no prctl in this C library" if prctl is None else os.strerror(ctypes.get_errno())
+    return (f"memory_merge: the kernel refused PR_SET_MEMORY_MERGE ({reason}; it needs Linux 6.4 "
+            "or later); serving without it")
+
+
+def opt_in() -> str | None:
+    """Offer this process's memory, and its future children's, to ksmd; a warning line if that is in vain.
+
+    The flag is set even when ksmd is not running, so that turning it on
+    later merges a server that is already up.
+    """
+    prctl = libc.function("prctl")
+    if prctl is None or prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0:
+        return _refused(prctl)
+    return ksm_problem()
+
+
+def merged_bytes(pid: int) -> int | None:
+    """Memory of ``pid`` that ksmd maps onto a frame shared with identical pages; None where the kernel does not say.
+
+    ``/proc/PID/ksm_merging_pages`` (Linux 5.19) counts this process's
+    pages that are merged, whether with its own, a sibling's or its
+    parent's; the kernel reads it from a counter, so it costs nothing like
+    a walk of smaps.
+    """
+    try:
+        with open(f"/proc/{pid}/ksm_merging_pages", encoding="ascii") as pages:
+            return int(pages.read()) * PAGE_SIZE
+    except (OSError, ValueError):
+        return None

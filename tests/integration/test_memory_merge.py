@@ -1,0 +1,139 @@
+"""memory_merge on real processes: the kernel's same-page merging flag, its warning, its stats field.
+
+The tests that need ksmd in a given state set /sys/kernel/mm/ksm/run
+themselves (root, as in CI) and put it back afterwards, even on failure.
+No test asserts how much memory merging saves: that depends on the app,
+on ksmd's pace and on the machine; scripts/refork_bench.py measures it.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from forkserver.tools.top import fetch
+
+from harness import APPS, poll, read_all
+from test_refork import load, wait_rolled_over
+
+KSM_RUN = Path("/sys/kernel/mm/ksm/run")
+MERGING_TIMEOUT = 90.0  # ksmd at its default pace (100 pages every 20 ms) on a shared, loaded machine
+
+
+@pytest.fixture
+def ksm_run() -> Iterator:
+    """Return ``set(value)`` for /sys/kernel/mm/ksm/run; the value found is written back at teardown."""
+    if not KSM_RUN.exists():
+        pytest.skip(f"{KSM_RUN} is absent: this kernel was built without same-page merging (CONFIG_KSM)")
+    before = KSM_RUN.read_text().strip()
+
+    def set_run(value: str) -> None:
+        try:
+            KSM_RUN.write_text(value)
+        except PermissionError:
+            pytest.skip(f"{KSM_RUN} can be changed only by root on the host")
+
+    try:
+        yield set_run
+    finally:
+        if KSM_RUN.read_text().strip() != before:
+            KSM_RUN.write_text(before)
+
+
+def merge_flag(pid: int) -> bool:
+    """Does the kernel offer every eligible mapping of ``pid`` to ksmd (PR_SET_MEMORY_MERGE)?
+
+    A kernel without KSM has no ksm_stat, and offers nothing.
+    """
+    stat = Path(f"/proc/{pid}/ksm_stat")
+    if not stat.exists():
+        return False
+    status = stat.read_text()
+    return re.search(r"^ksm_merge_any: yes$", status, re.MULTILINE) is not None
+
+
+def mergeable_heap(pid: int) -> bool:
+    """Is ``pid``'s heap marked mergeable in its smaps (VmFlags ``mg``)?"""
+    smaps = Path(f"/proc/{pid}/smaps").read_text()
+    heap = smaps[smaps.index("[heap]"):]
+    flags = re.search(r"^VmFlags:(.*)$", heap, re.MULTILINE).group(1).split()
+    return "mg" in flags
+
+
+def metrics(stats: Path) -> str:
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(stats))
+        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        return read_all(conn).decode()
+
+
+def test_every_process_of_a_refork_tree_is_offered_to_ksmd_and_shows_what_merged(server, tmp_path, ksm_run):
+    ksm_run("1")
+    stats = tmp_path / "stats.sock"
+    srv = server("refork_app:app", "-w", "2", "--refork-after", "20", "--memory-merge", "--stats-bind",
+                 f"unix:{stats}", workers=2)
+    with load(srv.url) as loop:
+        mold = wait_rolled_over(srv, loop, 2)
+    assert loop.failures == []
+    tree = [srv.pid, *srv.worker_pids()]
+    assert mold in tree and len(tree) == 4  # the master, the mold and the two workers it forked
+    for pid in tree:
+        assert merge_flag(pid), f"pid {pid} is not offered to ksmd"
+        assert mergeable_heap(pid), f"pid {pid}'s heap is not marked mergeable"
+    assert "memory_merge" not in srv.log(), "no warning while ksmd runs"
+
+    def merged_rows() -> dict | None:
+        document = fetch(f"unix:{stats}")
+        rows = [document["master"], *document["workers"]]
+        return document if all(row["memory_merged_bytes"] is not None for row in rows) and any(
+            row["memory_merged_bytes"] for row in rows) else None
+
+    # Some page of the tree merges once ksmd has scanned it twice: the field reads the kernel's count.
+    document = poll(merged_rows, timeout=MERGING_TIMEOUT, interval=1.0, what="ksmd to merge a page of the tree")
+    assert {row["pid"] for row in document["workers"]} == set(tree[1:])
+    text = metrics(stats)
+    assert re.search(r"^forkserver_master_memory_merged_bytes \d+$", text, re.MULTILINE)
+    assert re.search(rf'^forkserver_worker_memory_merged_bytes{{worker="\d",pid="{mold}"}} \d+$', text, re.MULTILINE)
+
+
+def test_without_memory_merge_no_process_is_offered(server, tmp_path):
+    stats = tmp_path / "stats.sock"
+    srv = server("basic:hello", "-w", "1", "--stats-bind", f"unix:{stats}", workers=1)
+    for pid in [srv.pid, *srv.worker_pids()]:
+        assert not merge_flag(pid)
+    document = fetch(f"unix:{stats}")
+    assert document["workers"][0]["memory_merged_bytes"] in (0, None)
+
+
+def test_ksm_off_is_one_warning_naming_the_switch_and_the_server_serves(server, ksm_run):
+    ksm_run("0")
+    srv = server("basic:hello", "-w", "1", "--memory-merge", workers=1)
+    (worker,) = srv.worker_pids()
+    assert merge_flag(worker), "the flag is set anyway, so turning ksmd on later merges this server"
+    warnings = [line for line in srv.log().splitlines() if "memory_merge" in line]
+    assert len(warnings) == 1, srv.log()
+    assert "/sys/kernel/mm/ksm/run is 0" in warnings[0] and "echo 1 > /sys/kernel/mm/ksm/run" in warnings[0]
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert read_all(conn).startswith(b"HTTP/1.1 200")
+
+
+def test_check_config_reports_ksm_off_and_passes(ksm_run, tmp_path):
+    ksm_run("0")
+    command = [sys.executable, "-m", "forkserver", "--check-config", "--pythonpath", str(APPS), "basic:hello",
+               "--memory-merge"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "config OK" in result.stdout
+    assert "forkserver: warning: memory_merge: " in result.stderr
+    assert "echo 1 > /sys/kernel/mm/ksm/run" in result.stderr
+    ksm_run("1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0 and "memory_merge" not in result.stderr, result.stderr
