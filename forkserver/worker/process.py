@@ -188,7 +188,7 @@ class Worker:
         # While the loop serves a batch of ready connections: those whose
         # last response waits to go out at the end of the batch.
         self.outbox: list[Connection] | None = None
-        # Idle timeouts of kept-alive connections (see _idle_timeout).
+        # Idle timeouts of kept-alive connections (see _watch).
         self.keepalive = self.config.keepalive
         self.proxy_keepalive = self.config.proxy_keepalive
 
@@ -720,18 +720,21 @@ class Worker:
             return Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
         return self._tls_connection(entrance, conn_sock, remote, trusted)
 
-    def _watch(self, connection: Connection, timeout: float) -> None:
-        """Put a connection under the loop's eye with an idle deadline."""
+    def _watch(self, connection: Connection, timeout: float | None = None) -> None:
+        """Put a connection under the loop's eye with an idle deadline: ``timeout`` from now.
+
+        By default, its keep-alive timeout: a trusted proxy's connection may
+        idle longer, outliving the proxy's own timeout.  (Worked out here,
+        not by a method of its own: every kept-alive request comes this way.)
+        """
         fd = connection.fd
         if fd not in self.connections:
             self.connections[fd] = connection
             self.epoll.register(fd, WATCH_EVENTS)
-        connection.idle_since = time.monotonic()
-        self.deadlines[fd] = connection.idle_since + timeout
-
-    def _idle_timeout(self, connection: Connection) -> float:
-        """How long a kept-alive connection may idle: a trusted proxy's outlives the proxy's own timeout."""
-        return self.proxy_keepalive if connection.trusted else self.keepalive
+        if timeout is None:
+            timeout = self.proxy_keepalive if connection.trusted else self.keepalive
+        connection.idle_since = now = time.monotonic()
+        self.deadlines[fd] = now + timeout
 
     def _unwatch(self, connection: Connection) -> None:
         """Take a connection from the loop (a serving thread owns it now, or it is being closed).
@@ -988,7 +991,7 @@ class Worker:
 
     def _keep(self, connection: Connection, keep: int) -> None:
         """Take a served connection back: idle until its next request, or reading a pipelined one's body."""
-        self._watch(connection, self._idle_timeout(connection))
+        self._watch(connection)
         if keep == GATHER:
             self._gather(connection)
 
@@ -1022,7 +1025,7 @@ class Worker:
         if self.stopping:
             connection.close()
         else:
-            self._watch(connection, self._idle_timeout(connection))
+            self._watch(connection)
 
     def _adopt(self, sock: socket.socket, index: int) -> None:
         """Watch a connection another worker gave us, as if we had just accepted it (it served before).
@@ -1042,7 +1045,7 @@ class Worker:
         if connection is None:
             return
         connection.requests_served = 1
-        self._watch(connection, self._idle_timeout(connection))
+        self._watch(connection)
 
     def _dispatch(self, connection: Connection) -> None:
         """With threads: hand the connection to the pool, and stop accepting when it is full."""
