@@ -53,10 +53,17 @@ def check_problem() -> str | None:
     return ksm_problem()
 
 
-def _refused(prctl: object) -> str:
+def _refused(prctl: object, outcome: str = "serving without it") -> str:
     reason = "no prctl in this C library" if prctl is None else os.strerror(ctypes.get_errno())
-    return (f"memory_merge: the kernel refused PR_SET_MEMORY_MERGE ({reason}; it needs Linux 6.4 "
-            "or later); serving without it")
+    return f"memory_merge: the kernel refused PR_SET_MEMORY_MERGE ({reason}; it needs Linux 6.4 or later); {outcome}"
+
+
+def _set_flag(on: bool) -> str | None:
+    """Set or clear this process's PR_SET_MEMORY_MERGE flag; the warning line if the kernel refuses."""
+    prctl = libc.function("prctl")
+    if prctl is None or prctl(PR_SET_MEMORY_MERGE, int(on), 0, 0, 0) != 0:
+        return _refused(prctl, "serving without it" if on else "new workers may still be merged")
+    return None
 
 
 def opt_in() -> str | None:
@@ -65,10 +72,18 @@ def opt_in() -> str | None:
     The flag is set even when ksmd is not running, so that turning it on
     later merges a server that is already up.
     """
-    prctl = libc.function("prctl")
-    if prctl is None or prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0:
-        return _refused(prctl)
-    return ksm_problem()
+    return _set_flag(True) or ksm_problem()
+
+
+def opt_out() -> str | None:
+    """Stop offering this process's memory, and its future children's, to ksmd; a warning line if refused.
+
+    For a reload that turns ``memory_merge`` off: the flag is inherited, so
+    without this the new generation would go on merging.  The kernel copies
+    back this process's merged pages; workers already forked keep the flag
+    until they are replaced.
+    """
+    return _set_flag(False)
 
 
 def merged_bytes(pid: int) -> int | None:

@@ -268,11 +268,8 @@ class Master:
             self.tls_listeners = tuple(listener for listener in self.listeners
                                        if serves_tls(config, listener.address.text))
         self.relay.listeners = len(self.listeners)
-        if config.memory_merge:  # before the first fork: every worker, the mold and its workers inherit it
-            from ..memorymerge import opt_in
-
-            if (problem := opt_in()) is not None:
-                log.warning("%s", problem)
+        if config.memory_merge:  # off, the flag is left as inherited (systemd's MemoryKSM=, say)
+            self.follow_memory_merge(config)
         share_stdlib()
         try:
             if config.stats_bind:
@@ -1063,6 +1060,8 @@ class Master:
         self.use_access_log(access_logfile)
         if not config.preload:
             self.app = None
+        if config.memory_merge != self.config.memory_merge:
+            self.follow_memory_merge(config)
         self.config, self.hooks = config, hooks
         self.tls_context = tls_context
         self.hooks.run("on_reload", self.context())
@@ -1079,6 +1078,19 @@ class Master:
         self.stats.note_reload()
         self.respawn_after.clear()
         self.spawn_missing()
+
+    def follow_memory_merge(self, config: Config) -> None:
+        """Set the master's same-page merging flag as ``config`` asks, before it forks (forkserver.memorymerge).
+
+        Every process the master forks after this inherits the flag: the
+        workers, the mold and the mold's workers.  At start, and on a
+        reload that turns ``memory_merge`` on or off, since the new
+        generation is forked from the master (or from a mold it forks anew).
+        """
+        from ..memorymerge import opt_in, opt_out  # deferred: only a server that merges needs it
+
+        if (problem := opt_in() if config.memory_merge else opt_out()) is not None:
+            log.warning("%s", problem)
 
     def reload_tls(self, config: Config) -> tuple[Config, Any]:
         """The TLS context the new generation serves with: the files read again (certificate rotation).
