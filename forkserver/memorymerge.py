@@ -20,6 +20,7 @@ not a configuration error, so the server warns and serves on.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from . import libc
@@ -47,23 +48,7 @@ def ksm_problem() -> str | None:
 
 def check_problem() -> str | None:
     """``--check-config``: what ``opt_in`` would warn about, asking the kernel without opting in."""
-    prctl = libc.function("prctl")
-    if prctl is None or prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) < 0:
-        return _refused(prctl)
-    return ksm_problem()
-
-
-def _refused(prctl: object, outcome: str = "serving without it") -> str:
-    reason = "no prctl in this C library" if prctl is None else os.strerror(ctypes.get_errno())
-    return f"memory_merge: the kernel refused PR_SET_MEMORY_MERGE ({reason}; it needs Linux 6.4 or later); {outcome}"
-
-
-def _set_flag(on: bool) -> str | None:
-    """Set or clear this process's PR_SET_MEMORY_MERGE flag; the warning line if the kernel refuses."""
-    prctl = libc.function("prctl")
-    if prctl is None or prctl(PR_SET_MEMORY_MERGE, int(on), 0, 0, 0) != 0:
-        return _refused(prctl, "serving without it" if on else "new workers may still be merged")
-    return None
+    return _warning(_prctl(PR_GET_MEMORY_MERGE, 0))
 
 
 def opt_in() -> str | None:
@@ -72,7 +57,7 @@ def opt_in() -> str | None:
     The flag is set even when ksmd is not running, so that turning it on
     later merges a server that is already up.
     """
-    return _set_flag(True) or ksm_problem()
+    return _warning(_prctl(PR_SET_MEMORY_MERGE, 1))
 
 
 def opt_out() -> str | None:
@@ -83,7 +68,37 @@ def opt_out() -> str | None:
     back this process's merged pages; workers already forked keep the flag
     until they are replaced.
     """
-    return _set_flag(False)
+    error = _prctl(PR_SET_MEMORY_MERGE, 0)
+    if error is None or error.errno in (errno.EINVAL, errno.ENOSYS):
+        return None  # cleared, or a kernel without the flag: nothing to clear
+    return _refused(error, "new workers may still be merged")
+
+
+def _prctl(option: int, value: int) -> OSError | None:
+    """Call ``prctl(option, value, 0, 0, 0)``: None if the kernel accepted it, else the error."""
+    prctl = libc.function("prctl")
+    if prctl is None:
+        return OSError(errno.ENOSYS, "no prctl in this C library")
+    if prctl(option, value, 0, 0, 0) >= 0:
+        return None
+    code = ctypes.get_errno()
+    return OSError(code, os.strerror(code))
+
+
+def _warning(error: OSError | None) -> str | None:
+    """The one warning to give: the kernel's refusal, else ksmd's state.
+
+    A kernel built without KSM refuses the call too (EINVAL), and then the
+    missing KSM is the reason to name, not the kernel's version.
+    """
+    if error is None or not os.path.exists(KSM_RUN):
+        return ksm_problem()
+    return _refused(error, "serving without it")
+
+
+def _refused(error: OSError, outcome: str) -> str:
+    version = "; it needs Linux 6.4 or later" if error.errno == errno.EINVAL else ""  # EPERM: a seccomp filter
+    return f"memory_merge: the kernel refused PR_SET_MEMORY_MERGE ({error.strerror}{version}); {outcome}"
 
 
 def merged_bytes(pid: int) -> int | None:
