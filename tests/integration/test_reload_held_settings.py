@@ -9,25 +9,13 @@ changed file could not change it.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import psutil
 
-from harness import APPS, poll, read_all, stop_process_tree
-
-
-def answers(path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX) as conn:
-            conn.settimeout(5)
-            conn.connect(str(path))
-            conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            return read_all(conn).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
+from harness import APPS, poll, stop_process_tree
+from test_nginx import unix_health
 
 
 def test_hup_keeps_a_changed_bind_and_applies_the_rest_of_the_file(tmp_path):
@@ -39,7 +27,7 @@ def test_hup_keeps_a_changed_bind_and_applies_the_rest_of_the_file(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "forkserver", "-c", str(config), "--pythonpath", str(APPS)],
                                 stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
     try:
-        poll(lambda: answers(first), timeout=15, what="the server on its first socket")
+        poll(lambda: unix_health(first), timeout=15, what="the server on its first socket")
         master = psutil.Process(proc.pid)
         old = {child.pid for child in master.children()}
         config.write_text(config.read_text().replace(str(first), str(second)).replace("workers = 1", "workers = 2"))
@@ -48,7 +36,7 @@ def test_hup_keeps_a_changed_bind_and_applies_the_rest_of_the_file(tmp_path):
              timeout=30, what="two workers of the new generation")
         log = error_log.read_text()
         assert f"bind changed from unix:{first} to unix:{second}" in log, log
-        assert answers(first), "the running listener is kept"
+        assert unix_health(first), "the running listener is kept"
         assert not second.exists(), "no listener is bound on a reload"
     finally:
         stop_process_tree(proc, signal.SIGQUIT)
