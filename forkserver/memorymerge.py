@@ -101,6 +101,12 @@ def _refused(error: OSError, outcome: str) -> str:
     return f"memory_merge: the kernel refused PR_SET_MEMORY_MERGE ({error.strerror}{version}); {outcome}"
 
 
+def offered() -> bool:
+    """Whether this process's memory is offered to ksmd now (False where the kernel has no such flag)."""
+    prctl = libc.function("prctl")
+    return prctl is not None and prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) == 1
+
+
 def merged_bytes(pid: int) -> int | None:
     """Memory of ``pid`` that ksmd maps onto a frame shared with identical pages; None where the kernel does not say.
 
