@@ -15,8 +15,8 @@ it forks, and by the mold's workers, so the whole tree is scanned.  Nothing
 merges unless the host runs ksmd (``/sys/kernel/mm/ksm/run`` is 1), which
 only root on the host can turn on; a kernel state that can change later is
 not a configuration error, so the server warns and serves on.  A reload
-that changes the setting sets or clears the master's flag (``opt_out``
-never clears one the master found set), and an upgrade clears the one the
+that changes the setting sets or clears the master's flag (the master
+never clears one it found set), and an upgrade clears the one the
 old master set in the new master, since Linux 6.7 keeps it across exec.
 """
 
