@@ -14,12 +14,16 @@ the next write as after a fork.
 it forks, and by the mold's workers, so the whole tree is scanned.  Nothing
 merges unless the host runs ksmd (``/sys/kernel/mm/ksm/run`` is 1), which
 only root on the host can turn on; a kernel state that can change later is
-not a configuration error, so the server warns and serves on.
+not a configuration error, so the server warns and serves on.  A reload
+that changes the setting sets or clears the master's flag (the master
+never clears one it found set), and an upgrade clears the one the
+old master set in the new master, since Linux 6.7 keeps it across exec.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from . import libc
@@ -47,16 +51,7 @@ def ksm_problem() -> str | None:
 
 def check_problem() -> str | None:
     """``--check-config``: what ``opt_in`` would warn about, asking the kernel without opting in."""
-    prctl = libc.function("prctl")
-    if prctl is None or prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) < 0:
-        return _refused(prctl)
-    return ksm_problem()
-
-
-def _refused(prctl: object) -> str:
-    reason = "no prctl in this C library" if prctl is None else os.strerror(ctypes.get_errno())
-    return (f"memory_merge: the kernel refused PR_SET_MEMORY_MERGE ({reason}; it needs Linux 6.4 "
-            "or later); serving without it")
+    return _warning(_prctl(PR_GET_MEMORY_MERGE, 0))
 
 
 def opt_in() -> str | None:
@@ -65,10 +60,54 @@ def opt_in() -> str | None:
     The flag is set even when ksmd is not running, so that turning it on
     later merges a server that is already up.
     """
+    return _warning(_prctl(PR_SET_MEMORY_MERGE, 1))
+
+
+def opt_out() -> str | None:
+    """Stop offering this process's memory, and its future children's, to ksmd; a warning line if refused.
+
+    For a reload that turns ``memory_merge`` off: the flag is inherited, so
+    without this the new generation would go on merging.  The kernel copies
+    back this process's merged pages; workers already forked keep the flag
+    until they are replaced.
+    """
+    error = _prctl(PR_SET_MEMORY_MERGE, 0)
+    if error is None or error.errno in (errno.EINVAL, errno.ENOSYS):
+        return None  # cleared, or a kernel without the flag: nothing to clear
+    return _refused(error, "new workers may still be merged")
+
+
+def _prctl(option: int, value: int) -> OSError | None:
+    """Call ``prctl(option, value, 0, 0, 0)``: None if the kernel accepted it, else the error."""
     prctl = libc.function("prctl")
-    if prctl is None or prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0:
-        return _refused(prctl)
-    return ksm_problem()
+    if prctl is None:
+        return OSError(errno.ENOSYS, "no prctl in this C library")
+    if prctl(option, value, 0, 0, 0) >= 0:
+        return None
+    code = ctypes.get_errno()
+    return OSError(code, os.strerror(code))
+
+
+def _warning(error: OSError | None) -> str | None:
+    """The one warning to give: the kernel's refusal, else ksmd's state.
+
+    A kernel built without KSM refuses the call too (EINVAL), and then the
+    missing KSM is the reason to name, not the kernel's version.
+    """
+    if error is None or not os.path.exists(KSM_RUN):
+        return ksm_problem()
+    return _refused(error, "serving without it")
+
+
+def _refused(error: OSError, outcome: str) -> str:
+    version = "; it needs Linux 6.4 or later" if error.errno == errno.EINVAL else ""  # EPERM: a seccomp filter
+    return f"memory_merge: the kernel refused PR_SET_MEMORY_MERGE ({error.strerror}{version}); {outcome}"
+
+
+def offered() -> bool:
+    """Whether this process's memory is offered to ksmd now (False where the kernel has no such flag)."""
+    prctl = libc.function("prctl")
+    return prctl is not None and prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) == 1
 
 
 def merged_bytes(pid: int) -> int | None:

@@ -165,7 +165,8 @@ def compare(args: argparse.Namespace, env: dict[str, str]) -> None:
     compileall.compile_dir(str(other / "forkserver"), quiet=1)
     forkserver = [sys.executable, "-m", "forkserver", args.app, "-w", str(args.workers), "--log-level", "warning"]
     runs = {
-        "this checkout": (forkserver, env),
+        # Each named first on the path: an editable install would otherwise answer for "this checkout".
+        "this checkout": (forkserver, {**env, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(SCRIPTS.parent)])}),
         str(other): (forkserver, {**env, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(other)])}),
         "floor": ([sys.executable, str(SCRIPTS / "floor_server.py"), "{fd}", str(args.workers)], env),
     }

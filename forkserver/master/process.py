@@ -183,6 +183,9 @@ class Master:
         self.refork: ReforkSupervisor | None = None  # with refork_after (forkserver.refork)
         self.pidfile: Pidfile | None = None
         self.new_master = 0  # PID of the master a USR2 started, while it runs
+        # Whether the merge flag was set before memory_merge first asked (systemd's
+        # MemoryKSM=yes, an old master's across exec); None until it asks.
+        self.merge_found: bool | None = None
         self.stopping = False
         self.stop_began = 0.0  # when the stop began: replacements forked in a shutdown delay drain with the rest
         self.stop_deadline = 0.0
@@ -268,11 +271,8 @@ class Master:
             self.tls_listeners = tuple(listener for listener in self.listeners
                                        if serves_tls(config, listener.address.text))
         self.relay.listeners = len(self.listeners)
-        if config.memory_merge:  # before the first fork: every worker, the mold and its workers inherit it
-            from ..memorymerge import opt_in
-
-            if (problem := opt_in()) is not None:
-                log.warning("%s", problem)
+        if config.memory_merge:  # off, the flag is left as inherited (systemd's MemoryKSM=, say)
+            self.follow_memory_merge(config)
         share_stdlib()
         try:
             if config.stats_bind:
@@ -1063,6 +1063,8 @@ class Master:
         self.use_access_log(access_logfile)
         if not config.preload:
             self.app = None
+        if config.memory_merge != self.config.memory_merge:
+            self.follow_memory_merge(config)
         self.config, self.hooks = config, hooks
         self.tls_context = tls_context
         self.hooks.run("on_reload", self.context())
@@ -1079,6 +1081,27 @@ class Master:
         self.stats.note_reload()
         self.respawn_after.clear()
         self.spawn_missing()
+
+    def follow_memory_merge(self, config: Config) -> None:
+        """Set the master's same-page merging flag as ``config`` asks, before it forks (forkserver.memorymerge).
+
+        Every process the master forks after this inherits the flag: the
+        workers, the mold and the mold's workers.  At start, and on a
+        reload that turns ``memory_merge`` on or off, since the new
+        generation is forked from the master (or from a mold it forks anew).
+        """
+        from ..memorymerge import offered, opt_in, opt_out  # deferred: only a server that merges needs it
+
+        if self.merge_found is None:
+            self.merge_found = offered()
+        if config.memory_merge:
+            problem = opt_in()
+        elif self.merge_found:
+            return  # set before us: not ours to clear
+        else:
+            problem = opt_out()
+        if problem is not None:
+            log.warning("%s", problem)
 
     def reload_tls(self, config: Config) -> tuple[Config, Any]:
         """The TLS context the new generation serves with: the files read again (certificate rotation).
@@ -1205,7 +1228,10 @@ class Master:
         self.hooks.run("pre_exec", self.context())
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)  # see fork()
         try:
-            self.new_master = start_new_master(self.listeners, self.argv, self.environ, previous)
+            # The kernel keeps the merge flag across exec: the new master finds it as we did.
+            drop_merge = self.config.memory_merge and self.merge_found is False
+            self.new_master = start_new_master(self.listeners, self.argv, self.environ, previous,
+                                               drop_memory_merge=drop_merge)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         log.info("upgrading: new master pid=%d", self.new_master)

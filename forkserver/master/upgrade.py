@@ -23,11 +23,14 @@ EXEC_FAILED = 127
 
 
 def start_new_master(listeners: Sequence[Listener], argv: Sequence[str], environ: Mapping[str, str],
-                     signal_mask: set[signal.Signals]) -> int:
+                     signal_mask: set[signal.Signals], *, drop_memory_merge: bool = False) -> int:
     """Fork and exec a new master that inherits ``listeners``; return its PID.
 
     The caller forks with its signals blocked; the new program gets
     ``signal_mask`` back, since exec keeps the mask but not the handlers.
+    ``drop_memory_merge``: clear the same-page merging flag the old master
+    set for itself, which Linux 6.7 and later keep across exec, so that the
+    new master merges only if its own config says so.
     """
     pid = os.fork()
     if pid:
@@ -41,6 +44,10 @@ def start_new_master(listeners: Sequence[Listener], argv: Sequence[str], environ
                 except (OSError, ValueError):
                     pass
         signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+        if drop_memory_merge:
+            from ..memorymerge import opt_out
+
+            opt_out()  # a refusal leaves the new master merging, as the old one did
         # Park each listener above the range first, so moving one to 3+i
         # never overwrites another that already sits there.
         parked = [fcntl.fcntl(listener.sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 256) for listener in listeners]

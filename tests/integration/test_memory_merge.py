@@ -8,15 +8,20 @@ on ksmd's pace and on the machine; scripts/refork_bench.py measures it.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import re
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
+from forkserver.memorymerge import PR_SET_MEMORY_MERGE
 from forkserver.tools.top import fetch
 
 from harness import APPS, poll, read_all
@@ -36,8 +41,10 @@ def ksm_run() -> Iterator:
     def set_run(value: str) -> None:
         try:
             KSM_RUN.write_text(value)
-        except PermissionError:
-            pytest.skip(f"{KSM_RUN} can be changed only by root on the host")
+        except OSError as exc:  # not root, or a container's read-only /sys
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            pytest.skip(f"{KSM_RUN} can be changed only by root on the host ({exc.strerror})")
 
     try:
         yield set_run
@@ -137,3 +144,63 @@ def test_check_config_reports_ksm_off_and_passes(ksm_run, tmp_path):
     ksm_run("1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0 and "memory_merge" not in result.stderr, result.stderr
+
+
+@pytest.fixture
+def merge_config(tmp_path) -> Path:
+    """A config file for one hello worker, memory_merge = false, on a kernel that has the flag to set."""
+    if not Path("/proc/self/ksm_stat").exists():
+        pytest.skip("this kernel has no same-page merging to offer (no /proc/PID/ksm_stat)")
+    config = tmp_path / "fs.toml"
+    config.write_text('app = "basic:hello"\nworkers = 1\nmemory_merge = false\n')
+    return config
+
+
+def set_merging(config: Path, merge: bool) -> None:
+    config.write_text(re.sub(r"memory_merge = \w+", f"memory_merge = {str(merge).lower()}", config.read_text()))
+
+
+def reload_merging(srv, config: Path, merge: bool) -> int:
+    """Set memory_merge in ``config``, HUP, and return the one worker of the new generation."""
+    old = set(srv.worker_pids())
+    set_merging(config, merge)
+    srv.signal(signal.SIGHUP)
+    (worker,) = poll(lambda: (pids := srv.worker_pids()) and not old & set(pids) and not srv.booting_pids() and pids,
+                     timeout=30, what="the new generation after HUP")
+    return worker
+
+
+def test_hup_turns_merging_on_and_off_for_the_new_generation(server, merge_config):
+    srv = server("-c", str(merge_config), workers=1)
+    worker = reload_merging(srv, merge_config, True)
+    assert merge_flag(srv.pid) and merge_flag(worker), "a reload that turns memory_merge on offers the new workers"
+    worker = reload_merging(srv, merge_config, False)
+    assert not merge_flag(srv.pid) and not merge_flag(worker), "a reload that turns it off stops offering them"
+
+
+def test_a_flag_set_before_the_server_is_left_to_whoever_set_it(server, merge_config):
+    """As systemd's MemoryKSM=yes sets it: memory_merge off never clears what the master did not set."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    srv = server("-c", str(merge_config), workers=1,
+                 popen={"preexec_fn": lambda: prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)})  # kept across exec (6.7)
+    if not merge_flag(srv.pid):
+        pytest.skip("this kernel does not keep the flag across exec (before Linux 6.7)")
+    reload_merging(srv, merge_config, True)
+    worker = reload_merging(srv, merge_config, False)
+    assert merge_flag(srv.pid) and merge_flag(worker), "turned off, the master leaves the flag as it found it"
+
+
+def test_usr2_to_a_config_without_memory_merge_starts_a_master_that_does_not_merge(server, merge_config):
+    """Linux 6.7 and later keep the flag across exec: the old master must not hand it to the new one."""
+    set_merging(merge_config, True)
+    srv = server("-c", str(merge_config), workers=1)
+    assert merge_flag(srv.pid)
+    set_merging(merge_config, False)
+    srv.signal(signal.SIGUSR2)
+    found = poll(lambda: re.search(r"upgrading: new master pid=(\d+)", srv.log()), timeout=30,
+                 what="the old master to start a new one")
+    new_master = psutil.Process(int(found.group(1)))
+    (worker,) = poll(lambda: (workers := new_master.children()) and f"master started pid={new_master.pid}" in srv.log()
+                     and [child.pid for child in workers], timeout=30, what="the new master's worker")
+    assert not merge_flag(new_master.pid) and not merge_flag(worker), "the new master follows its own config"
+    assert merge_flag(srv.pid), "the old master keeps merging until it is stopped"
