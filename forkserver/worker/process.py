@@ -394,6 +394,7 @@ class Worker:
         # A worker without a seat takes no part: it never defers, so it has nothing to publish.
         seat_writer = accept_board.writer(seat) if accept_board is not None and seat >= 0 else None
         pause = self.accept_pause
+        access_log = self.access_log  # (made before the loop starts, and kept: see _build_service)
         # (The relay is set up before the loop starts, and stopped only after it ends.)
         relay_lock = self.relay.lock if self.relay is not None else None
         while not (self.stopping and self._done()):
@@ -414,7 +415,8 @@ class Worker:
                     seat_writer.publish(held, willing)
             else:
                 # About to wait: the cheapest moment to write batched log lines.
-                self._flush_access_log()
+                if access_log is not None:
+                    access_log.flush()
                 timeout = self._poll_timeout(interval)
                 if seat_writer is not None:
                     seat_writer.publish(held, willing, timeout)
