@@ -599,7 +599,7 @@ class Worker:
             self._on_readable(connection)  # a request already in the socket is served
             if connection.fd not in self.connections:
                 continue
-            if connection.mid_request() or not connection.requests_served:
+            if connection.mid_request() or not connection.has_served:
                 continue  # a request on its way: answer it (with Connection: close)
             if now - connection.idle_since < IDLE_GRACE:
                 # Active a moment ago, so a request may be in flight to us right
@@ -1046,7 +1046,7 @@ class Worker:
         connection = self._connection(self.entrances[index], sock.detach(), peer)
         if connection is None:
             return
-        connection.requests_served = 1
+        connection.has_served = True
         self._watch(connection)
 
     def _dispatch(self, connection: Connection) -> None:
