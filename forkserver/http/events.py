@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 
-class Request(NamedTuple):
+@dataclass(slots=True)
+class Request:
     """A complete request head.
 
     ``headers`` keeps the names as sent (as bytes) and in order, duplicates
     included; ``keep_alive`` is the client's wish under its HTTP version.
-    A named tuple, not a dataclass: one is made per request, and a tuple is
-    built in one step where a dataclass's ``__init__`` stores eight fields
-    one by one (about 12 of a kept-alive request's 1,520 bytecodes,
-    scripts/loop_cost.py).
+    Not frozen: a frozen dataclass sets every field through
+    ``object.__setattr__``, which made building one a visible share of a
+    hello-world request.  Nobody mutates it.
     """
 
     method: str

@@ -171,8 +171,8 @@ class Connection:
         # Responses deferred to the end of the loop's batch, as buffers.
         self.unsent: list[bytes] = []
         self.unsent_bytes = 0
-        # The last request head, and the environ it maps to (without
-        # wsgi.input): see serving.environ_for.
+        # The request line and header fields of the last request, and the
+        # environ they map to (without wsgi.input): see serving.environ_for.
         self.environ_of: tuple[Any, ...] = ()
         self.environ: dict[str, Any] = {}
         # Whether that environ holds a trusted proxy's stamp of when it got

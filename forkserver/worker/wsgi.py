@@ -150,19 +150,19 @@ class Codec:
 
     # -- request header fields to environ entries ------------------------------------
 
-    def environ(self, request: Request, base: dict[str, Any]) -> dict[str, Any]:
+    def environ(self, key: tuple[Any, ...], request: Request, base: dict[str, Any]) -> dict[str, Any]:
         """``build_environ(request, base)``, shared: the caller copies it and never changes it.
 
-        The request head and ``base`` are all the environ is made of.  A new
-        connection often sends what the one before it sent (a health
-        checker, a proxy, the same client again); the last environ built is
-        kept for it, so such a connection's first request pays for a copy
-        instead of a build.
+        ``key`` is the request's method, target, version and header fields,
+        all the environ is made of besides ``base``.  A new connection often
+        sends what the one before it sent (a health checker, a proxy, the
+        same client again); the last environ built is kept for it, so such a
+        connection's first request pays for a copy instead of a build.
         """
-        last_request, last_base, environ = self._last_environ
-        if last_base is not base or last_request != request:
+        last_key, last_base, environ = self._last_environ
+        if last_base is not base or last_key != key:
             environ = build_environ(request, base, self)
-            self._last_environ = (request, base, environ)
+            self._last_environ = (key, base, environ)
         return environ
 
     def header_environ(self, headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -97,13 +97,13 @@ def test_the_codec_shares_the_last_environ_only_for_the_same_request_on_the_same
         exchange = Exchange(Limits(), DateHeader(), Closing())
         exchange.receive(data)
         request = exchange.start()
-        requests.append(request)
-    request, other = requests
-    environ = codec.environ(request, first)
+        requests.append(((request.method, request.target, request.version, request.headers), request))
+    (key, request), (other_key, other) = requests
+    environ = codec.environ(key, request, first)
     assert environ == build_environ(request, first, codec)
-    assert codec.environ(request, first) is environ
-    assert codec.environ(request, second) is not environ  # another listener's base: built anew
-    assert codec.environ(other, second)["PATH_INFO"] == "/other"
+    assert codec.environ(key, request, first) is environ
+    assert codec.environ(key, request, second) is not environ  # another listener's base: built anew
+    assert codec.environ(other_key, other, second)["PATH_INFO"] == "/other"
 
 
 def test_a_header_name_with_underscore_is_dropped():
