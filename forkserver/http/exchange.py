@@ -142,12 +142,12 @@ class Exchange:
         if not events:
             return WAIT
         request = events[0]
-        if request.__class__ is BodyChunk:
-            return WAIT
-        if request.__class__ is Request and (request.chunked or request.content_length) \
-                and self.gather_body(body_limit):  # type: ignore[union-attr]
-            return GATHER
-        return SERVE
+        if request.__class__ is Request:  # asked first: it is the usual event here
+            if (request.chunked or request.content_length) \
+                    and self.gather_body(body_limit):  # type: ignore[union-attr]
+                return GATHER
+            return SERVE
+        return WAIT if request.__class__ is BodyChunk else SERVE
 
     def mid_request(self) -> bool:
         """True if the client has sent part of a request we have not seen the end of."""

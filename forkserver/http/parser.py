@@ -186,17 +186,17 @@ class RequestParser:
     def pump(self, data: bytes) -> None:
         """Parse ``data`` and append the events it completed to the queue given at construction."""
         phase = self._phase
-        if phase not in _LLHTTP_PHASES:
-            self._pump_elsewhere(phase, data)
-            return
-        if phase is BETWEEN:
+        if phase is BETWEEN:  # the usual read: asked first, it pays for no other test
             self._since = data
             self._since_first = self._messages_begun + 1
-        else:
+        elif phase in _LLHTTP_PHASES:
             self._keep_since(data)
             # Only a read that began inside a chunked body can be all framing (and the
             # usual read begins between messages: it pays nothing for this).
             progress = self._body_bytes + self._chunk_marks + self._trailer_fields if self._chunked else -1
+        else:
+            self._pump_elsewhere(phase, data)
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -476,7 +476,7 @@ class RequestParser:
         if limit and length is not None and length > limit:
             raise BodyTooLarge(f"Content-Length {length} exceeds {limit}")
         # httptools makes llhttp skip the body of an Upgrade request; we read it.
-        self._phase = IN_SKIPPED_BODY if parser.should_upgrade() and (self._chunked or length) else IN_BODY
+        self._phase = IN_SKIPPED_BODY if (self._chunked or length) and parser.should_upgrade() else IN_BODY
         self._events.append(
             Request(method, target, version, tuple(self._headers), parser.should_keep_alive(),
                     self._expect_continue and version == "1.1", self._chunked, length)

@@ -158,7 +158,7 @@ class Connection:
         # Set until the PROXY header has been read; HTTP parsing waits for it.
         self.preamble = ProxyHeaderReader() if trusted and service.proxy_protocol else None
         self.exchange = Exchange(service.limits, service.date, service.closing)
-        self.requests_served = 0
+        self.has_served = False  # until then, a graceful stop waits for its first request
         self.idle_since = 0.0  # when the loop last took us back
         self.thread = 0  # the scoreboard slot of the thread serving us now
         # Bytes moved since the last request was counted in the stats, which

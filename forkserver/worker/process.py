@@ -394,6 +394,7 @@ class Worker:
         # A worker without a seat takes no part: it never defers, so it has nothing to publish.
         seat_writer = accept_board.writer(seat) if accept_board is not None and seat >= 0 else None
         pause = self.accept_pause
+        access_log = self.access_log  # (made before the loop starts, and kept: see _build_service)
         # (The relay is set up before the loop starts, and stopped only after it ends.)
         relay_lock = self.relay.lock if self.relay is not None else None
         while not (self.stopping and self._done()):
@@ -414,7 +415,8 @@ class Worker:
                     seat_writer.publish(held, willing)
             else:
                 # About to wait: the cheapest moment to write batched log lines.
-                self._flush_access_log()
+                if access_log is not None:
+                    access_log.flush()
                 timeout = self._poll_timeout(interval)
                 if seat_writer is not None:
                     seat_writer.publish(held, willing, timeout)
@@ -597,7 +599,7 @@ class Worker:
             self._on_readable(connection)  # a request already in the socket is served
             if connection.fd not in self.connections:
                 continue
-            if connection.mid_request() or not connection.requests_served:
+            if connection.mid_request() or not connection.has_served:
                 continue  # a request on its way: answer it (with Connection: close)
             if now - connection.idle_since < IDLE_GRACE:
                 # Active a moment ago, so a request may be in flight to us right
@@ -1044,7 +1046,7 @@ class Worker:
         connection = self._connection(self.entrances[index], sock.detach(), peer)
         if connection is None:
             return
-        connection.requests_served = 1
+        connection.has_served = True
         self._watch(connection)
 
     def _dispatch(self, connection: Connection) -> None:

@@ -200,7 +200,7 @@ def _count(connection: Connection, status: int, clock: float, queued: float | No
 
     (A graceful stop treats a connection that has served none as waiting for its first.)
     """
-    connection.requests_served += 1
+    connection.has_served = True
     connection.body_clock = None  # the next body's rules start afresh
     stats = connection.service.stats
     if stats is not None:
