@@ -82,11 +82,8 @@ def run(argv: Sequence[str]) -> int:
         preflight.check(config)
         Hooks(config)  # every hook imports and takes the arguments it will be given
         load_app(config.app)
-        if config.memory_merge:
-            from .memorymerge import check_problem  # deferred: only a start that merges needs it
-
-            if (problem := check_problem()) is not None:
-                print(f"forkserver: warning: {problem}", file=sys.stderr)  # the kernel's state, not a config error
+        for warning in preflight.warnings(config):
+            print(f"forkserver: warning: {warning}", file=sys.stderr)  # the kernel's state, not a config error
         workers = config.workers or "auto"  # AUTO_WORKERS: sized by the master at start
         return check(f"app {config.app!r} imports; {workers} worker(s) on {', '.join(config.bind)}")
     with collector_paused():  # the master's own imports, and those it shares with the workers

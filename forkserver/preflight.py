@@ -21,7 +21,7 @@ from .errors import BindError, ConfigError
 from .identity import resolve_identity
 from .loader import prepare_path
 from .safefiles import location_problems
-from .sockets import parse_address
+from .sockets import parse_address, reuse_port_handover_problem
 
 
 def written_files(config: Config) -> list[tuple[str, str]]:
@@ -103,6 +103,21 @@ def check(config: Config) -> None:
 
         problems += _problem(lambda: check_roots(config))  # relative to chdir, as the workers see them
     refuse(problems)
+
+
+def warnings(config: Config) -> list[str]:
+    """What ``--check-config`` warns of without refusing: the kernel's state, which a start reports too."""
+    found = []
+    tcp = any(parse_address(text).family in (socket.AF_INET, socket.AF_INET6)
+              for text in config.bind + config.tls_bind)
+    if config.reuse_port and tcp and (problem := reuse_port_handover_problem()) is not None:
+        found.append(problem)
+    if config.memory_merge:
+        from .memorymerge import check_problem  # deferred: only a start that merges needs it
+
+        if (problem := check_problem()) is not None:
+            found.append(problem)
+    return found
 
 
 def _is_loopback(host: str) -> bool:

@@ -240,6 +240,36 @@ def _reuse_port_holder(sock: socket.socket) -> bool:
             and sock.getsockname()[1] != 0)
 
 
+MIGRATE_SETTING = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def reuse_port_handover_problem(setting: str = MIGRATE_SETTING) -> str | None:
+    """Why connections may be reset when a ``reuse_port`` worker leaves; None when the kernel moves them.
+
+    Under ``reuse_port`` each worker's socket has a queue of its own.  A
+    leaving worker (a reload, a recycle, a refork, a stop) accepts what is
+    queued and then closes its socket, but a connection the kernel puts in
+    that queue between the last accept and the close is reset, unless
+    ``net.ipv4.tcp_migrate_req`` is 1: the kernel then moves it to another
+    worker's socket of the same port (Linux 5.14 and later).  A setting of
+    the network namespace, not ours to change: we say what to do.
+    """
+    try:
+        with open(setting, "rb") as file:
+            value = file.read(16).strip()
+    except FileNotFoundError:
+        return ("reuse_port: this kernel cannot move a leaving worker's queued connections to another worker "
+                "(net.ipv4.tcp_migrate_req needs Linux 5.14): a connection that arrives as a worker closes "
+                "its socket is reset")
+    except OSError:
+        return None  # unreadable (a restricted /proc): nothing known to report
+    if value == b"0":
+        return ("reuse_port: net.ipv4.tcp_migrate_req is 0, so a connection that arrives as a worker closes "
+                "its socket (reload, recycle, refork, stop) is reset; set it to 1 "
+                "(sysctl -w net.ipv4.tcp_migrate_req=1) and the kernel moves it to another worker")
+    return None
+
+
 def _inherit(address: Address, backlog: int) -> Listener:
     try:
         sock = socket.socket(fileno=address.fd)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,32 @@ def server(tmp_path: Path) -> Iterator:
     # request a test leaves running, 10 s a time in the relay tests.
     for proc in started:
         proc.stop(fast=True)
+
+
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+@pytest.fixture
+def migrate_req() -> Iterator[Callable[[str], None]]:
+    """Return ``set(value)`` for net.ipv4.tcp_migrate_req; the value found is written back at teardown.
+
+    Under ``reuse_port`` a connection queued on a leaving worker's socket is
+    reset unless it is 1 (forkserver.sockets.reuse_port_handover_problem).
+    """
+    if not MIGRATE_REQ.exists():
+        pytest.skip(f"{MIGRATE_REQ} is absent: this kernel (before 5.14) cannot move a closing socket's queue")
+    before = MIGRATE_REQ.read_text().strip()
+
+    def set_value(value: str) -> None:
+        try:
+            MIGRATE_REQ.write_text(value)
+        except OSError as exc:  # not root in this network namespace, or a read-only /proc/sys
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            pytest.skip(f"{MIGRATE_REQ} can be changed only by root ({exc.strerror})")
+
+    try:
+        yield set_value
+    finally:
+        if MIGRATE_REQ.read_text().strip() != before:
+            MIGRATE_REQ.write_text(before)

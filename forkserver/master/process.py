@@ -50,7 +50,7 @@ from ..safefiles import reason
 from .sampler import BACKLOG_SAMPLE_INTERVAL, BacklogWatch, ProcessSampler, listener_stats
 from ..scoreboard import Scoreboard
 from ..signals import Wakeup
-from ..sockets import Listener, adopt, bind_all, describe, remove_unanswered
+from ..sockets import Listener, adopt, bind_all, describe, remove_unanswered, reuse_port_handover_problem
 from ..sources import load_config
 from .upgrade import oldbin_path, start_new_master
 from ..workerspec import WorkerMain, WorkerSpec
@@ -271,6 +271,9 @@ class Master:
             self.tls_listeners = tuple(listener for listener in self.listeners
                                        if serves_tls(config, listener.address.text))
         self.relay.listeners = len(self.listeners)
+        if any(listener.reuse_port for listener in self.listeners):
+            if (problem := reuse_port_handover_problem()) is not None:
+                log.warning("%s", problem)
         if config.memory_merge:  # off, the flag is left as inherited (systemd's MemoryKSM=, say)
             self.follow_memory_merge(config)
         share_stdlib()

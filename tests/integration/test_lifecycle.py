@@ -557,7 +557,7 @@ def test_usr2_upgrade_with_an_inherited_fd_listener(server, tmp_path):
 
 
 
-def test_usr2_upgrade_under_reuse_port_answers_every_connection_before_during_and_after(server, tmp_path):
+def test_usr2_upgrade_under_reuse_port_answers_every_connection_before_during_and_after(server, tmp_path, migrate_req):
     """With reuse_port the master holds the port without listening; each worker listens on its own socket.
 
     The kernel spreads connections over every listening socket of the
@@ -565,6 +565,7 @@ def test_usr2_upgrade_under_reuse_port_answers_every_connection_before_during_an
     A USR2 hands the new master that non-listening holder, and both masters'
     workers then share the port until the old one stops.
     """
+    migrate_req("1")  # the old workers' sockets close while connections arrive (see sockets.reuse_port_handover_problem)
     pidfile = tmp_path / "fs.pid"
     holder = socket.socket()  # keeps the port ours between choosing it and the server binding it
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

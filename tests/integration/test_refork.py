@@ -129,8 +129,12 @@ def wait_rolled_over(srv, loop: LoadLoop, workers: int) -> int:
 
 @pytest.mark.parametrize("options", [(), ("--threads", "4"), ("--reuse-port",), ("--static",)],
                          ids=["plain", "threads", "reuse-port", "static"])
-def test_mold_is_promoted_at_the_count_and_its_workers_are_the_masters_children(server, tmp_path, options):
+def test_mold_is_promoted_at_the_count_and_its_workers_are_the_masters_children(server, tmp_path, options, request):
     stats = tmp_path / "stats.sock"
+    if options == ("--reuse-port",):
+        # Without it the kernel resets a connection queued on the mold's own
+        # socket as the mold closes it, and the load below sees the reset.
+        request.getfixturevalue("migrate_req")("1")
     if options == ("--static",):
         (tmp_path / "public").mkdir()
         (tmp_path / "public" / "hello.txt").write_text("static hello")

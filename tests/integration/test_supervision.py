@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import psutil
 import pytest
 import requests
 
-from harness import listening_socket, poll, read_all
+from harness import APPS, listening_socket, poll, read_all
 
 
 def unix_get(path: str, request: bytes = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n") -> bytes:
@@ -355,7 +357,8 @@ def test_ipv6_listener(server):
     assert srv.proc.poll() is None
 
 
-def test_reuse_port_spreads_connections_over_workers(server):
+def test_reuse_port_spreads_connections_over_workers(server, migrate_req):
+    migrate_req("1")
     # Hold the port with SO_REUSEPORT (bound, never listening) so nobody else
     # can take it between choosing it and the server binding it.
     holder = socket.socket()
@@ -369,6 +372,32 @@ def test_reuse_port_spreads_connections_over_workers(server):
         poll(lambda: len(pids_answering(srv, 40)) == 2, what="both workers to take connections")
     finally:
         holder.close()
+    assert "tcp_migrate_req" not in srv.log()  # set to 1: the kernel moves a leaving worker's queue
+
+
+def test_reuse_port_warns_when_the_kernel_would_reset_a_leaving_workers_queue(server, migrate_req):
+    """With net.ipv4.tcp_migrate_req 0, a start and --check-config each say so once, and what to set."""
+    migrate_req("0")
+    holder = socket.socket()  # the port stays ours until the server binds it (see above)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    try:
+        srv = server("basic:pid", "-w", "1", "--reuse-port", "-b", f"127.0.0.1:{holder.getsockname()[1]}",
+                     wait=False)
+        srv.port = holder.getsockname()[1]
+        srv.wait_ready(workers=1)
+    finally:
+        holder.close()
+    assert requests.get(srv.url, timeout=10).status_code == 200  # a warning, not a refusal
+    warnings = [line for line in srv.log().splitlines() if "tcp_migrate_req is 0" in line]
+    assert len(warnings) == 1 and "sysctl -w net.ipv4.tcp_migrate_req=1" in warnings[0], srv.log()
+    check = subprocess.run([sys.executable, "-m", "forkserver", "--check-config", "--pythonpath", str(APPS),
+                            "basic:pid", "--reuse-port", "-b", "127.0.0.1:0"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "warning: reuse_port: net.ipv4.tcp_migrate_req is 0" in check.stderr, check
+    without = subprocess.run([sys.executable, "-m", "forkserver", "--check-config", "--pythonpath", str(APPS),
+                              "basic:pid", "-b", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert without.returncode == 0 and "tcp_migrate_req" not in without.stderr, without
 
 
 def test_access_log_text_and_json(server, tmp_path):
