@@ -842,7 +842,8 @@ def bench(args: argparse.Namespace, tmpdir: Path, started: list[Server]) -> dict
         try:
             if any(scenario.key in ("close", "tls-close") for scenario in runnable):
                 # A server that keeps the connection open would turn 'close' into a keep-alive run.
-                results["kept_open"] = [name for name in taking_part("close") + taking_part("tls-close")
+                close_runs = {scenario.key for scenario in runnable} & {"close", "tls-close"}
+                results["kept_open"] = [name for key in sorted(close_runs) for name in taking_part(key)
                                         if not servers[name].closes_on_request()]
                 for name in results["kept_open"]:
                     log(f"  {name} kept the connection open after Connection: close")
