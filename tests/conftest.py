@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ServerProcess  # noqa: E402
+from harness import ServerProcess, kernel_setting  # noqa: E402
 
 
 @pytest.fixture
@@ -44,20 +43,4 @@ def migrate_req() -> Iterator[Callable[[str], None]]:
     Under ``reuse_port`` a connection queued on a leaving worker's socket is
     reset unless it is 1 (forkserver.sockets.reuse_port_handover_problem).
     """
-    if not MIGRATE_REQ.exists():
-        pytest.skip(f"{MIGRATE_REQ} is absent: this kernel (before 5.14) cannot move a closing socket's queue")
-    before = MIGRATE_REQ.read_text().strip()
-
-    def set_value(value: str) -> None:
-        try:
-            MIGRATE_REQ.write_text(value)
-        except OSError as exc:  # not root in this network namespace, or a read-only /proc/sys
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            pytest.skip(f"{MIGRATE_REQ} can be changed only by root ({exc.strerror})")
-
-    try:
-        yield set_value
-    finally:
-        if MIGRATE_REQ.read_text().strip() != before:
-            MIGRATE_REQ.write_text(before)
+    yield from kernel_setting(MIGRATE_REQ, "this kernel (before 5.14) cannot move a closing socket's queue", "root")

@@ -7,6 +7,7 @@ Every process is ended by the PID we started, never by name.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
@@ -115,6 +117,31 @@ def serving_in_thread(server: Any, deadline: float = 10.0) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(deadline)
+
+
+def kernel_setting(path: Path, absent: str, who: str) -> Iterator[Callable[[str], None]]:
+    """Yield ``set(value)`` for a kernel setting file; the value found is written back afterwards.
+
+    For fixtures: skips with ``absent`` when this kernel has no such file,
+    and when the file cannot be written here (``who`` may change it).
+    """
+    if not path.exists():
+        pytest.skip(f"{path} is absent: {absent}")
+    before = path.read_text().strip()
+
+    def set_value(value: str) -> None:
+        try:
+            path.write_text(value)
+        except OSError as exc:  # not root, or a container's read-only /sys or /proc/sys
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            pytest.skip(f"{path} can be changed only by {who} ({exc.strerror})")
+
+    try:
+        yield set_value
+    finally:
+        if path.read_text().strip() != before:
+            path.write_text(before)
 
 
 class Terminal:

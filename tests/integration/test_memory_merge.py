@@ -9,7 +9,6 @@ on ksmd's pace and on the machine; scripts/refork_bench.py measures it.
 from __future__ import annotations
 
 import ctypes
-import errno
 import re
 import signal
 import socket
@@ -24,7 +23,7 @@ import pytest
 from forkserver.memorymerge import PR_SET_MEMORY_MERGE
 from forkserver.tools.top import fetch
 
-from harness import APPS, poll, read_all
+from harness import APPS, kernel_setting, poll, read_all
 from test_refork import load, wait_rolled_over
 
 KSM_RUN = Path("/sys/kernel/mm/ksm/run")
@@ -34,23 +33,8 @@ MERGING_TIMEOUT = 90.0  # ksmd at its default pace (100 pages every 20 ms) on a 
 @pytest.fixture
 def ksm_run() -> Iterator:
     """Return ``set(value)`` for /sys/kernel/mm/ksm/run; the value found is written back at teardown."""
-    if not KSM_RUN.exists():
-        pytest.skip(f"{KSM_RUN} is absent: this kernel was built without same-page merging (CONFIG_KSM)")
-    before = KSM_RUN.read_text().strip()
-
-    def set_run(value: str) -> None:
-        try:
-            KSM_RUN.write_text(value)
-        except OSError as exc:  # not root, or a container's read-only /sys
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            pytest.skip(f"{KSM_RUN} can be changed only by root on the host ({exc.strerror})")
-
-    try:
-        yield set_run
-    finally:
-        if KSM_RUN.read_text().strip() != before:
-            KSM_RUN.write_text(before)
+    yield from kernel_setting(KSM_RUN, "this kernel was built without same-page merging (CONFIG_KSM)",
+                              "root on the host")
 
 
 def merge_flag(pid: int) -> bool:
