@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loop_cost import HOST, Client, free_port
+from loop_cost import HOST, Client, free_port, largest_changes
 from stopping import stop, tree
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -124,11 +124,10 @@ def print_result(label: str, result: dict[str, float], top: int) -> None:
 
 def print_difference(labels: list[str], results: list[dict[str, float]], top: int) -> None:
     before, after = results
-    change = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in before.keys() | after.keys()}
     total_before, total_after = sum(before.values()), sum(after.values())
     print(f"{labels[1]} minus {labels[0]}: {total_after - total_before:+,.0f} instructions per request "
           f"({(total_after / total_before - 1) * 100:+.1f}%); the largest changes by function:")
-    for name, delta in sorted(change.items(), key=lambda item: -abs(item[1]))[:top]:
+    for name, delta in largest_changes(before, after, top):
         print(f"  {delta:+9,.0f}  {name}")
 
 

@@ -278,12 +278,17 @@ def print_result(label: str, result: dict[str, Any], top: int, by_line: bool) ->
         print(f"  {count:7.1f}  {name}")
 
 
+def largest_changes(before: dict[str, float], after: dict[str, float], top: int) -> list[tuple[str, float]]:
+    """The ``top`` functions whose per-request count moved most from ``before`` to ``after``, and by how much."""
+    change = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in before.keys() | after.keys()}
+    return sorted(change.items(), key=lambda item: -abs(item[1]))[:top]
+
+
 def print_difference(labels: list[str], results: list[dict[str, Any]], top: int) -> None:
     before, after = results[0]["bytecodes"], results[1]["bytecodes"]
-    change = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in before.keys() | after.keys()}
     print(f"{labels[1]} minus {labels[0]}: {sum(after.values()) - sum(before.values()):+.1f} bytecodes per request;"
           " the largest changes by function:")
-    for name, delta in sorted(change.items(), key=lambda item: -abs(item[1]))[:top]:
+    for name, delta in largest_changes(before, after, top):
         if abs(delta) >= 0.05:
             print(f"  {delta:+7.1f}  {name}")
 
