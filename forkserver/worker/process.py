@@ -192,8 +192,8 @@ class Worker:
         self.keepalive = self.config.keepalive
         self.proxy_keepalive = self.config.proxy_keepalive
 
-    def _context(self) -> HookContext:
-        return HookContext(self.config, self.pid, self.spec.slot, self.spec.generation)
+    def _context(self, requests: tuple[StuckRequest, ...] = ()) -> HookContext:
+        return HookContext(self.config, self.pid, self.spec.slot, self.spec.generation, requests=requests)
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.term_received = True
@@ -227,7 +227,7 @@ class Worker:
         for request in stuck:
             log.critical("worker abort pid=%d: stuck in %s; stack (most recent call last):\n%s",
                          self.pid, request.describe(), request.stack.rstrip("\n"))
-        self.spec.hooks.run("worker_abort", HookContext(self.config, self.pid, self.spec.slot, self.spec.generation, requests=tuple(stuck)))
+        self.spec.hooks.run("worker_abort", self._context(requests=tuple(stuck)))
         os._exit(1)
 
     def _stuck_requests(self, frame: FrameType | None) -> list[StuckRequest]:
