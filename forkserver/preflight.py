@@ -108,10 +108,10 @@ def check(config: Config) -> None:
 def warnings(config: Config) -> list[str]:
     """What ``--check-config`` warns of without refusing: the kernel's state, which a start reports too."""
     found = []
-    tcp = any(parse_address(text).family in (socket.AF_INET, socket.AF_INET6)
-              for text in config.bind + config.tls_bind)
-    if config.reuse_port and tcp and (problem := reuse_port_handover_problem()) is not None:
-        found.append(problem)
+    if config.reuse_port and any(parse_address(text).family in (socket.AF_INET, socket.AF_INET6)
+                                 for text in config.bind + config.tls_bind):
+        if (problem := reuse_port_handover_problem()) is not None:
+            found.append(problem)
     if config.memory_merge:
         from .memorymerge import check_problem  # deferred: only a start that merges needs it
 
