@@ -7,13 +7,12 @@ an operator never has to read a traceback to know what is wrong.
 
 from __future__ import annotations
 
-import ast
 import gc
 import importlib
-import inspect
 import os
 import sys
 import traceback
+import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -49,6 +48,8 @@ def _parse_call(expression: str, spec: str) -> tuple[str, list[Any], dict[str, A
     """Split ``name(args)`` into the name and literal arguments; None if not a call."""
     if "(" not in expression:
         return None
+    import ast  # deferred: only a factory call needs parsing, and ast is 1 ms of a start
+
     try:
         node = ast.parse(expression, mode="eval").body
     except SyntaxError:
@@ -155,6 +156,7 @@ def _load_app(spec: str) -> Callable[..., Any]:
 
 
 ASGI_PARAMETERS = ("scope", "receive", "send")
+CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: set in the code object of an ``async def``
 
 
 def asgi_shape(target: Callable[..., Any]) -> str:
@@ -169,6 +171,14 @@ def asgi_shape(target: Callable[..., Any]) -> str:
     e.g. a class taking ``scope`` (ASGI 2).  A class taking
     ``(environ, start_response)`` stays a valid WSGI app.
     """
+    plain = plain_parameters(target)
+    if plain is not None:
+        coroutine, names = plain
+        return "a coroutine function" if coroutine else _named_like_asgi(names)
+    # Deferred: inspect (with ast and dis) is 3 ms of a start, and a plain
+    # function or method, the common WSGI app, is answered without it.
+    import inspect
+
     if inspect.iscoroutinefunction(target):
         return "a coroutine function"
     # On an object this is the bound method; on a class, the method its instances would have.
@@ -181,6 +191,30 @@ def asgi_shape(target: Callable[..., Any]) -> str:
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):  # builtins and C types may have no signature
         return ""
+    return _named_like_asgi(names)
+
+
+def plain_parameters(target: Callable[..., Any]) -> tuple[bool, list[str]] | None:
+    """For a plain function or bound method: whether it is ``async def``, and its positional parameters.
+
+    Read from the code object, where ``inspect`` reads them too.  None for
+    anything else, which ``inspect`` decides: a class, a callable object, a
+    partial, a method whose ``self`` is taken by ``*args``, and a function
+    with attributes of its own, since ``__wrapped__``, ``__signature__`` or
+    a coroutine mark (``inspect.markcoroutinefunction``) change its answer.
+    """
+    function, bound = target, 0
+    if type(target) is types.MethodType:
+        function, bound = target.__func__, 1  # a bound method's first parameter is already given
+    if type(function) is not types.FunctionType or vars(function):
+        return None
+    code = function.__code__
+    if code.co_argcount < bound:
+        return None
+    return bool(code.co_flags & CO_COROUTINE), list(code.co_varnames[bound:code.co_argcount])
+
+
+def _named_like_asgi(names: list[str]) -> str:
     if names and names == list(ASGI_PARAMETERS[:len(names)]):
         return f"it takes ({', '.join(names)})"
     return ""

@@ -18,20 +18,28 @@ def run(serve: Callable[[socket.socket], object], fd: int, workers: int) -> None
     """Serve ``fd`` with ``workers`` forked processes, each running ``serve(listener)``."""
     listener = socket.socket(fileno=fd)
     listener.setblocking(False)
-    pids = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            try:
-                serve(listener)
-            finally:
-                os._exit(0)
-        pids.append(pid)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # set even where a shell started us ignoring SIGINT
+    # Set before the first fork, and held off while one is forked until its
+    # PID is noted: a stop that came while the workers were being forked
+    # would otherwise end this process alone and leave them running (the
+    # start-up bench stops each server at its first answer).
+    stops = (signal.SIGINT, signal.SIGTERM)
+    for signum in stops:  # set even where a shell started us ignoring SIGINT
         signal.signal(signum, lambda *_: sys.exit(0))
-    live = set(pids)  # not yet reaped, so none of these PIDs can have been reused
+    live = set()  # not yet reaped, so none of these PIDs can have been reused
     try:
+        for _ in range(workers):
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+            pid = os.fork()
+            if pid == 0:
+                for signum in stops:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+                try:
+                    serve(listener)
+                finally:
+                    os._exit(0)
+            live.add(pid)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         while live:
             live.discard(os.wait()[0])
     except SystemExit:

@@ -16,10 +16,14 @@ first worker serves), but under ``python -X importtime`` and through
 scripts/startup_hook.py, which installs an audit hook and then runs
 ``python -m forkserver`` in the same interpreter. The hook writes one line per event to a file, with
 the process's PID and the system-wide monotonic clock: every module import
-(``import``: only modules not imported yet), every ``os.fork``, and when a
-process first asks the kernel for a socket operation
-(``socket.__new__``/``bind``/``connect``). The client, in this process,
-stamps the first 200 on the same clock. So the report is exact about what
+(``import``: only modules not imported yet, and not those named to
+``importlib.import_module``, which raises no event, though their own
+imports do), every ``os.fork``, and when a process first asks the kernel
+for a socket operation (``socket.__new__``/``bind``/``connect``). The
+client, in this process, stamps the first 200 on the same clock. The
+master's part is split where its imports change hands
+(``MASTER_LANDMARKS``): the entry point with the settings, the master's and
+the worker's modules, ``share_stdlib``. So the report is exact about what
 was imported where and in which order (the same on every run), and its
 milliseconds are one start's, which on a shared machine vary by tens of
 percent: the module lists and counts are the deterministic part. Last, it
@@ -62,6 +66,13 @@ SCRIPTS = Path(__file__).resolve().parent
 TIMEOUT = 30.0  # seconds the server gets to answer its first request
 FLOOR_RUNS = 5  # starts of a bare interpreter, and of one importing the app, for comparison
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")
+# Where the master's steps change, as the import each step ends with: forkserver.cli's run imports
+# the master's module once the settings are read, and Master.start's share_stdlib begins with
+# hashlib, whose first import is _hashlib (importlib.import_module raises no audit event itself).
+MASTER_LANDMARKS = (
+    ("forkserver.master.process", "master: importing forkserver.cli ({count} modules) and reading the settings"),
+    ("_hashlib", "master: importing the master's and the worker's modules ({count})"),
+)
 
 
 def first_response(port: int, proc: subprocess.Popen[bytes]) -> float:
@@ -229,18 +240,25 @@ def print_floor(app: str, env: dict[str, str]) -> None:
     module = app.partition(":")[0]
 
     def wall_ms(code: str) -> float:
+        """Median ms from exec to the end of ``code``, stamped by the child on the system-wide clock.
+
+        Timing the child's exit from here would add the wait's polling:
+        ``subprocess.run`` with a timeout sleeps 0.5, 1, 2 ... 50 ms between
+        looks, which made a 33 ms ``python -c pass`` read 64 ms.
+        """
         samples = []
         for _ in range(FLOOR_RUNS):
             began = time.monotonic()
-            subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(SCRIPTS), timeout=60)
-            samples.append((time.monotonic() - began) * 1000)
+            done = subprocess.run([sys.executable, "-c", f"{code}; import time; print(time.monotonic())"], check=True,
+                                  env=env, cwd=str(SCRIPTS), timeout=60, capture_output=True, text=True)
+            samples.append((float(done.stdout.split()[-1]) - began) * 1000)
         return statistics.median(samples)
 
     bare = wall_ms("pass")
     loaded = wall_ms(f"import {module}")
-    print(f"for comparison (median of {FLOOR_RUNS} runs each): python -c pass {bare:.0f} ms; "
-          f"python -c 'import {module}' {loaded:.0f} ms, so importing the app in a fresh interpreter "
-          f"costs {loaded - bare:.0f} ms")
+    print(f"for comparison (median of {FLOOR_RUNS} runs each, from exec to the end of the code): python -c pass "
+          f"{bare:.0f} ms; python -c 'import {module}' {loaded:.0f} ms, so importing the app in a fresh "
+          f"interpreter costs {loaded - bare:.0f} ms")
 
 
 def events_by_pid(events: list[list[str]]) -> dict[int, list[tuple[float, str, str]]]:
@@ -263,13 +281,21 @@ def first_200_path(events: list[list[str]], began: float, answered: float,
     if not (mine and fork is not None and workers):
         return [("exec to the first 200", began, answered)]
     first = min(workers, key=lambda items: items[0][0])
-    master_imports = [stamp for stamp, event, _ in mine if event == "import" and stamp < fork]
+    master_imports = [(stamp, name) for stamp, event, name in mine if event == "import" and stamp < fork]
     worker_imports = [stamp for stamp, event, _ in first if event == "import"]
     accept = next((stamp for stamp, event, _ in first if event.startswith("socket.")), None)
     steps = [("interpreter start-up, before the hook (python itself, site)", began, mine[0][0])]
+    start = mine[0][0]
+    for landmark, what in MASTER_LANDMARKS:
+        stamp = next((stamp for stamp, name in master_imports if name == landmark), None)
+        if stamp is not None:
+            count = sum(1 for s, _ in master_imports if start <= s < stamp)
+            steps.append((what.format(count=count), start, stamp))
+            start = stamp
     if master_imports:
-        steps.append((f"master: imports ({len(master_imports)} modules) and set-up until its last import",
-                      mine[0][0], master_imports[-1]))
+        count = sum(1 for s, _ in master_imports if s >= start)
+        what = ("share_stdlib" if len(steps) == len(MASTER_LANDMARKS) + 1 else "imports") + f" ({count} modules)"
+        steps.append((f"master: {what} and set-up until its last import", start, master_imports[-1][0]))
     steps.append(("master: from its last import to the first fork", steps[-1][2], fork))
     steps.append(("worker: from the fork to its first import" if worker_imports else
                   "worker: from the fork to its first event", fork, first[0][0]))

@@ -62,17 +62,21 @@ print(",".join(loaded) or "-", pattern.cache_info().currsize, ",".join(decorated
 """
 
 
+def run_without_site(code: str, *paths: str) -> str:
+    """Run ``code`` in a fresh interpreter without site, forkserver and its compiled dependencies on the path."""
+    roots = dict.fromkeys(str(Path(module.__file__).resolve().parents[1])
+                          for module in (forkserver, httptools, setproctitle))
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join([*paths, *roots])}
+    result = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @pytest.fixture(scope="module")
 def probed() -> tuple[str, str, str]:
     """What importing the server loads: configuration-only modules, compiled patterns, dataclasses."""
-    # forkserver's checkout and the directories of its two compiled dependencies, without site.
-    roots = dict.fromkeys(str(Path(module.__file__).resolve().parents[1])
-                          for module in (forkserver, httptools, setproctitle))
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join(roots)}
-    result = subprocess.run([sys.executable, "-S", "-c", PROBE], env=env, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    loaded, compiled, decorated = result.stdout.split()
+    loaded, compiled, decorated = run_without_site(PROBE).split()
     return loaded, compiled, decorated
 
 
@@ -86,3 +90,27 @@ def test_importing_the_server_leaves_configuration_only_modules_unloaded(probed:
 def test_the_start_decorates_no_dataclass_but_the_http_events(probed: tuple[str, str, str]) -> None:
     decorated = set(probed[2].split(",")) - {"-"}
     assert decorated - START_DATACLASSES == set(), "dataclasses decorated at start"
+
+
+# A WSGI app as most are written: a function, or a method of an object.
+PLAIN_APPS = """
+def app(environ, start_response):
+    return []
+
+
+class Handler:
+    def handle(self, environ, start_response):
+        return []
+
+
+handler = Handler().handle
+"""
+
+
+def test_loading_a_plain_function_or_method_imports_neither_inspect_nor_ast(tmp_path: Path) -> None:
+    """The loader's ASGI check reads a plain callable's code object: inspect and ast are 3 ms of a start."""
+    (tmp_path / "plain_apps.py").write_text(PLAIN_APPS)
+    probe = ("import sys\nfrom forkserver.loader import load_app\n"
+             "load_app('plain_apps:app'), load_app('plain_apps:handler')\n"
+             "print(sorted(name for name in ('inspect', 'ast') if name in sys.modules) or '-')")
+    assert run_without_site(probe, str(tmp_path)).strip() == "-"
