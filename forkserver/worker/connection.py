@@ -221,7 +221,7 @@ class Connection:
         socket holds (EARLY_RECV_BYTES), never more than gathering still
         takes: a 1 MiB upload then arrives in about 5 reads instead of 17,
         and the app reads it in fewer pieces (with 64 KiB pieces a 1 MiB
-        POST echo cost the worker 747 us of CPU, with these 576-612;
+        POST echo cost the worker 782-891 us of CPU, with these 605-636;
         compare_checkouts.py --post 1048576; 128 KiB gained less, and 1 MiB,
         allocated whole for every read, took more).
         """
