@@ -934,7 +934,7 @@ class Worker:
         body reuses pages already faulted in; but blocks freed in the middle
         of the heap are never returned by themselves (only its top is
         trimmed), and after a burst of uploads, with many bodies in memory
-        at once, a worker kept about 15 MiB it no longer used.  glibc's
+        at once, a worker kept 6-12 MiB it no longer used.  glibc's
         malloc_trim also hands back the free pages inside the heap.  Called
         only when a wait found nothing to do, so it runs at most once per
         poll timeout, never per request under load, and only when requests
@@ -1179,7 +1179,8 @@ def keep_heap_warm() -> None:
     off the heap top and grows back: either way every page is faulted in
     again, which cost a 1 MiB upload about twice the CPU of the copy itself.
     Raising the mmap and trim thresholds to MALLOC_KEEP_BYTES lets those
-    buffers be reused; a worker keeps at most that much freed memory.
+    buffers be reused; a worker keeps at most that much freed memory at the
+    top of its heap (and gives back the rest once idle: Worker._release_heap).
     Elsewhere (musl, no libc found) this does nothing.
     """
     mallopt = libc.function("mallopt")
