@@ -5,6 +5,7 @@
     python3 scripts/compare_checkouts.py /tmp/before .                  # hello keep-alive
     python3 scripts/compare_checkouts.py /tmp/before . --close          # a connection per request
     python3 scripts/compare_checkouts.py /tmp/before . --path /64k --rounds 6
+    python3 scripts/compare_checkouts.py /tmp/before . --post 1048576  # 1 MiB POSTs to /echo
     python3 scripts/compare_checkouts.py /tmp/before . --server-arg=--access-logfile=/tmp/access.log
 
 Each checkout's forkserver (found through PYTHONPATH, ahead of any installed
@@ -27,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +69,8 @@ def main() -> int:
     parser.add_argument("checkouts", nargs=2, help="two directories holding a forkserver/ package")
     parser.add_argument("--path", default="/", help="path to load from scripts/bench_apps.py (default /)")
     parser.add_argument("--close", action="store_true", help="send Connection: close (a connection per request)")
+    parser.add_argument("--post", type=int, default=0, metavar="BYTES",
+                        help="POST a body of this many bytes to --path (default /echo then), as bench.py's upload")
     parser.add_argument("--rounds", type=int, default=4, help="turns per checkout (default 4)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     parser.add_argument("--workers", "-w", type=int, default=2, help="workers per server (default 2)")
@@ -81,6 +85,20 @@ def main() -> int:
         if not (Path(checkout) / "forkserver" / "__init__.py").is_file():
             parser.error(f"{checkout} holds no forkserver package")
 
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        wrk_args = ["-H", "Connection: close"] if args.close else []
+        path = args.path
+        if args.post:
+            script.write(f'wrk.method = "POST"\nwrk.body = string.rep("a", {args.post})\n')
+            script.flush()
+            wrk_args += ["-s", script.name]
+            path = "/echo" if path == "/" else path
+        compare(args, [wrk, "-t1", "-c50", f"-d{args.duration}", *wrk_args], path, checkouts)
+    return 0
+
+
+def compare(args: argparse.Namespace, wrk: list[str], path: str, checkouts: list[str]) -> None:
+    """Start a server per checkout, load them in turns with the ``wrk`` command, print the medians."""
     servers: list[tuple[str, int, subprocess.Popen[bytes]]] = []
     try:
         for checkout in checkouts:
@@ -94,12 +112,10 @@ def main() -> int:
         for _, port, proc in servers:
             wait_ready(port, proc)
         results: dict[str, list[tuple[float, float, float]]] = {checkout: [] for checkout in checkouts}
-        header = ["-H", "Connection: close"] if args.close else []
         for rnd in range(args.rounds):
             for checkout, port, proc in (servers if rnd % 2 == 0 else servers[::-1]):  # A B, then B A
                 user0, system0 = workers_cpu(proc.pid)
-                out = subprocess.run([wrk, "-t1", "-c50", f"-d{args.duration}", *header,
-                                      f"http://{HOST}:{port}{args.path}"],
+                out = subprocess.run([*wrk, f"http://{HOST}:{port}{path}"],
                                      capture_output=True, text=True, timeout=args.duration + 30).stdout
                 user1, system1 = workers_cpu(proc.pid)
                 found = re.search(r"(\d+) requests in", out)
@@ -122,7 +138,6 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    return 0
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ class Exchange:
         # the first body pieces once the request is started.
         self.early: deque[bytes | bytearray] | None = None
         self.early_size = 0
+        self.early_limit = 0  # how much of it gather_body takes before the request starts
 
     # -- bytes in (and receive, bound in __init__) ------------------------------------
 
@@ -193,6 +194,7 @@ class Exchange:
             return False
         if not self.raw_left:
             self.raw_left = self.parser.hand_over_body()
+        self.early_limit = limit
         return True
 
     def _keep_early(self, piece: bytes | bytearray) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import select
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from forkserver.worker.connection import (
 )
 from forkserver.worker import connection as connection_module
 from forkserver.http.errors import BadRequest, BodyTooLarge, RequestTimeout
-from forkserver.http.exchange import DONE, SEND_BODY, Closing
+from forkserver.http.exchange import DONE, SEND_BODY, SERVE, Closing
 from forkserver.http.parser import Limits
 from forkserver.http.response import CONTINUE_RESPONSE, DateHeader
 from forkserver.scoreboard import Scoreboard
@@ -138,6 +139,27 @@ def test_a_content_length_body_is_read_past_the_parser_into_the_callers_buffer(p
     assert connection.exchange.their_state is DONE
     connection.receive()
     assert connection.next_is_request()
+
+
+def test_the_loop_gathers_a_body_up_to_the_limit_and_no_further_then_the_app_reads_the_rest(pair):
+    """As the worker's loop does: receive while the exchange says GATHER, then serve."""
+    connection, client = pair
+    limit = 300_000  # body_buffer_size
+    body = bytes(range(256)) * 4096  # 1 MiB
+    request = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    sender = threading.Thread(target=client.sendall, args=(request,), daemon=True)
+    sender.start()
+    poller = select.poll()
+    poller.register(connection.fd, select.POLLIN)
+    while True:
+        assert poller.poll(TIMEOUT * 1000), "nothing came"
+        assert connection.receive()
+        if connection.exchange.next_step(limit) == SERVE:
+            break
+    assert connection.exchange.gathered() == limit
+    connection.exchange.start()
+    assert io.BufferedReader(BodyStream(connection)).read() == body
+    sender.join(TIMEOUT)
 
 
 def test_100_continue_goes_out_when_the_body_is_first_read(pair):
