@@ -11,6 +11,9 @@ class Request:
 
     ``headers`` keeps the names as sent (as bytes) and in order, duplicates
     included; ``keep_alive`` is the client's wish under its HTTP version.
+    A request that is neither ``chunked`` nor has a ``content_length`` above
+    0 has no body, and is complete with this event: no ``EndOfMessage``
+    follows it (one event fewer for the usual request).
     Not frozen: a frozen dataclass sets every field through
     ``object.__setattr__``, which made building one a visible share of a
     hello-world request.  Nobody mutates it.

@@ -234,8 +234,7 @@ class Exchange:
         """
         if self.our_state is not IDLE:
             raise ExchangeError(f"start() with our side {self.our_state}")
-        events = self.events
-        event = events.popleft()
+        event = self.events.popleft()
         self.our_state = SEND_RESPONSE
         if event.__class__ is not Request:
             self.their_state = ERROR
@@ -251,10 +250,7 @@ class Exchange:
                 return event  # type: ignore[return-value]
             self.their_state = SEND_BODY
         else:
-            # The parser emits a body-less request's end together with its head.
-            if events.popleft() is not END_OF_MESSAGE:
-                raise ExchangeError("a request without a body not followed by its end")
-            self.their_state = DONE
+            self.their_state = DONE  # a request without a body is complete with its head
         self.keep_alive = event.keep_alive and not self.parser.upgraded  # type: ignore[union-attr]
         return event  # type: ignore[return-value]
 
