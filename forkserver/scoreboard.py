@@ -199,9 +199,9 @@ class Scoreboard:
 
     # -- worker side ---------------------------------------------------------
 
-    def beat(self) -> None:
-        """Record that the worker's loop is alive now."""
-        self._stamps[BEAT] = time.monotonic()
+    def beat(self, now: float | None = None) -> None:
+        """Record that the worker's loop is alive at ``now`` (``time.monotonic()``; by default, now)."""
+        self._stamps[BEAT] = time.monotonic() if now is None else now
 
     def request_started(self, thread: int, method: str, path: str, client: str, environ: dict[str, object]) -> None:
         """Fill a request slot as a request is handed to the app, and give ``environ`` its Deadline.
