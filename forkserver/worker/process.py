@@ -977,7 +977,7 @@ class Worker:
         The loop cannot look at the connection meanwhile, so it may stay
         registered with epoll, saving two epoll_ctl calls per request.  Its
         idle deadline may stay too: only the loop's sweep reads it, and
-        afterwards ``_keep`` sets a new one or ``_close`` drops it (a pop
+        afterwards ``_watch`` sets a new one or ``_close`` drops it (a pop
         here cost 9 bytecodes and a call per request).
         """
         if self.gathering:
@@ -996,17 +996,13 @@ class Worker:
                 relay.lock.acquire()
                 self.serving = None
         if keep:
-            self._keep(connection, keep)
+            self._watch(connection)  # idle until its next request...
+            if keep == GATHER:
+                self._gather(connection)  # ...or reading a pipelined one's body
         else:
             self._close(connection)
         if self.served == self.max_requests and not self.stopping:
             self._begin_stop(drain=False)  # see _recycle; we are the loop: stop before accepting again
-
-    def _keep(self, connection: Connection, keep: int) -> None:
-        """Take a served connection back: idle until its next request, or reading a pipelined one's body."""
-        self._watch(connection)
-        if keep == GATHER:
-            self._gather(connection)
 
     def _offerable(self) -> list[tuple[Connection, int]]:
         """For the relay (which holds the lock): our idle connections that may move, and their listeners.
@@ -1132,7 +1128,9 @@ class Worker:
             connection, keep = self.finished.popleft()
             self.busy -= 1
             if keep:
-                self._keep(connection, keep)
+                self._watch(connection)
+                if keep == GATHER:
+                    self._gather(connection)
         if self.parked and self.busy < self.config.threads:
             self._unpark()
         if self.busy < self.config.threads and not self.stopping and not self.balancing:
