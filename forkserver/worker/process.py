@@ -811,7 +811,7 @@ class Worker:
     def _on_readable(self, connection: Connection, fresh: bool = False) -> None:
         if connection.handshaking and not self._handshake(connection, fresh):
             return
-        if self.busy >= self.config.threads and not fresh and self._park(connection):
+        if not self.inline and self.busy >= self.config.threads and not fresh and self._park(connection):
             return
         if not connection.receive():
             self._close(connection)
