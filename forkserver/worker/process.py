@@ -1001,7 +1001,7 @@ class Worker:
                 self._gather(connection)  # ...or reading a pipelined one's body
         else:
             self._close(connection)
-        if self.served == self.max_requests and not self.stopping:
+        if self.max_requests and self.served == self.max_requests and not self.stopping:
             self._begin_stop(drain=False)  # see _recycle; we are the loop: stop before accepting again
 
     def _offerable(self) -> list[tuple[Connection, int]]:
@@ -1081,7 +1081,7 @@ class Worker:
                 log.exception("unexpected error serving remote=%s", connection.remote[0])
                 keep = False
             self.served += 1
-            if self.served == self.max_requests:
+            if self.max_requests and self.served == self.max_requests:  # (0: no limit)
                 self._recycle()
             if not keep:
                 return 0
