@@ -482,9 +482,8 @@ class RequestParser:
         if self._chunked:
             self._check_transfer_coding(version)
         length = self._content_length
-        limit = self._body_limit
-        if limit and length is not None and length > limit:
-            raise BodyTooLarge(f"Content-Length {length} exceeds {limit}")
+        if self._body_limit and length is not None and length > self._body_limit:
+            raise BodyTooLarge(f"Content-Length {length} exceeds {self._body_limit}")
         if self._chunked or length:
             # httptools makes llhttp skip the body of an Upgrade request; we read it.
             self._phase = IN_SKIPPED_BODY if parser.should_upgrade() else IN_BODY

@@ -106,7 +106,7 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
     service = connection.service
     clock = perf_counter()
     response = Response(exchange, connection, service.codec)
-    if request.target == service.health_target and request.method in HEALTH_METHODS:
+    if service.health_target and request.target == service.health_target and request.method in HEALTH_METHODS:
         return _answer_health(connection, response, clock)
     # Clients mostly send the same request line and header fields on every
     # request of a connection: the environ is built for the first (see
