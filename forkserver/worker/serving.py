@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from time import perf_counter
+from time import monotonic
 from collections.abc import Callable
 from typing import Any
 
@@ -104,7 +104,10 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
         _reject(connection, error)
         return False
     service = connection.service
-    clock = perf_counter()
+    # When the request was taken: the start of its duration, and the start
+    # the scoreboard shows (one reading of the clock for both spares one call
+    # into C and 4 bytecodes a request, scripts/loop_cost.py).
+    clock = monotonic()
     response = Response(exchange, connection, service.codec)
     if service.health_target and request.target == service.health_target and request.method in HEALTH_METHODS:
         return _answer_health(connection, response, clock)
@@ -125,7 +128,7 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
     else:
         environ["wsgi.input"] = io.BytesIO()  # no body: nothing to stream, and far cheaper to make
     board = service.board
-    board.request_started(thread, request.method, environ["PATH_INFO"], environ["REMOTE_ADDR"], environ)
+    board.request_started(thread, request.method, environ["PATH_INFO"], environ["REMOTE_ADDR"], environ, clock)
     service.show(request.method, environ["PATH_INFO"])
     reusable = False
     try:
@@ -156,7 +159,7 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
         board.request_finished(thread)
     _count(connection, response.code, clock, queued, proxy_queued)
     if service.access_log is not None:
-        duration = perf_counter() - clock
+        duration = monotonic() - clock
         service.access_log.log(environ, response, time.time() - duration, duration)
     return reusable
 
@@ -245,7 +248,7 @@ def _count(connection: Connection, status: int, clock: float, queued: float | No
     connection.body_clock = None  # the next body's rules start afresh
     stats = connection.service.stats
     if stats is not None:
-        stats.record(status, connection.bytes_in, connection.bytes_out, perf_counter() - clock, queued, proxy_queued)
+        stats.record(status, connection.bytes_in, connection.bytes_out, monotonic() - clock, queued, proxy_queued)
         connection.bytes_in = connection.bytes_out = 0
 
 
