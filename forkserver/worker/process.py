@@ -1085,13 +1085,12 @@ class Worker:
                 self._recycle()
             if not keep:
                 return 0
-            exchange = connection.exchange
-            if not exchange.events:
+            if not connection.exchange.events:
                 # Nothing parsed waits: the usual end, seen without a call
                 # (next_step would say WAIT; 13 of a kept-alive request's
                 # 1,441 bytecodes, scripts/loop_cost.py).
                 return 1
-            step = exchange.next_step(self.body_buffer_size)
+            step = connection.exchange.next_step(self.body_buffer_size)
             if step == WAIT:
                 return 1
             if step == GATHER:
