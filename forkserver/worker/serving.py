@@ -116,10 +116,9 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
     # _build_environ), and each request pays only for a copy (0.3 us against 1.8).
     key = (request.method, request.target, request.version, request.headers)
     environ = (connection.environ if key == connection.environ_of else _build_environ(connection, request, key)).copy()
-    queued = proxy_queued = None  # the queue times, which only the stats report
-    if service.stats is not None:
-        queued = kernel_wait(connection.sock)
-        proxy_queued = proxy_queue_time(environ) if connection.proxy_stamped else None
+    queued = kernel_wait(connection.sock) if service.stats is not None else None
+    # (A proxy's queue time is also the app's, as environ["forkserver.queue_time"].)
+    proxy_queued = proxy_queue_time(environ) if connection.proxy_stamped else None
     if request.chunked:
         if not _spool_input(connection, environ, response):
             return False
