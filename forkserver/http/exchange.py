@@ -342,10 +342,9 @@ class Exchange:
         """
         if self.our_state is not SEND_RESPONSE:
             raise ExchangeError(f"head() with our side {self.our_state}")
-        request = self.request
         keep_alive = self.keep_alive and not self.closing.active
         chunked = False
-        if code in NO_CONTENT_STATUSES or request.method == "HEAD":  # type: ignore[union-attr]
+        if code in NO_CONTENT_STATUSES or self.request.method == "HEAD":  # type: ignore[union-attr]
             # The head is the whole response (RFC 9110 §6.4.1); for HEAD it
             # still says the length GET would send (§9.3.2).
             left = 0
@@ -360,7 +359,7 @@ class Exchange:
                 if known_length >= 0:
                     fields += CONTENT_LENGTH_LINE % known_length
                     left = known_length
-                elif request.version == "1.0":  # type: ignore[union-attr]
+                elif self.request.version == "1.0":  # type: ignore[union-attr]
                     keep_alive = False  # no chunked coding in HTTP/1.0: the close ends the body
                 else:
                     chunked = True

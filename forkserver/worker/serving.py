@@ -126,8 +126,7 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
         environ["wsgi.input"] = io.BufferedReader(BodyStream(connection))
     else:
         environ["wsgi.input"] = io.BytesIO()  # no body: nothing to stream, and far cheaper to make
-    board = service.board
-    board.request_started(thread, request.method, environ["PATH_INFO"], environ["REMOTE_ADDR"], environ, clock)
+    service.board.request_started(thread, request.method, environ["PATH_INFO"], environ["REMOTE_ADDR"], environ, clock)
     service.show(request.method, environ["PATH_INFO"])
     reusable = False
     try:
@@ -155,7 +154,7 @@ def serve(connection: Connection, thread: int, outbox: list[Connection] | None =
         verdict = exchange.reuse()
         reusable = verdict if verdict is not None else _drain(connection)
     finally:
-        board.request_finished(thread)
+        service.board.request_finished(thread)
     _count(connection, response.code, clock, queued, proxy_queued)
     if service.access_log is not None:
         duration = monotonic() - clock
