@@ -123,6 +123,6 @@ class SeatWriter:
     def __init__(self, table: mmap.mmap, offset: int) -> None:
         self._pack = functools.partial(SEAT.pack_into, table, offset)
 
-    def publish(self, connections: int, willing: bool, sleeping_for: float = 0.0) -> None:
-        """Say that our loop is going round now (or sleeps in epoll for ``sleeping_for`` seconds)."""
-        self._pack(time.monotonic() + AVAILABLE_WITHIN + sleeping_for, connections, willing)
+    def publish(self, connections: int, willing: bool, now: float, sleeping_for: float = 0.0) -> None:
+        """Say that our loop goes round at ``now`` (its turn's ``time.monotonic()``), or then sleeps ``sleeping_for``."""
+        self._pack(now + AVAILABLE_WITHIN + sleeping_for, connections, willing)

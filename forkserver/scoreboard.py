@@ -199,17 +199,19 @@ class Scoreboard:
 
     # -- worker side ---------------------------------------------------------
 
-    def beat(self) -> None:
-        """Record that the worker's loop is alive now."""
-        self._stamps[BEAT] = time.monotonic()
+    def beat(self, now: float | None = None) -> None:
+        """Record that the worker's loop is alive at ``now`` (``time.monotonic()``; by default, now)."""
+        self._stamps[BEAT] = time.monotonic() if now is None else now
 
-    def request_started(self, thread: int, method: str, path: str, client: str, environ: dict[str, object]) -> None:
+    def request_started(self, thread: int, method: str, path: str, client: str, environ: dict[str, object],
+                        now: float) -> None:
         """Fill a request slot as a request is handed to the app, and give ``environ`` its Deadline.
 
-        The texts are written only when they differ from the slot's previous
-        request's: under load most requests repeat the one before.
+        ``now`` is when the worker took the request (``time.monotonic()``):
+        it read the clock for the request's duration already.  The texts are
+        written only when they differ from the slot's previous request's:
+        under load most requests repeat the one before.
         """
-        now = time.monotonic()
         started = self._starts[thread]
         shown = (method, path, client)
         if self._shown[thread] != shown:

@@ -236,8 +236,7 @@ class Exchange:
         """
         if self.our_state is not IDLE:
             raise ExchangeError(f"start() with our side {self.our_state}")
-        events = self.events
-        event = events.popleft()
+        event = self.events.popleft()
         self.our_state = SEND_RESPONSE
         if event.__class__ is not Request:
             self.their_state = ERROR
@@ -253,10 +252,7 @@ class Exchange:
                 return event  # type: ignore[return-value]
             self.their_state = SEND_BODY
         else:
-            # The parser emits a body-less request's end together with its head.
-            if events.popleft() is not END_OF_MESSAGE:
-                raise ExchangeError("a request without a body not followed by its end")
-            self.their_state = DONE
+            self.their_state = DONE  # a request without a body is complete with its head
         self.keep_alive = event.keep_alive and not self.parser.upgraded  # type: ignore[union-attr]
         return event  # type: ignore[return-value]
 
@@ -348,10 +344,9 @@ class Exchange:
         """
         if self.our_state is not SEND_RESPONSE:
             raise ExchangeError(f"head() with our side {self.our_state}")
-        request = self.request
         keep_alive = self.keep_alive and not self.closing.active
         chunked = False
-        if code in NO_CONTENT_STATUSES or request.method == "HEAD":  # type: ignore[union-attr]
+        if code in NO_CONTENT_STATUSES or self.request.method == "HEAD":  # type: ignore[union-attr]
             # The head is the whole response (RFC 9110 §6.4.1); for HEAD it
             # still says the length GET would send (§9.3.2).
             left = 0
@@ -366,7 +361,7 @@ class Exchange:
                 if known_length >= 0:
                     fields += CONTENT_LENGTH_LINE % known_length
                     left = known_length
-                elif request.version == "1.0":  # type: ignore[union-attr]
+                elif self.request.version == "1.0":  # type: ignore[union-attr]
                     keep_alive = False  # no chunked coding in HTTP/1.0: the close ends the body
                 else:
                     chunked = True

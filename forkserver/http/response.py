@@ -24,8 +24,7 @@ class DateHeader:
 
     def line(self) -> bytes:
         """Return ``b"Date: ...\\r\\n"`` for the current second."""
-        now = time.time()
-        second = int(now)
+        second = int(time.time())
         if second != self._second:
             self._second = second
             self._line = b"Date: " + formatdate(second, usegmt=True).encode("ascii") + b"\r\n"

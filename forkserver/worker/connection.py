@@ -174,7 +174,7 @@ class Connection:
         self.unsent: list[bytes] = []
         self.unsent_bytes = 0
         # The request line and header fields of the last request, and the
-        # environ they map to (without wsgi.input): see serving.environ_for.
+        # environ they map to (without wsgi.input): see serving._build_environ.
         self.environ_of: tuple[Any, ...] = ()
         self.environ: dict[str, Any] = {}
         # Whether that environ holds a trusted proxy's stamp of when it got

@@ -400,8 +400,23 @@ class Worker:
         access_log = self.access_log  # (made before the loop starts, and kept: see _build_service)
         # (The relay is set up before the loop starts, and stopped only after it ends.)
         relay_lock = self.relay.lock if self.relay is not None else None
-        while not (self.stopping and self._done()):
-            board.beat()
+        while True:
+            # The turn's one reading of the clock, for its timers, its beat
+            # and what it publishes before it sleeps: read once, not by each
+            # of them, it spares a kept-alive request three calls into C and
+            # about 15 bytecodes (scripts/loop_cost.py).  A timer that ran
+            # may have taken a while (a stop serves what is queued): then it
+            # is read again.
+            now = time.monotonic()
+            if now >= self.next_sweep:
+                self._sweep_idle()
+                now = time.monotonic()
+            if self.drain_at and not self.stopping and now >= self.drain_at:
+                self._begin_stop(drain=True)  # the shutdown delay is over
+                now = time.monotonic()
+            if self.stopping and self._done():
+                return
+            board.beat(now)
             if seat_writer is not None:
                 held = len(connections) + self.busy
                 if self.balancing and accept_board.may_accept(seat, held):
@@ -411,18 +426,18 @@ class Worker:
                 # threads, an accept pause), so it holds for this whole turn.
                 willing = self._willing()
             if reporter is not None:
-                reporter.flush_if_due(time.monotonic())
+                reporter.flush_if_due(now)
             events = poll(0)
             if events:
                 if seat_writer is not None:
-                    seat_writer.publish(held, willing)
+                    seat_writer.publish(held, willing, now)
             else:
                 # About to wait: the cheapest moment to write batched log lines.
                 if access_log is not None:
                     access_log.flush()
-                timeout = self._poll_timeout(interval)
+                timeout = self._poll_timeout(interval, now)
                 if seat_writer is not None:
-                    seat_writer.publish(held, willing, timeout)
+                    seat_writer.publish(held, willing, now, timeout)
                 if relay_lock is not None:
                     relay_lock.release()  # the relay may take idle connections while we sleep
                     try:
@@ -435,7 +450,7 @@ class Worker:
                     # Awake now: no longer "responsive while asleep".  Left as
                     # published, a long request among these events would keep
                     # the others deferring to us for up to a whole timeout.
-                    seat_writer.publish(len(connections) + self.busy, willing)
+                    seat_writer.publish(len(connections) + self.busy, willing, time.monotonic())
                 if not events:
                     # A whole wait without work: now the title says idle.  Not
                     # before every wait, which under load comes between most
@@ -465,10 +480,6 @@ class Worker:
                     self._flush(connection)
             if pause.resume_at and pause.due():
                 self._set_accepting(self._willing() and not self.balancing)
-            if time.monotonic() >= self.next_sweep:
-                self._sweep_idle()
-            if self.drain_at and not self.stopping and time.monotonic() >= self.drain_at:
-                self._begin_stop(drain=True)  # the shutdown delay is over
 
     def _flush_access_log(self) -> None:
         if self.access_log is not None:
@@ -492,15 +503,15 @@ class Worker:
             setproctitle(f"{self.title} idle, {self.served} served")
             self.title_busy = False
 
-    def _poll_timeout(self, interval: float) -> float:
+    def _poll_timeout(self, interval: float, now: float) -> float:
         if self.balancing:
             interval = min(interval, RECHECK)  # look again soon: the others may fill up
         if self.accept_pause.resume_at:
-            interval = min(interval, max(0.0, self.accept_pause.resume_at - time.monotonic()))
+            interval = min(interval, max(0.0, self.accept_pause.resume_at - now))
         if self.drain_at and not self.stopping:  # wake when the shutdown delay ends
-            interval = min(interval, max(0.0, self.drain_at - time.monotonic()))
+            interval = min(interval, max(0.0, self.drain_at - now))
         if self.deadlines:
-            return max(0.0, min(interval, self.next_sweep - time.monotonic()))
+            return max(0.0, min(interval, self.next_sweep - now))
         return interval
 
     def _done(self) -> bool:
@@ -804,7 +815,7 @@ class Worker:
     def _on_readable(self, connection: Connection, fresh: bool = False) -> None:
         if connection.handshaking and not self._handshake(connection, fresh):
             return
-        if self.busy >= self.config.threads and not fresh and self._park(connection):
+        if not self.inline and self.busy >= self.config.threads and not fresh and self._park(connection):
             return
         if not connection.receive():
             self._close(connection)
@@ -988,7 +999,7 @@ class Worker:
         The loop cannot look at the connection meanwhile, so it may stay
         registered with epoll, saving two epoll_ctl calls per request.  Its
         idle deadline may stay too: only the loop's sweep reads it, and
-        afterwards ``_keep`` sets a new one or ``_close`` drops it (a pop
+        afterwards ``_watch`` sets a new one or ``_close`` drops it (a pop
         here cost 9 bytecodes and a call per request).
         """
         if self.gathering:
@@ -1007,17 +1018,13 @@ class Worker:
                 relay.lock.acquire()
                 self.serving = None
         if keep:
-            self._keep(connection, keep)
+            self._watch(connection)  # idle until its next request...
+            if keep == GATHER:
+                self._gather(connection)  # ...or reading a pipelined one's body
         else:
             self._close(connection)
-        if self.served == self.max_requests and not self.stopping:
+        if self.max_requests and self.served == self.max_requests and not self.stopping:
             self._begin_stop(drain=False)  # see _recycle; we are the loop: stop before accepting again
-
-    def _keep(self, connection: Connection, keep: int) -> None:
-        """Take a served connection back: idle until its next request, or reading a pipelined one's body."""
-        self._watch(connection)
-        if keep == GATHER:
-            self._gather(connection)
 
     def _offerable(self) -> list[tuple[Connection, int]]:
         """For the relay (which holds the lock): our idle connections that may move, and their listeners.
@@ -1096,10 +1103,15 @@ class Worker:
                 log.exception("unexpected error serving remote=%s", connection.remote[0])
                 keep = False
             self.served += 1
-            if self.served == self.max_requests:
+            if self.max_requests and self.served == self.max_requests:  # (0: no limit)
                 self._recycle()
             if not keep:
                 return 0
+            if not connection.exchange.events:
+                # Nothing parsed waits: the usual end, seen without a call
+                # (next_step would say WAIT; 13 of a kept-alive request's
+                # 1,441 bytecodes, scripts/loop_cost.py).
+                return 1
             step = connection.exchange.next_step(self.body_buffer_size)
             if step == WAIT:
                 return 1
@@ -1143,7 +1155,9 @@ class Worker:
             connection, keep = self.finished.popleft()
             self.busy -= 1
             if keep:
-                self._keep(connection, keep)
+                self._watch(connection)
+                if keep == GATHER:
+                    self._gather(connection)
         if self.parked and self.busy < self.config.threads:
             self._unpark()
         if self.busy < self.config.threads and not self.stopping and not self.balancing:

@@ -327,9 +327,8 @@ class Response:
                 exc_info = None  # break the traceback reference cycle (PEP 3333)
         elif self.status is not None:
             raise AppError("start_response called a second time without exc_info")
-        codec = self._codec
-        self.code, self._status_line = codec.status(status)
-        self._fields, self._declared_length = codec.headers(headers)
+        self.code, self._status_line = self._codec.status(status)
+        self._fields, self._declared_length = self._codec.headers(headers)
         self.status, self.headers = status, headers
         return self.write
 

@@ -28,8 +28,8 @@ def test_seats_are_handed_out_lowest_first_and_reused_after_release():
 def test_a_worker_with_more_connections_than_a_willing_peer_stops_accepting():
     board = AcceptBoard()
     busy, light = seated(board, 2)
-    board.writer(busy).publish(10, True)
-    board.writer(light).publish(2, True)
+    board.writer(busy).publish(10, True, time.monotonic())
+    board.writer(light).publish(2, True, time.monotonic())
     assert not board.may_accept(busy, 10)
     assert board.may_accept(light, 2)
     assert board.may_accept(busy, 2 + SLACK)  # within the slack it takes its turn
@@ -39,27 +39,27 @@ def test_the_fewest_always_may_accept_even_when_counts_are_equal():
     board = AcceptBoard()
     seats = seated(board, 3)
     for seat in seats:
-        board.writer(seat).publish(7, True)
+        board.writer(seat).publish(7, True, time.monotonic())
     assert all(board.may_accept(seat, 7) for seat in seats)
 
 
 def test_unwilling_stale_and_released_peers_do_not_hold_a_worker_back():
     board = AcceptBoard()
     me, stopping, stuck, reaped = seated(board, 4)
-    board.writer(me).publish(20, True)
-    board.writer(stopping).publish(0, False)  # stopping, or every thread busy
-    board.writer(stuck).publish(0, True)
-    board.writer(reaped).publish(0, True)
+    board.writer(me).publish(20, True, time.monotonic())
+    board.writer(stopping).publish(0, False, time.monotonic())  # stopping, or every thread busy
+    board.writer(stuck).publish(0, True, time.monotonic())
+    board.writer(reaped).publish(0, True, time.monotonic())
     board.release(1003)
     time.sleep(AVAILABLE_WITHIN * 2)  # "stuck" has not gone round its loop since
-    board.writer(me).publish(20, True)
+    board.writer(me).publish(20, True, time.monotonic())
     assert board.may_accept(me, 20)
 
 
 def test_a_peer_asleep_in_epoll_counts_as_responsive_while_it_sleeps():
     board = AcceptBoard()
     me, sleeper = seated(board, 2)
-    board.writer(sleeper).publish(0, True, sleeping_for=5.0)
+    board.writer(sleeper).publish(0, True, time.monotonic(), sleeping_for=5.0)
     time.sleep(AVAILABLE_WITHIN * 2)
     assert not board.may_accept(me, 5)
 

@@ -77,9 +77,20 @@ def test_chunked_request_has_no_content_length_and_decoded_body():
 def test_pipelined_requests_come_out_in_order_from_one_feed():
     data = b"".join(request_with(target=b"/%d" % i) for i in range(5))
     events, parser = feed_all(data)
-    assert [e.target for e in events if isinstance(e, Request)] == [b"/0", b"/1", b"/2", b"/3", b"/4"]
-    assert events.count(END_OF_MESSAGE) == 5
+    assert [e.target for e in events] == [b"/0", b"/1", b"/2", b"/3", b"/4"]  # each complete with its head
     assert not parser.mid_message()
+
+
+@pytest.mark.parametrize("framing", [b"", b"Content-Length: 0\r\n"])
+def test_a_request_without_a_body_is_complete_with_its_request_event(framing):
+    # No EndOfMessage follows: the Request says there is no body (neither
+    # chunked nor a Content-Length above 0), which is its end.
+    for step in (None, 1):
+        events, parser = feed_all(request_with(framing) + b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx",
+                                  step=step)
+        assert [type(e) for e in events] == [Request, Request, BodyChunk, EndOfMessage]
+        assert not events[0].chunked and not events[0].content_length
+        assert not parser.mid_message()
 
 
 def test_mid_message_tracks_head_and_body():
@@ -244,8 +255,7 @@ def test_keep_alive(version, connection, keep_alive):
 
 def test_data_after_a_closing_request_is_an_error_after_that_request():
     events, _ = feed_all(request_with(b"Connection: close\r\n") + GET)
-    assert isinstance(events[0], Request) and events[1] is END_OF_MESSAGE
-    assert len(events) == 3 and isinstance(events[2], BadRequest)
+    assert len(events) == 2 and isinstance(events[0], Request) and isinstance(events[1], BadRequest)
 
 
 @pytest.mark.parametrize(("version", "expect", "wanted"), [
@@ -345,7 +355,7 @@ UPGRADE = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
 @pytest.mark.parametrize("step", [None, 1])
 def test_upgrade_request_is_still_a_request(step):
     events, parser = feed_all(request_with(UPGRADE) + b"\x81\x05hello websocket frame bytes", step=step)
-    assert [type(e) for e in events] == [Request, EndOfMessage]
+    assert [type(e) for e in events] == [Request]
     assert parser.upgraded
     assert not parser.mid_message()
     assert parser.feed(GET) == []  # not HTTP/1.1 any more: never a second request
@@ -353,7 +363,7 @@ def test_upgrade_request_is_still_a_request(step):
 
 def test_upgrade_header_without_connection_token_is_ignored():
     events, parser = feed_all(request_with(b"Upgrade: websocket\r\n") + GET)
-    assert [type(e) for e in events] == [Request, EndOfMessage, Request, EndOfMessage]
+    assert [type(e) for e in events] == [Request, Request]
     assert not parser.upgraded
 
 
@@ -411,7 +421,7 @@ def test_nothing_comes_out_after_an_error():
 
 def test_requests_before_an_error_are_kept():
     events, parser = feed_all(GET + GET + b"GET / HTTP/9.9\r\n\r\n" + GET)
-    assert [type(e) for e in events] == [Request, EndOfMessage, Request, EndOfMessage, BadRequest]
+    assert [type(e) for e in events] == [Request, Request, BadRequest]
     assert parser.feed(GET) == []
 
 

@@ -22,7 +22,7 @@ def test_with_nothing_in_flight_the_loop_beat_decides():
 
 def test_a_request_in_flight_is_stalled_since_it_last_moved_bytes():
     board = Scoreboard(threads=2, timeout=30.0)
-    board.request_started(1, "GET", "/slow", "127.0.0.1", {})
+    board.request_started(1, "GET", "/slow", "127.0.0.1", {}, time.monotonic())
     (request,) = board.in_flight()
     assert (request.thread, request.method, request.path, request.client) == (1, "GET", "/slow", "127.0.0.1")
     now = time.monotonic()
@@ -64,7 +64,7 @@ def test_a_master_reading_while_the_worker_beats_never_sees_a_stale_beat():
         while time.monotonic() < deadline:
             for _ in range(100):
                 board.beat()
-                board.request_started(0, "GET", "/", "127.0.0.1", {})
+                board.request_started(0, "GET", "/", "127.0.0.1", {}, time.monotonic())
                 board.request_progressed(0)
                 board.request_finished(0)
         os._exit(0)
@@ -110,8 +110,8 @@ def test_an_app_deadline_replaces_the_progress_rule_for_its_request_only():
     board = Scoreboard(threads=2, timeout=30.0, longest=600.0)
     try:
         slow, quick = {}, {}
-        board.request_started(0, "GET", "/export", "127.0.0.1", slow)
-        board.request_started(1, "GET", "/", "127.0.0.1", quick)
+        board.request_started(0, "GET", "/export", "127.0.0.1", slow, time.monotonic())
+        board.request_started(1, "GET", "/", "127.0.0.1", quick, time.monotonic())
         deadline = slow["forkserver.deadline"]
         assert 29.0 < deadline.remaining <= 30.0  # untouched: timeout without progress
         assert 299.0 < deadline.allow(300) <= 300.0
@@ -139,7 +139,7 @@ def test_a_deadline_is_cut_to_the_limit_counted_from_the_requests_start():
     board = Scoreboard(threads=1, timeout=30.0, longest=600.0)
     try:
         environ = {}
-        board.request_started(0, "POST", "/import", "127.0.0.1", environ)
+        board.request_started(0, "POST", "/import", "127.0.0.1", environ, time.monotonic())
         deadline = environ["forkserver.deadline"]
         assert 599.0 < deadline.allow(math.inf) <= 600.0
         for _ in range(5):  # extending again and again never passes the limit
@@ -158,7 +158,7 @@ def test_a_deadline_is_cut_to_the_limit_counted_from_the_requests_start():
         with pytest.raises(RuntimeError):
             deadline.remaining
         following = {}
-        board.request_started(0, "GET", "/next", "127.0.0.1", following)
+        board.request_started(0, "GET", "/next", "127.0.0.1", following, time.monotonic())
         (request,) = board.in_flight()
         assert request.deadline is None  # a new request starts without the old one's deadline
         assert 29.0 < following["forkserver.deadline"].remaining <= 30.0
