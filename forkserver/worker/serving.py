@@ -20,7 +20,7 @@ from typing import Any
 from .connection import BodyRules, BodyStream, ClientGone, Connection, Stalled
 from ..http.errors import ProtocolError
 from ..http.events import Request
-from ..http.exchange import Closing, Exchange
+from ..http.exchange import Closing
 from ..http.parser import Limits
 from ..http.response import DateHeader
 from ..logs import AccessLog
