@@ -323,6 +323,11 @@ class Worker:
         # Booted: say idle now, not at the first wait that times out, which
         # health checks arriving faster than that would put off for good.
         self._show_idle()
+        # Beat before saying so: from "ready" on the master judges our beat
+        # by ``timeout``, and the last one may date from before a boot that
+        # took longer than that.  Left to the loop's first turn, a master
+        # quick to read "ready" killed a worker as hung in between.
+        spec.board.beat()
         self._notify(f"ready {self.pid}")
         self._loop()
         self._flush_access_log()
