@@ -885,10 +885,11 @@ class Worker:
 
         Not woken for every piece, the loop then starts the request and the
         app reads the body straight from the socket, copied once (see
-        Connection._receive_early): a 1 MiB POST echo cost the worker 184
-        us of user CPU against 229 when the loop read it into pieces
-        (compare_checkouts.py --post 1048576, 6 rounds; system CPU 342
-        against 329 us for the syscalls this adds).  Not woken, the loop
+        Connection._receive_early): a 1 MiB POST echo cost the worker
+        175-188 us of user CPU against 217-233 when the loop read it into
+        pieces, its system CPU unchanged within noise for the three
+        syscalls this adds (compare_checkouts.py --post 1048576, five
+        runs of 4-6 rounds).  Not woken, the loop
         cannot see a slow body's progress either: one not in within
         MARK_PATIENCE is read as it arrives again (see _sweep_idle), under
         the body rules as before; a stall is then seen at most that much late.
@@ -896,7 +897,7 @@ class Worker:
         fd = connection.fd
         until = self.marks.get(fd, now + MARK_PATIENCE)
         if not until or not connection.exchange.raw_left:
-            return check_at  # its patience ran out, or it is chunked (its framing is not counted)
+            return check_at  # its patience ran out, or it is chunked (the mark would count its framing)
         left = connection.exchange.gather_left(self.body_buffer_size)
         if left < MARK_MIN_BYTES and fd not in self.marks:
             return check_at
