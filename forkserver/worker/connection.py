@@ -231,15 +231,22 @@ class Connection:
         compare_checkouts.py --post 1048576; 128 KiB gained less, and 1 MiB,
         allocated whole for every read, took more).
         """
-        if self.low_water > 1 and self._queued() >= min(exchange.raw_left, exchange.early_limit - exchange.early_size):
-            # Woken by the mark (see wait_for): what gathering still wants
-            # is in the kernel, so the app can read it from there without
-            # waiting, copied once, instead of once into pieces here and
-            # again out of them.  (The loop lowers the mark as it ends the
-            # gathering.)
-            exchange.gather_no_more()
-            return True
-        for _ in range(EARLY_READS):
+        reads = EARLY_READS
+        if self.low_water > 1:
+            if self._queued() >= min(exchange.raw_left, exchange.early_limit - exchange.early_size):
+                # Woken by the mark (see wait_for): what gathering still
+                # wants is in the kernel, so the app can read it from there
+                # without waiting, copied once, instead of once into pieces
+                # here and again out of them.  (The loop lowers the mark as
+                # it ends the gathering.)
+                exchange.gather_no_more()
+                return True
+            # Woken before that (the kernel short of memory for sockets, or
+            # the client's window closing): such wakes come for many
+            # connections at once, and reading all each holds, one batch
+            # would overrun body_buffer_total before the pause could stop it.
+            reads = 1
+        for _ in range(reads):
             wanted = min(EARLY_RECV_BYTES, exchange.raw_left, exchange.early_limit - exchange.early_size)
             if wanted <= 0:
                 return True  # all of the body, or all the loop takes of it, is in
