@@ -183,6 +183,7 @@ class Exchange:
             return False
         if self.early is None:
             self.early = deque()
+            self.early_limit = limit
         if len(events) > 1:
             events.popleft()
             while events and events[0].__class__ is BodyChunk:
@@ -190,11 +191,10 @@ class Exchange:
             events.appendleft(request)
             if len(events) > 1:
                 return False  # what follows its last piece is its end, or an error in it
-        if self.early_size >= limit:
+        if self.early_size >= self.early_limit:
             return False
         if not self.raw_left:
             self.raw_left = self.parser.hand_over_body()
-        self.early_limit = limit
         return True
 
     def _keep_early(self, piece: bytes | bytearray) -> None:
@@ -209,6 +209,10 @@ class Exchange:
         else:
             early.append(piece)  # type: ignore[union-attr]
         self.early_size += size
+
+    def gather_no_more(self) -> None:
+        """Start the next request with the body gathered so far: the app reads the rest off the wire."""
+        self.early_limit = self.early_size
 
     def gathered(self) -> int:
         """Body bytes ``gather_body`` holds for the next request."""

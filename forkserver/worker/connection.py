@@ -12,13 +12,16 @@ the thread serving it), which is why nothing here takes a lock.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import math
 import os
 import select
 import socket
+import struct
 import tempfile
+import termios
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -183,6 +186,9 @@ class Connection:
         # The rules' clock of the body being received, from when we first
         # waited for it (in the loop or the serving thread) to the request's end.
         self.body_clock: BodyClock | None = None
+        # The socket's receive low-water mark: 1, the kernel's own, unless
+        # the loop waits for a whole body (see wait_for).
+        self.low_water = 1
 
     # -- loop side: non-blocking ------------------------------------------------
 
@@ -225,7 +231,22 @@ class Connection:
         compare_checkouts.py --post 1048576; 128 KiB gained less, and 1 MiB,
         allocated whole for every read, took more).
         """
-        for _ in range(EARLY_READS):
+        reads = EARLY_READS
+        if self.low_water > 1:
+            if self._queued() >= min(exchange.raw_left, exchange.early_limit - exchange.early_size):
+                # Woken by the mark (see wait_for): what gathering still
+                # wants is in the kernel, so the app can read it from there
+                # without waiting, copied once, instead of once into pieces
+                # here and again out of them.  (The loop lowers the mark as
+                # it ends the gathering.)
+                exchange.gather_no_more()
+                return True
+            # Woken before that (the kernel short of memory for sockets, or
+            # the client's window closing): such wakes come for many
+            # connections at once, and reading all each holds, one batch
+            # would overrun body_buffer_total before the pause could stop it.
+            reads = 1
+        for _ in range(reads):
             wanted = min(EARLY_RECV_BYTES, exchange.raw_left, exchange.early_limit - exchange.early_size)
             if wanted <= 0:
                 return True  # all of the body, or all the loop takes of it, is in
@@ -242,6 +263,43 @@ class Connection:
             if len(piece) < wanted:
                 return True  # the socket is empty: do not ask it again just to hear so
         return True
+
+    def body_can_wait(self) -> bool:
+        """True when a body may wait in the kernel until it is all in (see ``wait_for``): a plain TCP socket.
+
+        A UNIX socket's poll ignores the receive low-water mark, and under
+        TLS it would count encrypted bytes.
+        """
+        sock = self.sock
+        return sock.__class__ is socket.SocketType and sock.family != socket.AF_UNIX
+
+    def wait_for(self, count: int) -> None:
+        """Have epoll report the socket readable only once ``count`` bytes wait in it (SO_RCVLOWAT); 1 to undo.
+
+        A peer's close, or a receive buffer about to fill, still wakes the
+        loop at once.  Linux lets the buffer grow to hold the mark (unless
+        it was fixed with SO_RCVBUF) and caps the mark at half of what the
+        buffer may grow to.  Best effort: a socket that refuses is woken
+        for every arrival, as without it.
+        """
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, count)
+        except OSError:
+            return
+        self.low_water = count
+
+    def _queued(self) -> int:
+        """Bytes the kernel holds for us, not read yet (SIOCINQ); 0 if it cannot say."""
+        try:
+            answer = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int(struct.unpack("i", answer)[0])
+
+    def stop_waiting(self) -> int:
+        """Undo ``wait_for``: be woken for every arrival again; return how many bytes wait to be read."""
+        self.wait_for(1)
+        return self._queued()
 
     def _take_proxy_header(self, reader: ProxyHeaderReader, data: bytes) -> bytes:
         """Feed the PROXY header reader; return the bytes after the header (``b""`` until it is complete)."""
