@@ -195,10 +195,24 @@ def read_pid(path: Path) -> int:
 
 
 def live_children(pid: int) -> list[int]:
+    """The children of ``pid`` that have not exited; [] if ``pid`` itself is gone.
+
+    A child that exits between the listing and the look at its status is
+    left out, not taken for the parent's absence: right after a reload the
+    old generation exits while the new one serves.
+    """
     try:
-        return sorted(c.pid for c in psutil.Process(pid).children() if c.status() != psutil.STATUS_ZOMBIE)
+        children = psutil.Process(pid).children()
     except psutil.NoSuchProcess:
         return []
+    alive = []
+    for child in children:
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(alive)
 
 
 def kill_tree(pid: int) -> None:
