@@ -3,8 +3,9 @@
 forkserver's records are plain classes with ``__slots__`` and a written
 ``__init__``, not dataclasses: a ``@dataclass`` compiles its generated
 methods with ``exec()`` when the class is defined, 0.1-1 ms a class, and
-the 23 records the start defined cost it 10-11 ms (the HTTP events stay
-dataclasses: ``forkserver.http`` imports nothing of ours).  The few that
+the 23 records the start defined cost it 10-11 ms.  (The HTTP events are
+plain classes too, with equality and a repr of their own:
+``forkserver.http`` imports nothing of ours, this module included.)  The few that
 are compared by value subclass ``Record``: two records are equal when
 they are of the same class and their fields are, as with a dataclass,
 and they hash by value, as the frozen dataclasses they replaced did.  They
