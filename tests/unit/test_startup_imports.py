@@ -26,7 +26,7 @@ CONFIGURATION_ONLY = {
     "shlex": "GUNICORN_CMD_ARGS",
     "pathlib": "workers = auto",
     "difflib": "a mistyped setting's hint",
-    "ssl": "certfile (or share_stdlib, in Master.start)",
+    "ssl": "certfile (or share_stdlib, after the first fork)",
     "psutil": "max_worker_memory, workers = auto",
     "forkserver.master.containers": "workers = auto",
     "forkserver.refork": "refork_after",
