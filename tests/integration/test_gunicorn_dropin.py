@@ -334,7 +334,9 @@ def test_gunicorn_conf_py_found_in_the_working_directory_as_gunicorn_does(tmp_pa
     write_conf(tmp_path, f'bind = "127.0.0.1:{port}"\nworkers = 1\nthreads = 2\n', 0)
     with serving_without_harness_bind([APP], port, tmp_path, {}) as log:
         assert get(port)[1]["multithread"] is True
-        assert "gunicorn.conf.py: loaded as gunicorn does when no -c is given" in log.read_text()
+        # A notice of the settings: logged once the master has read the first worker's ready line.
+        poll(lambda: "gunicorn.conf.py: loaded as gunicorn does when no -c is given" in log.read_text(),
+             what="the config file's notice in the log")
 
 
 # -- hooks ------------------------------------------------------------------------------

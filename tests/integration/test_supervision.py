@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -105,6 +106,23 @@ def test_at_a_cold_start_the_first_worker_boots_alone_for_a_moment(server, tmp_p
     assert forked[1] - forked[0] >= 0.08, f"the others were forked {forked[1] - forked[0]:.3f}s after the first"
     assert forked[2] - forked[0] < 1.5, "the others waited for the first worker's whole boot"
     assert requests.get(srv.url).text == "ok"
+
+
+def test_the_first_worker_is_forked_before_the_shared_stdlib_and_the_others_after(server, tmp_path):
+    """The first worker does not wait for the master's share_stdlib (hashlib, http.client with ssl,
+    pickle ...); the workers forked after it inherit those modules from the master and share them."""
+    (tmp_path / "inherits.py").write_text(
+        "import os\nimport sys\n\n"
+        "inherited = [name for name in ('hashlib', 'http.client', 'ssl', 'pickle') if name in sys.modules]\n"
+        "with open(os.path.join(os.path.dirname(__file__), f'inherited.{os.getpid()}'), 'w') as f:\n"
+        "    f.write(' '.join(inherited))\n\n"
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Length', '2')])\n    return [b'ok']\n")
+    srv = server("inherits:app", "-w", "2", "--pythonpath", str(tmp_path), workers=2)
+    poll(lambda: srv.log().count("worker ready") == 2, what="both workers' ready lines")
+    inherited = {int(slot): (tmp_path / f"inherited.{pid}").read_text()
+                 for slot, pid in re.findall(r"worker ready slot=(\d+) pid=(\d+)", srv.log())}
+    assert inherited == {0: "", 1: "hashlib http.client ssl pickle"}
 
 
 def test_workers_are_direct_children_with_titles(server):

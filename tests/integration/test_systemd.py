@@ -281,7 +281,9 @@ def test_socket_activation_serves_the_inherited_socket_and_binds_nothing_else(tm
         listening = {conn.laddr for conn in psutil.Process(proc.pid).net_connections("all")
                      if conn.status == psutil.CONN_LISTEN}
         assert listening == {("127.0.0.1", port)}, f"the master listens on {listening}, not only the activated socket"
-        assert "listening at fd://3" in error_log.read_text()
+        # Logged when the master reads the worker's ready notice, which the worker
+        # sends as it starts to serve: not before the first answer, but soon.
+        poll(lambda: "listening at fd://3" in error_log.read_text(), what="the listener in the start-up log")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:

@@ -303,7 +303,8 @@ def test_one_plain_and_one_tls_listener(server, pki, tmp_path):
         conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         plain = json.loads(ParsedResponse(read_all(conn)).body)
     assert plain["wsgi.url_scheme"] == "http" and "HTTPS" not in plain
-    assert f"listening at https://127.0.0.1:{proc.port}" in proc.log().replace(f"fd://{tls_sock.fileno()} (", "")
+    poll(lambda: f"listening at https://127.0.0.1:{proc.port}" in proc.log().replace(f"fd://{tls_sock.fileno()} (", ""),
+         what="the TLS listener in the start-up log")
 
 
 def serial(port: int, context: ssl.SSLContext) -> str:
@@ -411,7 +412,7 @@ def test_tls_on_a_unix_socket_beside_a_plain_tcp_bind(server, pki, tmp_path):
         environ = json.loads(ParsedResponse(exchange(
             conn, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")).body)
     assert environ["wsgi.url_scheme"] == "https" and environ["HTTPS"] == "on"
-    assert f"listening at unix:{tls_path} (TLS)" in srv.log()
+    poll(lambda: f"listening at unix:{tls_path} (TLS)" in srv.log(), what="the TLS listener in the start-up log")
 
 
 def test_a_gunicorn_tls_command_line_serves_https_with_only_the_first_word_changed(server, pki):
@@ -424,4 +425,4 @@ def test_a_gunicorn_tls_command_line_serves_https_with_only_the_first_word_chang
     with connect(srv.port, tls12) as conn:
         assert conn.version() == "TLSv1.2"
         assert conn.cipher()[0].startswith("ECDHE-") and "GCM" in conn.cipher()[0]
-    assert "do_handshake_on_connect accepted but not needed" in srv.log()
+    poll(lambda: "do_handshake_on_connect accepted but not needed" in srv.log(), what="the setting's notice")
