@@ -424,6 +424,11 @@ class Response:
             self._output.send(tail)
 
 
+# What an app may return that is not sent piece by piece as it comes (or, for
+# str and bytes, is refused): see _send_at_once.
+SENT_AT_ONCE = (list, tuple, FileWrapper, str, bytes)
+
+
 def run_app(app: Callable[..., Any], environ: dict[str, Any], response: Response) -> None:
     """Call the app and send what it returns; always call the iterable's close().
 
@@ -436,21 +441,11 @@ def run_app(app: Callable[..., Any], environ: dict[str, Any], response: Response
         response.send_with_head(result[0])  # the usual answer: one bytes in a list, which has no close()
         return
     try:
-        if isinstance(result, (list, tuple)) and not response.head_sent:
-            for piece in result:
-                if not isinstance(piece, bytes):
-                    raise AppError(f"app returned {type(piece).__name__}, not bytes")
-            response.send_with_head(result[0] if len(result) == 1 else b"".join(result))
+        # One look tells the usual iterable (a generator, a framework's
+        # wrapper such as werkzeug's ClosingIterator) from the kinds that are
+        # sent otherwise (15 bytecodes a request fewer than one look for each).
+        if isinstance(result, SENT_AT_ONCE) and _send_at_once(result, response):
             return
-        if isinstance(result, FileWrapper) and hasattr(result.filelike, "fileno") and not response.head_sent:
-            try:
-                fd = result.filelike.fileno()
-            except (OSError, io.UnsupportedOperation):
-                fd = -1
-            if fd >= 0 and response.send_file(fd):
-                return
-        if isinstance(result, (str, bytes)):
-            raise AppError(f"app returned a bare {type(result).__name__}; it must return an iterable of bytes")
         for piece in result:
             response.write(piece)
         response.finish()
@@ -458,3 +453,26 @@ def run_app(app: Callable[..., Any], environ: dict[str, Any], response: Response
         close = getattr(result, "close", None)
         if close is not None:
             close()
+
+
+def _send_at_once(result: Any, response: Response) -> bool:
+    """Send a list or tuple joined, a file with sendfile; True if sent, False to iterate it instead.
+
+    Raises AppError for a bare str or bytes, or a list holding anything but bytes.
+    """
+    if isinstance(result, (list, tuple)) and not response.head_sent:
+        for piece in result:
+            if not isinstance(piece, bytes):
+                raise AppError(f"app returned {type(piece).__name__}, not bytes")
+        response.send_with_head(result[0] if len(result) == 1 else b"".join(result))
+        return True
+    if isinstance(result, FileWrapper) and hasattr(result.filelike, "fileno") and not response.head_sent:
+        try:
+            fd = result.filelike.fileno()
+        except (OSError, io.UnsupportedOperation):
+            fd = -1
+        if fd >= 0 and response.send_file(fd):
+            return True
+    if isinstance(result, (str, bytes)):
+        raise AppError(f"app returned a bare {type(result).__name__}; it must return an iterable of bytes")
+    return False
