@@ -363,12 +363,13 @@ class Response:
     def send_with_head(self, body: bytes, whole: bool = True) -> None:
         """Send the head and ``body`` in one call: all of the body (``whole``) or its first piece.
 
-        A first piece as long as the Content-Length the app declared is
-        framed as a whole body is, in the same call that makes the head: an
-        app returning an iterable of one piece (a Flask or Django response)
-        pays about what one returning a list does (scripts/profile_request.py
-        --path /json --bytecodes: 4,548 bytecodes a request when the piece
-        was framed apart, 4,520 now).
+        When the app declared a Content-Length, a first piece is framed by
+        the call that makes the head, as a whole body is: one that completes
+        the length completes the response there.  So an app returning an
+        iterable of one piece (a Flask or Django response) pays about what
+        one returning a list does (scripts/profile_request.py --path /json
+        --bytecodes: 4,548 bytecodes a request when the piece was framed
+        apart, 4,520 then).
         """
         if self.status is None:
             raise AppError("app returned without calling start_response")
