@@ -4,6 +4,7 @@
     python3 scripts/instruction_cost.py                   # this checkout, keep-alive
     python3 scripts/instruction_cost.py /tmp/before .     # two checkouts, and where they differ
     python3 scripts/instruction_cost.py --connection close --clients 8 --top 30
+    python3 scripts/instruction_cost.py . --bjoern --path /json  # and bjoern, as the difference's "before"
 
 ``loop_cost.py`` counts bytecodes: it sees none of the work below Python
 (the interpreter's own, llhttp, dict and object machinery, libc).  Here a
@@ -22,6 +23,11 @@ still fire by the clock, and a run made while the machine was busy with
 other work came out 1.7% lower: compare runs made together, and repeat a
 small difference.
 
+``--bjoern`` counts bjoern too (``scripts/bjoern_server.py`` with one
+worker, the app imported before the fork as bench.py runs it; run this with
+the Python that has bjoern): what a request costs a server written in C,
+for the same app and the same client.
+
 valgrind must be installed.  Everything is bounded: a deadline on each
 server, every server stopped by its PID on exit.  Uses no part of
 forkserver's own code, so it measures older checkouts too.
@@ -31,15 +37,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import importlib.util
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from loop_cost import HOST, Client, free_port, largest_changes
 from stopping import stop, tree
@@ -51,17 +62,28 @@ STOP_GRACE = 60.0  # seconds for a server to exit (and callgrind to write its co
 LISTING_LINE = re.compile(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S+?):(\S+)(?: \[.*\])?$")
 
 
-def run_server(checkout: Path, args: argparse.Namespace, steps: int, output: str) -> Path:
-    """Serve ``args.warmup`` then ``steps`` lockstep steps under callgrind; the worker main thread's counts."""
-    port = free_port()
+def run_server(checkout: Path | None, args: argparse.Namespace, steps: int, output: str) -> Path:
+    """Serve ``args.warmup`` then ``steps`` lockstep steps under callgrind; the worker main thread's counts.
+
+    ``checkout`` None: bjoern serves instead of forkserver.
+    """
     # One hash seed for every run: with str hashes salted afresh, how often
     # dict lookups collide, and so their cost, moved by 700 instructions a request.
-    env = dict(os.environ, PYTHONPATH=f"{checkout}{os.pathsep}{SCRIPTS}", PYTHONHASHSEED="0")
-    server = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--trace-children=yes", "--separate-threads=yes",
-         f"--callgrind-out-file={output}/callgrind.%p", sys.executable, "-m", "forkserver", "bench_apps:app",
-         "--bind", f"{HOST}:{port}", "--workers", "1"],
-        cwd=output, env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(output, "server.log"), "wb"))
+    env = dict(os.environ, PYTHONPATH=f"{checkout or ''}{os.pathsep}{SCRIPTS}", PYTHONHASHSEED="0")
+    listener = None
+    if checkout is None:
+        listener = socket.create_server((HOST, 0), backlog=1024)  # bjoern_server.py serves an inherited socket
+        port = listener.getsockname()[1]
+        command = [str(SCRIPTS / "bjoern_server.py"), str(listener.fileno()), "1", "bench_apps:app"]
+    else:
+        port = free_port()
+        command = ["-m", "forkserver", "bench_apps:app", "--bind", f"{HOST}:{port}", "--workers", "1"]
+    with listener or contextlib.nullcontext():
+        server = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--trace-children=yes", "--separate-threads=yes",
+             f"--callgrind-out-file={output}/callgrind.%p", sys.executable, *command],
+            cwd=output, env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(output, "server.log"), "wb"),
+            pass_fds=(listener.fileno(),) if listener else ())
     leftovers: dict[int, float] = {}
     try:
         deadline = time.monotonic() + DEADLINE
@@ -87,6 +109,11 @@ def run_server(checkout: Path, args: argparse.Namespace, steps: int, output: str
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{checkout}: {steps} steps did not end within {DEADLINE:g}s")
         client.step()  # reads the last answers
+        if checkout is None:
+            # bjoern's launcher SIGKILLs its workers on INT, which would lose
+            # the counts: TERM lets valgrind write them as the worker dies.
+            os.kill(workers[0], signal.SIGTERM)
+            psutil.Process(workers[0]).wait(STOP_GRACE)
     finally:
         stop(server, leftovers, grace=STOP_GRACE)
     return Path(output, f"callgrind.{workers[0]}-01")  # thread 1: the loop's
@@ -105,7 +132,7 @@ def by_function(counts: Path) -> collections.Counter[str]:
     return functions
 
 
-def measure(checkout: Path, args: argparse.Namespace) -> dict[str, float]:
+def measure(checkout: Path | None, args: argparse.Namespace) -> dict[str, float]:
     """Instructions per request by function: the difference between a run of 3N steps and one of N."""
     runs = []
     for steps in (args.requests, 3 * args.requests):
@@ -142,6 +169,8 @@ def main() -> int:
                         help="steps in the shorter run; the longer has three times as many (default 1000)")
     parser.add_argument("--warmup", type=int, default=100, help="steps before either run's count (default 100)")
     parser.add_argument("--top", type=int, default=15, help="functions to list (default 15)")
+    parser.add_argument("--bjoern", action="store_true",
+                        help="count bjoern too, first: with one checkout, the 'before' of the difference")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_annotate") is None:
         parser.error("valgrind (with callgrind_annotate) is not installed")
@@ -149,8 +178,11 @@ def main() -> int:
     for checkout in checkouts:
         if not (checkout / "forkserver" / "__init__.py").exists():
             parser.error(f"{checkout} holds no forkserver package")
-    results = [measure(checkout, args) for checkout in checkouts]
-    labels = [f"{args.connection}, {checkout}" for checkout in checkouts]
+    if args.bjoern and importlib.util.find_spec("bjoern") is None:
+        parser.error(f"bjoern is not installed for {sys.executable}")
+    servers: list[Path | None] = ([None] if args.bjoern else []) + checkouts
+    results = [measure(server, args) for server in servers]
+    labels = [f"{args.connection}, {server or 'bjoern'}" for server in servers]
     for label, result in zip(labels, results):
         print_result(label, result, args.top)
     if len(results) == 2:

@@ -224,7 +224,7 @@ def _answer_health(connection: Connection, response: Response, clock: float) -> 
         status, body = 200, HEALTH_BODY
         response.start_response("200 OK", HEALTH_HEADERS)
     try:
-        response.send_whole(body)
+        response.send_with_head(body)
         verdict = connection.exchange.reuse()
         reusable = verdict if verdict is not None else _drain(connection)
     except ClientGone:

@@ -146,6 +146,50 @@ def test_a_generator_is_chunked_and_closed():
     assert closed == [True] and exchange.reuse() is True
 
 
+class Closable:
+    """An iterable that is not a list, with a close(): what werkzeug's ClosingIterator is to a server."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = pieces
+        self.closed = False
+
+    def __iter__(self):
+        return iter(self.pieces)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_iterable_of_one_piece_as_long_as_declared_goes_out_with_its_head_in_one_call():
+    body = Closable(b"hello")  # a Flask or Django response, as a server sees it
+    response, output, exchange = serve(app_returning(body, [("Content-Length", "5")]))
+    assert output.calls == [("send_pair", True)]  # complete: it may wait for the end of the batch
+    parsed = Parsed(output.wire)
+    assert (parsed.status, parsed.body, parsed.keep_alive) == (200, b"hello", True)
+    assert body.closed and response.body_bytes == 5 and exchange.our_state is DONE
+
+
+@pytest.mark.parametrize(("pieces", "calls", "sent"), [
+    ((b"ab", b"cde"), [("send_pair", False), ("send", 3)], b"abcde"),  # the first piece is short of the length
+    ((b"abcdefg", b"h"), [("send_pair", True)], b"abcde"),  # past the length: cut, and the rest never sent
+])
+def test_an_iterable_is_framed_to_its_declared_length(pieces, calls, sent):
+    body = Closable(*pieces)
+    response, output, exchange = serve(app_returning(body, [("Content-Length", "5")]))
+    assert output.calls == calls
+    assert Parsed(output.wire).body == sent and response.body_bytes == 5
+    assert body.closed and exchange.reuse() is True
+
+
+def test_an_iterable_answering_head_sends_the_head_alone():
+    body = Closable(b"hello")
+    _, output, exchange = serve(app_returning(body, [("Content-Length", "5")]), b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert output.calls == [("send_pair", True)]
+    assert b"Content-Length: 5\r\n" in output.wire and output.wire.endswith(b"\r\n\r\n")
+    assert b"hello" not in output.wire
+    assert body.closed and exchange.reuse() is True
+
+
 def test_write_sends_at_once_and_the_iterable_follows():
     def app(environ, start_response):
         write = start_response("200 OK", [("Content-Length", "6")])
@@ -273,5 +317,5 @@ def test_response_state_comes_from_the_exchange():
     response = Response(exchange, Recorded(), Codec())
     assert not response.head_sent and exchange.our_state is SEND_RESPONSE
     response.start_response("200 OK", [])
-    response.send_whole(b"x")
+    response.send_with_head(b"x")
     assert response.head_sent and exchange.reuse() is False and exchange.our_state is MUST_CLOSE
