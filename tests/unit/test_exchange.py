@@ -516,3 +516,39 @@ def test_an_error_in_a_gathered_body_is_raised_when_the_app_reads_it():
     assert exchange.next_body_piece() == b"ab"
     with pytest.raises(ProtocolError):
         exchange.next_body_piece()
+
+
+# What a connection may leave in its exchange when it closes: renew must forget all of it.
+LEFT_BEHIND = {
+    "a head cut off": b"GET /old HTTP/1.1\r\nHost: old\r\nX-Half: ",
+    "a body cut off": b"POST /old HTTP/1.1\r\nHost: old\r\nContent-Length: 100\r\n\r\nxxxx",
+    "a chunk cut off": b"POST /old HTTP/1.1\r\nHost: old\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nxx",
+    "a refused request": b"GET /old HTTP/1.1\r\nBad Field\r\n\r\n",
+    "an unknown method cut off": b"FROB",
+    "an upgrade": b"GET /old HTTP/1.1\r\nHost: old\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    "an upgrade with a body": b"POST /old HTTP/1.1\r\nHost: old\r\nUpgrade: h2c\r\nContent-Length: 4\r\n\r\nab",
+    "pipelined requests": GET + GET + b"GET /old HTTP/1.1\r\nHo",
+    "a body handed over": b"POST /old HTTP/1.1\r\nHost: old\r\nContent-Length: 100000\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("left", LEFT_BEHIND.values(), ids=list(LEFT_BEHIND))
+def test_a_renewed_exchange_keeps_nothing_of_its_last_connection(left):
+    exchange = exchange_for(left)
+    if exchange.next_step(0) == SERVE:
+        try:
+            exchange.start()
+            exchange.raw_body_left()  # a Content-Length body's rest is handed over
+        except ProtocolError as error:
+            exchange.refusal(error)
+    exchange.release()
+    exchange.renew()
+    fresh = exchange_for()
+    request = b"POST /new HTTP/1.1\r\nHost: new\r\nContent-Length: 3\r\n\r\nabc" + GET
+    for renewed_or_fresh in (exchange, fresh):
+        renewed_or_fresh.receive(request)
+        assert renewed_or_fresh.next_step(0) == SERVE
+    assert [exchange.start(), exchange.next_body_piece(), exchange.next_body_piece()] == \
+        [fresh.start(), fresh.next_body_piece(), fresh.next_body_piece()]
+    assert exchange.keep_alive and (exchange.their_state, exchange.our_state) == (DONE, SEND_RESPONSE)
+    assert list(exchange.events) == list(fresh.events)
