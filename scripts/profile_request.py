@@ -283,13 +283,17 @@ def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], r
     def forkserver_steps() -> Iterator[None]:
         sock, remote = accept()
         yield
-        connection = Connection(sock, remote, entrance.environ, worker.service)
+        exchange = worker.spare_exchange  # renewed, as Worker._connection does
+        if exchange is not None:
+            worker.spare_exchange = None
+            exchange.renew()
+        connection = Connection(sock, remote, entrance.environ, worker.service, exchange=exchange)
         yield
         connection.receive()
         yield
         serve(connection, 0)
         yield
-        connection.close()
+        worker.spare_exchange = connection.close()  # as Worker._close keeps it
         yield
         entrance.queued(0)
         yield
@@ -306,7 +310,7 @@ def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], r
 
     print(f"  in steps (server side, {count} connections, Connection: close): ", end="")
     time_steps(address, request, count, forkserver_steps,
-               ("accept + socket object + setblocking", "Connection() and its parser", "receive (recv + parse)",
+               ("accept + socket object + setblocking", "Connection(), its exchange renewed", "receive (recv + parse)",
                 "serve (environ, app, response, send)", "close", "the batch's look for a second connection (poll)"))
     print("  the floor's steps: ", end="")
     time_steps(address, request, count, floor_steps, ("accept + socket object + setblocking", "recv", "send", "close"))
