@@ -133,7 +133,6 @@ class RequestParser:
         self._max_fields = limits.header_fields
         self._body_limit = limits.body_bytes
         self._line_limit = limits.request_line_bytes
-        self._events: MutableSequence[Event | ProtocolError] = [] if events is None else events
         # The start of the last request line that began a read and said
         # HTTP (b"GET / HTTP/"): a read beginning with it again begins with
         # a line saying HTTP, found with no bytes formatted, which a
@@ -143,12 +142,13 @@ class RequestParser:
         # fact about bytes, not about whoever sent them, and a new connection
         # sending the usual line spares the same (17 bytecodes).
         self._http_line = b" "
-        self.renew()
+        self.renew([] if events is None else events)
 
-    def renew(self) -> None:
-        """Forget every byte parsed so far: the parser is as new, for the next connection (see ``Exchange.renew``).
+    def renew(self, events: MutableSequence[Event | ProtocolError]) -> None:
+        """Forget every byte parsed so far, and append to ``events`` from now on: the parser is as new.
 
-        Called by ``__init__``, and on a parser ``release`` let go of.  Only
+        Called by ``__init__``, and for the next connection on a parser
+        ``release`` let go of (see ``Exchange.give_up_parser``).  Only
         the limits and ``_http_line`` stay; llhttp's own state (a message
         half parsed, an upgrade, an error) goes with a new llhttp parser,
         since httptools has no reset.  The facts of a message are set as it
@@ -157,6 +157,7 @@ class RequestParser:
         between messages.  Not setting them here spares every new connection
         about 40 bytecodes of its 2,080 (scripts/loop_cost.py --connection close).
         """
+        self._events = events
         self._parser = httptools.HttpRequestParser(self)
         # Set once an Upgrade/CONNECT head stopped llhttp: after that message
         # the bytes are not HTTP/1.1, and the connection must close.

@@ -41,8 +41,8 @@ from ..forksafety import open_descriptors
 from ..hooks import HookContext, StuckRequest
 from ..http.errors import RequestTimeout
 # GATHER is also Worker._serve's answer when the next request's body is still on its way.
-from ..http.exchange import GATHER, SERVE, WAIT, Closing, Exchange
-from ..http.parser import Limits
+from ..http.exchange import GATHER, SERVE, WAIT, Closing
+from ..http.parser import Limits, RequestParser
 from ..http.response import DateHeader
 from ..identity import drop_privileges
 from ..loader import load_app, prepare_path
@@ -163,9 +163,9 @@ class Worker:
         self.malloc_trim = libc.function("malloc_trim")
         self.next_sweep = 0.0
         self.listening: dict[int, Entrance] = {}
-        # The exchange of the last connection the loop closed, released, which
+        # The parser of the last connection the loop closed, released, which
         # the next connection renews instead of making its own (see _close).
-        self.spare_exchange: Exchange | None = None
+        self.spare_parser: RequestParser | None = None
         self.entrances: list[Entrance] = []  # in the order of spec.listeners, which the relay numbers them by
         self.relay: Relay | None = None
         self.serving: Connection | None = None  # inline: the connection whose request the app runs
@@ -749,11 +749,8 @@ class Worker:
             remote = ("", "")
             trusted = True  # a local process, as trusted as the socket file's mode made it
         if entrance.tls is None:
-            exchange = self.spare_exchange
-            if exchange is not None:
-                self.spare_exchange = None
-                exchange.renew()
-            return Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted, exchange=exchange)
+            parser, self.spare_parser = self.spare_parser, None
+            return Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted, parser=parser)
         return self._tls_connection(entrance, conn_sock, remote, trusted)
 
     def _watch(self, connection: Connection, timeout: float | None = None) -> None:
@@ -828,16 +825,16 @@ class Worker:
             self._close(connection)
 
     def _close(self, connection: Connection) -> None:
-        """Close a connection the loop owns, and keep its exchange for the next connection.
+        """Close a connection the loop owns, and keep its parser for the next connection.
 
         Only the loop takes and gives the spare, and only from a connection
-        it closes itself (a thread or the relay closing one lets its
-        exchange go), so one exchange never serves two connections at once.
+        it closes itself (a thread or the relay closing one lets its parser
+        go), so one parser never serves two connections at once.
         """
         self._unwatch(connection)
         released = connection.close()
         if released is not None:
-            self.spare_exchange = released
+            self.spare_parser = released.give_up_parser()
 
     def _on_readable(self, connection: Connection, fresh: bool = False) -> None:
         if connection.handshaking and not self._handshake(connection, fresh):

@@ -1,8 +1,8 @@
-"""A worker renews the exchange of a closed connection for the next one: nothing of the first may reach the second.
+"""A worker renews the parser of a closed connection for the next one: nothing of the first may reach the second.
 
 Each test leaves a connection in a state worth forgetting (a head or a body
 cut off, a refused request, an upgrade, pipelined requests), waits until
-the server has closed it, so that the worker holds its exchange as the spare,
+the server has closed it, so that the worker holds its parser as the spare,
 and then checks that a new connection's request is parsed and answered as
 if it were the worker's first.  One worker, so the new connection lands
 where the spare is.
