@@ -283,13 +283,14 @@ def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], r
     def forkserver_steps() -> Iterator[None]:
         sock, remote = accept()
         yield
-        connection = Connection(sock, remote, entrance.environ, worker.service)
+        parser, worker.spare_parser = worker.spare_parser, None  # renewed, as in Worker._connection
+        connection = Connection(sock, remote, entrance.environ, worker.service, parser=parser)
         yield
         connection.receive()
         yield
         serve(connection, 0)
         yield
-        connection.close()
+        worker.spare_parser = connection.close().give_up_parser()  # as Worker._close keeps it
         yield
         entrance.queued(0)
         yield
@@ -306,7 +307,7 @@ def print_phases(worker: Worker, entrance: Entrance, address: tuple[str, int], r
 
     print(f"  in steps (server side, {count} connections, Connection: close): ", end="")
     time_steps(address, request, count, forkserver_steps,
-               ("accept + socket object + setblocking", "Connection() and its parser", "receive (recv + parse)",
+               ("accept + socket object + setblocking", "Connection(), its parser renewed", "receive (recv + parse)",
                 "serve (environ, app, response, send)", "close", "the batch's look for a second connection (poll)"))
     print("  the floor's steps: ", end="")
     time_steps(address, request, count, floor_steps, ("accept + socket object + setblocking", "recv", "send", "close"))

@@ -133,8 +133,32 @@ class RequestParser:
         self._max_fields = limits.header_fields
         self._body_limit = limits.body_bytes
         self._line_limit = limits.request_line_bytes
+        # The start of the last request line that began a read and said
+        # HTTP (b"GET / HTTP/"): a read beginning with it again begins with
+        # a line saying HTTP, found with no bytes formatted, which a
+        # kept-alive client sending the same line each time spares about 550
+        # instructions a request (scripts/instruction_cost.py).  At first a
+        # space, which no request begins with.  ``renew`` keeps it: it is a
+        # fact about bytes, not about whoever sent them, and a new connection
+        # sending the usual line spares the same (17 bytecodes).
+        self._http_line = b" "
+        self.renew([] if events is None else events)
+
+    def renew(self, events: MutableSequence[Event | ProtocolError]) -> None:
+        """Forget every byte parsed so far, and append to ``events`` from now on: the parser is as new.
+
+        Called by ``__init__``, and for the next connection on a parser
+        ``release`` let go of (see ``Exchange.give_up_parser``).  Only
+        the limits and ``_http_line`` stay; llhttp's own state (a message
+        half parsed, an upgrade, an error) goes with a new llhttp parser,
+        since httptools has no reset.  The facts of a message are set as it
+        begins (see ``on_message_begin``), and so are ``_codings`` and
+        ``_method_token`` before they are read: nothing here reads them
+        between messages.  Not setting them here spares every new connection
+        about 40 bytecodes of its 2,080 (scripts/loop_cost.py --connection close).
+        """
+        self._events = events
         self._parser = httptools.HttpRequestParser(self)
-        self._events: MutableSequence[Event | ProtocolError] = [] if events is None else events
         # Set once an Upgrade/CONNECT head stopped llhttp: after that message
         # the bytes are not HTTP/1.1, and the connection must close.
         self.upgraded = False
@@ -143,31 +167,18 @@ class RequestParser:
         # The message (by its number in _messages_begun) that last had a
         # Content-Type: a second one in the same message is refused.
         self._content_type_in = -1
-        self._codings: list[bytes] = []  # the Transfer-Encoding codings of this message, once it has one
         # The bytes of every read since the last one that began between
         # messages (LOST past SINCE_LIMIT_BYTES): where the request line
         # and an unknown method are looked for, since llhttp does not say
         # where in a read a message begins.
         self._since: bytes | bytearray = b""
         self._since_first = 1  # the number (in _messages_begun) of the first message begun in _since
-        self._method_token = b""  # an unknown method's token so far (IN_UNKNOWN_METHOD)
         # Where in which _since the last request line checked there ended;
         # and which _since (by its length, as it grows), method and target
         # were found to have only HTTP lines.
         self._line_found: tuple[bytes | bytearray, int] = (b"", 0)
-        # The start of the last request line that began a read and said
-        # HTTP (b"GET / HTTP/"): a read beginning with it again begins with
-        # a line saying HTTP, found with no bytes formatted, which a
-        # kept-alive client sending the same line each time spares about 550
-        # instructions a request (scripts/instruction_cost.py).  At first a
-        # space, which no request begins with.
-        self._http_line = b" "
         self._all_http: tuple[bytes | bytearray, int, bytes, bytes] = (b"", -1, b"", b"")
         self._phase = BETWEEN
-        # The facts of a message (see on_message_begin) are set as it begins:
-        # nothing reads them between messages.  Not setting them here too
-        # spares every new connection about 40 bytecodes of its 2,080
-        # (scripts/loop_cost.py --connection close).
 
     def on_message_begin(self) -> None:
         """httptools' callback: a message begins; forget the facts of the one before."""
@@ -342,7 +353,7 @@ class RequestParser:
             self._fail(MethodNotImplemented(f"method {start[:METHOD_TOKEN_LIMIT].decode('latin-1')!r}... "
                                             "is not implemented"))
             return
-        self._method_token = bytes(start)  # the token goes on in the next read
+        self._method_token = bytes(start)  # an unknown method's token so far: it goes on in the next read
 
     def mid_message(self) -> bool:
         """True between the first byte of a request and the end of its body."""
@@ -415,7 +426,7 @@ class RequestParser:
                     self._chunked = True  # for now: "has a Transfer-Encoding"
                     self._chunk_marks = 0  # chunks begun and ended: progress that is not data
                     self._framing_bytes = 0  # body bytes read since the last progress (CHUNK_FRAMING_LIMIT_BYTES)
-                    self._codings = []
+                    self._codings: list[bytes] = []  # the message's Transfer-Encoding codings
                 self._codings += [c.strip().lower() for c in value.split(b",")]
             elif lowered == b"expect":
                 self._expect_continue = value.strip().lower() == b"100-continue"

@@ -32,6 +32,7 @@ from ..proxy import MalformedProxyHeader, ProxyHeaderReader
 from ..records import Record
 
 if TYPE_CHECKING:
+    from ..http.parser import RequestParser
     from .serving import Service
 
 log = logging.getLogger("forkserver")
@@ -153,7 +154,7 @@ class Connection:
     would_block: tuple[type[OSError], ...] = (BlockingIOError,)
 
     def __init__(self, sock: socket.SocketType, remote: tuple[str, str], base_environ: dict[str, Any],
-                 service: Service, *, trusted: bool = False) -> None:
+                 service: Service, *, trusted: bool = False, parser: RequestParser | None = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.remote = remote
@@ -162,7 +163,8 @@ class Connection:
         self.trusted = trusted
         # Set until the PROXY header has been read; HTTP parsing waits for it.
         self.preamble = ProxyHeaderReader() if trusted and service.proxy_protocol else None
-        self.exchange = Exchange(service.limits, service.date, service.closing)
+        # With the parser of a closed connection, if the worker passes one (see Worker._close).
+        self.exchange = Exchange(service.limits, service.date, service.closing, parser)
         self.has_served = False  # until then, a graceful stop waits for its first request
         self.idle_since = 0.0  # when the loop last took us back
         self.thread = 0  # the scoreboard slot of the thread serving us now
@@ -328,15 +330,25 @@ class Connection:
             return bool(self.preamble.buffer)
         return self.exchange.mid_request()
 
-    def close(self) -> None:
-        """Close the socket, after any deferred response has gone out; safe to call twice."""
+    def close(self) -> Exchange | None:
+        """Close the socket, after any deferred response has gone out; safe to call twice.
+
+        Returns the exchange, released, the first time: the worker may take
+        its parser for another connection (see ``Exchange.give_up_parser``).
+        A second call does nothing and returns None.
+        """
+        sock = self.sock
+        if sock.fileno() < 0:
+            return None
         if self.unsent:
             try:
                 self.flush()
             except ClientGone:
                 pass
-        self.sock.close()
-        self.exchange.release()
+        sock.close()
+        exchange = self.exchange
+        exchange.release()
+        return exchange
 
     def flush(self) -> None:
         """Send the responses ``send_pair`` deferred; raises ClientGone if the peer is gone."""

@@ -42,7 +42,7 @@ from ..hooks import HookContext, StuckRequest
 from ..http.errors import RequestTimeout
 # GATHER is also Worker._serve's answer when the next request's body is still on its way.
 from ..http.exchange import GATHER, SERVE, WAIT, Closing
-from ..http.parser import Limits
+from ..http.parser import Limits, RequestParser
 from ..http.response import DateHeader
 from ..identity import drop_privileges
 from ..loader import load_app, prepare_path
@@ -163,6 +163,9 @@ class Worker:
         self.malloc_trim = libc.function("malloc_trim")
         self.next_sweep = 0.0
         self.listening: dict[int, Entrance] = {}
+        # The parser of the last connection the loop closed, released, which
+        # the next connection renews instead of making its own (see _close).
+        self.spare_parser: RequestParser | None = None
         self.entrances: list[Entrance] = []  # in the order of spec.listeners, which the relay numbers them by
         self.relay: Relay | None = None
         self.serving: Connection | None = None  # inline: the connection whose request the app runs
@@ -746,7 +749,8 @@ class Worker:
             remote = ("", "")
             trusted = True  # a local process, as trusted as the socket file's mode made it
         if entrance.tls is None:
-            return Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted)
+            parser, self.spare_parser = self.spare_parser, None
+            return Connection(conn_sock, remote, entrance.environ, self.service, trusted=trusted, parser=parser)
         return self._tls_connection(entrance, conn_sock, remote, trusted)
 
     def _watch(self, connection: Connection, timeout: float | None = None) -> None:
@@ -821,8 +825,16 @@ class Worker:
             self._close(connection)
 
     def _close(self, connection: Connection) -> None:
+        """Close a connection the loop owns, and keep its parser for the next connection.
+
+        Only the loop takes and gives the spare, and only from a connection
+        it closes itself (a thread or the relay closing one lets its parser
+        go), so one parser never serves two connections at once.
+        """
         self._unwatch(connection)
-        connection.close()
+        released = connection.close()
+        if released is not None:
+            self.spare_parser = released.give_up_parser()
 
     def _on_readable(self, connection: Connection, fresh: bool = False) -> None:
         if connection.handshaking and not self._handshake(connection, fresh):

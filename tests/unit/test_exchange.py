@@ -516,3 +516,42 @@ def test_an_error_in_a_gathered_body_is_raised_when_the_app_reads_it():
     assert exchange.next_body_piece() == b"ab"
     with pytest.raises(ProtocolError):
         exchange.next_body_piece()
+
+
+# What a connection may leave in its parser when it closes: the next exchange must get none of it.
+LEFT_BEHIND = {
+    "a head cut off": b"GET /old HTTP/1.1\r\nHost: old\r\nX-Half: ",
+    "a body cut off": b"POST /old HTTP/1.1\r\nHost: old\r\nContent-Length: 100\r\n\r\nxxxx",
+    "a chunk cut off": b"POST /old HTTP/1.1\r\nHost: old\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nxx",
+    "a refused request": b"GET /old HTTP/1.1\r\nBad Field\r\n\r\n",
+    "an unknown method cut off": b"FROB",
+    "an upgrade": b"GET /old HTTP/1.1\r\nHost: old\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    "an upgrade with a body": b"POST /old HTTP/1.1\r\nHost: old\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                              b"Content-Length: 4\r\n\r\nab",
+    "pipelined requests": GET + GET + b"GET /old HTTP/1.1\r\nHo",
+    "a body handed over": b"POST /old HTTP/1.1\r\nHost: old\r\nContent-Length: 100000\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("left", LEFT_BEHIND.values(), ids=list(LEFT_BEHIND))
+def test_a_parser_given_up_keeps_nothing_of_its_last_connection(left):
+    old = exchange_for(left)
+    if old.next_step(0) == SERVE:
+        try:
+            old.start()
+            old.raw_body_left()  # a Content-Length body's rest is handed over
+        except ProtocolError as error:
+            old.refusal(error)
+    old.release()
+    renewed = Exchange(Limits(), DateHeader(), Closing(), old.give_up_parser())
+    assert old.parser is None and old.receive is None  # a stale write or wsgi.input cannot reach it
+    fresh = exchange_for()
+    request = b"POST /new HTTP/1.1\r\nHost: new\r\nContent-Length: 3\r\n\r\nabc" + GET
+    for renewed_or_fresh in (renewed, fresh):
+        renewed_or_fresh.receive(request)
+        assert renewed_or_fresh.next_step(0) == SERVE
+    assert [renewed.start(), renewed.next_body_piece(), renewed.next_body_piece()] == \
+        [fresh.start(), fresh.next_body_piece(), fresh.next_body_piece()]
+    assert renewed.keep_alive and (renewed.their_state, renewed.our_state) == (DONE, SEND_RESPONSE)
+    assert list(renewed.events) == list(fresh.events)
+    assert not list(old.events) or old.events[0] is not renewed.events[0]
