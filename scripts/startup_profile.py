@@ -22,9 +22,8 @@ imports do), every ``os.fork``, and when a process first asks the kernel
 for a socket operation (``socket.__new__``/``bind``/``connect``). The
 client, in this process, stamps the first 200 on the same clock. The
 master's part is split where its imports change hands
-(``MASTER_LANDMARKS``): the entry point with the settings, then the
-master's and the worker's modules (``share_stdlib`` comes after the first
-fork, off the path). So the report is exact about what
+(``MASTER_LANDMARKS``): the entry point with the settings, the master's and
+the worker's modules, ``share_stdlib``. So the report is exact about what
 was imported where and in which order (the same on every run), and its
 milliseconds are one start's, which on a shared machine vary by tens of
 percent: the module lists and counts are the deterministic part. Last, it
@@ -68,9 +67,11 @@ TIMEOUT = 30.0  # seconds the server gets to answer its first request
 FLOOR_RUNS = 5  # starts of a bare interpreter, and of one importing the app, for comparison
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")
 # Where the master's steps change, as the import each step ends with: forkserver.cli's run imports
-# the master's module once the settings are read.
+# the master's module once the settings are read, and Master.start's share_stdlib begins with
+# hashlib, whose first import is _hashlib (importlib.import_module raises no audit event itself).
 MASTER_LANDMARKS = (
     ("forkserver.master.process", "master: importing forkserver.cli ({count} modules) and reading the settings"),
+    ("_hashlib", "master: importing the master's and the worker's modules ({count})"),
 )
 
 
@@ -293,8 +294,8 @@ def first_200_path(events: list[list[str]], began: float, answered: float,
             start = stamp
     if master_imports:
         count = sum(1 for s, _ in master_imports if s >= start)
-        what = ("the master's and the worker's modules" if len(steps) == len(MASTER_LANDMARKS) + 1 else "imports")
-        steps.append((f"master: {what} ({count}) and set-up until its last import", start, master_imports[-1][0]))
+        what = ("share_stdlib" if len(steps) == len(MASTER_LANDMARKS) + 1 else "imports") + f" ({count} modules)"
+        steps.append((f"master: {what} and set-up until its last import", start, master_imports[-1][0]))
     steps.append(("master: from its last import to the first fork", steps[-1][2], fork))
     steps.append(("worker: from the fork to its first import" if worker_imports else
                   "worker: from the fork to its first event", fork, first[0][0]))

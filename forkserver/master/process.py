@@ -42,6 +42,7 @@ from ..hooks import HookContext, Hooks
 from ..identity import resolve_identity
 from ..loader import load_app, prepare_path
 from ..logs import LogFile, capture_stdio, open_access_logfile, setup_error_log
+from .notices import Notice, NoticeReader
 from .pidfile import Pidfile
 from .pool import Pool, WorkerHandle, describe_exit, plan
 from ..reloader import Reloader
@@ -51,6 +52,7 @@ from ..scoreboard import Scoreboard
 from ..signals import Wakeup
 from ..sockets import Listener, adopt, bind_all, describe, remove_unanswered, reuse_port_handover_problem
 from ..sources import load_config
+from .upgrade import oldbin_path, start_new_master
 from ..workerspec import WorkerMain, WorkerSpec
 
 if TYPE_CHECKING:
@@ -58,7 +60,6 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from ..logconfig import FileHandlers
-    from .notices import Notice
     from .refork import ReforkSupervisor
     from .statsd import StatsdExporter
     from .status import StatusServer
@@ -86,17 +87,15 @@ SHARED_STDLIB = ("hashlib", "hmac", "http.client", "pickle", "unicodedata")
 
 
 def share_stdlib() -> None:
-    """Import ``SHARED_STDLIB`` before the master forks the second worker, so that the workers share it.
+    """Import ``SHARED_STDLIB`` before any fork, so that the workers share it.
 
     Imported by the app after the fork, these modules would be a private
-    copy in every worker; imported here, the workers forked afterwards
-    share the master's.  ``http.client`` alone brings the email package and
-    ``ssl``, whose OpenSSL tables take about a MiB in each process that
-    loads them.  For an app that imports them anyway the start is no slower
-    (the import moves from the workers to the master); one that needs none
-    of them pays for one copy (1-2 MiB).  Called after the first fork
-    (``Master.finish_start``): the first worker does not wait for these
-    9 ms, and imports its own copy if its app needs them.
+    copy in every worker; imported here, all the workers share the master's.
+    ``http.client`` alone brings the email package and ``ssl``, whose OpenSSL
+    tables take about a MiB in each process that loads them.  For an app
+    that imports them anyway the start is no slower (the import moves from
+    the workers to the master); one that needs none of them pays for one
+    copy (1-2 MiB) and a few milliseconds.
     """
     for name in SHARED_STDLIB:
         importlib.import_module(name)
@@ -277,6 +276,7 @@ class Master:
                 log.warning("%s", problem)
         if config.memory_merge:  # off, the flag is left as inherited (systemd's MemoryKSM=, say)
             self.follow_memory_merge(config)
+        share_stdlib()
         try:
             if config.stats_bind:
                 # Deferred: only a start with stats on needs it.
@@ -306,6 +306,7 @@ class Master:
                 self.statsd.close()
             raise
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.notices = NoticeReader(self.notify_r)
         if config.reload:
             self.reloader = Reloader(config.reload_extra_file, owner=(self.uid, self.gid))
         self.wakeup = Wakeup(MASTER_SIGNALS)
@@ -315,32 +316,6 @@ class Master:
             self.refork = self.refork_supervisor()  # after daemonize: forks do not inherit the subreaper
         setproctitle(f"forkserver: master [{config.proc_name}]")
         release_free_heap()
-
-    def finish_start(self) -> None:
-        """The master's set-up that the first worker does not need: done while it boots.
-
-        ``start`` and the first fork are the path from exec to the first 200,
-        so ``start`` holds only what the first worker needs and what must
-        come before any fork (the preload, daemonizing, binding, on_starting,
-        every check that refuses a bad config).  What is here runs beside the
-        first worker's boot, on another CPU where there is one (on a single
-        CPU the two share it, and the first 200 comes no later than with this
-        in ``start``), and is done before the loop forks the other workers,
-        when the first is ready or SOLO_BOOT after its fork.
-
-        The master's own modules that no worker runs come here too, imported
-        now rather than where they are used: a master that imported
-        ``upgrade`` at its USR2 would read the new release's file into the
-        old release's process.  With hello_app, forkserver ran 227 M
-        instructions before its first fork (the interpreter's start aside;
-        callgrind): ``share_stdlib`` was 58 M of them, ``notices`` and
-        ``upgrade`` 2.7 M.
-        """
-        importlib.import_module(".upgrade", __package__)  # for Master.upgrade: see above
-        from .notices import NoticeReader
-
-        self.notices = NoticeReader(self.notify_r)
-        share_stdlib()
 
     def refork_supervisor(self) -> ReforkSupervisor | None:
         """The supervisor ``refork_after`` asks for; None with it off, under reload, or without a subreaper.
@@ -412,8 +387,7 @@ class Master:
         if self.status is not None:
             poller.register(self.status.fileno(), select.POLLIN)
         try:
-            self.spawn_missing()  # at a cold start, only the first worker (see SOLO_BOOT)
-            self.finish_start()
+            self.spawn_missing()
             while True:
                 try:
                     self.wait_for_events(self.tick())
@@ -1243,8 +1217,6 @@ class Master:
 
     def upgrade(self) -> None:
         """USR2: start a new master on our listeners; both serve until one is stopped."""
-        from .upgrade import oldbin_path, start_new_master  # loaded at start, by finish_start
-
         if self.new_master:
             log.warning("USR2 ignored: new master pid=%d is still running", self.new_master)
             return

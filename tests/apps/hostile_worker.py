@@ -2,11 +2,11 @@
 
 ``GET /attack?MARKER`` writes, into every pipe the worker inherited for
 writing to the master (its stats channel and the shared notice pipe), a
-pickle that would create the file MARKER if anything unpickled it, then
-frames of garbage, a frame that claims to be huge, and notice lines that
-are torn, overlong or not ASCII.  The worker itself cannot create MARKER
-(its directory belongs to root), so the file existing means code ran in
-the master.  ``GET /impersonate?PID,PID`` writes notices in other
+pickle whose ``__reduce__`` would create the file MARKER if anything
+unpickled it, then frames of garbage, a frame that claims to be huge, and
+notice lines that are torn, overlong or not ASCII.  The worker itself cannot
+create MARKER (its directory belongs to root), so the file existing means
+code ran in the master.  ``GET /impersonate?PID,PID`` writes notices in other
 workers' names.  Any other path answers ``ok`` and the worker's pid.
 """
 
@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pickle
 import signal
 import stat
 import struct
 from urllib.parse import unquote
 
 
-def creates_marker(marker: str) -> bytes:
-    """A pickle that calls ``open(marker, "w")`` when loaded: a file created by whoever unpickles it.
+class CreatesMarker:
+    """Unpickled, this calls ``open(marker, "w")``: a file created by whoever unpickles it."""
 
-    Written out (protocol 0: GLOBAL builtins.open, MARK, two strings, TUPLE,
-    REDUCE, STOP) rather than made by ``pickle.dumps``: the first worker
-    has only the modules the master imported before forking it (``pickle``
-    comes after), and as nobody it cannot import more where Python is
-    installed in root's home, as on the machines these tests run on (an
-    ASCII path needs no codec module either).
-    """
-    return b"cbuiltins\nopen\n(V" + marker.encode("ascii") + b"\nVw\ntR."
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 def _frame(payload: bytes) -> bytes:
@@ -68,7 +66,7 @@ def _attack(marker: str) -> list[str]:
     size = _message_size()
     # Unpickling ignores bytes after the pickle, so padded to a real message's
     # length it reaches whatever decodes messages of that length.
-    evil = creates_marker(marker).ljust(size, b"\0")
+    evil = pickle.dumps(CreatesMarker(marker)).ljust(size, b"\0")
     chunks = [
         _frame(evil),                          # code, if anyone unpickles it
         _frame(b"\xff" * size),                # the right length, nonsense inside

@@ -26,16 +26,11 @@ CONFIGURATION_ONLY = {
     "shlex": "GUNICORN_CMD_ARGS",
     "pathlib": "workers = auto",
     "difflib": "a mistyped setting's hint",
-    "ssl": "certfile (or share_stdlib, after the first fork)",
-    "hashlib": "share_stdlib, after the first fork",
-    "http.client": "share_stdlib, after the first fork",
-    "pickle": "share_stdlib, after the first fork",
+    "ssl": "certfile (or share_stdlib, in Master.start)",
     "psutil": "max_worker_memory, workers = auto",
     "forkserver.master.containers": "workers = auto",
     "forkserver.refork": "refork_after",
     "forkserver.master.refork": "refork_after",
-    "forkserver.master.notices": "none: the master imports it after the first fork (Master.finish_start)",
-    "forkserver.master.upgrade": "none: the master imports it after the first fork (Master.finish_start)",
     "forkserver.worker.mold": "a worker promoted by refork",
     "dataclasses": "none: every record is a plain class",
     "inspect": "an app that is not a plain function or method (the loader's ASGI check)",
@@ -49,7 +44,7 @@ CONFIGURATION_ONLY = {
 }
 
 
-# What the entry point imports before the first fork (forkserver.cli's run), all the first worker inherits.
+# What the entry point imports before the first fork (forkserver.cli's run).
 PROBE = f"""
 import sys
 import forkserver.cli, forkserver.master.process, forkserver.worker.process
